@@ -1,0 +1,3 @@
+from kmsnet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""kmsnet node: keystore, sessions, the CA role and the seed's KeyManagementSystem."""

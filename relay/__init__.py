@@ -1,0 +1,1 @@
+"""kmsnet relay: an untrusted asyncio WebSocket router with store-and-forward."""

@@ -1,0 +1,1 @@
+"""kmsnet scenarios: the lab harness, the attacker toolkit and the scripted attacks."""
