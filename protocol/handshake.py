@@ -1,0 +1,533 @@
+"""The asynchronous signed hybrid handshake (PROTOCOL.md §4–5).
+
+The responder publishes a `PrekeyBundle`: a signed X25519 prekey, a signed ML-KEM-768
+prekey and, handed out one at a time by the relay, a one-time X25519 prekey with its own
+signature. The initiator checks certificate → revocation → bundle signature → one-time
+prekey signature → suite, then computes
+
+    DH1 = X25519(ephemeral, signed prekey)
+    DH2 = X25519(ephemeral, one-time prekey)          (if the bundle carried one)
+    (KEM secret, KEM ciphertext) = ML-KEM-768.Encaps(KEM prekey)   (suite HYBRID)
+
+signs the transcript hash with its identity key, and derives the root key with
+HKDF(DH1 || DH2 || KEM secret, salt = transcript hash). The responder verifies the same
+chain of checks and the transcript signature *before* deriving anything.
+
+The ephemeral key doubles as the initiator's first ratchet key, so the first DH-ratchet
+step reuses DH1 instead of a second exchange.
+
+`Suite.INSECURE_UNSIGNED` skips both signatures and exists only so the mitm-unsigned
+scenario can show what they stop; a node accepts it only when explicitly told to.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime
+from enum import Enum
+from typing import Protocol
+
+import msgpack
+from cryptography import x509
+
+from protocol import certs, wire
+from protocol.errors import (
+    BadSignature,
+    DecodeError,
+    HandshakeError,
+    LocalError,
+    ReplayedInitialMessage,
+    SuiteError,
+    UnexpectedFrame,
+    UnknownPrekey,
+)
+from protocol.identity import (
+    IdentityKey,
+    KemKeyPair,
+    X25519KeyPair,
+    kem_encapsulate,
+    verify_signature,
+)
+from protocol.keyschedule import (
+    LABEL_BUNDLE,
+    LABEL_INIT_SIGNATURE,
+    LABEL_ONETIME,
+    root_key,
+    transcript_hash,
+)
+from protocol.messages import VERSION, FrameType, InitMessage, OneTimePrekey, PrekeyBundle, Suite
+from protocol.ratchet import Ratchet
+from protocol.session import Received, Session
+
+#: Ephemeral keys remembered per signed prekey to refuse replayed initial messages that
+#: carry no one-time prekey. Past it, such messages are refused until the prekey rotates.
+MAX_REPLAY_CACHE = 100_000
+#: One-time prekeys a responder keeps at most.
+MAX_ONETIME_PREKEYS = 1000
+
+
+class RevocationCheck(Protocol):
+    """Anything that raises a RevocationError for a serial it cannot vouch for at `now`."""
+
+    def check(self, serial: int, now: datetime) -> None: ...
+
+
+# --- signed content -------------------------------------------------------------------------------
+
+
+def _u32(value: int | None) -> bytes:
+    return b"\xff" * 5 if value is None else b"\x00" + value.to_bytes(4, "big")
+
+
+def bundle_signed_bytes(
+    certificate_fingerprint: bytes, created: int, spk_id: int, spk: bytes, kem_id: int | None, kem: bytes | None
+) -> bytes:
+    """What the bundle signature covers: every long-lived public key and its id (PROTOCOL.md §4.1)."""
+    return b"".join(
+        (
+            LABEL_BUNDLE,
+            bytes([VERSION]),
+            certificate_fingerprint,
+            created.to_bytes(8, "big"),
+            _u32(spk_id),
+            spk,
+            _u32(kem_id),
+            kem or b"",
+        )
+    )
+
+
+def onetime_signed_bytes(certificate_fingerprint: bytes, key_id: int, public: bytes) -> bytes:
+    """What a one-time prekey's signature covers."""
+    return LABEL_ONETIME + bytes([VERSION]) + certificate_fingerprint + _u32(key_id) + public
+
+
+def _transcript(
+    suite: int,
+    initiator_fingerprint: bytes,
+    initiator_identity: bytes,
+    responder_fingerprint: bytes,
+    responder_identity: bytes,
+    bundle: PrekeyBundle,
+    otpk: bytes | None,
+    ephemeral: bytes,
+    kem_ciphertext: bytes | None,
+) -> bytes:
+    """The transcript hash both sides sign and salt with (PROTOCOL.md §5.2)."""
+    return transcript_hash(
+        bytes([VERSION, suite]),
+        initiator_fingerprint,
+        responder_fingerprint,
+        initiator_identity,
+        responder_identity,
+        _u32(bundle.spk_id),
+        bundle.spk,
+        _u32(bundle.kem_id),
+        bundle.kem or b"",
+        _u32(bundle.otpk_id),
+        otpk or b"",
+        ephemeral,
+        kem_ciphertext or b"",
+    )
+
+
+# --- the responder's published keys ---------------------------------------------------------------
+
+
+def make_bundle(
+    identity: IdentityKey,
+    certificate: bytes,
+    *,
+    created: int,
+    spk_id: int,
+    spk: X25519KeyPair,
+    kem_id: int | None,
+    kem: KemKeyPair | None,
+) -> PrekeyBundle:
+    """Sign a prekey bundle (without a one-time prekey; the relay adds one per fetch)."""
+    fp = hashlib.sha256(certificate).digest()
+    kem_public = kem.public if kem is not None else None
+    signature = identity.sign(bundle_signed_bytes(fp, created, spk_id, spk.public, kem_id, kem_public))
+    return PrekeyBundle(certificate, created, spk_id, spk.public, kem_id, kem_public, signature)
+
+
+def make_onetime(identity: IdentityKey, certificate: bytes, key_id: int, key: X25519KeyPair) -> OneTimePrekey:
+    """Sign a one-time prekey for upload."""
+    fp = hashlib.sha256(certificate).digest()
+    return OneTimePrekey(key_id, key.public, identity.sign(onetime_signed_bytes(fp, key_id, key.public)))
+
+
+def attach_onetime(bundle: PrekeyBundle, onetime: OneTimePrekey | None) -> PrekeyBundle:
+    """The bundle a relay hands out: the signed part plus (at most) one one-time prekey."""
+    if onetime is None:
+        return PrekeyBundle(*_signed_part(bundle))
+    return PrekeyBundle(*_signed_part(bundle), onetime.key_id, onetime.public, onetime.signature)
+
+
+def _signed_part(b: PrekeyBundle) -> tuple[bytes, int, int, bytes, int | None, bytes | None, bytes]:
+    return (b.certificate, b.created, b.spk_id, b.spk, b.kem_id, b.kem, b.signature)
+
+
+class PrekeySecrets:
+    """The responder's private prekeys and its replay cache. Pure state; the node persists it.
+
+    Rule for initial messages without a one-time prekey (none was left): they are accepted
+    under the signed prekey alone, and the ephemeral key of each is remembered for as long as
+    that signed prekey is held, so a replay is refused; once the prekey is destroyed, a replay
+    names an unknown prekey and is refused too.
+    """
+
+    __slots__ = ("_consumed", "_kem", "_onetime", "_seen", "_spk")
+
+    def __init__(self) -> None:
+        self._spk: dict[int, X25519KeyPair] = {}
+        self._kem: dict[int, KemKeyPair] = {}
+        self._onetime: dict[int, X25519KeyPair] = {}
+        self._consumed: set[int] = set()
+        self._seen: dict[int, set[bytes]] = {}
+
+    def add_signed(self, spk_id: int, key: X25519KeyPair) -> None:
+        """Hold a signed prekey's private key (current, or kept for a grace period)."""
+        self._spk[spk_id] = key
+        self._seen.setdefault(spk_id, set())
+
+    def add_kem(self, kem_id: int, key: KemKeyPair) -> None:
+        """Hold an ML-KEM prekey's private key."""
+        self._kem[kem_id] = key
+
+    def add_onetime(self, key_id: int, key: X25519KeyPair) -> None:
+        """Hold a one-time prekey's private key until one initial message consumes it."""
+        if key_id in self._consumed or key_id in self._onetime:
+            raise LocalError(f"one-time prekey id {key_id} already used")
+        if len(self._onetime) >= MAX_ONETIME_PREKEYS:
+            raise LocalError("too many one-time prekeys")
+        self._onetime[key_id] = key
+
+    def drop_signed(self, spk_id: int) -> None:
+        """Destroy a signed prekey after its grace period (with its replay cache)."""
+        self._spk.pop(spk_id, None)
+        self._seen.pop(spk_id, None)
+
+    def drop_kem(self, kem_id: int) -> None:
+        """Destroy an ML-KEM prekey after its grace period."""
+        self._kem.pop(kem_id, None)
+
+    @property
+    def onetime_count(self) -> int:
+        """One-time prekeys still unconsumed (the node replenishes below a threshold)."""
+        return len(self._onetime)
+
+    @property
+    def next_onetime_id(self) -> int:
+        """An id no one-time prekey has had yet."""
+        return max(self._onetime.keys() | self._consumed, default=0) + 1
+
+    def signed_ids(self) -> list[int]:
+        """Ids of the signed prekeys held."""
+        return sorted(self._spk)
+
+    def to_bytes(self) -> bytes:
+        """Every private prekey and the replay cache, for the keystore (secret: seal it)."""
+        return msgpack.packb(
+            [
+                1,
+                [[i, k.private_bytes()] for i, k in self._spk.items()],
+                [[i, k.seed()] for i, k in self._kem.items()],
+                [[i, k.private_bytes()] for i, k in self._onetime.items()],
+                sorted(self._consumed),
+                [[i, sorted(s)] for i, s in self._seen.items()],
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PrekeySecrets:
+        """Restore what `to_bytes` wrote. Raises DecodeError on anything malformed."""
+        out = cls()
+        try:
+            fmt, spk, kem, onetime, consumed, seen = msgpack.unpackb(data, raw=False, max_map_len=0, max_str_len=0)
+            if fmt != 1:
+                raise DecodeError("unknown prekey state format")
+            for i, k in spk:
+                out._spk[_id(i)] = X25519KeyPair.from_private_bytes(k)
+            for i, k in kem:
+                out._kem[_id(i)] = KemKeyPair.from_seed(k)
+            for i, k in onetime:
+                out._onetime[_id(i)] = X25519KeyPair.from_private_bytes(k)
+            out._consumed = {_id(i) for i in consumed}
+            out._seen = {_id(i): {bytes(e) for e in s} for i, s in seen}
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise DecodeError("malformed prekey state") from exc
+        return out
+
+    def __repr__(self) -> str:
+        return f"PrekeySecrets(signed={sorted(self._spk)}, kem={sorted(self._kem)}, onetime={len(self._onetime)})"
+
+
+def _id(value: object) -> int:
+    if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
+        raise DecodeError("prekey id out of range")
+    return value
+
+
+# --- initiator ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Initiated:
+    """What `initiate` returns: the new session and the encoded INIT frame to send."""
+
+    session: Session
+    frame: bytes
+    peer: certs.VerifiedCertificate
+
+
+def verify_bundle(
+    bundle: PrekeyBundle,
+    *,
+    root: x509.Certificate,
+    revocation: RevocationCheck,
+    now: datetime,
+    expected_name: str,
+    suite: Suite = Suite.HYBRID,
+) -> certs.VerifiedCertificate:
+    """The initiator's checks, in order: certificate, revocation, bundle and one-time signatures, suite."""
+    peer = certs.verify(bundle.certificate, root, now, expected_name=expected_name)
+    revocation.check(peer.serial, now)
+    if suite is not Suite.INSECURE_UNSIGNED:
+        signed = bundle_signed_bytes(
+            peer.fingerprint, bundle.created, bundle.spk_id, bundle.spk, bundle.kem_id, bundle.kem
+        )
+        verify_signature(peer.public_key, bundle.signature, signed)
+        onetime = bundle.onetime
+        if onetime is not None:
+            verify_signature(
+                peer.public_key,
+                onetime.signature,
+                onetime_signed_bytes(peer.fingerprint, onetime.key_id, onetime.public),
+            )
+    if (bundle.kem is None) != (bundle.kem_id is None):
+        raise HandshakeError("bundle has a KEM id without a KEM key, or the reverse")
+    if suite is Suite.HYBRID and bundle.kem is None:
+        raise SuiteError("the bundle offers no ML-KEM prekey and the hybrid suite is required")
+    if suite is not Suite.HYBRID and bundle.kem is not None:
+        raise SuiteError(f"refusing suite {suite.name}: the bundle offers ML-KEM")
+    if (bundle.otpk is None) != (bundle.otpk_id is None) or (bundle.otpk is None) != (bundle.otpk_signature is None):
+        raise HandshakeError("partial one-time prekey in bundle")
+    return peer
+
+
+def initiate(
+    *,
+    identity: IdentityKey,
+    certificate: bytes,
+    bundle: PrekeyBundle,
+    root: x509.Certificate,
+    revocation: RevocationCheck,
+    now: datetime,
+    expected_name: str,
+    first_message: bytes = b"",
+    suite: Suite = Suite.HYBRID,
+    keygen: Callable[[], X25519KeyPair] = X25519KeyPair.generate,
+    kem_encaps: Callable[[bytes], tuple[bytes, bytes]] = kem_encapsulate,
+) -> Initiated:
+    """Start a session with the owner of `bundle`; `first_message` travels inside the INIT frame.
+
+    `keygen` and `kem_encaps` are the randomness seams for known-answer tests.
+    """
+    peer = verify_bundle(bundle, root=root, revocation=revocation, now=now, expected_name=expected_name, suite=suite)
+    eph = keygen()
+    dh1 = eph.exchange(bundle.spk)
+    secrets = dh1
+    if bundle.otpk is not None:
+        secrets += eph.exchange(bundle.otpk)
+    kem_ct = None
+    if suite is Suite.HYBRID:
+        assert bundle.kem is not None  # verify_bundle guarantees it
+        kem_secret, kem_ct = kem_encaps(bundle.kem)
+        secrets += kem_secret
+    th = _transcript(
+        suite,
+        hashlib.sha256(certificate).digest(),
+        identity.public_bytes,
+        peer.fingerprint,
+        peer.public_key.public_bytes_raw(),
+        bundle,
+        bundle.otpk,
+        eph.public,
+        kem_ct,
+    )
+    signature = None if suite is Suite.INSECURE_UNSIGNED else identity.sign(LABEL_INIT_SIGNATURE + th)
+    rk = root_key(secrets, th, insecure=suite is Suite.INSECURE_UNSIGNED)
+    ratchet = Ratchet.initiator(rk, ours=eph, theirs=bundle.spk, dh_output=dh1, keygen=keygen)
+    session = Session(ratchet, transcript=th, peer=peer.name, peer_fingerprint=peer.fingerprint, suite=suite)
+    message = wire.encode(session.encrypt_message(first_message))
+    init = InitMessage(
+        suite,
+        certificate,
+        peer.fingerprint,
+        bundle.spk_id,
+        bundle.kem_id,
+        bundle.otpk_id,
+        eph.public,
+        kem_ct,
+        signature,
+        message,
+    )
+    return Initiated(session, wire.encode(init), peer)
+
+
+# --- responder ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Responded:
+    """What `respond` returns: the session, the first message, and the initiator's verified certificate."""
+
+    session: Session
+    first: Received
+    peer: certs.VerifiedCertificate
+
+
+def respond(
+    init: InitMessage,
+    *,
+    identity: IdentityKey,
+    certificate_fingerprint: bytes,
+    bundle: PrekeyBundle,
+    prekeys: PrekeySecrets,
+    root: x509.Certificate,
+    revocation: RevocationCheck,
+    now: datetime,
+    allowed_suites: Iterable[Suite] = (Suite.HYBRID,),
+    keygen: Callable[[], X25519KeyPair] = X25519KeyPair.generate,
+) -> Responded:
+    """Accept an initial message. Everything is verified before any key is derived, and the
+    one-time prekey is consumed (and the replay cache updated) only once message 0 decrypts.
+
+    `bundle` is our own published bundle for `init.spk_id` (the transcript covers its keys).
+    """
+    try:
+        suite = Suite(init.suite)
+    except ValueError as exc:
+        raise SuiteError(f"unknown suite {init.suite}") from exc
+    if suite not in set(allowed_suites):
+        raise SuiteError(f"suite {suite.name} is not accepted here")
+    if init.responder_fingerprint != certificate_fingerprint:
+        raise HandshakeError("initial message addressed to another certificate")
+    peer = certs.verify(init.certificate, root, now)
+    revocation.check(peer.serial, now)
+    spk = prekeys._spk.get(init.spk_id)
+    if spk is None or bundle.spk_id != init.spk_id or bundle.spk != spk.public:
+        raise UnknownPrekey(f"signed prekey {init.spk_id} is not ours (rotated out?)")
+    if bundle.kem is not None and suite is not Suite.HYBRID:
+        raise SuiteError(f"downgrade refused: suite {suite.name} but our bundle offers ML-KEM")
+    kem = None
+    if suite is Suite.HYBRID:
+        kem = prekeys._kem.get(init.kem_id) if init.kem_id is not None else None
+        if kem is None or init.kem_ciphertext is None or bundle.kem_id != init.kem_id:
+            raise UnknownPrekey(f"ML-KEM prekey {init.kem_id} is not ours")
+    elif init.kem_ciphertext is not None or init.kem_id is not None:
+        raise HandshakeError("KEM fields in a suite without ML-KEM")
+    onetime = None
+    if init.otpk_id is not None:
+        onetime = prekeys._onetime.get(init.otpk_id)
+        if onetime is None:
+            if init.otpk_id in prekeys._consumed:
+                raise ReplayedInitialMessage(f"one-time prekey {init.otpk_id} already consumed")
+            raise UnknownPrekey(f"one-time prekey {init.otpk_id} is not ours")
+    elif init.ephemeral in prekeys._seen.get(init.spk_id, ()):
+        raise ReplayedInitialMessage("initial message replayed (ephemeral key seen before)")
+    elif len(prekeys._seen.get(init.spk_id, ())) >= MAX_REPLAY_CACHE:
+        raise ReplayedInitialMessage("replay cache full for this signed prekey: refusing until it rotates")
+    as_fetched = PrekeyBundle(*_signed_part(bundle), otpk_id=init.otpk_id)
+    th = _transcript(
+        suite,
+        peer.fingerprint,
+        peer.public_key.public_bytes_raw(),
+        certificate_fingerprint,
+        identity.public_bytes,
+        as_fetched,
+        onetime.public if onetime is not None else None,
+        init.ephemeral,
+        init.kem_ciphertext,
+    )
+    if suite is not Suite.INSECURE_UNSIGNED:
+        if init.signature is None:
+            raise BadSignature("initial message is not signed")
+        verify_signature(peer.public_key, init.signature, LABEL_INIT_SIGNATURE + th)
+    # Verified: derive.
+    dh1 = spk.exchange(init.ephemeral)
+    secrets = dh1
+    if onetime is not None:
+        secrets += onetime.exchange(init.ephemeral)
+    if kem is not None:
+        assert init.kem_ciphertext is not None
+        secrets += kem.decapsulate(init.kem_ciphertext)
+    rk = root_key(secrets, th, insecure=suite is Suite.INSECURE_UNSIGNED)
+    ratchet = Ratchet.responder(rk, theirs=init.ephemeral, dh_output=dh1, keygen=keygen)
+    session = Session(ratchet, transcript=th, peer=peer.name, peer_fingerprint=peer.fingerprint, suite=suite)
+    first = session.decrypt(init.message)
+    # Message 0 authenticated: commit the consumption.
+    if init.otpk_id is not None:
+        del prekeys._onetime[init.otpk_id]
+        prekeys._consumed.add(init.otpk_id)
+    else:
+        prekeys._seen[init.spk_id].add(init.ephemeral)
+    return Responded(session, first, peer)
+
+
+def decode_init(data: bytes) -> InitMessage:
+    """Decode a frame that must be an INIT."""
+    frame = wire.decode(data)
+    if not isinstance(frame, InitMessage):
+        raise DecodeError("expected an initial message")
+    return frame
+
+
+# --- the per-peer state machine -------------------------------------------------------------------
+
+
+class PeerState(Enum):
+    """Where a node stands with one peer (PROTOCOL.md §8)."""
+
+    #: No session.
+    IDLE = "idle"
+    #: We sent an INIT; no reply yet.
+    INITIATED = "initiated"
+    #: A session both sides hold.
+    ESTABLISHED = "established"
+    #: Torn down (peer revoked): terminal, every frame refused.
+    CLOSED = "closed"
+
+
+#: (state, frame type) → next state. Absent pairs are refused with UnexpectedFrame.
+#: A BUNDLE "arrives" when the node fetched one to initiate.
+TRANSITIONS: dict[tuple[PeerState, FrameType], PeerState] = {
+    (PeerState.IDLE, FrameType.BUNDLE): PeerState.INITIATED,
+    (PeerState.IDLE, FrameType.INIT): PeerState.ESTABLISHED,
+    (PeerState.INITIATED, FrameType.MESSAGE): PeerState.ESTABLISHED,
+    # Simultaneous initiation: both INITs are valid; see `initiation_wins`.
+    (PeerState.INITIATED, FrameType.INIT): PeerState.ESTABLISHED,
+    (PeerState.ESTABLISHED, FrameType.MESSAGE): PeerState.ESTABLISHED,
+    # The peer lost its state (or re-keyed) and started afresh: a verified INIT replaces the session.
+    (PeerState.ESTABLISHED, FrameType.INIT): PeerState.ESTABLISHED,
+}
+
+
+def next_state(state: PeerState, frame: FrameType) -> PeerState:
+    """The state after handling `frame` in `state`, or UnexpectedFrame if it is not accepted there."""
+    nxt = TRANSITIONS.get((state, frame))
+    if nxt is None:
+        raise UnexpectedFrame(f"{frame.name} frame not accepted in state {state.name}")
+    return nxt
+
+
+def initiation_wins(ours: bytes, theirs: bytes) -> bool:
+    """Tie-break for simultaneous INITs: the one from the lower certificate fingerprint wins.
+
+    Both sides compute the same answer, so they settle on the same session; the loser
+    answers the winner's INIT and resends what it had sent in its own.
+    """
+    return ours < theirs

@@ -1,0 +1,174 @@
+"""An established end-to-end session: the ratchet, bound to a handshake transcript (PROTOCOL.md §7).
+
+The session adds to the ratchet what a node needs: the transcript hash as associated data of
+every message, a one-byte content kind (application data or a ratchet heartbeat), the
+forced-DH-step policy, a terminal CLOSED state for a revoked peer, and serialisation.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+from typing import NamedTuple
+
+import msgpack
+
+from protocol import wire
+from protocol.errors import DecodeError, LocalError, SessionClosed
+from protocol.identity import X25519KeyPair
+from protocol.messages import HASH_LEN, MAX_PLAINTEXT, RatchetMessage
+from protocol.ratchet import KeyGen, Ratchet
+
+#: A receiver that has taken this many messages on one chain without sending asks for a heartbeat,
+#: whose new ratchet key makes the sender's next message a DH step (PROTOCOL.md §7.3).
+DEFAULT_DH_STEP_AFTER = 50
+
+
+class Kind(IntEnum):
+    """First byte of every session plaintext."""
+
+    DATA = 1
+    #: Empty message whose only job is to carry our new ratchet key back (forced DH step).
+    HEARTBEAT = 2
+
+
+class Received(NamedTuple):
+    """A decrypted message: its kind and application bytes (immutable; a tuple for speed)."""
+
+    kind: Kind
+    data: bytes
+
+    def __repr__(self) -> str:
+        return f"Received(kind={self.kind.name}, {len(self.data)} bytes)"
+
+
+class Session:
+    """One side of an established session with one peer."""
+
+    __slots__ = ("_closed", "_ratchet", "dh_step_after", "peer", "peer_fingerprint", "suite", "transcript")
+
+    def __init__(
+        self,
+        ratchet: Ratchet,
+        *,
+        transcript: bytes,
+        peer: str,
+        peer_fingerprint: bytes,
+        suite: int,
+        dh_step_after: int = DEFAULT_DH_STEP_AFTER,
+        closed: str | None = None,
+    ) -> None:
+        if len(transcript) != HASH_LEN or len(peer_fingerprint) != HASH_LEN:
+            raise LocalError("transcript hash and fingerprint are 32 bytes")
+        if dh_step_after < 1:
+            raise LocalError("dh_step_after must be at least 1")
+        self._ratchet = ratchet
+        self.transcript = transcript
+        self.peer = peer
+        self.peer_fingerprint = peer_fingerprint
+        self.suite = suite
+        self.dh_step_after = dh_step_after
+        self._closed = closed
+
+    @property
+    def ratchet(self) -> Ratchet:
+        """The underlying ratchet (for status, tests and scenarios)."""
+        return self._ratchet
+
+    @property
+    def closed(self) -> str | None:
+        """Why the session was closed, or None while it is open."""
+        return self._closed
+
+    def close(self, reason: str) -> None:
+        """Tear the session down for good: every later frame is refused (e.g. the peer was revoked)."""
+        self._closed = reason
+
+    @property
+    def heartbeat_due(self) -> bool:
+        """True when we have received `dh_step_after` messages in a row and sent none since.
+
+        Sending anything now carries a fresh ratchet key, so the peer's next message is a DH
+        step; a node answers a due heartbeat with `encrypt(b"", kind=Kind.HEARTBEAT)`.
+        """
+        r = self._ratchet
+        return r.received_in_chain >= self.dh_step_after and r.sent_in_chain == 0 and r.can_send
+
+    def encrypt_message(self, data: bytes, *, kind: Kind = Kind.DATA) -> RatchetMessage:
+        """Encrypt application bytes into a ratchet message (not yet encoded)."""
+        if self._closed is not None:
+            raise SessionClosed(self._closed)
+        if len(data) >= MAX_PLAINTEXT:
+            raise LocalError(f"message over {MAX_PLAINTEXT - 1} bytes")
+        return self._ratchet.encrypt(_KIND_BYTE[kind] + data, self.transcript)
+
+    def encrypt(self, data: bytes, *, kind: Kind = Kind.DATA) -> bytes:
+        """Encrypt application bytes into an encoded MESSAGE frame."""
+        return wire.encode(self.encrypt_message(data, kind=kind))
+
+    def decrypt_message(self, msg: RatchetMessage) -> Received:
+        """Decrypt a decoded ratchet message. A refused message leaves the session unchanged."""
+        if self._closed is not None:
+            raise SessionClosed(self._closed)
+        plaintext = self._ratchet.decrypt(msg, self.transcript)
+        if not plaintext or plaintext[0] not in _KINDS:
+            # Authentic but not ours to interpret: only a buggy or hostile peer sends this.
+            raise DecodeError("unknown content kind")
+        return Received(_KINDS[plaintext[0]], plaintext[1:])
+
+    def decrypt(self, frame: bytes) -> Received:
+        """Decode and decrypt a MESSAGE frame."""
+        return self.decrypt_message(wire.decode_message(frame))
+
+    def to_bytes(self) -> bytes:
+        """The whole session, for the keystore (secret: seal it)."""
+        return msgpack.packb(
+            [
+                1,
+                self._ratchet.to_bytes(),
+                self.transcript,
+                self.peer,
+                self.peer_fingerprint,
+                self.suite,
+                self.dh_step_after,
+                self._closed,
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, keygen: KeyGen = X25519KeyPair.generate) -> Session:
+        """Restore what `to_bytes` wrote. Raises DecodeError on anything malformed."""
+        try:
+            fmt, ratchet, transcript, peer, fp, suite, step, closed = msgpack.unpackb(data, raw=False, max_map_len=0)
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise DecodeError("malformed session state") from exc
+        if not (
+            fmt == 1
+            and type(ratchet) is bytes
+            and type(transcript) is bytes
+            and type(peer) is str
+            and type(fp) is bytes
+            and type(suite) is int
+            and type(step) is int
+            and (closed is None or type(closed) is str)
+        ):
+            raise DecodeError("malformed session state")
+        try:
+            return cls(
+                Ratchet.from_bytes(ratchet, keygen=keygen),
+                transcript=transcript,
+                peer=peer,
+                peer_fingerprint=fp,
+                suite=suite,
+                dh_step_after=step,
+                closed=closed,
+            )
+        except LocalError as exc:
+            raise DecodeError(str(exc)) from exc
+
+    def __repr__(self) -> str:
+        state = f"closed: {self._closed}" if self._closed else "open"
+        return f"Session(peer={self.peer!r}, {state}, {self._ratchet!r})"
+
+
+_KIND_BYTE = {kind: bytes([kind]) for kind in Kind}
+_KINDS = {kind.value: kind for kind in Kind}
