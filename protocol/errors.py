@@ -28,6 +28,10 @@ class DecodeError(RemoteError):
     """Bytes that are not a well-formed frame of a known version and type."""
 
 
+class UnknownFrameType(DecodeError):
+    """A well-formed frame of a type this side does not know."""
+
+
 # --- certificates ---------------------------------------------------------------------------------
 
 
@@ -141,5 +145,5 @@ class TooManySkipped(RatchetError):
     """The header skips more than MAX_SKIP messages, or would exceed the chain bounds."""
 
 
-class SessionClosed(ProtocolError):
+class SessionClosed(RemoteError):
     """The session was torn down (peer revoked, or closed) and refuses all frames."""

@@ -39,6 +39,7 @@ from protocol.errors import (
     HandshakeError,
     LocalError,
     ReplayedInitialMessage,
+    SessionClosed,
     SuiteError,
     UnexpectedFrame,
     UnknownPrekey,
@@ -64,7 +65,9 @@ from protocol.session import Received, Session
 #: Ephemeral keys remembered per signed prekey to refuse replayed initial messages that
 #: carry no one-time prekey. Past it, such messages are refused until the prekey rotates.
 MAX_REPLAY_CACHE = 100_000
-#: One-time prekeys a responder keeps at most.
+#: Oldest prekey bundle an initiator accepts (seconds): signed prekeys rotate weekly, plus grace.
+MAX_BUNDLE_AGE = 30 * 24 * 3600
+#: One-time prekeys a responder keeps at most (the oldest is dropped to make room).
 MAX_ONETIME_PREKEYS = 1000
 
 
@@ -111,6 +114,7 @@ def _transcript(
     responder_fingerprint: bytes,
     responder_identity: bytes,
     bundle: PrekeyBundle,
+    otpk_id: int | None,
     otpk: bytes | None,
     ephemeral: bytes,
     kem_ciphertext: bytes | None,
@@ -126,7 +130,7 @@ def _transcript(
         bundle.spk,
         _u32(bundle.kem_id),
         bundle.kem or b"",
-        _u32(bundle.otpk_id),
+        _u32(otpk_id),
         otpk or b"",
         ephemeral,
         kem_ciphertext or b"",
@@ -159,17 +163,6 @@ def make_onetime(identity: IdentityKey, certificate: bytes, key_id: int, key: X2
     return OneTimePrekey(key_id, key.public, identity.sign(onetime_signed_bytes(fp, key_id, key.public)))
 
 
-def attach_onetime(bundle: PrekeyBundle, onetime: OneTimePrekey | None) -> PrekeyBundle:
-    """The bundle a relay hands out: the signed part plus (at most) one one-time prekey."""
-    if onetime is None:
-        return PrekeyBundle(*_signed_part(bundle))
-    return PrekeyBundle(*_signed_part(bundle), onetime.key_id, onetime.public, onetime.signature)
-
-
-def _signed_part(b: PrekeyBundle) -> tuple[bytes, int, int, bytes, int | None, bytes | None, bytes]:
-    return (b.certificate, b.created, b.spk_id, b.spk, b.kem_id, b.kem, b.signature)
-
-
 class PrekeySecrets:
     """The responder's private prekeys and its replay cache. Pure state; the node persists it.
 
@@ -179,13 +172,15 @@ class PrekeySecrets:
     names an unknown prekey and is refused too.
     """
 
-    __slots__ = ("_consumed", "_kem", "_onetime", "_seen", "_spk")
+    __slots__ = ("_issued", "_kem", "_onetime", "_seen", "_spk")
 
     def __init__(self) -> None:
         self._spk: dict[int, X25519KeyPair] = {}
         self._kem: dict[int, KemKeyPair] = {}
         self._onetime: dict[int, X25519KeyPair] = {}
-        self._consumed: set[int] = set()
+        # One-time prekey ids only grow: an id below this mark that we no longer hold was consumed
+        # (or dropped unused), which needs no per-id memory to recognise.
+        self._issued = 0
         self._seen: dict[int, set[bytes]] = {}
 
     def add_signed(self, spk_id: int, key: X25519KeyPair) -> None:
@@ -199,11 +194,13 @@ class PrekeySecrets:
 
     def add_onetime(self, key_id: int, key: X25519KeyPair) -> None:
         """Hold a one-time prekey's private key until one initial message consumes it."""
-        if key_id in self._consumed or key_id in self._onetime:
-            raise LocalError(f"one-time prekey id {key_id} already used")
+        if key_id < self._issued:
+            raise LocalError(f"one-time prekey ids only grow: {key_id} is below {self._issued}")
         if len(self._onetime) >= MAX_ONETIME_PREKEYS:
-            raise LocalError("too many one-time prekeys")
+            # The relay keeps the newest MAX_ONETIME_PREKEYS too: the oldest was handed out and never used.
+            del self._onetime[min(self._onetime)]
         self._onetime[key_id] = key
+        self._issued = key_id + 1
 
     def drop_signed(self, spk_id: int) -> None:
         """Destroy a signed prekey after its grace period (with its replay cache)."""
@@ -222,7 +219,7 @@ class PrekeySecrets:
     @property
     def next_onetime_id(self) -> int:
         """An id no one-time prekey has had yet."""
-        return max(self._onetime.keys() | self._consumed, default=0) + 1
+        return max(self._issued, 1)
 
     def signed_ids(self) -> list[int]:
         """Ids of the signed prekeys held."""
@@ -236,7 +233,7 @@ class PrekeySecrets:
                 [[i, k.private_bytes()] for i, k in self._spk.items()],
                 [[i, k.seed()] for i, k in self._kem.items()],
                 [[i, k.private_bytes()] for i, k in self._onetime.items()],
-                sorted(self._consumed),
+                self._issued,
                 [[i, sorted(s)] for i, s in self._seen.items()],
             ]
         )
@@ -246,7 +243,7 @@ class PrekeySecrets:
         """Restore what `to_bytes` wrote. Raises DecodeError on anything malformed."""
         out = cls()
         try:
-            fmt, spk, kem, onetime, consumed, seen = msgpack.unpackb(data, raw=False, max_map_len=0, max_str_len=0)
+            fmt, spk, kem, onetime, issued, seen = msgpack.unpackb(data, raw=False, max_map_len=0, max_str_len=0)
             if fmt != 1:
                 raise DecodeError("unknown prekey state format")
             for i, k in spk:
@@ -255,7 +252,7 @@ class PrekeySecrets:
                 out._kem[_id(i)] = KemKeyPair.from_seed(k)
             for i, k in onetime:
                 out._onetime[_id(i)] = X25519KeyPair.from_private_bytes(k)
-            out._consumed = {_id(i) for i in consumed}
+            out._issued = _id(issued)
             out._seen = {_id(i): {bytes(e) for e in s} for i, s in seen}
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise DecodeError("malformed prekey state") from exc
@@ -307,6 +304,10 @@ def verify_bundle(
                 onetime.signature,
                 onetime_signed_bytes(peer.fingerprint, onetime.key_id, onetime.public),
             )
+    created = bundle.created
+    if not now.timestamp() - MAX_BUNDLE_AGE <= created <= now.timestamp() + certs.CLOCK_SKEW.total_seconds():
+        # A relay replaying an old bundle would steer us to a prekey its owner may have destroyed.
+        raise HandshakeError(f"bundle created at {created} is older than {MAX_BUNDLE_AGE} s or in the future")
     if (bundle.kem is None) != (bundle.kem_id is None):
         raise HandshakeError("bundle has a KEM id without a KEM key, or the reverse")
     if suite is Suite.HYBRID and bundle.kem is None:
@@ -354,6 +355,7 @@ def initiate(
         peer.fingerprint,
         peer.public_key.public_bytes_raw(),
         bundle,
+        bundle.otpk_id,
         bundle.otpk,
         eph.public,
         kem_ct,
@@ -426,7 +428,7 @@ def respond(
     kem = None
     if suite is Suite.HYBRID:
         kem = prekeys._kem.get(init.kem_id) if init.kem_id is not None else None
-        if kem is None or init.kem_ciphertext is None or bundle.kem_id != init.kem_id:
+        if kem is None or init.kem_ciphertext is None or bundle.kem_id != init.kem_id or bundle.kem != kem.public:
             raise UnknownPrekey(f"ML-KEM prekey {init.kem_id} is not ours")
     elif init.kem_ciphertext is not None or init.kem_id is not None:
         raise HandshakeError("KEM fields in a suite without ML-KEM")
@@ -434,21 +436,21 @@ def respond(
     if init.otpk_id is not None:
         onetime = prekeys._onetime.get(init.otpk_id)
         if onetime is None:
-            if init.otpk_id in prekeys._consumed:
-                raise ReplayedInitialMessage(f"one-time prekey {init.otpk_id} already consumed")
+            if init.otpk_id < prekeys._issued:
+                raise ReplayedInitialMessage(f"one-time prekey {init.otpk_id} already consumed (or expired)")
             raise UnknownPrekey(f"one-time prekey {init.otpk_id} is not ours")
     elif init.ephemeral in prekeys._seen.get(init.spk_id, ()):
         raise ReplayedInitialMessage("initial message replayed (ephemeral key seen before)")
     elif len(prekeys._seen.get(init.spk_id, ())) >= MAX_REPLAY_CACHE:
         raise ReplayedInitialMessage("replay cache full for this signed prekey: refusing until it rotates")
-    as_fetched = PrekeyBundle(*_signed_part(bundle), otpk_id=init.otpk_id)
     th = _transcript(
         suite,
         peer.fingerprint,
         peer.public_key.public_bytes_raw(),
         certificate_fingerprint,
         identity.public_bytes,
-        as_fetched,
+        bundle,
+        init.otpk_id,
         onetime.public if onetime is not None else None,
         init.ephemeral,
         init.kem_ciphertext,
@@ -472,7 +474,6 @@ def respond(
     # Message 0 authenticated: commit the consumption.
     if init.otpk_id is not None:
         del prekeys._onetime[init.otpk_id]
-        prekeys._consumed.add(init.otpk_id)
     else:
         prekeys._seen[init.spk_id].add(init.ephemeral)
     return Responded(session, first, peer)
@@ -518,6 +519,8 @@ TRANSITIONS: dict[tuple[PeerState, FrameType], PeerState] = {
 
 def next_state(state: PeerState, frame: FrameType) -> PeerState:
     """The state after handling `frame` in `state`, or UnexpectedFrame if it is not accepted there."""
+    if state is PeerState.CLOSED:
+        raise SessionClosed(f"{frame.name} frame refused: the session with this peer was torn down")
     nxt = TRANSITIONS.get((state, frame))
     if nxt is None:
         raise UnexpectedFrame(f"{frame.name} frame not accepted in state {state.name}")

@@ -31,6 +31,8 @@ LABEL_ONETIME = b"kmsnet/v1/onetime"
 LABEL_INIT_SIGNATURE = b"kmsnet/v1/init-signature"
 #: Domain separator of the safety number.
 LABEL_SAFETY = b"kmsnet/v1/safety-number"
+#: Domain separator of a node's signature over a relay's challenge (protocol.link).
+LABEL_RELAY_AUTH = b"kmsnet/v1/relay-auth"
 #: HKDF info of the insecure (unsigned) suite's root key: distinct so it can never pass as a real one.
 LABEL_ROOT_INSECURE = b"kmsnet/v1/root-insecure-unsigned"
 
@@ -43,6 +45,7 @@ ALL_LABELS = (
     LABEL_ONETIME,
     LABEL_INIT_SIGNATURE,
     LABEL_SAFETY,
+    LABEL_RELAY_AUTH,
     LABEL_ROOT_INSECURE,
 )
 
@@ -99,8 +102,5 @@ def transcript_hash(*parts: bytes) -> bytes:
 
     Length prefixes make the encoding injective: no two different part lists hash alike.
     """
-    h = hashlib.sha256(LABEL_TRANSCRIPT)
-    for part in parts:
-        h.update(len(part).to_bytes(4, "big"))
-        h.update(part)
-    return h.digest()
+    encoded = b"".join(len(part).to_bytes(4, "big") + part for part in parts)
+    return hashlib.sha256(LABEL_TRANSCRIPT + encoded).digest()

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
 
+from protocol.keyschedule import LABEL_RELAY_AUTH
 from protocol.messages import (
     MAX_CERTIFICATE,
     MAX_CIPHERTEXT,
@@ -44,8 +45,6 @@ MAX_CRL = 512 * 1024
 MAX_ONETIME_UPLOAD = 200
 #: Error text.
 MAX_ERROR_TEXT = 200
-#: Domain separator of the challenge signature.
-LABEL_RELAY_AUTH = b"kmsnet/v1/relay-auth"
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,12 +120,14 @@ class Auth:
 
 @dataclass(frozen=True, slots=True)
 class Welcome:
-    """relay → node: authenticated as `name`; `pending` stored envelopes follow as DELIVER frames."""
+    """relay → node: authenticated as `name`; `pending` stored envelopes follow as DELIVER frames;
+    `onetime` of our one-time prekeys are left to hand out (the node tops them up)."""
 
     TYPE: ClassVar[LinkType] = LinkType.WELCOME
-    SCHEMA: ClassVar[tuple[LinkField, ...]] = (Str(MAX_NAME), UInt(MAX_U32))
+    SCHEMA: ClassVar[tuple[LinkField, ...]] = (Str(MAX_NAME), UInt(MAX_U32), UInt(MAX_U32))
     name: str
     pending: int
+    onetime: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +216,8 @@ class Ack:
 
 @dataclass(frozen=True, slots=True)
 class PublishCrl:
-    """CA node → relay: a new CRL (DER) for the feed. The relay checks only that the CA sent it."""
+    """CA node → relay: a new CRL (DER) for the feed. The relay takes it only from the CA node and
+    only if it verifies and is newer than the one it holds; nodes verify it again themselves."""
 
     TYPE: ClassVar[LinkType] = LinkType.PUBLISH_CRL
     SCHEMA: ClassVar[tuple[LinkField, ...]] = (Bin(min=1, max=MAX_CRL),)

@@ -6,7 +6,7 @@ types and bounds. `protocol.wire` encodes and decodes them; nothing else touches
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 from typing import ClassVar
 
@@ -146,6 +146,12 @@ class PrekeyBundle:
     otpk_id: int | None = None
     otpk: bytes | None = None
     otpk_signature: bytes | None = None
+
+    def with_onetime(self, onetime: OneTimePrekey | None) -> PrekeyBundle:
+        """The bundle as a relay hands it out: the signed part plus (at most) one one-time prekey."""
+        if onetime is None:
+            return replace(self, otpk_id=None, otpk=None, otpk_signature=None)
+        return replace(self, otpk_id=onetime.key_id, otpk=onetime.public, otpk_signature=onetime.signature)
 
     @property
     def onetime(self) -> OneTimePrekey | None:

@@ -9,9 +9,9 @@ specification, with these choices:
   associated data (the session's transcript hash).
 * Authenticate first, commit last: `decrypt` computes every new value on the side and
   changes the state only after the AES-GCM tag verifies. A refused frame never alters state.
-* Everything an attacker can make us compute is bounded: at most MAX_SKIP message keys are
-  derived for one frame, at most MAX_SKIPPED_KEYS are stored (oldest evicted), and they
-  belong to at most MAX_OLD_CHAINS receiving chains besides the current one.
+* Everything an attacker can make us compute is bounded: at most MAX_SKIP skipped message
+  keys (plus the message's own) are derived for one frame, at most MAX_SKIPPED_KEYS are
+  stored (oldest evicted), and they belong to at most MAX_OLD_CHAINS earlier receiving chains.
 """
 
 from __future__ import annotations
@@ -150,7 +150,7 @@ class Ratchet:
 
     @property
     def can_send(self) -> bool:
-        """False for a responder that has not yet received the first message."""
+        """True once a sending chain exists (always, for states built by `initiator`/`responder`)."""
         return self._cks is not None
 
     # --- sending --------------------------------------------------------------------------------------
@@ -174,44 +174,61 @@ class Ratchet:
 
     # --- receiving ------------------------------------------------------------------------------------
 
-    def decrypt(self, msg: RatchetMessage, ad: bytes) -> bytes:
-        """Decrypt one message. On any error the state is exactly as before the call."""
+    def decrypt(self, msg: RatchetMessage, ad: bytes, accept: Callable[[bytes], None] | None = None) -> bytes:
+        """Decrypt one message. On any error the state is exactly as before the call.
+
+        `accept`, if given, sees the authenticated plaintext before anything is committed and may
+        raise to refuse it (the session refuses content it cannot interpret this way).
+        """
         aad = header_bytes(msg.dh, msg.pn, msg.n) + ad
         if self._skipped:
             slot = (msg.dh, msg.n)
             mk = self._skipped.get(slot)
             if mk is not None:
                 plaintext = _open(mk, msg.n, msg.ciphertext, aad)
+                if accept is not None:
+                    accept(plaintext)
                 del self._skipped[slot]
                 return plaintext
         if msg.dh == self._dhr:
+            ckr = self._ckr
+            if ckr is None:
+                # The initiator's peer key is the responder's signed prekey, which never sends: only a
+                # forger uses it (it is public, in the bundle).
+                raise AuthenticationFailed("no receiving chain for this ratchet key")
             if msg.n == self._nr:  # the common case: in order, nothing to skip
-                assert self._ckr is not None  # dhr is set exactly when ckr is
-                ck, mk = kdf_ck(self._ckr)
+                ck, mk = kdf_ck(ckr)
                 plaintext = _open(mk, msg.n, msg.ciphertext, aad)
+                if accept is not None:
+                    accept(plaintext)
                 self._ckr = ck
                 self._nr = msg.n + 1
                 return plaintext
-            return self._decrypt_current(msg, aad)
+            return self._decrypt_current(msg, ckr, aad, accept)
         if msg.dh in self._old_chains:
             raise DuplicateMessage("message of an earlier chain already received, or its key evicted")
-        return self._decrypt_new_chain(msg, aad)
+        return self._decrypt_new_chain(msg, aad, accept)
 
-    def _decrypt_current(self, msg: RatchetMessage, aad: bytes) -> bytes:
+    def _decrypt_current(
+        self, msg: RatchetMessage, ckr: bytes, aad: bytes, accept: Callable[[bytes], None] | None
+    ) -> bytes:
         if msg.n < self._nr:
             raise DuplicateMessage(f"message {msg.n} of the current chain already received")
         if msg.n - self._nr > MAX_SKIP:
             raise TooManySkipped(f"header skips {msg.n - self._nr} messages (max {MAX_SKIP})")
-        assert self._ckr is not None  # dhr is set exactly when ckr is
-        ck, skipped = _advance(self._ckr, msg.dh, self._nr, msg.n)
+        ck, skipped = _advance(ckr, msg.dh, self._nr, msg.n)
         ck, mk = kdf_ck(ck)
         plaintext = _open(mk, msg.n, msg.ciphertext, aad)
+        if accept is not None:
+            accept(plaintext)
         self._ckr = ck
         self._nr = msg.n + 1
         self._store_skipped(skipped, new_chain=None)
         return plaintext
 
-    def _decrypt_new_chain(self, msg: RatchetMessage, aad: bytes) -> bytes:
+    def _decrypt_new_chain(
+        self, msg: RatchetMessage, aad: bytes, accept: Callable[[bytes], None] | None
+    ) -> bytes:
         # Keys left in the current receiving chain, up to the sender's previous chain length.
         to_skip_old = max(0, msg.pn - self._nr) if self._ckr is not None else 0
         if to_skip_old + msg.n > MAX_SKIP:
@@ -223,10 +240,13 @@ class Ratchet:
         ckr, new_skipped = _advance(ckr, msg.dh, 0, msg.n)
         ckr, mk = kdf_ck(ckr)
         plaintext = _open(mk, msg.n, msg.ciphertext, aad)
-        # Authenticated: now step our own side and commit everything.
+        if accept is not None:
+            accept(plaintext)
+        # Authenticated and accepted: now step our own side and commit everything.
         dhs = self._keygen()
         rk, cks = kdf_rk(rk, dhs.exchange(msg.dh))
-        old = self._dhr
+        # A chain we never received on (the initiator's first peer key) leaves nothing to remember.
+        old = self._dhr if self._ckr is not None else None
         self._rk, self._dhs, self._dhr, self._cks, self._ckr = rk, dhs, msg.dh, cks, ckr
         self._pn, self._ns, self._nr = self._ns, 0, msg.n + 1
         self._store_skipped(skipped, new_chain=old)
@@ -280,7 +300,7 @@ class Ratchet:
             and (dhr is None or _is_key(dhr))
             and (cks is None or _is_key(cks))
             and (ckr is None or _is_key(ckr))
-            and (dhr is None) == (ckr is None)
+            and not (dhr is None and ckr is not None)
             and all(type(v) is int and 0 <= v <= 0xFFFFFFFF for v in (ns, nr, pn))
             and type(skipped) is list
             and len(skipped) <= MAX_SKIPPED_KEYS

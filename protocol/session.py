@@ -109,10 +109,7 @@ class Session:
         """Decrypt a decoded ratchet message. A refused message leaves the session unchanged."""
         if self._closed is not None:
             raise SessionClosed(self._closed)
-        plaintext = self._ratchet.decrypt(msg, self.transcript)
-        if not plaintext or plaintext[0] not in _KINDS:
-            # Authentic but not ours to interpret: only a buggy or hostile peer sends this.
-            raise DecodeError("unknown content kind")
+        plaintext = self._ratchet.decrypt(msg, self.transcript, _check_content)
         return Received(_KINDS[plaintext[0]], plaintext[1:])
 
     def decrypt(self, frame: bytes) -> Received:
@@ -172,3 +169,12 @@ class Session:
 
 _KIND_BYTE = {kind: bytes([kind]) for kind in Kind}
 _KINDS = {kind.value: kind for kind in Kind}
+
+
+def _check_content(plaintext: bytes) -> None:
+    """Refuse authentic content we cannot interpret, before the ratchet commits to it."""
+    if not plaintext or plaintext[0] not in _KINDS:
+        # Only a buggy or hostile peer (holding the keys) sends this; refused like any bad frame.
+        raise DecodeError("unknown content kind")
+    if plaintext[0] == Kind.HEARTBEAT and len(plaintext) != 1:
+        raise DecodeError("a heartbeat carries no content")

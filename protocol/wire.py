@@ -8,12 +8,13 @@ bytes whatsoever, and checks the frame's size before msgpack allocates anything.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import operator
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import msgpack
 
-from protocol.errors import DecodeError
+from protocol.errors import DecodeError, UnknownFrameType
 from protocol.link import LINK_CLASSES, MAX_LINK_FRAME, Items, LinkField, LinkFrame, Str
 from protocol.messages import (
     FRAME_CLASSES,
@@ -83,12 +84,23 @@ def _unpack(data: bytes, limit: int = MAX_FRAME) -> list[Any]:
     return obj
 
 
+def _getter(cls: Any) -> Callable[[Any], tuple[Any, ...]]:
+    names = [f.name for f in dataclasses.fields(cls)]
+    getter = operator.attrgetter(*names)
+    return (lambda obj: (getter(obj),)) if len(names) == 1 else getter
+
+
+# Field getters in wire order, built once: dataclasses.fields() is slow on every call.
+_FIELDS: dict[type, Callable[[Any], tuple[Any, ...]]] = {
+    cls: _getter(cls) for cls in (*FRAME_CLASSES.values(), *LINK_CLASSES.values())
+}
+
+
 def encode(frame: Frame) -> bytes:
     """The frame's bytes: `[VERSION, TYPE, *fields]`."""
     if type(frame) is RatchetMessage:
         return _pack((VERSION, _MESSAGE, frame.dh, frame.pn, frame.n, frame.ciphertext))
-    fields = tuple(getattr(frame, f.name) for f in dataclasses.fields(frame))
-    return _pack((VERSION, frame.TYPE.value, *fields))
+    return _pack((VERSION, frame.TYPE.value, *_FIELDS[type(frame)](frame)))
 
 
 def decode(data: bytes) -> Frame:
@@ -99,7 +111,7 @@ def decode(data: bytes) -> Frame:
 
 def encode_link(frame: LinkFrame) -> bytes:
     """A link frame's bytes: `[VERSION, TYPE, *fields]`."""
-    return _pack((VERSION, frame.TYPE.value, *(getattr(frame, f.name) for f in dataclasses.fields(frame))))
+    return _pack((VERSION, frame.TYPE.value, *_FIELDS[type(frame)](frame)))
 
 
 def decode_link(data: bytes) -> LinkFrame:
@@ -111,7 +123,7 @@ def decode_link(data: bytes) -> LinkFrame:
 def _decode(obj: list[Any], classes: Mapping[int, Any]) -> Any:
     cls = classes.get(obj[1]) if type(obj[1]) is int else None
     if cls is None:
-        raise DecodeError(f"unknown frame type {obj[1]!r}")
+        raise UnknownFrameType(f"unknown frame type {obj[1]!r}")
     fields = obj[2:]
     if len(fields) != len(cls.SCHEMA):
         raise DecodeError(f"{cls.__name__} has {len(cls.SCHEMA)} fields, got {len(fields)}")
@@ -123,7 +135,7 @@ def _decode(obj: list[Any], classes: Mapping[int, Any]) -> Any:
 def decode_message(data: bytes) -> RatchetMessage:
     """Parse a frame that must be a RatchetMessage (the hot path: checks inlined)."""
     obj = _unpack(data)
-    if len(obj) != 6 or obj[1] != _MESSAGE:
+    if len(obj) != 6 or type(obj[1]) is not int or obj[1] != _MESSAGE:
         raise DecodeError("expected a ratchet message frame")
     _, _, dh, pn, n, ct = obj
     if (
@@ -143,7 +155,9 @@ def decode_message(data: bytes) -> RatchetMessage:
 def frame_type(data: bytes) -> FrameType:
     """Peek at a frame's type (for routing and state checks) without trusting the rest."""
     obj = _unpack(data)
+    if type(obj[1]) is not int:
+        raise DecodeError(f"frame type {obj[1]!r} is not an integer")
     try:
         return FrameType(obj[1])
     except ValueError as exc:
-        raise DecodeError(f"unknown frame type {obj[1]!r}") from exc
+        raise UnknownFrameType(f"unknown frame type {obj[1]!r}") from exc
