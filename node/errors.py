@@ -1,0 +1,145 @@
+"""The node package's exception hierarchy.
+
+Every error `node` raises on purpose is a `NodeError`. The subclasses say what went wrong
+precisely enough for the command line to pick an exit code and for a test or a scenario to
+assert it, without parsing messages:
+
+- `TrustError` (a mix-in): the input was refused as forged, tampered or untrusted, or a key
+  must no longer be trusted. The command line exits 4 on these.
+- `Unavailable` (a mix-in): the disk, the database or the relay could not be reached or failed
+  underneath us. The command line exits 3.
+- everything else: bad input or a state that does not allow the operation. Exit 1.
+
+Messages never contain key material or plaintext.
+"""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Base of every error raised on purpose by `node`."""
+
+
+class TrustError(NodeError):
+    """Input refused as forged, tampered or untrusted (mixed into the precise classes below)."""
+
+
+class Unavailable(NodeError):
+    """Storage or the network failed or could not be reached (mixed into the precise classes below)."""
+
+
+# --- keystore -------------------------------------------------------------------------------------
+
+
+class KeystoreError(NodeError):
+    """The encrypted keystore could not be opened or used."""
+
+
+class KeystoreNotFound(KeystoreError):
+    """No keystore at the path, and the caller did not ask to create one."""
+
+
+class WrongPassphrase(KeystoreError):
+    """The passphrase (or key file) does not unwrap the keystore's data key; nothing was written."""
+
+
+class KeystoreCorrupt(KeystoreError, TrustError):
+    """A record or the header does not authenticate, or the file is not a kmsnet keystore."""
+
+
+class StorageError(KeystoreError, Unavailable):
+    """The database or the file system failed (locked, full, unreadable)."""
+
+
+# --- relay link and peers -------------------------------------------------------------------------
+
+
+class LinkError(NodeError):
+    """The link to the relay failed: a bad relay URL, or a relay that speaks out of protocol."""
+
+
+class RelayUnreachable(LinkError, Unavailable):
+    """The relay cannot be reached, or the connection to it was lost."""
+
+
+class RelayRefused(LinkError):
+    """The relay refused to authenticate this node."""
+
+
+class PeerUnavailable(NodeError):
+    """The peer cannot be reached through the relay (no prekey bundle, not enrolled)."""
+
+
+# --- audit log ------------------------------------------------------------------------------------
+
+
+class AuditError(NodeError):
+    """The audit log could not be written or read."""
+
+
+class AuditChainBroken(AuditError, TrustError):
+    """An audit entry was edited, removed, inserted or reordered; `seq` says where the chain breaks."""
+
+    def __init__(self, seq: int, reason: str) -> None:
+        super().__init__(f"audit log broken at seq {seq}: {reason}")
+        self.seq = seq
+        self.reason = reason
+
+
+# --- key management -------------------------------------------------------------------------------
+
+
+class KmsError(NodeError):
+    """A key-management operation was refused."""
+
+
+class InvalidRequest(KmsError):
+    """The arguments are malformed (a key id with forbidden characters, a version out of range...)."""
+
+
+class KeyNotFound(KmsError):
+    """No key with this id."""
+
+
+class KeyMismatch(KmsError):
+    """The ciphertext or signature names another key than the one given."""
+
+
+class KeyExists(KmsError):
+    """A key with this id exists already (destroyed keys keep their id)."""
+
+
+class KeyTypeError(KmsError):
+    """The key's type does not support the operation (signing with an AES key...)."""
+
+
+class KeyStateError(KmsError):
+    """The key's state does not allow the operation or the transition (see node.kms)."""
+
+
+class VersionNotFound(KmsError):
+    """The key has no such version."""
+
+
+class VersionTooOld(KmsError):
+    """The ciphertext or signature is older than the key's minimum decryption version."""
+
+
+class MessageTooLong(KmsError):
+    """The plaintext is longer than RSA-OAEP can carry for this key size."""
+
+
+class InvalidCiphertext(KmsError, TrustError):
+    """The ciphertext is malformed or does not authenticate (tampered, truncated, wrong key)."""
+
+
+class InvalidSignature(KmsError, TrustError):
+    """The signature is malformed or does not verify."""
+
+
+class CompromisedVersion(KmsError, TrustError):
+    """The key version is flagged compromised: it refuses new use, and reading needs explicit consent."""
+
+
+class WeakPeerKey(KmsError, TrustError):
+    """An X25519 exchange gave the all-zero output (a low-order public key)."""
