@@ -10,6 +10,8 @@ import click
 from kmsnet import __version__
 from kmsnet.exits import EPILOG, USAGE, CliFailure
 from kmsnet.kms_cli import kms
+from kmsnet.messaging_cli import receive, send, status
+from kmsnet.relay_cli import relay
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "KMSNET"})
@@ -23,6 +25,9 @@ def cli() -> None:
 
 
 cli.add_command(kms)
+cli.add_command(relay)
+for command in (send, receive, status):
+    cli.add_command(command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,0 +1,86 @@
+"""`kmsnet relay`: run the relay until SIGINT or SIGTERM."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import ssl
+from pathlib import Path
+
+import click
+
+from kmsnet import logs
+from kmsnet.exits import BAD_INPUT, EPILOG, UNREACHABLE, CliFailure
+from protocol import certs
+from protocol.errors import ProtocolError
+from relay.errors import RelayError
+from relay.server import Relay, RelayConfig
+
+EXAMPLES = """
+Examples:
+
+  kmsnet relay --ca-cert ca/ca.pem                      # ws://127.0.0.1:8765, store relay.db
+  kmsnet relay --ca-cert ca/ca.pem --port 0             # any free port (printed on stdout)
+  kmsnet relay --ca-cert ca/ca.pem --tls-cert relay.pem --tls-key relay.key   # wss://
+"""
+
+
+@click.command(epilog=EXAMPLES + "\n" + EPILOG)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8765, show_default=True, type=click.IntRange(0, 65535), help="0: any free port.")
+@click.option(
+    "--store",
+    default="relay.db",
+    show_default=True,
+    help="SQLite file for stored envelopes, bundles and the CRL feed (':memory:' keeps nothing).",
+)
+@click.option(
+    "--ca-cert",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="The kmsnet CA root (ca.pem): nodes must present a certificate it issued.",
+)
+@click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Serve wss://.")
+@click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Key of --tls-cert.")
+@click.option("--name", default="kmsnet-relay", show_default=True, help="Name nodes sign in their challenge answer.")
+def relay(
+    host: str, port: int, store: str, ca_cert: Path, tls_cert: Path | None, tls_key: Path | None, name: str
+) -> None:
+    """Run the relay: authenticate nodes, route and store envelopes, relay the CRL feed.
+
+    The relay is untrusted by design: it never sees a key or a plaintext. It prints its URL on
+    stdout once it listens, logs to stderr, and stops cleanly on SIGINT or SIGTERM.
+    """
+    if store.startswith("redis://"):
+        raise CliFailure("the Redis store is not available yet; use a SQLite file", BAD_INPUT)
+    if (tls_cert is None) != (tls_key is None):
+        raise click.UsageError("--tls-cert and --tls-key go together")
+    try:
+        root = certs.load_certificate(ca_cert.read_bytes())
+        certs.check_root(root)
+    except (OSError, ProtocolError) as exc:
+        raise CliFailure(f"--ca-cert {ca_cert}: {exc}", BAD_INPUT) from exc
+    tls = None
+    if tls_cert is not None and tls_key is not None:
+        tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        tls.minimum_version = ssl.TLSVersion.TLSv1_3
+        try:
+            tls.load_cert_chain(tls_cert, tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            raise CliFailure(f"cannot load the TLS certificate or key: {exc}", BAD_INPUT) from exc
+    logs.configure()
+    config = RelayConfig(ca_root=root, host=host, port=port, store_path=store, tls=tls, name=name)
+    try:
+        asyncio.run(_serve(config))
+    except (OSError, RelayError) as exc:
+        raise CliFailure(f"relay: {exc}", UNREACHABLE) from exc
+
+
+async def _serve(config: RelayConfig) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    async with Relay(config) as server:
+        click.echo(server.url)
+        await stop.wait()

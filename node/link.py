@@ -1,0 +1,219 @@
+"""The node's connection to its relay: authenticate, exchange link frames, reconnect.
+
+`RelayLink.run()` keeps a connection up until `close()`: connect, answer the relay's
+challenge with our certificate and a signature, then hand every frame to `on_frame`. When the
+connection drops it reconnects with exponential backoff and full jitter, so a relay restart
+is not met by a thundering herd. A `wss://` URL is verified against the pinned CA root and
+never downgraded to `ws://`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import random
+import ssl
+from collections.abc import Awaitable, Callable
+from urllib.parse import urlsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from node.errors import LinkError, RelayRefused, RelayUnreachable
+from protocol import wire
+from protocol.errors import DecodeError
+from protocol.identity import IdentityKey
+from protocol.link import (
+    MAX_LINK_FRAME,
+    Auth,
+    BundleReply,
+    Challenge,
+    Error,
+    FetchBundle,
+    LinkFrame,
+    Welcome,
+    auth_signed_bytes,
+)
+
+log = logging.getLogger("kmsnet.node.link")
+
+#: Seconds to wait for each step of connecting and authenticating.
+CONNECT_TIMEOUT = 10.0
+#: Backoff between reconnection attempts: first delay and cap (seconds).
+BACKOFF_START = 0.1
+BACKOFF_MAX = 10.0
+#: Seconds to wait for a FETCH_BUNDLE answer.
+REQUEST_TIMEOUT = 10.0
+
+
+def check_url(url: str) -> str:
+    """Refuse anything but ws:// and wss:// URLs with a host (a clear error, not a traceback later)."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("ws", "wss") or not parts.hostname:
+        raise LinkError(f"not a relay URL (ws://HOST:PORT or wss://HOST:PORT): {url!r}")
+    try:
+        _ = parts.port
+    except ValueError as exc:
+        raise LinkError(f"bad port in relay URL {url!r}") from exc
+    return url
+
+
+def tls_context(root_pem: bytes) -> ssl.SSLContext:
+    """A client TLS context trusting only the pinned kmsnet CA root."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=root_pem.decode())
+    context.minimum_version = ssl.TLSVersion.TLSv1_3
+    return context
+
+
+class RelayLink:
+    """One node's link to one relay."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        identity: IdentityKey,
+        certificate: bytes,
+        root_pem: bytes,
+        on_frame: Callable[[LinkFrame], Awaitable[None]],
+        on_connected: Callable[[Welcome], Awaitable[None]],
+        reconnect: bool = True,
+    ) -> None:
+        self.url = check_url(url)
+        self._identity = identity
+        self._certificate = certificate
+        self._tls = tls_context(root_pem) if url.startswith("wss://") else None
+        self._on_frame = on_frame
+        self._on_connected = on_connected
+        self._reconnect = reconnect
+        self._ws: ClientConnection | None = None
+        self._closing = False
+        self.connected = asyncio.Event()
+        self._requests: dict[int, asyncio.Future[BundleReply]] = {}
+        self._ids = itertools.count(1)
+        self.welcome: Welcome | None = None
+        #: The last reason a connection attempt failed (for `status`).
+        self.last_error: str | None = None
+
+    async def run(self, *, first_attempt: asyncio.Future[None] | None = None) -> None:
+        """Keep the link up until `close()`. `first_attempt` learns how the first connection went."""
+        delay = BACKOFF_START
+        while not self._closing:
+            try:
+                await self._session(first_attempt)
+                delay = BACKOFF_START
+            except (LinkError, OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
+                self.last_error = _describe(exc)
+                log.info("relay_link_down", extra={"fields": {"url": self.url, "reason": self.last_error}})
+                if first_attempt is not None and not first_attempt.done():
+                    error = exc if isinstance(exc, LinkError) else RelayUnreachable(f"{self.url}: {self.last_error}")
+                    first_attempt.set_exception(error)
+            finally:
+                self._ws = None
+                self.connected.clear()
+                for fut in self._requests.values():
+                    if not fut.done():
+                        fut.set_exception(RelayUnreachable("connection to the relay lost"))
+                self._requests.clear()
+            if self._closing or not self._reconnect:
+                return
+            await asyncio.sleep(random.uniform(0, delay))  # full jitter
+            delay = min(BACKOFF_MAX, delay * 2)
+
+    async def _session(self, first_attempt: asyncio.Future[None] | None) -> None:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            ws = await connect(
+                self.url,
+                ssl=self._tls,
+                compression=None,
+                max_size=2 * MAX_LINK_FRAME,
+                open_timeout=CONNECT_TIMEOUT,
+                ping_interval=20,
+                ping_timeout=20,
+            )
+        async with ws:
+            welcome = await self._authenticate(ws)
+            self._ws = ws
+            self.welcome = welcome
+            self.last_error = None
+            self.connected.set()
+            await self._on_connected(welcome)
+            if first_attempt is not None and not first_attempt.done():
+                first_attempt.set_result(None)
+            async for raw in ws:
+                if not isinstance(raw, bytes):
+                    raise LinkError("relay sent a text frame")
+                try:
+                    frame = wire.decode_link(raw)
+                except DecodeError as exc:
+                    # A malicious relay may send garbage; we refuse it and hang up, never crash.
+                    raise LinkError(f"relay sent a malformed frame: {exc}") from exc
+                if isinstance(frame, BundleReply):
+                    fut = self._requests.pop(frame.request, None)
+                    if fut is not None and not fut.done():
+                        fut.set_result(frame)
+                    continue
+                await self._on_frame(frame)
+
+    async def _authenticate(self, ws: ClientConnection) -> Welcome:
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            challenge = _decode(await ws.recv())
+            if not isinstance(challenge, Challenge):
+                raise LinkError("relay did not start with a challenge")
+            signature = self._identity.sign(auth_signed_bytes(challenge.nonce, challenge.relay))
+            await ws.send(wire.encode_link(Auth(self._certificate, signature)))
+            answer = _decode(await ws.recv())
+        if isinstance(answer, Error):
+            raise RelayRefused(f"relay refused us: {answer.text}")
+        if not isinstance(answer, Welcome):
+            raise LinkError("relay answered AUTH with something else than WELCOME")
+        return answer
+
+    async def send(self, frame: LinkFrame) -> None:
+        """Send one frame now; RelayUnreachable if the link is down."""
+        ws = self._ws
+        if ws is None:
+            raise RelayUnreachable("not connected to the relay")
+        try:
+            await ws.send(wire.encode_link(frame))
+        except ConnectionClosed as exc:
+            raise RelayUnreachable("connection to the relay lost") from exc
+
+    async def fetch_bundle(self, name: str) -> BundleReply:
+        """Ask the relay for `name`'s prekey bundle."""
+        request = next(self._ids)
+        fut: asyncio.Future[BundleReply] = asyncio.get_running_loop().create_future()
+        self._requests[request] = fut
+        await self.send(FetchBundle(request, name))
+        try:
+            async with asyncio.timeout(REQUEST_TIMEOUT):
+                return await fut
+        except TimeoutError as exc:
+            raise RelayUnreachable(f"relay did not answer a bundle request for {name!r}") from exc
+        finally:
+            self._requests.pop(request, None)
+
+    async def close(self) -> None:
+        """Stop reconnecting and close the connection."""
+        self._closing = True
+        if self._ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.close()
+
+
+def _decode(raw: object) -> LinkFrame:
+    if not isinstance(raw, bytes):
+        raise LinkError("relay sent a text frame")
+    try:
+        return wire.decode_link(raw)
+    except DecodeError as exc:
+        raise LinkError(f"relay sent a malformed frame: {exc}") from exc
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"TLS certificate refused: {exc.verify_message}"
+    text = str(exc) or type(exc).__name__
+    return text

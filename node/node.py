@@ -1,0 +1,641 @@
+"""The node: a thin asyncio shell around the protocol core and the encrypted keystore.
+
+Everything a node knows lives in its keystore and is written *before* it acts on it:
+a session's new ratchet state and the outgoing envelope are committed in one transaction
+before the ciphertext leaves the process (a crash can never make us reuse a message key or
+a nonce), and a received message is committed to the inbox with the session's new state
+before the relay is told to forget it (nothing is lost, and a redelivery is recognised by
+its id and acknowledged silently).
+
+Keystore layout (namespace / name → sealed value):
+    node/identity, node/certificate, node/root, node/relay, node/prekeys, node/revocation,
+    node/next_prekey_rotation, bundle/<spk id>, session/<peer>, peer/<peer>,
+    outbox/<msg id hex>, inbox/<seq 20 digits>, seen/<peer>:<msg id hex>
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import msgpack
+from cryptography import x509
+
+from node.errors import NodeError, PeerUnavailable, RelayUnreachable
+from node.events import Delivered, Message, SecurityEvent
+from node.keystore import Keystore
+from node.link import RelayLink
+from protocol import certs, handshake, wire
+from protocol.errors import (
+    CertificateRevoked,
+    DecodeError,
+    DuplicateMessage,
+    NameMismatch,
+    ProtocolError,
+    RevocationError,
+    SessionClosed,
+    UnknownPrekey,
+)
+from protocol.handshake import PrekeySecrets
+from protocol.identity import IdentityKey, KemKeyPair, X25519KeyPair
+from protocol.link import Accepted, Ack, CrlFeed, Deliver, Error, LinkFrame, PublishBundle, Send, Welcome
+from protocol.messages import FrameType, InitMessage, PrekeyBundle, Suite
+from protocol.revocation import RevocationState
+from protocol.safety import safety_number
+from protocol.session import Kind, Session
+
+log = logging.getLogger("kmsnet.node")
+
+NS_NODE = "node"
+NS_BUNDLE = "bundle"
+NS_SESSION = "session"
+NS_PEER = "peer"
+NS_OUTBOX = "outbox"
+NS_INBOX = "inbox"
+NS_SEEN = "seen"
+
+#: One-time prekeys uploaded per batch, and the level below which the node tops up.
+ONETIME_BATCH = 100
+ONETIME_LOW = 25
+#: Received message ids remembered per peer to tell a redelivery from a replay.
+MAX_SEEN_PER_PEER = 5000
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class NodeOptions:
+    """Policy knobs (the command line and the lab set them)."""
+
+    #: Signed prekeys rotate this often; the old one is kept for `prekey_grace` so that INITs in flight open.
+    prekey_rotation: timedelta = timedelta(days=7)
+    prekey_grace: timedelta = timedelta(days=2)
+    #: Handshake suite we initiate with and suites we accept.
+    suite: Suite = Suite.HYBRID
+    accept_suites: tuple[Suite, ...] = (Suite.HYBRID,)
+    #: Publish an ML-KEM prekey (False only for the harvest-now scenario's classic variant).
+    publish_kem: bool = True
+    #: Seconds to wait for the relay to accept a sent envelope before `send` returns queued.
+    send_timeout: float = 10.0
+
+
+@dataclass(frozen=True)
+class PeerRecord:
+    """What we know of a peer we have a session with."""
+
+    name: str
+    serial: int
+    fingerprint: bytes
+    identity: bytes
+    state: str
+
+    def pack(self) -> bytes:
+        return msgpack.packb([self.name, self.serial.to_bytes(20, "big"), self.fingerprint, self.identity, self.state])
+
+    @classmethod
+    def unpack(cls, data: bytes) -> PeerRecord:
+        name, serial, fp, identity, state = msgpack.unpackb(data)
+        return cls(name, int.from_bytes(serial, "big"), fp, identity, state)
+
+
+class Node:
+    """An enrolled node. `await node.start()`, then `send`, and read `events`; `await node.stop()`."""
+
+    def __init__(
+        self,
+        keystore: Keystore,
+        *,
+        relay_url: str | None = None,
+        options: NodeOptions | None = None,
+        clock: Callable[[], datetime] = _utcnow,
+    ) -> None:
+        self.keystore = keystore
+        self.options = options or NodeOptions()
+        self.clock = clock
+        identity = self._get(NS_NODE, "identity")
+        certificate = self._get(NS_NODE, "certificate")
+        root_pem = self._get(NS_NODE, "root")
+        stored_url = keystore.get(NS_NODE, "relay")
+        if identity is None or certificate is None or root_pem is None:
+            raise NodeError("this home holds no enrolled node (run `kmsnet node init` first)")
+        self.identity = IdentityKey.from_private_bytes(identity)
+        self.certificate = certificate
+        self.fingerprint = hashlib.sha256(certificate).digest()
+        self.root_pem = root_pem
+        self.root = certs.load_certificate(root_pem)
+        self.name = certs.verify(certificate, self.root, clock()).name
+        self.relay_url = relay_url or (stored_url.decode() if stored_url else "")
+        if not self.relay_url:
+            raise NodeError("no relay URL: give --relay")
+        state = keystore.get(NS_NODE, "revocation")
+        self.revocation = RevocationState.from_bytes(state, self.root, clock()) if state else RevocationState()
+        packed = keystore.get(NS_NODE, "prekeys")
+        self.prekeys = PrekeySecrets.from_bytes(packed) if packed else PrekeySecrets()
+        self.events: asyncio.Queue[Delivered] = asyncio.Queue()
+        self._sessions: dict[str, Session] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._accepted: dict[bytes, asyncio.Future[None]] = {}
+        self._link: RelayLink | None = None
+        self._link_task: asyncio.Task[None] | None = None
+        self._inbox_seq = _last_seq(keystore.names(NS_INBOX))
+        # Deliveries handled since the link came up, against what the relay said was waiting.
+        self._handled = 0
+        self._waiting = 0
+
+    def _get(self, namespace: str, name: str) -> bytes | None:
+        return self.keystore.get(namespace, name)
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self, *, wait: bool = True, reconnect: bool = True) -> None:
+        """Connect to the relay (and keep reconnecting). With `wait`, raise RelayUnreachable if the
+        first attempt fails."""
+        self._link = RelayLink(
+            self.relay_url,
+            identity=self.identity,
+            certificate=self.certificate,
+            root_pem=self.root_pem,
+            on_frame=self._on_frame,
+            on_connected=self._on_connected,
+            reconnect=reconnect,
+        )
+        first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._link_task = asyncio.create_task(self._link.run(first_attempt=first), name=f"node-link-{self.name}")
+        if wait:
+            try:
+                await first
+            except BaseException:
+                await self.stop()
+                raise
+        else:
+            first.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
+
+    async def stop(self) -> None:
+        """Close the link; state is already on disk."""
+        if self._link is not None:
+            await self._link.close()
+        if self._link_task is not None:
+            self._link_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._link_task
+            self._link_task = None
+        for fut in self._accepted.values():
+            if not fut.done():
+                fut.cancel()
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    @property
+    def connected(self) -> bool:
+        """True while the relay link is up."""
+        return self._link is not None and self._link.connected.is_set()
+
+    async def wait_connected(self, timeout: float) -> None:
+        """Wait until the relay link is up."""
+        assert self._link is not None, "node not started"
+        async with asyncio.timeout(timeout):
+            await self._link.connected.wait()
+
+    # --- on connect: prekeys up to date, outbox flushed ---------------------------------------------------
+
+    def idle(self) -> bool:
+        """Connected, and every envelope that was waiting when we connected has been handled."""
+        return self.connected and self._handled >= self._waiting
+
+    async def _on_connected(self, welcome: Welcome) -> None:
+        log.info("node_connected", extra={"fields": {"node": self.name, "pending": welcome.pending}})
+        self._handled, self._waiting = 0, welcome.pending
+        await self._publish_prekeys(welcome.onetime)
+        for name in self.keystore.names(NS_OUTBOX):
+            packed = self.keystore.get(NS_OUTBOX, name)
+            if packed is not None:
+                to, payload = msgpack.unpackb(packed)
+                await self._link_send(Send(bytes.fromhex(name), to, payload))
+
+    async def _publish_prekeys(self, onetime_left: int) -> None:
+        now = self.clock()
+        rotated = self._rotate_signed_prekey(now)
+        new_onetime = []
+        if onetime_left < ONETIME_LOW or rotated:
+            start = self.prekeys.next_onetime_id
+            for key_id in range(start, start + ONETIME_BATCH):
+                key = X25519KeyPair.generate()
+                self.prekeys.add_onetime(key_id, key)
+                new_onetime.append(handshake.make_onetime(self.identity, self.certificate, key_id, key))
+        current = self._current_bundle()
+        with self.keystore.transaction():
+            self.keystore.put(NS_NODE, "prekeys", self.prekeys.to_bytes())
+        upload = [[o.key_id, o.public, o.signature] for o in new_onetime]
+        assert self._link is not None
+        await self._link.send(PublishBundle(wire.encode(current), upload, 0))
+
+    def _current_bundle(self) -> PrekeyBundle:
+        ids = sorted(int(n) for n in self.keystore.names(NS_BUNDLE))
+        packed = self.keystore.get(NS_BUNDLE, str(ids[-1]))
+        assert packed is not None
+        frame = wire.decode(packed)
+        assert isinstance(frame, PrekeyBundle)
+        return frame
+
+    def _rotate_signed_prekey(self, now: datetime) -> bool:
+        """Make a new signed prekey when due; destroy ones past their grace period. True if rotated."""
+        due = self.keystore.get(NS_NODE, "next_prekey_rotation")
+        if due is not None and now.timestamp() < float(due.decode()):
+            return False
+        ids = self.prekeys.signed_ids()
+        spk_id = (ids[-1] + 1) if ids else 1
+        spk = X25519KeyPair.generate()
+        kem = KemKeyPair.generate() if self.options.publish_kem else None
+        bundle = handshake.make_bundle(
+            self.identity,
+            self.certificate,
+            created=int(now.timestamp()),
+            spk_id=spk_id,
+            spk=spk,
+            kem_id=spk_id if kem else None,
+            kem=kem,
+        )
+        self.prekeys.add_signed(spk_id, spk)
+        if kem is not None:
+            self.prekeys.add_kem(spk_id, kem)
+        grace_end = (now + self.options.prekey_grace).timestamp()
+        with self.keystore.transaction():
+            for old in ids:
+                # Old prekeys stay for the grace period after the rotation that replaced them.
+                expiry = self.keystore.get(NS_NODE, f"spk_expiry/{old}")
+                if expiry is None:
+                    self.keystore.put(NS_NODE, f"spk_expiry/{old}", str(grace_end).encode())
+                elif now.timestamp() >= float(expiry.decode()):
+                    self.prekeys.drop_signed(old)
+                    self.prekeys.drop_kem(old)
+                    self.keystore.delete(NS_BUNDLE, str(old))
+                    self.keystore.delete(NS_NODE, f"spk_expiry/{old}")
+            self.keystore.put(NS_BUNDLE, str(spk_id), wire.encode(bundle))
+            self.keystore.put(NS_NODE, "prekeys", self.prekeys.to_bytes())
+            next_due = (now + self.options.prekey_rotation).timestamp()
+            self.keystore.put(NS_NODE, "next_prekey_rotation", str(next_due).encode())
+        log.info("signed_prekey_rotated", extra={"fields": {"node": self.name, "spk_id": spk_id}})
+        return True
+
+    # --- sending --------------------------------------------------------------------------------------
+
+    def _lock(self, peer: str) -> asyncio.Lock:
+        return self._locks.setdefault(peer, asyncio.Lock())
+
+    def _session(self, peer: str) -> Session | None:
+        session = self._sessions.get(peer)
+        if session is None:
+            packed = self.keystore.get(NS_SESSION, peer)
+            if packed is not None:
+                session = Session.from_bytes(packed)
+                self._sessions[peer] = session
+        return session
+
+    def peer(self, name: str) -> PeerRecord | None:
+        """What we know of `name`, if we ever had a session."""
+        packed = self.keystore.get(NS_PEER, name)
+        return PeerRecord.unpack(packed) if packed else None
+
+    async def send(self, peer: str, text: str) -> str:
+        """Encrypt `text` for `peer` and hand it to the relay; return the message id (hex).
+
+        Returns once the relay has stored it durably, or once it is safely in our outbox if the
+        relay does not answer within `options.send_timeout` (it is sent on reconnect).
+        """
+        if self._link is None:
+            raise NodeError("node not started")
+        msg_id = os.urandom(16)
+        body = msgpack.packb([msg_id, time.time(), text])
+        async with self._lock(peer):
+            session = self._session(peer)
+            if session is None or session.closed:
+                payload = await self._initiate(peer, body)
+            else:
+                payload = session.encrypt(body)
+                self._save_session(peer, session, outbox=(msg_id, peer, payload))
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._accepted[msg_id] = fut
+        try:
+            await self._link_send(Send(msg_id, peer, payload))
+            async with asyncio.timeout(self.options.send_timeout):
+                await fut
+        except (TimeoutError, RelayUnreachable):
+            log.info("send_queued", extra={"fields": {"node": self.name, "to": peer}})
+        finally:
+            self._accepted.pop(msg_id, None)
+        return msg_id.hex()
+
+    async def _initiate(self, peer: str, body: bytes) -> bytes:
+        assert self._link is not None
+        reply = await self._link.fetch_bundle(peer)
+        if reply.bundle is None:
+            raise PeerUnavailable(f"the relay has no prekey bundle for {peer!r}")
+        try:
+            frame = wire.decode(reply.bundle)
+            if not isinstance(frame, PrekeyBundle):
+                raise DecodeError("relay answered with something else than a bundle")
+            started = handshake.initiate(
+                identity=self.identity,
+                certificate=self.certificate,
+                bundle=frame,
+                root=self.root,
+                revocation=self.revocation,
+                now=self.clock(),
+                expected_name=peer,
+                first_message=body,
+                suite=self.options.suite,
+            )
+        except ProtocolError as exc:
+            self._emit(SecurityEvent("session_refused", peer, f"{type(exc).__name__}: {exc}"))
+            raise
+        msg_id = msgpack.unpackb(body)[0]
+        self._note_peer(started.peer, "initiated")
+        self._save_session(peer, started.session, outbox=(msg_id, peer, started.frame))
+        self._emit(
+            SecurityEvent(
+                "session_established",
+                peer,
+                f"initiated ({Suite(started.session.suite).name}); safety number "
+                f"{safety_number(self.identity.public_bytes, started.peer.public_key.public_bytes_raw())}",
+            )
+        )
+        return started.frame
+
+    def _save_session(self, peer: str, session: Session, *, outbox: tuple[bytes, str, bytes] | None = None) -> None:
+        with self.keystore.transaction():
+            self.keystore.put(NS_SESSION, peer, session.to_bytes())
+            if outbox is not None:
+                msg_id, to, payload = outbox
+                self.keystore.put(NS_OUTBOX, msg_id.hex(), msgpack.packb([to, payload]))
+        self._sessions[peer] = session
+
+    async def _link_send(self, frame: LinkFrame) -> None:
+        if self._link is None:
+            raise RelayUnreachable("node not started")
+        await self._link.send(frame)
+
+    def outbox_size(self) -> int:
+        """Envelopes the relay has not yet accepted."""
+        return len(self.keystore.names(NS_OUTBOX))
+
+    async def flush(self, timeout: float) -> bool:
+        """Wait until the relay has accepted everything in the outbox; False on timeout."""
+        deadline = asyncio.get_running_loop().time() + timeout
+        while self.outbox_size():
+            if asyncio.get_running_loop().time() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
+    # --- receiving ------------------------------------------------------------------------------------
+
+    async def _on_frame(self, frame: LinkFrame) -> None:
+        if isinstance(frame, Deliver):
+            await self._on_deliver(frame)
+        elif isinstance(frame, Accepted):
+            self.keystore.delete(NS_OUTBOX, frame.msg_id.hex())
+            fut = self._accepted.get(frame.msg_id)
+            if fut is not None and not fut.done():
+                fut.set_result(None)
+        elif isinstance(frame, CrlFeed):
+            self._on_crl(frame.crl)
+        elif isinstance(frame, Error):
+            log.info("relay_error", extra={"fields": {"node": self.name, "code": frame.code, "text": frame.text}})
+            if frame.msg_id is not None:
+                self._emit(SecurityEvent("send_refused", None, f"relay: {frame.text}"))
+        # Other frame types from a relay are ignored: it cannot make us do anything with them.
+
+    async def _on_deliver(self, deliver: Deliver) -> None:
+        async with self._lock(deliver.sender):
+            self._receive(deliver)
+        self._handled += 1
+        # Processed and on disk (or refused for good): the relay may forget it.
+        with contextlib.suppress(RelayUnreachable):
+            await self._link_send(Ack(deliver.msg_id))
+        session = self._session(deliver.sender)
+        if session is not None and session.heartbeat_due:
+            await self._heartbeat(deliver.sender, session)
+
+    def _receive(self, deliver: Deliver) -> None:
+        peer = deliver.sender
+        seen = f"{peer}:{deliver.msg_id.hex()}"
+        if self.keystore.get(NS_SEEN, seen) is not None:
+            return  # a redelivery of something already processed: acknowledge, say nothing
+        try:
+            kind = wire.frame_type(deliver.payload)
+            if kind is FrameType.INIT:
+                received = self._respond(peer, deliver.payload)
+            elif kind is FrameType.MESSAGE:
+                session = self._session(peer)
+                if session is None:
+                    raise SessionClosed("no session with this peer")
+                if session.closed:
+                    raise SessionClosed(session.closed)
+                received = session.decrypt(deliver.payload)
+            else:
+                raise DecodeError(f"a {kind.name} frame is not a message")
+        except ProtocolError as exc:
+            self._emit(SecurityEvent(_event_name(exc), peer, f"{type(exc).__name__}: {exc}"))
+            return
+        message: Message | None = None
+        if received.kind is Kind.DATA:
+            try:
+                msg_id, sent_at, text = msgpack.unpackb(received.data)
+                message = Message(bytes(msg_id).hex(), peer, str(text), float(sent_at))
+            except (ValueError, TypeError, msgpack.UnpackException):
+                self._emit(SecurityEvent("malformed_message", peer, "authentic but unreadable message body"))
+        session = self._sessions[peer]
+        with self.keystore.transaction():
+            self.keystore.put(NS_SESSION, peer, session.to_bytes())
+            self.keystore.put(NS_SEEN, seen, b"")
+            if message is not None:
+                self._inbox_seq += 1
+                self.keystore.put(NS_INBOX, f"{self._inbox_seq:020d}", msgpack.packb(message.to_json()))
+        if message is not None:
+            self.events.put_nowait(message)
+        self._prune_seen(peer)
+
+    def _respond(self, peer: str, payload: bytes) -> Any:
+        init = handshake.decode_init(payload)
+        bundle = self._bundle_for(init)
+        result = handshake.respond(
+            init,
+            identity=self.identity,
+            certificate_fingerprint=self.fingerprint,
+            bundle=bundle,
+            prekeys=self.prekeys,
+            root=self.root,
+            revocation=self.revocation,
+            now=self.clock(),
+            allowed_suites=self.options.accept_suites,
+        )
+        if result.peer.name != peer:
+            raise NameMismatch(f"INIT signed by {result.peer.name!r} but relayed as from {peer!r}")
+        previous = self.peer(peer)
+        new_identity = result.peer.public_key.public_bytes_raw()
+        self._sessions[peer] = result.session
+        self._note_peer(result.peer, "established")
+        with self.keystore.transaction():
+            self.keystore.put(NS_NODE, "prekeys", self.prekeys.to_bytes())
+        number = safety_number(self.identity.public_bytes, new_identity)
+        if previous is not None and previous.identity != new_identity:
+            self._emit(SecurityEvent("identity_changed", peer, f"new identity key; new safety number {number}"))
+        self._emit(
+            SecurityEvent(
+                "session_established", peer, f"accepted ({Suite(result.session.suite).name}); safety number {number}"
+            )
+        )
+        return result.first
+
+    def _bundle_for(self, init: InitMessage) -> PrekeyBundle:
+        packed = self.keystore.get(NS_BUNDLE, str(init.spk_id))
+        if packed is None:
+            raise UnknownPrekey(f"signed prekey {init.spk_id} is not ours (rotated out?)")
+        frame = wire.decode(packed)
+        assert isinstance(frame, PrekeyBundle)
+        return frame
+
+    def _note_peer(self, cert: certs.VerifiedCertificate, state: str) -> None:
+        record = PeerRecord(cert.name, cert.serial, cert.fingerprint, cert.public_key.public_bytes_raw(), state)
+        self.keystore.put(NS_PEER, cert.name, record.pack())
+
+    def _prune_seen(self, peer: str) -> None:
+        names = self.keystore.names(NS_SEEN, f"{peer}:")
+        if len(names) > MAX_SEEN_PER_PEER * 2:
+            # Names sort by id, not age; any old id that comes back is refused by the ratchet anyway.
+            with self.keystore.transaction():
+                for name in names[: len(names) - MAX_SEEN_PER_PEER]:
+                    self.keystore.delete(NS_SEEN, name)
+
+    async def _heartbeat(self, peer: str, session: Session) -> None:
+        msg_id = os.urandom(16)
+        async with self._lock(peer):
+            payload = session.encrypt(b"", kind=Kind.HEARTBEAT)
+            self._save_session(peer, session, outbox=(msg_id, peer, payload))
+        with contextlib.suppress(RelayUnreachable):
+            await self._link_send(Send(msg_id, peer, payload))
+
+    # --- revocation -----------------------------------------------------------------------------------
+
+    def _on_crl(self, der: bytes) -> None:
+        now = self.clock()
+        try:
+            before = self.revocation.highest_number
+            crl = self.revocation.accept(der, self.root, now)
+        except RevocationError as exc:
+            self._emit(SecurityEvent(_event_name(exc), None, f"CRL refused: {type(exc).__name__}: {exc}"))
+            return
+        except ProtocolError as exc:
+            self._emit(SecurityEvent("crl_refused", None, f"CRL refused: {type(exc).__name__}: {exc}"))
+            return
+        if crl.number == before:
+            return
+        with self.keystore.transaction():
+            self.keystore.put(NS_NODE, "revocation", self.revocation.to_bytes())
+        log.info("crl_accepted", extra={"fields": {"node": self.name, "number": crl.number}})
+        for name in self.keystore.names(NS_PEER):
+            record = self.peer(name)
+            if record is None or record.serial not in crl.revoked:
+                continue
+            session = self._session(name)
+            reason = crl.entries[record.serial].reason if record.serial in crl.entries else "revoked"
+            if session is not None and not session.closed:
+                session.close(f"peer revoked ({reason})")
+                self._save_session(name, session)
+            self._emit(SecurityEvent("peer_revoked", name, f"certificate {record.serial:x} revoked ({reason})"))
+
+    # --- events and inbox -----------------------------------------------------------------------------
+
+    def _emit(self, event: SecurityEvent) -> None:
+        log.info("security_event", extra={"fields": event.to_json()})
+        with self.keystore.transaction():
+            self._inbox_seq += 1
+            self.keystore.put(NS_INBOX, f"{self._inbox_seq:020d}", msgpack.packb(event.to_json()))
+        self.events.put_nowait(event)
+
+    def take_inbox(self) -> list[dict[str, Any]]:
+        """Every message and event received and not yet taken, oldest first; they are removed."""
+        out = []
+        with self.keystore.transaction():
+            for name in self.keystore.names(NS_INBOX):
+                packed = self.keystore.get(NS_INBOX, name)
+                if packed is not None:
+                    out.append(msgpack.unpackb(packed))
+                self.keystore.delete(NS_INBOX, name)
+        return out
+
+    # --- status ---------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        """Identity, certificate, feed freshness, sessions and safety numbers (`kmsnet status --json`)."""
+        now = self.clock()
+        cert = x509.load_der_x509_certificate(self.certificate)
+        feed: dict[str, Any]
+        try:
+            fresh = self.revocation.freshness(now)
+            feed = {
+                "crl_number": fresh.number,
+                "next_update": fresh.next_update.isoformat(),
+                "stale": fresh.stale,
+                "seconds_left": fresh.seconds_left,
+            }
+        except RevocationError:
+            feed = {"crl_number": None, "stale": True, "reason": "no CRL received yet"}
+        sessions = []
+        for name in self.keystore.names(NS_PEER):
+            record = self.peer(name)
+            if record is None:
+                continue
+            session = self._session(name)
+            sessions.append(
+                {
+                    "peer": name,
+                    "state": "closed" if session is not None and session.closed else record.state,
+                    "closed_reason": session.closed if session is not None else None,
+                    "safety_number": safety_number(self.identity.public_bytes, record.identity),
+                }
+            )
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint.hex(),
+            "certificate": {
+                "serial": format(cert.serial_number, "x"),
+                "not_after": cert.not_valid_after_utc.isoformat(),
+                "expires_in_seconds": int((cert.not_valid_after_utc - now).total_seconds()),
+            },
+            "relay": self.relay_url,
+            "connected": self.connected,
+            "feed": feed,
+            "outbox": self.outbox_size(),
+            "sessions": sessions,
+        }
+
+
+def _event_name(exc: ProtocolError) -> str:
+    if isinstance(exc, CertificateRevoked):
+        return "peer_revoked"
+    if isinstance(exc, DuplicateMessage):
+        return "replay_refused"
+    if isinstance(exc, SessionClosed):
+        return "frame_refused"
+    name = type(exc).__name__
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+def _last_seq(names: list[str]) -> int:
+    return int(names[-1]) if names else 0

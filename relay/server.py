@@ -1,0 +1,469 @@
+"""The relay: an asyncio WebSocket server that authenticates nodes and routes opaque envelopes.
+
+Per connection: CHALLENGE → AUTH (certificate under the pinned CA root + a signature over the
+challenge) → WELCOME, the CRL feed, then stored envelopes; afterwards frames from the node
+are dispatched one at a time, and a writer task per node pushes its mail from the store, so
+a slow node never stalls anyone else. A malformed, oversized or unknown frame gets an ERROR
+frame and a close; everyone else is served on.
+
+The relay is untrusted by design: it sees names, sizes and timing, never a key or a plaintext.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from http import HTTPStatus
+from typing import Any
+
+import msgpack
+from cryptography import x509
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.exceptions import ConnectionClosed
+from websockets.http11 import Request, Response
+
+from protocol import certs, revocation, wire
+from protocol.errors import CertificateRevoked, DecodeError, ProtocolError, UnknownFrameType
+from protocol.identity import verify_signature
+from protocol.link import (
+    CHALLENGE_LEN,
+    MAX_LINK_FRAME,
+    Accepted,
+    Ack,
+    Auth,
+    BundleReply,
+    Challenge,
+    CrlFeed,
+    Deliver,
+    Error,
+    ErrorCode,
+    FetchBundle,
+    LinkFrame,
+    PublishBundle,
+    PublishCrl,
+    Send,
+    Welcome,
+    auth_signed_bytes,
+)
+from protocol.messages import OneTimePrekey, PrekeyBundle
+from relay.errors import QuotaExceeded, StoreUnavailable
+from relay.interceptor import Interceptor
+from relay.ratelimit import TokenBucket
+from relay.store import Envelope, Limits, SqliteStore, Store
+
+log = logging.getLogger("kmsnet.relay")
+
+#: Envelopes pushed to a node per store read.
+DELIVERY_BATCH = 256
+#: Rate-limit refusals in a row after which the connection is closed.
+MAX_STRIKES = 50
+#: Close codes (RFC 6455): policy violation, message too big.
+CLOSE_POLICY = 1008
+CLOSE_TOO_BIG = 1009
+#: Seconds between purges of expired envelopes.
+PURGE_INTERVAL = 60.0
+
+
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    """Everything a relay needs to run (built by the command line or a test)."""
+
+    ca_root: x509.Certificate
+    host: str = "127.0.0.1"
+    port: int = 8765
+    store_path: str = ":memory:"
+    name: str = "kmsnet-relay"
+    tls: ssl.SSLContext | None = None
+    rate: float = 1000.0
+    burst: float = 2000.0
+    auth_timeout: float = 10.0
+    limits: Limits = field(default_factory=Limits)
+    #: The node name allowed to publish CRLs (the CA node).
+    crl_publisher: str = "ca"
+    ping_interval: float | None = 20.0
+    clock: Callable[[], datetime] = _utcnow
+
+
+class _AuthRefused(Exception):
+    """The node did not prove who it is."""
+
+
+class _Fatal(Exception):
+    """The node sent something that ends its connection."""
+
+    def __init__(self, code: ErrorCode, text: str, close: int = CLOSE_POLICY) -> None:
+        super().__init__(text)
+        self.code = code
+        self.close = close
+
+
+@dataclass(eq=False)
+class _Peer:
+    name: str
+    certificate: bytes
+    ws: ServerConnection
+    bucket: TokenBucket
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    cursor: int = 0
+    strikes: int = 0
+    writer: asyncio.Task[None] | None = None
+
+
+class _Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connected = Gauge("kmsnet_relay_connected_nodes", "Authenticated connections", registry=r)
+        self.frames = Counter("kmsnet_relay_frames_total", "Frames received, by type", ["type"], registry=r)
+        self.refused = Counter("kmsnet_relay_refused_total", "Frames or connections refused", ["reason"], registry=r)
+        self.stored = Counter("kmsnet_relay_envelopes_stored_total", "Envelopes stored durably", registry=r)
+        self.delivered = Counter("kmsnet_relay_envelopes_delivered_total", "Envelopes pushed to nodes", registry=r)
+        self.acked = Counter("kmsnet_relay_envelopes_acked_total", "Envelopes acknowledged and deleted", registry=r)
+
+
+class Relay:
+    """One relay process. Use `async with Relay(config) as relay:` or start()/close()."""
+
+    def __init__(self, config: RelayConfig, *, store: Store | None = None, interceptor: Interceptor | None = None):
+        certs.check_root(config.ca_root)
+        self.config = config
+        self.store = store or SqliteStore(config.store_path, config.limits)
+        self.interceptor = interceptor or Interceptor()
+        self.metrics = _Metrics()
+        self._peers: dict[str, _Peer] = {}
+        self._server: Server | None = None
+        self._purger: asyncio.Task[None] | None = None
+        # The relay verifies the feed too, only to refuse revoked nodes at the door and never to
+        # regress its own feed; nodes verify every CRL themselves.
+        self._feed = revocation.RevocationState()
+        self._crl: bytes | None = None
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Open the store and start listening."""
+        await self.store.open()
+        held = await self.store.get_crl()
+        if held is not None:
+            with contextlib.suppress(ProtocolError):
+                self._feed.accept(held[1], self.config.ca_root, self.config.clock())
+                self._crl = held[1]
+        self._server = await serve(
+            self._handle,
+            self.config.host,
+            self.config.port,
+            ssl=self.config.tls,
+            compression=None,  # payloads are ciphertext: compression gains nothing and leaks lengths
+            max_size=2 * MAX_LINK_FRAME,  # up to here we answer with an ERROR frame; beyond, close 1009
+            max_queue=16,
+            ping_interval=self.config.ping_interval,
+            ping_timeout=self.config.ping_interval,
+            process_request=self._http,
+            server_header="kmsnet-relay",
+        )
+        self._purger = asyncio.create_task(self._purge_loop(), name="relay-purge")
+        log.info("relay_started", extra={"fields": {"url": self.url}})
+
+    async def close(self) -> None:
+        """Stop accepting, close every connection, finish queued writes, close the store."""
+        if self._purger is not None:
+            self._purger.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._purger
+        if self._server is not None:
+            self._server.close(close_connections=True)
+            await self._server.wait_closed()
+            self._server = None
+        await self.store.close()
+        log.info("relay_stopped", extra={"fields": {}})
+
+    async def __aenter__(self) -> Relay:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    @property
+    def port(self) -> int:
+        """The bound port (useful with port 0)."""
+        assert self._server is not None, "relay not started"
+        sock = next(iter(self._server.sockets))
+        port: int = sock.getsockname()[1]
+        return port
+
+    @property
+    def url(self) -> str:
+        """ws:// or wss:// URL of this relay."""
+        scheme = "wss" if self.config.tls else "ws"
+        return f"{scheme}://{self.config.host}:{self.port}"
+
+    def connected(self) -> list[str]:
+        """Names of the nodes connected now."""
+        return sorted(self._peers)
+
+    # --- HTTP: /healthz and /metrics share the port ---------------------------------------------------
+
+    def _http(self, connection: ServerConnection, request: Request) -> Response | None:
+        if request.path == "/healthz":
+            return connection.respond(HTTPStatus.OK, "ok\n")
+        if request.path == "/metrics":
+            body = generate_latest(self.metrics.registry)
+            headers = Headers([("Content-Type", "text/plain; version=0.0.4"), ("Content-Length", str(len(body)))])
+            return Response(HTTPStatus.OK, "OK", headers, body)
+        if "upgrade" not in request.headers.get("Connection", "").lower():
+            return connection.respond(HTTPStatus.NOT_FOUND, "not found\n")
+        return None
+
+    # --- a connection ---------------------------------------------------------------------------------
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        try:
+            peer = await self._authenticate(ws)
+        except _AuthRefused as exc:
+            self.metrics.refused.labels("auth").inc()
+            log.info("auth_refused", extra={"fields": {"remote": str(ws.remote_address), "reason": str(exc)}})
+            await self._fatal(ws, ErrorCode.AUTH_FAILED, str(exc), CLOSE_POLICY)
+            return
+        except (ConnectionClosed, TimeoutError):
+            return
+        old = self._peers.get(peer.name)
+        if old is not None:
+            # A node reconnecting before its old socket timed out: the newest connection wins.
+            await self._stop_peer(old)
+            await old.ws.close(1000, "replaced by a newer connection")
+        self._peers[peer.name] = peer
+        self.metrics.connected.set(len(self._peers))
+        log.info("node_connected", extra={"fields": {"node": peer.name}})
+        try:
+            await self._send(
+                peer, Welcome(peer.name, self.store.mailbox_size(peer.name), await self.store.onetime_left(peer.name))
+            )
+            if self._crl is not None:
+                await self._push_crl(peer, self._crl)
+            peer.writer = asyncio.create_task(self._writer(peer), name=f"relay-writer-{peer.name}")
+            peer.wake.set()
+            async for raw in ws:
+                await self._receive(peer, raw)
+        except _Fatal as exc:
+            self.metrics.refused.labels(exc.code.name.lower()).inc()
+            log.info("frame_refused", extra={"fields": {"node": peer.name, "code": exc.code.name, "reason": str(exc)}})
+            await self._fatal(ws, exc.code, str(exc), exc.close)
+        except ConnectionClosed:
+            pass
+        finally:
+            await self._stop_peer(peer)
+            if self._peers.get(peer.name) is peer:
+                del self._peers[peer.name]
+            self.metrics.connected.set(len(self._peers))
+            log.info("node_disconnected", extra={"fields": {"node": peer.name}})
+
+    async def _authenticate(self, ws: ServerConnection) -> _Peer:
+        nonce = os.urandom(CHALLENGE_LEN)
+        await ws.send(wire.encode_link(Challenge(nonce, self.config.name)))
+        raw = await asyncio.wait_for(ws.recv(), self.config.auth_timeout)
+        if not isinstance(raw, bytes):
+            raise _AuthRefused("expected a binary AUTH frame")
+        try:
+            frame = wire.decode_link(raw)
+        except DecodeError as exc:
+            raise _AuthRefused(f"malformed AUTH frame: {exc}") from exc
+        if not isinstance(frame, Auth):
+            raise _AuthRefused("the first frame must be AUTH")
+        now = self.config.clock()
+        try:
+            cert = certs.verify(frame.certificate, self.config.ca_root, now)
+            verify_signature(cert.public_key, frame.signature, auth_signed_bytes(nonce, self.config.name))
+        except ProtocolError as exc:
+            raise _AuthRefused(f"{type(exc).__name__}: {exc}") from exc
+        self._refuse_if_revoked(cert.serial, now)
+        return _Peer(cert.name, frame.certificate, ws, TokenBucket(self.config.rate, self.config.burst))
+
+    def _refuse_if_revoked(self, serial: int, now: datetime) -> None:
+        try:
+            self._feed.check(serial, now)
+        except CertificateRevoked as exc:
+            raise _AuthRefused(str(exc)) from exc
+        except ProtocolError:
+            return  # no CRL, or a stale one: the nodes decide, not the relay
+
+    async def _receive(self, peer: _Peer, raw: Any) -> None:
+        if not isinstance(raw, bytes):
+            raise _Fatal(ErrorCode.MALFORMED, "text frames are not part of the protocol")
+        if len(raw) > MAX_LINK_FRAME:
+            raise _Fatal(ErrorCode.TOO_LARGE, f"frame of {len(raw)} bytes exceeds {MAX_LINK_FRAME}", CLOSE_TOO_BIG)
+        if not peer.bucket.take():
+            peer.strikes += 1
+            self.metrics.refused.labels("rate_limited").inc()
+            if peer.strikes > MAX_STRIKES:
+                raise _Fatal(ErrorCode.RATE_LIMITED, "rate limit exceeded persistently")
+            await self._send(peer, Error(ErrorCode.RATE_LIMITED, "slow down", _msg_id_of(raw)))
+            return
+        peer.strikes = 0
+        try:
+            frame = wire.decode_link(raw)
+        except UnknownFrameType as exc:
+            raise _Fatal(ErrorCode.UNKNOWN_TYPE, str(exc)) from exc
+        except DecodeError as exc:
+            raise _Fatal(ErrorCode.MALFORMED, str(exc)) from exc
+        self.metrics.frames.labels(type(frame).__name__).inc()
+        await self._dispatch(peer, frame)
+
+    async def _dispatch(self, peer: _Peer, frame: LinkFrame) -> None:
+        if isinstance(frame, Send):
+            await self._on_send(peer, frame)
+        elif isinstance(frame, Ack):
+            if await self.store.delete(peer.name, frame.msg_id):
+                self.metrics.acked.inc()
+        elif isinstance(frame, FetchBundle):
+            await self._on_fetch(peer, frame)
+        elif isinstance(frame, PublishBundle):
+            await self._on_publish(peer, frame)
+        elif isinstance(frame, PublishCrl):
+            await self._on_crl(peer, frame)
+        else:
+            raise _Fatal(ErrorCode.UNKNOWN_TYPE, f"{type(frame).__name__} is not a frame a node sends")
+
+    async def _on_send(self, peer: _Peer, send: Send) -> None:
+        if not await self.store.known(send.to):
+            await self._send(peer, Error(ErrorCode.UNKNOWN_RECIPIENT, f"no node {send.to!r} here", send.msg_id))
+            return
+        now_ms = int(self.config.clock().timestamp() * 1000)
+        for item in await self.interceptor.on_send(peer.name, send):
+            try:
+                seq = await self.store.put(item.msg_id, peer.name, item.to, item.payload, now_ms)
+            except QuotaExceeded as exc:
+                await self._send(peer, Error(ErrorCode.QUOTA_EXCEEDED, str(exc), item.msg_id))
+                return
+            except StoreUnavailable as exc:
+                await self._send(peer, Error(ErrorCode.UNAVAILABLE, str(exc), item.msg_id))
+                return
+            if seq is not None:
+                self.metrics.stored.inc()
+                recipient = self._peers.get(item.to)
+                if recipient is not None:
+                    recipient.wake.set()
+        # Durable (or a retransmission of something durable): tell the sender it may forget it.
+        await self._send(peer, Accepted(send.msg_id))
+
+    async def _on_fetch(self, peer: _Peer, fetch: FetchBundle) -> None:
+        found = await self.store.take_bundle(fetch.name)
+        bundle: bytes | None = None
+        left = 0
+        if found is not None:
+            signed, onetime, left = found
+            frame = wire.decode(signed)
+            assert isinstance(frame, PrekeyBundle)  # only decoded bundles are ever stored
+            if onetime is not None:
+                frame = frame.with_onetime(OneTimePrekey(*msgpack.unpackb(onetime)))
+            bundle = wire.encode(frame)
+        bundle = await self.interceptor.on_bundle(peer.name, fetch.name, bundle)
+        await self._send(peer, BundleReply(fetch.request, bundle, left))
+
+    async def _on_publish(self, peer: _Peer, publish: PublishBundle) -> None:
+        try:
+            frame = wire.decode(publish.bundle)
+        except DecodeError as exc:
+            raise _Fatal(ErrorCode.MALFORMED, f"bundle: {exc}") from exc
+        if not isinstance(frame, PrekeyBundle):
+            raise _Fatal(ErrorCode.MALFORMED, "PUBLISH_BUNDLE must carry a BUNDLE frame")
+        if frame.certificate != peer.certificate:
+            # Nobody publishes a bundle for another node: it must carry the certificate it authenticated with.
+            self.metrics.refused.labels("not_allowed").inc()
+            await self._send(peer, Error(ErrorCode.NOT_ALLOWED, "bundle certificate is not yours"))
+            return
+        signed = wire.encode(frame.with_onetime(None))
+        onetime = [msgpack.packb(item) for item in publish.onetime]
+        await self.store.put_bundle(peer.name, signed, onetime, bool(publish.replace))
+        log.info("bundle_published", extra={"fields": {"node": peer.name, "onetime": len(onetime)}})
+
+    async def _on_crl(self, peer: _Peer, publish: PublishCrl) -> None:
+        if peer.name != self.config.crl_publisher:
+            self.metrics.refused.labels("not_allowed").inc()
+            await self._send(peer, Error(ErrorCode.NOT_ALLOWED, "only the CA node publishes CRLs"))
+            return
+        try:
+            before = self._feed.highest_number
+            crl = self._feed.accept(publish.crl, self.config.ca_root, self.config.clock())
+        except ProtocolError as exc:
+            await self._send(peer, Error(ErrorCode.MALFORMED, f"CRL refused: {type(exc).__name__}: {exc}"))
+            return
+        if crl.number == before:
+            return
+        await self.store.put_crl(crl.number, publish.crl)
+        self._crl = publish.crl
+        log.info("crl_published", extra={"fields": {"number": crl.number, "revoked": len(crl.revoked)}})
+        for other in list(self._peers.values()):
+            with contextlib.suppress(ConnectionClosed):
+                await self._push_crl(other, publish.crl)
+
+    async def _push_crl(self, peer: _Peer, crl: bytes) -> None:
+        pushed = await self.interceptor.on_crl(peer.name, crl)
+        if pushed is not None:
+            await self._send(peer, CrlFeed(pushed))
+
+    # --- delivery -------------------------------------------------------------------------------------
+
+    async def _writer(self, peer: _Peer) -> None:
+        """Push the node's mail, in order, from the store; woken whenever new mail is stored."""
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await peer.wake.wait()
+                peer.wake.clear()
+                while True:
+                    batch = await self.store.pending(peer.name, peer.cursor, DELIVERY_BATCH)
+                    for envelope in batch:
+                        await self._deliver(peer, envelope)
+                        peer.cursor = envelope.seq
+                    if len(batch) < DELIVERY_BATCH:
+                        break
+
+    async def _deliver(self, peer: _Peer, envelope: Envelope) -> None:
+        frame = Deliver(envelope.msg_id, envelope.sender, envelope.payload, envelope.stored_at)
+        for item in await self.interceptor.on_deliver(peer.name, frame):
+            await self._send(peer, item)
+            self.metrics.delivered.inc()
+
+    async def _stop_peer(self, peer: _Peer) -> None:
+        if peer.writer is not None:
+            peer.writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await peer.writer
+            peer.writer = None
+
+    async def _send(self, peer: _Peer, frame: LinkFrame) -> None:
+        await peer.ws.send(wire.encode_link(frame))
+
+    async def _fatal(self, ws: ServerConnection, code: ErrorCode, text: str, close: int) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await ws.send(wire.encode_link(Error(code, text[:200])))
+            await ws.close(close, code.name.lower())
+
+    async def _purge_loop(self) -> None:
+        while True:
+            await asyncio.sleep(PURGE_INTERVAL)
+            with contextlib.suppress(StoreUnavailable):
+                dropped = await self.store.purge_expired(int(self.config.clock().timestamp() * 1000))
+                if dropped:
+                    log.info("envelopes_expired", extra={"fields": {"count": dropped}})
+
+
+def _msg_id_of(raw: bytes) -> bytes | None:
+    """The msg_id of a SEND we refuse unread (rate limit), so the sender knows which one to retry."""
+    try:
+        frame = wire.decode_link(raw)
+    except DecodeError:
+        return None
+    return frame.msg_id if isinstance(frame, Send) else None

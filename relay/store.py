@@ -1,0 +1,362 @@
+"""Where the relay keeps what must survive a crash: envelopes, prekey bundles, the CRL feed.
+
+`Store` is the interface (a Redis backend can implement it for a cluster); `SqliteStore` is
+the default: SQLite in WAL mode with `synchronous=FULL`, so an envelope the relay has
+acknowledged to its sender is on disk. Writes from many connections are grouped: a writer
+task runs every queued write in one transaction, on the store's own thread, in one hop,
+and each caller resumes once *its* write is committed — durability per envelope, the
+throughput of a batch. (aiosqlite hops threads per statement, which defeats batching;
+the store therefore drives the stdlib `sqlite3` on a single dedicated thread itself.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sqlite3
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from relay.errors import QuotaExceeded, StoreUnavailable
+
+#: Most envelopes waiting for one recipient.
+DEFAULT_MAX_PENDING = 10_000
+#: Most bytes waiting for one recipient.
+DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
+#: Envelopes older than this are purged undelivered (seconds).
+DEFAULT_MAX_AGE = 7 * 24 * 3600
+#: Most one-time prekeys stored per node.
+MAX_ONETIME_STORED = 1000
+#: Most writes committed in one transaction.
+MAX_BATCH = 512
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    """An opaque end-to-end payload on its way from `sender` to `recipient`."""
+
+    seq: int
+    msg_id: bytes
+    sender: str
+    recipient: str
+    payload: bytes
+    stored_at: int  # milliseconds since the epoch
+
+    def __repr__(self) -> str:
+        return f"Envelope(#{self.seq} {self.msg_id.hex()[:8]}, {self.sender}->{self.recipient}, {len(self.payload)} B)"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Per-recipient mailbox bounds."""
+
+    max_pending: int = DEFAULT_MAX_PENDING
+    max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
+    max_age: float = DEFAULT_MAX_AGE
+
+
+class Store(ABC):
+    """The relay's durable state. Every method is safe to call from many tasks at once."""
+
+    limits: Limits
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Open or create the store."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Finish queued writes and close."""
+
+    @abstractmethod
+    async def put(self, msg_id: bytes, sender: str, recipient: str, payload: bytes, stored_at: int) -> int | None:
+        """Store an envelope durably and return its sequence number; None if that msg_id from that
+        sender is already stored (a retransmission). Raises QuotaExceeded when the mailbox is full."""
+
+    @abstractmethod
+    async def pending(self, recipient: str, after: int = 0, limit: int = 256) -> list[Envelope]:
+        """Envelopes waiting for `recipient` with a sequence number above `after`, oldest first."""
+
+    @abstractmethod
+    async def delete(self, recipient: str, msg_id: bytes) -> bool:
+        """Forget an envelope the recipient acknowledged; False if there was none."""
+
+    @abstractmethod
+    async def purge_expired(self, now_ms: int) -> int:
+        """Drop envelopes past the age limit; the number dropped."""
+
+    @abstractmethod
+    async def put_bundle(self, name: str, bundle: bytes, onetime: list[bytes], replace: bool) -> None:
+        """Store a node's signed bundle and (add or replace) its one-time prekeys (each encoded)."""
+
+    @abstractmethod
+    async def take_bundle(self, name: str) -> tuple[bytes, bytes | None, int] | None:
+        """The bundle of `name`, one one-time prekey (removed as it is handed out), and how many are left."""
+
+    @abstractmethod
+    async def onetime_left(self, name: str) -> int:
+        """One-time prekeys of `name` still to hand out."""
+
+    @abstractmethod
+    async def known(self, name: str) -> bool:
+        """Whether `name` ever published a bundle here (a routable recipient)."""
+
+    @abstractmethod
+    async def put_crl(self, number: int, der: bytes) -> None:
+        """Keep the newest CRL for the feed."""
+
+    @abstractmethod
+    async def get_crl(self) -> tuple[int, bytes] | None:
+        """The newest CRL held, with its number."""
+
+    @abstractmethod
+    def mailbox_size(self, recipient: str) -> int:
+        """Envelopes waiting for `recipient` (cheap: no query)."""
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS envelopes (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    msg_id BLOB NOT NULL,
+    sender TEXT NOT NULL,
+    recipient TEXT NOT NULL,
+    payload BLOB NOT NULL,
+    stored_at INTEGER NOT NULL,
+    UNIQUE (sender, msg_id)
+);
+CREATE INDEX IF NOT EXISTS envelopes_by_recipient ON envelopes (recipient, seq);
+CREATE TABLE IF NOT EXISTS bundles (name TEXT PRIMARY KEY, bundle BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS onetime (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, prekey BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS onetime_by_name ON onetime (name, seq);
+CREATE TABLE IF NOT EXISTS crl (id INTEGER PRIMARY KEY CHECK (id = 1), number INTEGER NOT NULL, der BLOB NOT NULL);
+"""
+
+_Op = Callable[[sqlite3.Connection], Any]
+
+
+class SqliteStore(Store):
+    """The default store: one SQLite file, WAL, synchronous=FULL, grouped commits."""
+
+    def __init__(self, path: str | Path, limits: Limits | None = None) -> None:
+        self.path = str(path)
+        self.limits = limits or Limits()
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="relay-store")
+        self._db: sqlite3.Connection | None = None
+        self._writes: asyncio.Queue[tuple[_Op, asyncio.Future[Any]]] = asyncio.Queue()
+        self._writer: asyncio.Task[None] | None = None
+        # Mailbox sizes live in memory so that a quota check costs no query.
+        self._count: dict[str, int] = {}
+        self._bytes: dict[str, int] = {}
+        self._known: set[str] = set()
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
+
+    async def open(self) -> None:
+        def setup() -> None:
+            db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+            db.execute("PRAGMA journal_mode=WAL")
+            db.execute("PRAGMA synchronous=FULL")
+            db.executescript(_SCHEMA)
+            for recipient, count, size in db.execute(
+                "SELECT recipient, COUNT(*), SUM(LENGTH(payload)) FROM envelopes GROUP BY recipient"
+            ):
+                self._count[recipient] = count
+                self._bytes[recipient] = size or 0
+            self._known.update(name for (name,) in db.execute("SELECT name FROM bundles"))
+            self._db = db
+
+        try:
+            await self._run(setup)
+        except (sqlite3.Error, OSError) as exc:
+            raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from exc
+        self._writer = asyncio.create_task(self._write_loop(), name="relay-store-writer")
+
+    async def close(self) -> None:
+        if self._writer is not None:
+            await self._writes.join()
+            self._writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._writer
+            self._writer = None
+        if self._db is not None:
+            db, self._db = self._db, None
+            await self._run(db.close)
+        self._thread.shutdown(wait=True)
+
+    def _batch(self, ops: list[_Op]) -> list[tuple[Any, BaseException | None]]:
+        """Run `ops` in one transaction on the store thread: one fsync for all of them."""
+        db = self._db
+        assert db is not None
+        results: list[tuple[Any, BaseException | None]] = []
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            for op in ops:
+                try:
+                    results.append((op(db), None))
+                except sqlite3.IntegrityError as exc:
+                    # SQLite backs out only the failing statement (ON CONFLICT ABORT): a retransmitted
+                    # msg_id is refused without sinking the rest of the batch.
+                    results.append((None, exc))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+        return results
+
+    async def _write_loop(self) -> None:
+        while True:
+            batch = [await self._writes.get()]
+            while not self._writes.empty() and len(batch) < MAX_BATCH:
+                batch.append(self._writes.get_nowait())
+            ops = [op for op, _ in batch]
+            try:
+                results = await self._run(lambda ops=ops: self._batch(ops))  # type: ignore[misc]
+            except (sqlite3.Error, OSError) as exc:
+                # The batch is lost, and nobody in it was told "stored": nobody was lied to.
+                failure = StoreUnavailable(f"store write failed: {exc}")
+                results = [(None, failure)] * len(batch)
+            for (_, fut), (value, error) in zip(batch, results, strict=True):
+                if not fut.done():
+                    if error is None:
+                        fut.set_result(value)
+                    else:
+                        fut.set_exception(error)
+                self._writes.task_done()
+
+    async def _write(self, op: _Op) -> Any:
+        if self._writer is None:
+            raise StoreUnavailable("store is not open")
+        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._writes.put_nowait((op, fut))
+        return await fut
+
+    async def put(self, msg_id: bytes, sender: str, recipient: str, payload: bytes, stored_at: int) -> int | None:
+        if self._count.get(recipient, 0) >= self.limits.max_pending:
+            raise QuotaExceeded(f"mailbox of {recipient} holds {self.limits.max_pending} envelopes")
+        if self._bytes.get(recipient, 0) + len(payload) > self.limits.max_pending_bytes:
+            raise QuotaExceeded(f"mailbox of {recipient} is over {self.limits.max_pending_bytes} bytes")
+
+        def op(db: sqlite3.Connection) -> int | None:
+            cursor = db.execute(
+                "INSERT INTO envelopes (msg_id, sender, recipient, payload, stored_at) VALUES (?, ?, ?, ?, ?)",
+                (msg_id, sender, recipient, payload, stored_at),
+            )
+            return cursor.lastrowid
+
+        try:
+            seq: int | None = await self._write(op)
+        except sqlite3.IntegrityError:
+            return None
+        self._count[recipient] = self._count.get(recipient, 0) + 1
+        self._bytes[recipient] = self._bytes.get(recipient, 0) + len(payload)
+        return seq
+
+    async def pending(self, recipient: str, after: int = 0, limit: int = 256) -> list[Envelope]:
+        def query() -> list[Envelope]:
+            assert self._db is not None
+            rows = self._db.execute(
+                "SELECT seq, msg_id, sender, payload, stored_at FROM envelopes "
+                "WHERE recipient = ? AND seq > ? ORDER BY seq LIMIT ?",
+                (recipient, after, limit),
+            )
+            return [Envelope(seq, m, s, recipient, p, t) for seq, m, s, p, t in rows]
+
+        return await self._run(query)
+
+    def _forget(self, rows: list[tuple[str, int]]) -> None:
+        for recipient, size in rows:
+            self._count[recipient] -= 1
+            self._bytes[recipient] -= size
+
+    async def delete(self, recipient: str, msg_id: bytes) -> bool:
+        def op(db: sqlite3.Connection) -> list[tuple[str, int]]:
+            return db.execute(
+                "DELETE FROM envelopes WHERE recipient = ? AND msg_id = ? RETURNING recipient, LENGTH(payload)",
+                (recipient, msg_id),
+            ).fetchall()
+
+        rows = await self._write(op)
+        self._forget(rows)
+        return bool(rows)
+
+    async def purge_expired(self, now_ms: int) -> int:
+        cutoff = now_ms - int(self.limits.max_age * 1000)
+
+        def op(db: sqlite3.Connection) -> list[tuple[str, int]]:
+            return db.execute(
+                "DELETE FROM envelopes WHERE stored_at < ? RETURNING recipient, LENGTH(payload)", (cutoff,)
+            ).fetchall()
+
+        rows = await self._write(op)
+        self._forget(rows)
+        return len(rows)
+
+    async def put_bundle(self, name: str, bundle: bytes, onetime: list[bytes], replace: bool) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO bundles (name, bundle) VALUES (?, ?)", (name, bundle))
+            if replace:
+                db.execute("DELETE FROM onetime WHERE name = ?", (name,))
+            db.executemany("INSERT INTO onetime (name, prekey) VALUES (?, ?)", [(name, p) for p in onetime])
+            # Keep the newest MAX_ONETIME_STORED: uploads never grow the table without bound.
+            db.execute(
+                "DELETE FROM onetime WHERE name = ? AND seq NOT IN "
+                "(SELECT seq FROM onetime WHERE name = ? ORDER BY seq DESC LIMIT ?)",
+                (name, name, MAX_ONETIME_STORED),
+            )
+
+        await self._write(op)
+        self._known.add(name)
+
+    async def take_bundle(self, name: str) -> tuple[bytes, bytes | None, int] | None:
+        def op(db: sqlite3.Connection) -> tuple[bytes, bytes | None, int] | None:
+            row = db.execute("SELECT bundle FROM bundles WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                return None
+            taken = db.execute(
+                "DELETE FROM onetime WHERE seq = (SELECT MIN(seq) FROM onetime WHERE name = ?) RETURNING prekey",
+                (name,),
+            ).fetchone()
+            (left,) = db.execute("SELECT COUNT(*) FROM onetime WHERE name = ?", (name,)).fetchone()
+            return row[0], taken[0] if taken else None, left
+
+        # A write: the one-time prekey must be gone for good before anyone else can be handed it.
+        result: tuple[bytes, bytes | None, int] | None = await self._write(op)
+        return result
+
+    async def known(self, name: str) -> bool:
+        return name in self._known
+
+    async def onetime_left(self, name: str) -> int:
+        def query() -> int:
+            assert self._db is not None
+            (count,) = self._db.execute("SELECT COUNT(*) FROM onetime WHERE name = ?", (name,)).fetchone()
+            return int(count)
+
+        return await self._run(query)
+
+    async def put_crl(self, number: int, der: bytes) -> None:
+        def op(db: sqlite3.Connection) -> None:
+            db.execute("INSERT OR REPLACE INTO crl (id, number, der) VALUES (1, ?, ?)", (number, der))
+
+        await self._write(op)
+
+    async def get_crl(self) -> tuple[int, bytes] | None:
+        def query() -> tuple[int, bytes] | None:
+            assert self._db is not None
+            row = self._db.execute("SELECT number, der FROM crl WHERE id = 1").fetchone()
+            return (row[0], row[1]) if row else None
+
+        return await self._run(query)
+
+    def mailbox_size(self, recipient: str) -> int:
+        return self._count.get(recipient, 0)
