@@ -10,7 +10,7 @@ its id and acknowledged silently).
 Keystore layout (namespace / name → sealed value):
     node/identity, node/certificate, node/root, node/relay, node/prekeys, node/revocation,
     node/next_prekey_rotation, bundle/<spk id>, session/<peer>, peer/<peer>,
-    outbox/<msg id hex>, inbox/<seq 20 digits>, seen/<peer>:<msg id hex>
+    outbox/<seq 20 digits>, inbox/<seq 20 digits>, seen/<peer>:<msg id hex>
 """
 
 from __future__ import annotations
@@ -148,6 +148,14 @@ class Node:
         self._link: RelayLink | None = None
         self._link_task: asyncio.Task[None] | None = None
         self._inbox_seq = _last_seq(keystore.names(NS_INBOX))
+        outbox = keystore.names(NS_OUTBOX)
+        self._outbox_seq = _last_seq(outbox)
+        # msg_id → outbox record name, so that an ACCEPTED finds its record without a scan.
+        self._outbox: dict[bytes, str] = {}
+        for name in outbox:
+            packed = keystore.get(NS_OUTBOX, name)
+            if packed is not None:
+                self._outbox[msgpack.unpackb(packed)[0]] = name
         # Deliveries handled since the link came up, against what the relay said was waiting.
         self._handled = 0
         self._waiting = 0
@@ -221,11 +229,12 @@ class Node:
         log.info("node_connected", extra={"fields": {"node": self.name, "pending": welcome.pending}})
         self._handled, self._waiting = 0, welcome.pending
         await self._publish_prekeys(welcome.onetime)
+        # Resend in the order they were written: names are zero-padded sequence numbers.
         for name in self.keystore.names(NS_OUTBOX):
             packed = self.keystore.get(NS_OUTBOX, name)
             if packed is not None:
-                to, payload = msgpack.unpackb(packed)
-                await self._link_send(Send(bytes.fromhex(name), to, payload))
+                msg_id, to, payload = msgpack.unpackb(packed)
+                await self._link_send(Send(msg_id, to, payload))
 
     async def _publish_prekeys(self, onetime_left: int) -> None:
         now = self.clock()
@@ -381,7 +390,10 @@ class Node:
             self.keystore.put(NS_SESSION, peer, session.to_bytes())
             if outbox is not None:
                 msg_id, to, payload = outbox
-                self.keystore.put(NS_OUTBOX, msg_id.hex(), msgpack.packb([to, payload]))
+                self._outbox_seq += 1
+                name = f"{self._outbox_seq:020d}"
+                self.keystore.put(NS_OUTBOX, name, msgpack.packb([msg_id, to, payload]))
+                self._outbox[msg_id] = name
         self._sessions[peer] = session
 
     async def _link_send(self, frame: LinkFrame) -> None:
@@ -391,7 +403,7 @@ class Node:
 
     def outbox_size(self) -> int:
         """Envelopes the relay has not yet accepted."""
-        return len(self.keystore.names(NS_OUTBOX))
+        return len(self._outbox)
 
     async def flush(self, timeout: float) -> bool:
         """Wait until the relay has accepted everything in the outbox; False on timeout."""
@@ -408,7 +420,9 @@ class Node:
         if isinstance(frame, Deliver):
             await self._on_deliver(frame)
         elif isinstance(frame, Accepted):
-            self.keystore.delete(NS_OUTBOX, frame.msg_id.hex())
+            name = self._outbox.pop(frame.msg_id, None)
+            if name is not None:
+                self.keystore.delete(NS_OUTBOX, name)
             fut = self._accepted.get(frame.msg_id)
             if fut is not None and not fut.done():
                 fut.set_result(None)

@@ -17,6 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from node.events import Delivered, Message, SecurityEvent
 from node.keystore import Keystore
+from node.link import tls_context
 from node.node import Node, NodeOptions
 from protocol import certs, wire
 from protocol.link import Auth, Challenge, LinkFrame, PublishCrl, Welcome, auth_signed_bytes
@@ -56,9 +57,11 @@ def make_node(ca: Ca, who: Identity, relay_url: str, path: Path | None = None, *
     return Node(provision(ca, who, relay_url, path), options=NodeOptions(**options), clock=clock)  # type: ignore[arg-type]
 
 
-async def raw_client(relay: Relay, who: Identity) -> tuple[ClientConnection, Welcome]:
-    """A bare link connection that authenticated as `who` (for tests that speak frames by hand)."""
-    ws = await connect(relay.url, compression=None, max_size=None)
+async def raw_client(relay: Relay, who: Identity, *, ca: Ca | None = None) -> tuple[ClientConnection, Welcome]:
+    """A bare link connection that authenticated as `who` (for tests that speak frames by hand);
+    over wss:// it trusts `ca`'s root."""
+    tls = tls_context(certs.certificate_pem(ca.root)) if ca is not None and relay.url.startswith("wss") else None
+    ws = await connect(relay.url, compression=None, max_size=None, ssl=tls)
     challenge = wire.decode_link(await ws.recv())  # type: ignore[arg-type]
     assert isinstance(challenge, Challenge)
     signature = who.identity.sign(auth_signed_bytes(challenge.nonce, challenge.relay))
@@ -77,7 +80,7 @@ async def recv_frame(ws: ClientConnection, timeout: float = 5.0) -> LinkFrame:
 async def publish_crl(relay: Relay, ca: Ca, crl: bytes) -> None:
     """Publish `crl` the way the CA node does: authenticated as the node named "ca"."""
     ca_node = ca.enroll("ca", 0xCA)
-    ws, _ = await raw_client(relay, ca_node)
+    ws, _ = await raw_client(relay, ca_node, ca=ca)
     async with ws:
         await ws.send(wire.encode_link(PublishCrl(crl)))
         # The relay pushes the feed back to every connected node, the publisher included.
