@@ -58,7 +58,7 @@ from protocol.keyschedule import (
     root_key,
     transcript_hash,
 )
-from protocol.messages import VERSION, FrameType, InitMessage, OneTimePrekey, PrekeyBundle, Suite
+from protocol.messages import VERSION, X25519_LEN, FrameType, InitMessage, OneTimePrekey, PrekeyBundle, Suite
 from protocol.ratchet import Ratchet
 from protocol.session import Received, Session
 
@@ -244,7 +244,7 @@ class PrekeySecrets:
         out = cls()
         try:
             fmt, spk, kem, onetime, issued, seen = msgpack.unpackb(data, raw=False, max_map_len=0, max_str_len=0)
-            if fmt != 1:
+            if type(fmt) is not int or fmt != 1:
                 raise DecodeError("unknown prekey state format")
             for i, k in spk:
                 out._spk[_id(i)] = X25519KeyPair.from_private_bytes(k)
@@ -253,13 +253,19 @@ class PrekeySecrets:
             for i, k in onetime:
                 out._onetime[_id(i)] = X25519KeyPair.from_private_bytes(k)
             out._issued = _id(issued)
-            out._seen = {_id(i): {bytes(e) for e in s} for i, s in seen}
+            out._seen = {_id(i): {_ephemeral(e) for e in s} for i, s in seen}
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise DecodeError("malformed prekey state") from exc
         return out
 
     def __repr__(self) -> str:
         return f"PrekeySecrets(signed={sorted(self._spk)}, kem={sorted(self._kem)}, onetime={len(self._onetime)})"
+
+
+def _ephemeral(value: object) -> bytes:
+    if type(value) is not bytes or len(value) != X25519_LEN:
+        raise DecodeError("replay-cache entries are 32-byte X25519 keys")
+    return value
 
 
 def _id(value: object) -> int:

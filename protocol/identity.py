@@ -120,7 +120,7 @@ class X25519KeyPair:
             out = self._key.exchange(peer)
         except ValueError as exc:
             raise WeakKey("X25519 public key refused (low order or malformed)") from exc
-        if hmac.compare_digest(out, _ZERO):  # pragma: no cover - cryptography raises first
+        if hmac.compare_digest(out, _ZERO):  # cryptography raises first; we do not rely on it
             raise WeakKey("X25519 produced the all-zero output")
         return out
 

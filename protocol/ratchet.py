@@ -163,7 +163,7 @@ class Ratchet:
         if len(plaintext) > MAX_PLAINTEXT:
             raise LocalError(f"plaintext over {MAX_PLAINTEXT} bytes")
         n = self._ns
-        if n > 0xFFFFFFFF - 1:  # pragma: no cover - 4 billion messages in one chain
+        if n > 0xFFFFFFFF - 1:  # 4 billion messages in one chain
             raise LocalError("sending chain exhausted")
         ck, mk = kdf_ck(cks)
         dh = self._dhs.public
@@ -294,7 +294,8 @@ class Ratchet:
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise DecodeError("malformed ratchet state") from exc
         ok = (
-            fmt == 1
+            type(fmt) is int
+            and fmt == 1
             and _is_key(rk)
             and _is_key(dhs)
             and (dhr is None or _is_key(dhr))

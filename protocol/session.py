@@ -139,7 +139,8 @@ class Session:
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise DecodeError("malformed session state") from exc
         if not (
-            fmt == 1
+            type(fmt) is int
+            and fmt == 1
             and type(ratchet) is bytes
             and type(transcript) is bytes
             and type(peer) is str

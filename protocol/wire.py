@@ -156,7 +156,7 @@ def frame_type(data: bytes) -> FrameType:
     """Peek at a frame's type (for routing and state checks) without trusting the rest."""
     obj = _unpack(data)
     if type(obj[1]) is not int:
-        raise DecodeError(f"frame type {obj[1]!r} is not an integer")
+        raise UnknownFrameType(f"frame type {obj[1]!r} is not an integer")
     try:
         return FrameType(obj[1])
     except ValueError as exc:
