@@ -11,10 +11,10 @@ refuses Ed25519 issuers, and a one-link chain needs no path building.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import ipaddress
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import InitVar, dataclass, field
 from datetime import datetime, timedelta
@@ -308,7 +308,7 @@ def issue_server(
 # --- verifying (every handshake) -----------------------------------------------------------------
 
 
-@dataclass(frozen=True, repr=False)
+@dataclass(frozen=True, repr=False, slots=True)
 class VerifiedCertificate:
     """A node certificate that `verify` accepted against the pinned root at some `now`.
 
@@ -334,19 +334,25 @@ class VerifiedCertificate:
         return f"VerifiedCertificate(name={self.name!r}, serial={self.serial:#x}, fingerprint={self.fingerprint.hex()})"
 
 
-@functools.lru_cache(maxsize=8)
-def _subject(root: x509.Certificate) -> x509.Name:
-    # Parsing a Name costs microseconds, and the root's never changes: parse it once.
-    return root.subject
-
-
-@functools.lru_cache(maxsize=8)
 def check_root(root: x509.Certificate) -> None:
     """Raise UntrustedIssuer unless `root` is a CA certificate (cA true, keyCertSign).
 
-    A leaf passed as the trust anchor would let its holder mint "node" certificates. The answer
-    is cached per root (certificates hash by their bytes), since every verification asks it.
+    A leaf passed as the trust anchor would let its holder mint "node" certificates. Every
+    verification asks, so a root that passed is remembered by identity (hashing a certificate
+    costs more than the lookup; the dict keeps it alive, so its id cannot be reused).
     """
+    if _CHECKED_ROOTS.get(id(root)) is root:
+        return
+    _check_root(root)
+    if len(_CHECKED_ROOTS) >= 8:
+        _CHECKED_ROOTS.clear()
+    _CHECKED_ROOTS[id(root)] = root
+
+
+_CHECKED_ROOTS: dict[int, x509.Certificate] = {}
+
+
+def _check_root(root: x509.Certificate) -> None:
     try:
         bc = root.extensions.get_extension_for_class(x509.BasicConstraints).value
         ku = root.extensions.get_extension_for_class(x509.KeyUsage).value
@@ -374,12 +380,21 @@ def verify(
     5. exactly one CN, a valid node name, equal to `expected_name` when given -> else `NameMismatch`.
 
     Raises `LocalError` if `now` is naive.
+
+    What depends only on the certificate's bytes (parsing, constraints, name) is remembered for
+    the last CACHE_SIZE certificates that passed; what depends on the root and on `now` — the
+    signature, the validity window, the expected name — is checked on every call.
     """
     _require_aware(now, "now")
     if not isinstance(cert, bytes | bytearray | memoryview):
         der = cert.public_bytes(serialization.Encoding.DER)
     else:
         der = bytes(cert)
+    digest = hashlib.sha256(der).digest()
+    known = _VERIFIED.get(digest)
+    if known is not None:
+        cert = known[0]
+    elif isinstance(cert, bytes | bytearray | memoryview):
         try:
             # Trailing bytes are refused by the parser, so `der` is exactly the certificate.
             cert = x509.load_der_x509_certificate(der)
@@ -390,23 +405,29 @@ def verify(
     if now > root.not_valid_after_utc + CLOCK_SKEW:
         raise UntrustedIssuer(f"the pinned root expired at {root.not_valid_after_utc.isoformat()}")
     try:
-        # cryptography parses names lazily, so garbage in the issuer only surfaces here.
-        issuer = cert.issuer
-    except _MALFORMED as exc:
-        raise DecodeError(f"certificate issuer does not parse: {exc}") from exc
-    if issuer != _subject(root):
-        raise UntrustedIssuer(f"issued by {issuer.rfc4514_string()!r}, not the pinned root")
-    try:
+        # Checks the issuer name against the root's subject, then the signature, in Rust.
         cert.verify_directly_issued_by(root)
     except (InvalidSignature, ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        # Say precisely why, parsing the issuer only on this (rare) path: names are parsed lazily,
+        # so garbage in the issuer surfaces here.
+        try:
+            issuer = cert.issuer
+        except _MALFORMED as bad:
+            raise DecodeError(f"certificate issuer does not parse: {bad}") from bad
+        if issuer != root.subject:
+            raise UntrustedIssuer(f"issued by {issuer.rfc4514_string()!r}, not the pinned root") from exc
         raise UntrustedIssuer(f"signature does not verify under the pinned root: {exc!r}") from exc
+
+    if known is not None:
+        verified = known[1]
+        _check_window(verified.not_before, verified.not_after, now)
+        _check_expected_name(verified.name, expected_name)
+        _VERIFIED.move_to_end(digest)
+        return verified
 
     not_before = cert.not_valid_before_utc
     not_after = cert.not_valid_after_utc
-    if now < not_before - CLOCK_SKEW:
-        raise CertificateNotYetValid(f"not valid before {not_before.isoformat()} (now {now.isoformat()})")
-    if now > not_after + CLOCK_SKEW:
-        raise CertificateExpired(f"expired at {not_after.isoformat()} (now {now.isoformat()})")
+    _check_window(not_before, not_after, now)
 
     public_key = _check_constraints(cert)
 
@@ -417,19 +438,39 @@ def verify(
     name = _common_name(subject)
     if name is None or NODE_NAME_RE.fullmatch(name) is None:
         raise NameMismatch(f"subject {subject.rfc4514_string()!r} does not name a node")
-    if expected_name is not None and name != expected_name:
-        raise NameMismatch(f"certificate names {name!r}, expected {expected_name!r}")
+    _check_expected_name(name, expected_name)
 
-    return VerifiedCertificate(
+    verified = VerifiedCertificate(
         name=name,
         serial=cert.serial_number,
         public_key=public_key,
         not_before=not_before,
         not_after=not_after,
-        fingerprint=hashlib.sha256(der).digest(),
+        fingerprint=digest,
         der=der,
         _mint=_MINT,
     )
+    _VERIFIED[digest] = (cert, verified)
+    if len(_VERIFIED) > CACHE_SIZE:
+        _VERIFIED.popitem(last=False)
+    return verified
+
+
+#: Certificates whose byte-only checks passed, by SHA-256 of their DER (least recently used first).
+CACHE_SIZE = 1024
+_VERIFIED: OrderedDict[bytes, tuple[x509.Certificate, VerifiedCertificate]] = OrderedDict()
+
+
+def _check_window(not_before: datetime, not_after: datetime, now: datetime) -> None:
+    if now < not_before - CLOCK_SKEW:
+        raise CertificateNotYetValid(f"not valid before {not_before.isoformat()} (now {now.isoformat()})")
+    if now > not_after + CLOCK_SKEW:
+        raise CertificateExpired(f"expired at {not_after.isoformat()} (now {now.isoformat()})")
+
+
+def _check_expected_name(name: str, expected_name: str | None) -> None:
+    if expected_name is not None and name != expected_name:
+        raise NameMismatch(f"certificate names {name!r}, expected {expected_name!r}")
 
 
 def _check_constraints(cert: x509.Certificate) -> Ed25519PublicKey:

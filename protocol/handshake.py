@@ -23,7 +23,7 @@ scenario can show what they stop; a node accepts it only when explicitly told to
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from enum import Enum
@@ -408,7 +408,7 @@ def respond(
     root: x509.Certificate,
     revocation: RevocationCheck,
     now: datetime,
-    allowed_suites: Iterable[Suite] = (Suite.HYBRID,),
+    allowed_suites: Collection[Suite] = (Suite.HYBRID,),
     keygen: Callable[[], X25519KeyPair] = X25519KeyPair.generate,
 ) -> Responded:
     """Accept an initial message. Everything is verified before any key is derived, and the
@@ -420,7 +420,7 @@ def respond(
         suite = Suite(init.suite)
     except ValueError as exc:
         raise SuiteError(f"unknown suite {init.suite}") from exc
-    if suite not in set(allowed_suites):
+    if suite not in allowed_suites:
         raise SuiteError(f"suite {suite.name} is not accepted here")
     if init.responder_fingerprint != certificate_fingerprint:
         raise HandshakeError("initial message addressed to another certificate")

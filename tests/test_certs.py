@@ -634,3 +634,25 @@ def test_an_expired_root_vouches_for_nothing() -> None:
     _, cert = pki.node("alice", not_before=NOW - DAY, not_after=NOW + DAY)
     with pytest.raises(UntrustedIssuer, match="root expired"):
         certs.verify(cert, root, NOW)
+
+
+def test_remembered_certificates_are_still_checked_against_root_time_and_name(
+    pki: Pki, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(certs, "CACHE_SIZE", 2)
+    monkeypatch.setattr(certs, "_VERIFIED", certs.OrderedDict())
+    _, alice = pki.node("alice", serial=301, not_before=NOW - DAY, not_after=NOW + DAY)
+    first = certs.verify(der(alice), pki.root, NOW)
+    assert certs.verify(der(alice), pki.root, NOW) is first  # remembered
+    rogue = make_pki(seed=999)
+    with pytest.raises(UntrustedIssuer):
+        certs.verify(der(alice), rogue.root, NOW)  # the signature is checked on every call
+    with pytest.raises(CertificateExpired):
+        certs.verify(der(alice), pki.root, NOW + 2 * DAY)
+    with pytest.raises(NameMismatch):
+        certs.verify(der(alice), pki.root, NOW, expected_name="bob")
+    for serial in (302, 303):
+        _, other = pki.node(f"n{serial}", serial=serial)
+        certs.verify(der(other), pki.root, NOW)
+    assert len(certs._VERIFIED) == 2  # the least recently used went
+    assert certs.verify(der(alice), pki.root, NOW) is not first  # verified afresh
