@@ -41,6 +41,7 @@ import os
 import secrets
 import sqlite3
 import struct
+import threading
 import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -194,6 +195,9 @@ class Keystore:
         self._data_key = data_key
         self._path = path
         self._depth = 0
+        # One connection, usable from the event loop and from a node's journal thread: every
+        # operation holds this lock, a transaction for its whole length.
+        self._lock = threading.RLock()
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -226,7 +230,7 @@ class Keystore:
     @classmethod
     def memory(cls) -> Keystore:
         """A keystore that lives in memory only (for tests and the seed's `KeyManagementSystem()`)."""
-        db = sqlite3.connect(":memory:", isolation_level=None)
+        db = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
         db.executescript(_SCHEMA)
         return cls(db, secrets.token_bytes(KEY_SIZE), None)
 
@@ -269,7 +273,7 @@ class Keystore:
     @classmethod
     def _unlock(cls, path: Path, passphrase: str | None, key_file: Path | None) -> Keystore:
         try:
-            db = sqlite3.connect(path, isolation_level=None)
+            db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
             raise StorageError(f"cannot open keystore {path}: {exc}") from exc
         try:
@@ -332,7 +336,7 @@ class Keystore:
     def put(self, namespace: str, name: str, value: bytes) -> None:
         """Seal `value` and store it under (namespace, name), replacing any previous value."""
         sealed = aes_gcm_seal(self._data_key, value, _record_aad(namespace, name))
-        with _storage_errors("write"):
+        with self._lock, _storage_errors("write"):
             self._db.execute(
                 "INSERT INTO records (namespace, name, sealed) VALUES (?, ?, ?) "
                 "ON CONFLICT (namespace, name) DO UPDATE SET sealed = excluded.sealed",
@@ -341,7 +345,7 @@ class Keystore:
 
     def get(self, namespace: str, name: str) -> bytes | None:
         """The unsealed value under (namespace, name), or None; `KeystoreCorrupt` if it does not authenticate."""
-        with _storage_errors("read"):
+        with self._lock, _storage_errors("read"):
             row = self._db.execute(
                 "SELECT sealed FROM records WHERE namespace = ? AND name = ?", (namespace, name)
             ).fetchone()
@@ -354,13 +358,13 @@ class Keystore:
 
     def delete(self, namespace: str, name: str) -> bool:
         """Delete the record; return whether it existed. Call `scrub()` afterwards to clear the log too."""
-        with _storage_errors("delete"):
+        with self._lock, _storage_errors("delete"):
             cursor = self._db.execute("DELETE FROM records WHERE namespace = ? AND name = ?", (namespace, name))
         return cursor.rowcount > 0
 
     def names(self, namespace: str, prefix: str = "") -> list[str]:
         """The names in `namespace` (starting with `prefix`), sorted."""
-        with _storage_errors("read"):
+        with self._lock, _storage_errors("read"):
             rows = self._db.execute("SELECT name FROM records WHERE namespace = ? ORDER BY name", (namespace,))
             return [name for (name,) in rows if name.startswith(prefix)]
 
@@ -369,8 +373,13 @@ class Keystore:
         """Make the writes inside atomic: all committed on a normal exit, none on an exception.
 
         Transactions nest (inner ones are savepoints). The outer one takes SQLite's write lock
-        at once (`BEGIN IMMEDIATE`), so a read-modify-write inside cannot race another process.
+        at once (`BEGIN IMMEDIATE`), so a read-modify-write inside cannot race another process;
+        it holds the instance's lock throughout, so it cannot interleave with another thread's.
         """
+        with self._lock:
+            yield from self._transaction()
+
+    def _transaction(self) -> Iterator[None]:
         depth = self._depth
         savepoint = f"sp{depth}"
         with _storage_errors("begin"):

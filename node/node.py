@@ -31,6 +31,7 @@ from cryptography import x509
 
 from node.errors import NodeError, PeerUnavailable, RelayUnreachable
 from node.events import Delivered, Message, SecurityEvent
+from node.journal import Journal, Key
 from node.keystore import Keystore
 from node.link import RelayLink
 from protocol import certs, handshake, wire
@@ -147,6 +148,9 @@ class Node:
         self._accepted: dict[bytes, asyncio.Future[None]] = {}
         self._link: RelayLink | None = None
         self._link_task: asyncio.Task[None] | None = None
+        self._journal = Journal(keystore)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._seen: dict[str, dict[bytes, None]] = {}
         self._inbox_seq = _last_seq(keystore.names(NS_INBOX))
         outbox = keystore.names(NS_OUTBOX)
         self._outbox_seq = _last_seq(outbox)
@@ -177,6 +181,7 @@ class Node:
             on_connected=self._on_connected,
             reconnect=reconnect,
         )
+        self._journal.start()
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._link_task = asyncio.create_task(self._link.run(first_attempt=first), name=f"node-link-{self.name}")
         if wait:
@@ -200,6 +205,11 @@ class Node:
         for fut in self._accepted.values():
             if not fut.done():
                 fut.cancel()
+        await self._journal.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -333,10 +343,13 @@ class Node:
         async with self._lock(peer):
             session = self._session(peer)
             if session is None or session.closed:
-                payload = await self._initiate(peer, body)
+                payload, durable = await self._initiate(peer, body)
             else:
                 payload = session.encrypt(body)
-                self._save_session(peer, session, outbox=(msg_id, peer, payload))
+                durable = self._save_session(peer, session, outbox=(msg_id, peer, payload))
+        # Outside the lock, so that other sends can join the same commit; the ciphertext leaves
+        # only once the state that produced it is on disk.
+        await durable
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._accepted[msg_id] = fut
         try:
@@ -349,7 +362,7 @@ class Node:
             self._accepted.pop(msg_id, None)
         return msg_id.hex()
 
-    async def _initiate(self, peer: str, body: bytes) -> bytes:
+    async def _initiate(self, peer: str, body: bytes) -> tuple[bytes, asyncio.Future[None]]:
         assert self._link is not None
         reply = await self._link.fetch_bundle(peer)
         if reply.bundle is None:
@@ -373,8 +386,10 @@ class Node:
             self._emit(SecurityEvent("session_refused", peer, f"{type(exc).__name__}: {exc}"))
             raise
         msg_id = msgpack.unpackb(body)[0]
-        self._note_peer(started.peer, "initiated")
-        self._save_session(peer, started.session, outbox=(msg_id, peer, started.frame))
+        puts: dict[Key, bytes] = {}
+        self._note_peer(started.peer, "initiated", puts)
+        self._stage_session(peer, started.session, puts, outbox=(msg_id, peer, started.frame))
+        durable = self._journal.commit(puts)
         self._emit(
             SecurityEvent(
                 "session_established",
@@ -383,18 +398,27 @@ class Node:
                 f"{safety_number(self.identity.public_bytes, started.peer.public_key.public_bytes_raw())}",
             )
         )
-        return started.frame
+        return started.frame, durable
 
-    def _save_session(self, peer: str, session: Session, *, outbox: tuple[bytes, str, bytes] | None = None) -> None:
-        with self.keystore.transaction():
-            self.keystore.put(NS_SESSION, peer, session.to_bytes())
-            if outbox is not None:
-                msg_id, to, payload = outbox
-                self._outbox_seq += 1
-                name = f"{self._outbox_seq:020d}"
-                self.keystore.put(NS_OUTBOX, name, msgpack.packb([msg_id, to, payload]))
-                self._outbox[msg_id] = name
+    def _stage_session(
+        self, peer: str, session: Session, puts: dict[Key, bytes], *, outbox: tuple[bytes, str, bytes] | None = None
+    ) -> None:
+        """Add a session's state (and the envelope it just produced) to a commit being prepared."""
+        puts[(NS_SESSION, peer)] = session.to_bytes()
+        if outbox is not None:
+            msg_id, to, payload = outbox
+            self._outbox_seq += 1
+            name = f"{self._outbox_seq:020d}"
+            puts[(NS_OUTBOX, name)] = msgpack.packb([msg_id, to, payload])
+            self._outbox[msg_id] = name
         self._sessions[peer] = session
+
+    def _save_session(
+        self, peer: str, session: Session, *, outbox: tuple[bytes, str, bytes] | None = None
+    ) -> asyncio.Future[None]:
+        puts: dict[Key, bytes] = {}
+        self._stage_session(peer, session, puts, outbox=outbox)
+        return self._journal.commit(puts)
 
     async def _link_send(self, frame: LinkFrame) -> None:
         if self._link is None:
@@ -422,7 +446,8 @@ class Node:
         elif isinstance(frame, Accepted):
             name = self._outbox.pop(frame.msg_id, None)
             if name is not None:
-                self.keystore.delete(NS_OUTBOX, name)
+                # No need to wait: were it lost in a crash, the resend is deduplicated by the relay.
+                self._journal.commit({}, [(NS_OUTBOX, name)]).add_done_callback(_log_failure)
             fut = self._accepted.get(frame.msg_id)
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -436,24 +461,47 @@ class Node:
 
     async def _on_deliver(self, deliver: Deliver) -> None:
         async with self._lock(deliver.sender):
-            self._receive(deliver)
+            durable, message = self._receive(deliver)
+        # The link goes on reading while this one commits: the next deliveries join the batch.
+        task = asyncio.create_task(self._after_commit(deliver, durable, message))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _after_commit(self, deliver: Deliver, durable: asyncio.Future[None], message: Message | None) -> None:
+        try:
+            await durable
+        except Exception as exc:  # noqa: BLE001 - the disk failed: say so, and do not ACK (the relay keeps it)
+            log.error("commit_failed", extra={"fields": {"node": self.name, "error": str(exc)}})
+            return
+        if message is not None:
+            self.events.put_nowait(message)
         self._handled += 1
         # Processed and on disk (or refused for good): the relay may forget it.
         with contextlib.suppress(RelayUnreachable):
             await self._link_send(Ack(deliver.msg_id))
-        session = self._session(deliver.sender)
+        session = self._sessions.get(deliver.sender)
         if session is not None and session.heartbeat_due:
             await self._heartbeat(deliver.sender, session)
 
-    def _receive(self, deliver: Deliver) -> None:
+    def _seen_ids(self, peer: str) -> dict[bytes, None]:
+        seen = self._seen.get(peer)
+        if seen is None:
+            names = self.keystore.names(NS_SEEN, f"{peer}:")
+            seen = self._seen[peer] = {bytes.fromhex(n.rsplit(":", 1)[1]): None for n in names}
+        return seen
+
+    def _receive(self, deliver: Deliver) -> tuple[asyncio.Future[None], Message | None]:
+        """Decrypt a delivery (state changes in memory) and queue its commit; nothing blocks."""
         peer = deliver.sender
-        seen = f"{peer}:{deliver.msg_id.hex()}"
-        if self.keystore.get(NS_SEEN, seen) is not None:
-            return  # a redelivery of something already processed: acknowledge, say nothing
+        seen = self._seen_ids(peer)
+        if deliver.msg_id in seen:
+            # A redelivery of something already processed: acknowledge, say nothing.
+            return self._journal.commit({}), None
+        puts: dict[Key, bytes] = {}
         try:
             kind = wire.frame_type(deliver.payload)
             if kind is FrameType.INIT:
-                received = self._respond(peer, deliver.payload)
+                received = self._respond(peer, deliver.payload, puts)
             elif kind is FrameType.MESSAGE:
                 session = self._session(peer)
                 if session is None:
@@ -464,8 +512,7 @@ class Node:
             else:
                 raise DecodeError(f"a {kind.name} frame is not a message")
         except ProtocolError as exc:
-            self._emit(SecurityEvent(_event_name(exc), peer, f"{type(exc).__name__}: {exc}"))
-            return
+            return self._emit(SecurityEvent(_event_name(exc), peer, f"{type(exc).__name__}: {exc}")), None
         message: Message | None = None
         if received.kind is Kind.DATA:
             try:
@@ -473,18 +520,15 @@ class Node:
                 message = Message(bytes(msg_id).hex(), peer, str(text), float(sent_at))
             except (ValueError, TypeError, msgpack.UnpackException):
                 self._emit(SecurityEvent("malformed_message", peer, "authentic but unreadable message body"))
-        session = self._sessions[peer]
-        with self.keystore.transaction():
-            self.keystore.put(NS_SESSION, peer, session.to_bytes())
-            self.keystore.put(NS_SEEN, seen, b"")
-            if message is not None:
-                self._inbox_seq += 1
-                self.keystore.put(NS_INBOX, f"{self._inbox_seq:020d}", msgpack.packb(message.to_json()))
+        self._stage_session(peer, self._sessions[peer], puts)
+        puts[(NS_SEEN, f"{peer}:{deliver.msg_id.hex()}")] = b""
+        seen[deliver.msg_id] = None
         if message is not None:
-            self.events.put_nowait(message)
-        self._prune_seen(peer)
+            self._inbox_seq += 1
+            puts[(NS_INBOX, f"{self._inbox_seq:020d}")] = msgpack.packb(message.to_json())
+        return self._journal.commit(puts, self._prune_seen(peer)), message
 
-    def _respond(self, peer: str, payload: bytes) -> Any:
+    def _respond(self, peer: str, payload: bytes, puts: dict[Key, bytes]) -> Any:
         init = handshake.decode_init(payload)
         bundle = self._bundle_for(init)
         result = handshake.respond(
@@ -503,9 +547,9 @@ class Node:
         previous = self.peer(peer)
         new_identity = result.peer.public_key.public_bytes_raw()
         self._sessions[peer] = result.session
-        self._note_peer(result.peer, "established")
-        with self.keystore.transaction():
-            self.keystore.put(NS_NODE, "prekeys", self.prekeys.to_bytes())
+        self._note_peer(result.peer, "established", puts)
+        # The consumed one-time prekey goes to disk with the session it made, in one commit.
+        puts[(NS_NODE, "prekeys")] = self.prekeys.to_bytes()
         number = safety_number(self.identity.public_bytes, new_identity)
         if previous is not None and previous.identity != new_identity:
             self._emit(SecurityEvent("identity_changed", peer, f"new identity key; new safety number {number}"))
@@ -524,23 +568,27 @@ class Node:
         assert isinstance(frame, PrekeyBundle)
         return frame
 
-    def _note_peer(self, cert: certs.VerifiedCertificate, state: str) -> None:
+    def _note_peer(self, cert: certs.VerifiedCertificate, state: str, puts: dict[Key, bytes]) -> None:
         record = PeerRecord(cert.name, cert.serial, cert.fingerprint, cert.public_key.public_bytes_raw(), state)
-        self.keystore.put(NS_PEER, cert.name, record.pack())
+        puts[(NS_PEER, cert.name)] = record.pack()
 
-    def _prune_seen(self, peer: str) -> None:
-        names = self.keystore.names(NS_SEEN, f"{peer}:")
-        if len(names) > MAX_SEEN_PER_PEER * 2:
-            # Names sort by id, not age; any old id that comes back is refused by the ratchet anyway.
-            with self.keystore.transaction():
-                for name in names[: len(names) - MAX_SEEN_PER_PEER]:
-                    self.keystore.delete(NS_SEEN, name)
+    def _prune_seen(self, peer: str) -> list[Key]:
+        """Forget the oldest remembered ids past twice the bound (an old id that comes back is refused
+        by the ratchet anyway: it only tells a redelivery from a replay)."""
+        seen = self._seen_ids(peer)
+        if len(seen) <= MAX_SEEN_PER_PEER * 2:
+            return []
+        drop = list(seen)[: len(seen) - MAX_SEEN_PER_PEER]
+        for msg_id in drop:
+            del seen[msg_id]
+        return [(NS_SEEN, f"{peer}:{m.hex()}") for m in drop]
 
     async def _heartbeat(self, peer: str, session: Session) -> None:
         msg_id = os.urandom(16)
         async with self._lock(peer):
             payload = session.encrypt(b"", kind=Kind.HEARTBEAT)
-            self._save_session(peer, session, outbox=(msg_id, peer, payload))
+            durable = self._save_session(peer, session, outbox=(msg_id, peer, payload))
+        await durable
         with contextlib.suppress(RelayUnreachable):
             await self._link_send(Send(msg_id, peer, payload))
 
@@ -559,8 +607,7 @@ class Node:
             return
         if crl.number == before:
             return
-        with self.keystore.transaction():
-            self.keystore.put(NS_NODE, "revocation", self.revocation.to_bytes())
+        self._journal.commit({(NS_NODE, "revocation"): self.revocation.to_bytes()}).add_done_callback(_log_failure)
         log.info("crl_accepted", extra={"fields": {"node": self.name, "number": crl.number}})
         for name in self.keystore.names(NS_PEER):
             record = self.peer(name)
@@ -570,17 +617,25 @@ class Node:
             reason = crl.entries[record.serial].reason if record.serial in crl.entries else "revoked"
             if session is not None and not session.closed:
                 session.close(f"peer revoked ({reason})")
-                self._save_session(name, session)
+                self._save_session(name, session).add_done_callback(_log_failure)
             self._emit(SecurityEvent("peer_revoked", name, f"certificate {record.serial:x} revoked ({reason})"))
 
     # --- events and inbox -----------------------------------------------------------------------------
 
-    def _emit(self, event: SecurityEvent) -> None:
+    def _emit(self, event: SecurityEvent) -> asyncio.Future[None]:
+        """Record a security event in the inbox; the application sees it once it is on disk."""
         log.info("security_event", extra={"fields": event.to_json()})
-        with self.keystore.transaction():
-            self._inbox_seq += 1
-            self.keystore.put(NS_INBOX, f"{self._inbox_seq:020d}", msgpack.packb(event.to_json()))
-        self.events.put_nowait(event)
+        self._inbox_seq += 1
+        durable = self._journal.commit({(NS_INBOX, f"{self._inbox_seq:020d}"): msgpack.packb(event.to_json())})
+
+        def deliver(fut: asyncio.Future[None]) -> None:
+            if not fut.cancelled() and fut.exception() is None:
+                self.events.put_nowait(event)
+            else:
+                _log_failure(fut)
+
+        durable.add_done_callback(deliver)
+        return durable
 
     def take_inbox(self) -> list[dict[str, Any]]:
         """Every message and event received and not yet taken, oldest first; they are removed."""
@@ -638,6 +693,12 @@ class Node:
             "outbox": self.outbox_size(),
             "sessions": sessions,
         }
+
+
+def _log_failure(fut: asyncio.Future[None]) -> None:
+    """For commits nobody waits on: a failure must still be seen."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("commit_failed", extra={"fields": {"error": str(fut.exception())}})
 
 
 def _event_name(exc: ProtocolError) -> str:

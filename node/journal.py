@@ -1,0 +1,90 @@
+"""Group commit for a node's keystore: many tasks' writes, one transaction, one fsync, off the loop.
+
+`await journal.commit(puts, deletes)` returns once those records are durable. Records queued
+while a transaction is running go into the next one, so a busy node pays one fsync for a whole
+batch of messages, and the event loop never waits for the disk. Callers keep the authoritative
+state in memory; the journal only makes it durable, in the order commits were asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from node.keystore import Keystore
+
+Key = tuple[str, str]
+
+
+class Journal:
+    """The write-behind queue of one keystore (use as an async context manager, or start/close)."""
+
+    def __init__(self, keystore: Keystore) -> None:
+        self.keystore = keystore
+        self._thread: ThreadPoolExecutor | None = None
+        self._queue: list[tuple[Mapping[Key, bytes], Sequence[Key], asyncio.Future[None]]] = []
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._outstanding: set[asyncio.Future[None]] = set()
+
+    def start(self) -> None:
+        """Start the writer task (needs a running loop)."""
+        if self._task is None:
+            self._thread = ThreadPoolExecutor(1, thread_name_prefix="node-journal")
+            self._task = asyncio.create_task(self._run(), name="node-journal")
+
+    def commit(self, puts: Mapping[Key, bytes], deletes: Sequence[Key] = ()) -> asyncio.Future[None]:
+        """Queue writes; the returned future completes once they are committed (or fails with why not)."""
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._queue.append((puts, deletes, fut))
+        self._outstanding.add(fut)
+        fut.add_done_callback(self._outstanding.discard)
+        self._wake.set()
+        return fut
+
+    def _write(self, batch: list[tuple[Mapping[Key, bytes], Sequence[Key]]]) -> None:
+        with self.keystore.transaction():
+            for puts, deletes in batch:
+                for (namespace, name), value in puts.items():
+                    self.keystore.put(namespace, name, value)
+                for namespace, name in deletes:
+                    self.keystore.delete(namespace, name)
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        thread = self._thread
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            batch, self._queue = self._queue, []
+            if not batch:
+                continue
+            try:
+                await loop.run_in_executor(thread, self._write, [(p, d) for p, d, _ in batch])
+            except Exception as exc:  # noqa: BLE001 - whatever failed, every waiter must learn it
+                for _, _, fut in batch:
+                    if not fut.done():
+                        fut.set_exception(exc)
+                continue
+            for _, _, fut in batch:
+                if not fut.done():
+                    fut.set_result(None)
+
+    async def drain(self) -> None:
+        """Wait until everything asked so far is committed (errors are the committers' to see)."""
+        if self._outstanding:
+            await asyncio.gather(*self._outstanding, return_exceptions=True)
+
+    async def close(self) -> None:
+        """Commit what is queued, stop the writer and its thread."""
+        if self._task is not None:
+            await self.drain()
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        if self._thread is not None:
+            self._thread.shutdown(wait=True)
+            self._thread = None
