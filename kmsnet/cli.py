@@ -8,9 +8,11 @@ from collections.abc import Sequence
 import click
 
 from kmsnet import __version__
+from kmsnet.ca_cli import ca
 from kmsnet.exits import EPILOG, USAGE, CliFailure
 from kmsnet.kms_cli import kms
 from kmsnet.messaging_cli import receive, send, status
+from kmsnet.node_cli import node
 from kmsnet.relay_cli import relay
 
 
@@ -25,6 +27,8 @@ def cli() -> None:
 
 
 cli.add_command(kms)
+cli.add_command(ca)
+cli.add_command(node)
 cli.add_command(relay)
 for command in (send, receive, status):
     cli.add_command(command)

@@ -1,0 +1,257 @@
+"""node/enrol.py: enrolment against a real CA HTTP server on 127.0.0.1, and everything it refuses."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import socket
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from http import HTTPStatus
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+
+from node.ca import CertificateAuthority
+from node.ca.authority import utcnow
+from node.ca.errors import (
+    AlreadyEnrolled,
+    CaProtocolError,
+    CaUnreachable,
+    CertificateRefused,
+    EnrolmentRefused,
+    FingerprintMismatch,
+    InvalidRequest,
+)
+from node.ca.http import CaHttpServer, Request, Response
+from node.enrol import Enrolment, enrol_node, parse_fingerprint
+from node.errors import LinkError, TrustError, Unavailable
+from node.keystore import ARGON2_TEST, Keystore
+from node.node import Node
+from protocol import certs
+
+PASS = "enrol test passphrase"
+CA_PASS = "ca passphrase"
+RELAY = "ws://127.0.0.1:8765"
+
+
+@dataclass
+class RunningCa:
+    authority: CertificateAuthority
+    server: CaHttpServer
+    fingerprint: str
+
+    @property
+    def url(self) -> str:
+        return self.server.url
+
+
+@pytest.fixture
+async def ca(tmp_path: Path) -> AsyncIterator[RunningCa]:
+    fingerprint = CertificateAuthority.init(tmp_path / "ca", CA_PASS, argon2=ARGON2_TEST)
+    with CertificateAuthority.open(tmp_path / "ca", CA_PASS) as authority:
+        async with CaHttpServer(authority, port=0) as server:
+            yield RunningCa(authority, server, fingerprint)
+
+
+async def enrol(
+    home: Path,
+    name: str,
+    ca_url: str,
+    token: str,
+    *,
+    relay_url: str = RELAY,
+    ca_fingerprint: str | None = None,
+    clock: Callable[[], datetime] = utcnow,
+) -> Enrolment:
+    """enrol_node in a thread: it blocks on HTTP, and the CA serves on this test's event loop."""
+    call = functools.partial(
+        enrol_node,
+        home,
+        name,
+        ca_url,
+        token,
+        relay_url,
+        PASS,
+        ca_fingerprint=ca_fingerprint,
+        argon2=ARGON2_TEST,
+        clock=clock,
+    )
+    return await asyncio.to_thread(call)
+
+
+def assert_nothing_written(home: Path) -> None:
+    assert not home.exists() or list(home.iterdir()) == []
+
+
+async def test_enrolment_with_the_right_fingerprint_creates_what_the_node_reads(ca: RunningCa, tmp_path: Path) -> None:
+    home = tmp_path / "alice"
+    token = ca.authority.token("alice")
+    result = await enrol(home, "alice", ca.url, token.secret, ca_fingerprint=ca.fingerprint.upper())
+    assert result.fingerprint_checked and result.ca_fingerprint == ca.fingerprint
+    assert result.keystore == home / "keystore.db"
+    assert [p.name for p in home.iterdir()] == ["keystore.db"]  # no temporary file left
+    with Keystore.open(result.keystore, passphrase=PASS) as keystore:
+        assert keystore.names("node") == ["certificate", "identity", "relay", "root"]
+        assert keystore.get("node", "root") == ca.authority.root_pem
+        assert keystore.get("node", "relay") == RELAY.encode()
+        node = Node(keystore)  # reads the layout and verifies the certificate under the pinned root
+        assert (node.name, node.relay_url) == ("alice", RELAY)
+        assert (
+            node.identity.public_bytes
+            == certs.verify(node.certificate, ca.authority.root, node.clock()).public_key.public_bytes_raw()
+        )
+    assert {c.serial for c in ca.authority.list() if c.name == "alice"} == {result.serial}
+
+
+async def test_without_a_fingerprint_it_enrols_and_returns_the_fingerprint_to_check(
+    ca: RunningCa, tmp_path: Path
+) -> None:
+    result = await enrol(tmp_path / "bob", "bob", ca.url + "/", ca.authority.token("bob").secret)
+    assert (result.fingerprint_checked, result.ca_fingerprint) == (False, ca.fingerprint)
+
+
+async def test_a_wrong_fingerprint_is_refused_and_nothing_is_written(ca: RunningCa, tmp_path: Path) -> None:
+    home = tmp_path / "alice"
+    token = ca.authority.token("alice")
+    wrong = ca.fingerprint[:-2] + ("00" if not ca.fingerprint.endswith("00") else "11")
+    with pytest.raises(FingerprintMismatch) as refused:
+        await enrol(home, "alice", ca.url, token.secret, ca_fingerprint=wrong)
+    assert isinstance(refused.value, TrustError)
+    assert_nothing_written(home)
+    # Refused before the token was sent: it still enrols alice.
+    await enrol(home, "alice", ca.url, token.secret, ca_fingerprint=ca.fingerprint)
+
+
+async def test_a_refused_token_writes_nothing(ca: RunningCa, tmp_path: Path) -> None:
+    home = tmp_path / "alice"
+    with pytest.raises(EnrolmentRefused, match="unknown enrolment token"):
+        await enrol(home, "alice", ca.url, "A" * 22)
+    token = ca.authority.token("bob")
+    with pytest.raises(EnrolmentRefused, match="the token is for 'bob'"):
+        await enrol(home, "alice", ca.url, token.secret)
+    assert_nothing_written(home)
+
+
+async def test_an_existing_keystore_is_never_touched(ca: RunningCa, tmp_path: Path) -> None:
+    home = tmp_path / "alice"
+    home.mkdir()
+    (home / "keystore.db").write_bytes(b"precious")
+    token = ca.authority.token("alice")
+    with pytest.raises(AlreadyEnrolled):
+        await enrol(home, "alice", ca.url, token.secret)
+    assert (home / "keystore.db").read_bytes() == b"precious"
+    assert [p.name for p in home.iterdir()] == ["keystore.db"]
+
+
+async def test_an_unreachable_ca_is_unavailable(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(CaUnreachable) as failed:
+        await enrol(tmp_path / "alice", "alice", f"http://127.0.0.1:{port}", "A" * 22)
+    assert isinstance(failed.value, Unavailable)
+    assert_nothing_written(tmp_path / "alice")
+
+
+@pytest.mark.parametrize(
+    ("name", "ca_url", "relay_url", "fingerprint", "error"),
+    [
+        ("Alice", "http://127.0.0.1:1", RELAY, None, InvalidRequest),
+        ("alice", "ftp://127.0.0.1:1", RELAY, None, InvalidRequest),
+        ("alice", "http://127.0.0.1:99999", RELAY, None, InvalidRequest),
+        ("alice", "http://127.0.0.1:1", "http://relay", None, LinkError),
+        ("alice", "http://127.0.0.1:1", RELAY, "abc", InvalidRequest),
+    ],
+)
+async def test_bad_arguments_are_refused_before_any_request(
+    tmp_path: Path, name: str, ca_url: str, relay_url: str, fingerprint: str | None, error: type[Exception]
+) -> None:
+    with pytest.raises(error):
+        await enrol(tmp_path / "n", name, ca_url, "A" * 22, relay_url=relay_url, ca_fingerprint=fingerprint)
+    assert_nothing_written(tmp_path / "n")
+
+
+def test_fingerprints_are_read_in_the_usual_spellings() -> None:
+    raw = bytes(range(32))
+    assert parse_fingerprint(raw.hex()) == raw
+    assert parse_fingerprint(":".join(f"{b:02X}" for b in raw)) == raw
+    assert parse_fingerprint("SHA256:" + raw.hex()) == raw
+    with pytest.raises(InvalidRequest):
+        parse_fingerprint(raw.hex()[:-1])
+
+
+def _csr(name: str) -> bytes:
+    return (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(Ed25519PrivateKey.generate(), None)
+        .public_bytes(serialization.Encoding.PEM)
+    )
+
+
+# --- a CA that misbehaves (routes replaced in the server's table) --------------------------------------
+
+
+async def test_a_certificate_for_another_name_is_refused(ca: RunningCa, tmp_path: Path) -> None:
+    async def wrong_name(request: Request) -> Response:
+        pem = ca.authority.enrol(ca.authority.token("mallory").secret, _csr("mallory"))
+        return Response.json(HTTPStatus.OK, {"certificate": pem.decode()})
+
+    ca.server.add_route("POST", "/enroll", wrong_name)
+    with pytest.raises(CertificateRefused, match="expected 'alice'"):
+        await enrol(tmp_path / "alice", "alice", ca.url, "A" * 22)
+    assert_nothing_written(tmp_path / "alice")
+
+
+async def test_a_certificate_for_another_key_is_refused(ca: RunningCa, tmp_path: Path) -> None:
+    async def other_key(request: Request) -> Response:
+        pem = ca.authority.enrol(ca.authority.token("alice").secret, _csr("alice"))
+        return Response.json(HTTPStatus.OK, {"certificate": pem.decode()})
+
+    ca.server.add_route("POST", "/enroll", other_key)
+    with pytest.raises(CertificateRefused, match="another key"):
+        await enrol(tmp_path / "alice", "alice", ca.url, "A" * 22)
+    assert_nothing_written(tmp_path / "alice")
+
+
+@pytest.mark.parametrize(
+    ("path", "response", "error"),
+    [
+        ("/ca.pem", Response(HTTPStatus.OK, b"not a certificate", "text/plain"), CaProtocolError),
+        ("/ca.pem", Response.error(HTTPStatus.NOT_FOUND, "gone"), CaProtocolError),
+        (
+            "/ca.pem",
+            Response(HTTPStatus.FOUND, b"", "text/plain", (("Location", "http://example.com/"),)),
+            CaProtocolError,
+        ),
+        ("/ca.pem", Response(HTTPStatus.OK, b"x" * (64 * 1024 + 1), "text/plain"), CaProtocolError),
+        ("/enroll", Response.json(HTTPStatus.OK, {"certificate": 5}), CaProtocolError),
+        ("/enroll", Response.error(HTTPStatus.TOO_MANY_REQUESTS, "slow down"), CaUnreachable),
+        ("/enroll", Response.error(HTTPStatus.IM_A_TEAPOT, "\x1b[31mred"), CaProtocolError),
+    ],
+)
+async def test_answers_outside_the_protocol_are_refused(
+    ca: RunningCa, tmp_path: Path, path: str, response: Response, error: type[Exception]
+) -> None:
+    async def answer(request: Request) -> Response:
+        return response
+
+    ca.server.add_route("POST" if path == "/enroll" else "GET", path, answer)
+    with pytest.raises(error) as failed:
+        await enrol(tmp_path / "alice", "alice", ca.url, ca.authority.token("alice").secret)
+    assert "\x1b" not in str(failed.value)
+    assert_nothing_written(tmp_path / "alice")
+
+
+async def test_the_certificate_is_checked_at_the_given_time(ca: RunningCa, tmp_path: Path) -> None:
+    token = ca.authority.token("alice")
+    later = ca.authority.list()[0].not_after + timedelta(days=30)
+    with pytest.raises(CertificateRefused, match="expired"):
+        await enrol(tmp_path / "alice", "alice", ca.url, token.secret, clock=lambda: later)
+    assert_nothing_written(tmp_path / "alice")
