@@ -9,7 +9,7 @@ import click
 
 from kmsnet.exits import EPILOG
 from kmsnet.options import ENVIRONMENT_HELP, Output, StoreOptions, json_option, node_failures, store_options
-from node.enrol import enrol_node, require_not_enrolled
+from node.enrol import enrol_node
 
 
 @click.group(epilog=f"{ENVIRONMENT_HELP}\n\n{EPILOG}")
@@ -52,11 +52,11 @@ def init(
     Fetches the CA root (and refuses it unless its fingerprint is --ca-fingerprint, when
     given), makes a new Ed25519 identity key, has the CA certify it with the token, verifies
     the certificate, and only then writes HOME/keystore.db under a new passphrase. Nothing is
-    written if any step fails; an existing keystore is never overwritten. Without
+    written if any step fails; a node identity is never overwritten (a keystore that
+    `kmsnet kms` made is joined, with its passphrase). Without
     --ca-fingerprint, compare the printed fingerprint with the CA's before trusting this node.
     """
     with node_failures():
-        require_not_enrolled(store.home)  # before the passphrase prompt
         enrolment = enrol_node(
             store.home,
             name,

@@ -88,11 +88,22 @@ def parse_fingerprint(text: str) -> bytes:
     return bytes.fromhex(cleaned)
 
 
-def require_not_enrolled(home: Path | str) -> None:
-    """Raise `AlreadyEnrolled` if `home` holds a keystore."""
+def require_not_enrolled(home: Path | str, passphrase: str) -> None:
+    """Raise `AlreadyEnrolled` if `home`'s keystore holds a node identity already.
+
+    A keystore without one (made by `kmsnet kms` first) is fine: the node joins it. A wrong
+    passphrase for an existing keystore raises `WrongPassphrase` before anything is asked of the CA.
+    """
     path = Path(home) / KEYSTORE_FILE
-    if path.exists():
-        raise AlreadyEnrolled(f"{path} exists: this home is enrolled already (a keystore is never overwritten)")
+    if not path.exists():
+        return
+    with Keystore.open(path, passphrase=passphrase) as keystore:
+        _refuse_identity(keystore, path)
+
+
+def _refuse_identity(keystore: Keystore, path: Path) -> None:
+    if keystore.get(NS_NODE, "identity") is not None:
+        raise AlreadyEnrolled(f"{path} holds a node already (a node identity is never overwritten)")
 
 
 def enrol_node(
@@ -111,7 +122,7 @@ def enrol_node(
     """Enrol node `name` with the CA at `ca_url` using `token`, and create HOME/keystore.db.
 
     Raises, with nothing written: `InvalidRequest` (bad name, CA URL or fingerprint), `LinkError`
-    (bad relay URL), `AlreadyEnrolled` (the keystore exists), `CaUnreachable` (no answer, or the
+    (bad relay URL), `AlreadyEnrolled` (the keystore holds a node already), `CaUnreachable` (no answer, or the
     CA is throttling us), `CaProtocolError` (an answer outside the protocol), `FingerprintMismatch`
     (the root is not the one `ca_fingerprint` names), `EnrolmentRefused` (the CA refused the
     token or CSR), `EnrolmentError` (the CA found the request malformed), `CertificateRefused`
@@ -126,7 +137,7 @@ def enrol_node(
     check_url(relay_url)
     expected = parse_fingerprint(ca_fingerprint) if ca_fingerprint is not None else None
     base = _check_ca_url(ca_url)
-    require_not_enrolled(home)
+    require_not_enrolled(home, passphrase)
     path = home / KEYSTORE_FILE
 
     root = _fetch_root(base, timeout)
@@ -159,13 +170,19 @@ def enrol_node(
 
     def fill(keystore: Keystore) -> None:
         with keystore.transaction():
+            _refuse_identity(keystore, path)
             for record, value in records.items():
                 keystore.put(NS_NODE, record, value)
 
-    try:
-        create_keystore(path, passphrase=passphrase, argon2=argon2, fill=fill)
-    except FileExistsError as exc:
-        raise AlreadyEnrolled(f"{path} appeared while enrolling; it was left as it is") from exc
+    if path.exists():
+        # A keystore the KMS made: the node's records join it, in one transaction.
+        with Keystore.open(path, passphrase=passphrase) as keystore:
+            fill(keystore)
+    else:
+        try:
+            create_keystore(path, passphrase=passphrase, argon2=argon2, fill=fill)
+        except FileExistsError as exc:
+            raise AlreadyEnrolled(f"{path} appeared while enrolling; it was left as it is") from exc
     log.info("node_enrolled", extra={"fields": {"node": name, "serial": f"{verified.serial:x}", "ca": base}})
     return Enrolment(
         name=name,

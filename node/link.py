@@ -48,6 +48,10 @@ BACKOFF_MAX = 10.0
 REQUEST_TIMEOUT = 10.0
 
 
+#: How a connection normally fails; anything else is a bug, logged with its traceback (and survived).
+_EXPECTED = (LinkError, OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed)
+
+
 def check_url(url: str) -> str:
     """Refuse anything but ws:// and wss:// URLs with a host (a clear error, not a traceback later)."""
     parts = urlsplit(url)
@@ -104,7 +108,9 @@ class RelayLink:
             try:
                 await self._session(first_attempt)
                 delay = BACKOFF_START
-            except (LinkError, OSError, TimeoutError, InvalidHandshake, InvalidURI, ConnectionClosed) as exc:
+            except Exception as exc:  # whatever broke this connection, the link must come back
+                if not isinstance(exc, _EXPECTED):
+                    log.exception("relay_link_error", extra={"fields": {"url": self.url}})
                 self.last_error = _describe(exc)
                 log.info("relay_link_down", extra={"fields": {"url": self.url, "reason": self.last_error}})
                 if first_attempt is not None and not first_attempt.done():

@@ -173,7 +173,7 @@ def test_enrolment_end_to_end_as_a_user_runs_it(ca_home: Path, ca_url: str, tmp_
         assert certs.fingerprint(node.root).hex() == fingerprint
 
     # The token is spent; the existing keystore is never overwritten.
-    fails(run(*node_init, "--token", token, passphrase=NODE_PASS), 1, "enrolled already")
+    fails(run(*node_init, "--token", token, passphrase=NODE_PASS), 1, "holds a node already")
     fails(
         run(
             "node",

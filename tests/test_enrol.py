@@ -30,8 +30,9 @@ from node.ca.errors import (
 )
 from node.ca.http import CaHttpServer, Request, Response
 from node.enrol import Enrolment, enrol_node, parse_fingerprint
-from node.errors import LinkError, TrustError, Unavailable
+from node.errors import KeystoreCorrupt, LinkError, TrustError, Unavailable
 from node.keystore import ARGON2_TEST, Keystore
+from node.kms import KeyManagementSystem
 from node.node import Node
 from protocol import certs
 
@@ -138,15 +139,31 @@ async def test_a_refused_token_writes_nothing(ca: RunningCa, tmp_path: Path) -> 
     assert_nothing_written(home)
 
 
-async def test_an_existing_keystore_is_never_touched(ca: RunningCa, tmp_path: Path) -> None:
+async def test_a_file_that_is_not_a_keystore_is_never_touched(ca: RunningCa, tmp_path: Path) -> None:
     home = tmp_path / "alice"
     home.mkdir()
     (home / "keystore.db").write_bytes(b"precious")
     token = ca.authority.token("alice")
-    with pytest.raises(AlreadyEnrolled):
+    with pytest.raises(KeystoreCorrupt):
         await enrol(home, "alice", ca.url, token.secret)
     assert (home / "keystore.db").read_bytes() == b"precious"
     assert [p.name for p in home.iterdir()] == ["keystore.db"]
+
+
+async def test_a_kms_keystore_is_joined_and_a_node_is_never_replaced(ca: RunningCa, tmp_path: Path) -> None:
+    home = tmp_path / "alice"
+    kms = KeyManagementSystem(home=home, passphrase=PASS, argon2=ARGON2_TEST)
+    kms.generate_symmetric_key("session1")
+    sealed = kms.encrypt_data_symmetric("session1", "kept")
+    kms.close()
+    await enrol(home, "alice", ca.url, ca.authority.token("alice").secret)
+    with Keystore.open(home / "keystore.db", passphrase=PASS) as keystore:
+        assert Node(keystore).name == "alice"
+    again = KeyManagementSystem(home=home, passphrase=PASS)
+    assert again.decrypt_data_symmetric("session1", sealed) == "kept"
+    again.close()
+    with pytest.raises(AlreadyEnrolled):
+        await enrol(home, "alice", ca.url, ca.authority.token("alice").secret)
 
 
 async def test_an_unreachable_ca_is_unavailable(tmp_path: Path) -> None:
