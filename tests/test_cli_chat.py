@@ -1,0 +1,108 @@
+"""The README's walkthrough, run as a user would: a CA, a relay and two nodes, each a `kmsnet`
+process in its own home, chatting end to end; then the failure paths a user meets first."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+CA_PASS = "ca passphrase"
+NODE_PASS = "node passphrase"
+
+
+def env(passphrase: str | None) -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KMSNET_")}
+    base["KMSNET_ARGON2_PROFILE"] = "test"
+    if passphrase is not None:
+        base["KMSNET_PASSPHRASE"] = passphrase
+    return base
+
+
+def kmsnet(*args: str, passphrase: str | None = NODE_PASS, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kmsnet", *args], input=stdin, capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=env(passphrase), start_new_session=True, check=False,
+    )  # fmt: skip
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.returncode, result.stderr)
+    return result.stdout
+
+
+def fails(result: subprocess.CompletedProcess[str], code: int, fragment: str) -> None:
+    assert result.returncode == code, (result.returncode, result.stderr)
+    assert "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    assert fragment in result.stderr, result.stderr
+
+
+@contextlib.contextmanager
+def serving(*args: str, passphrase: str | None = None) -> Iterator[str]:
+    """A long-running `kmsnet` command; yields the URL it prints first; SIGTERM must end it with 0."""
+    with subprocess.Popen(
+        [sys.executable, "-m", "kmsnet", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT, env=env(passphrase), start_new_session=True,
+    ) as proc:  # fmt: skip
+        try:
+            assert proc.stdout is not None and proc.stderr is not None
+            ready, _, _ = select.select([proc.stdout], [], [], 30)
+            assert ready, f"{args[0]} printed no URL"
+            yield proc.stdout.readline().strip()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+            assert "Traceback" not in proc.stderr.read()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+
+
+def test_ca_relay_and_two_nodes_chat_from_the_command_line(tmp_path: Path) -> None:
+    ca_home, alice, bob = tmp_path / "ca", tmp_path / "alice", tmp_path / "bob"
+    fingerprint = ok(kmsnet("ca", "init", "--home", str(ca_home), passphrase=CA_PASS)).strip()
+    relay_args = ("relay", "--port", "0", "--store", str(tmp_path / "relay.db"), "--ca-cert", str(ca_home / "ca.pem"))
+    with serving(*relay_args) as relay_url:
+        ca_args = ("ca", "serve", "--home", str(ca_home), "--http", "127.0.0.1:0", "--relay", relay_url)
+        with serving(*ca_args, passphrase=CA_PASS) as ca_url:
+            for name, home in (("alice", alice), ("bob", bob)):
+                token = ok(kmsnet("ca", "token", "--home", str(ca_home), name, passphrase=CA_PASS)).strip()
+                ok(kmsnet("node", "init", name, "--home", str(home), "--ca", ca_url, "--token", token,
+                          "--relay", relay_url, "--ca-fingerprint", fingerprint))  # fmt: skip
+            # Bob comes online once (publishing his prekeys), then alice writes to him.
+            ok(kmsnet("receive", "--home", str(bob), "--timeout", "10"))
+            sent = json.loads(ok(kmsnet("send", "--home", str(alice), "--to", "bob", "--json", "hello bob")))
+            assert sent["type"] == "sent" and sent["to"] == "bob" and not sent["queued"]
+            ok(kmsnet("send", "--home", str(alice), "--to", "bob", "-", stdin="from a pipe"))
+            lines = ok(kmsnet("receive", "--home", str(bob), "--json", "--timeout", "10")).splitlines()
+            items = [json.loads(line) for line in lines]
+            messages = [i for i in items if i["type"] == "message"]
+            assert [(m["from"], m["text"]) for m in messages] == [("alice", "hello bob"), ("alice", "from a pipe")]
+            assert messages[0]["id"] == sent["id"]
+            assert any(i["type"] == "event" and i["event"] == "session_established" for i in items)
+            # And back.
+            ok(kmsnet("send", "--home", str(bob), "--to", "alice", "hi alice"))
+            text = ok(kmsnet("receive", "--home", str(alice), "--timeout", "10"))
+            assert "[bob] hi alice" in text
+            status = json.loads(ok(kmsnet("status", "--home", str(alice), "--json")))
+            assert status["name"] == "alice" and status["feed"]["crl_number"] >= 1 and not status["feed"]["stale"]
+            assert [s["peer"] for s in status["sessions"]] == ["bob"]
+            bob_status = json.loads(ok(kmsnet("status", "--home", str(bob), "--json")))
+            assert bob_status["sessions"][0]["safety_number"] == status["sessions"][0]["safety_number"]
+
+            # The first mistakes a user makes: one line each, the documented exit code.
+            fails(kmsnet("send", "--home", str(alice), "--to", "carol", "hi"), 1, "no prekey bundle for 'carol'")
+            before = (alice / "keystore.db").read_bytes()
+            fails(kmsnet("status", "--home", str(alice), passphrase="wrong"), 1, "wrong passphrase")
+            assert (alice / "keystore.db").read_bytes() == before
+            fails(kmsnet("status", "--home", str(tmp_path / "nobody")), 1, "kmsnet node init")
+            fails(kmsnet("send", "--home", str(alice), "--to", "bob", "--relay", "http://x", "hi"), 1, "relay URL")
+    # The relay is gone: sending says so (exit 3) instead of hanging.
+    fails(kmsnet("send", "--home", str(alice), "--to", "bob", "are you there"), 3, relay_url)
