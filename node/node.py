@@ -22,7 +22,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -155,6 +155,7 @@ class Node:
         self._journal = Journal(keystore)
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen: dict[str, dict[bytes, None]] = {}
+        self._peers: dict[str, PeerRecord | None] = {}
         self._inbox_seq = _last_seq(keystore.names(NS_INBOX))
         outbox = keystore.names(NS_OUTBOX)
         self._outbox_seq = _last_seq(outbox)
@@ -331,8 +332,10 @@ class Node:
 
     def peer(self, name: str) -> PeerRecord | None:
         """What we know of `name`, if we ever had a session."""
-        packed = self.keystore.get(NS_PEER, name)
-        return PeerRecord.unpack(packed) if packed else None
+        if name not in self._peers:
+            packed = self.keystore.get(NS_PEER, name)
+            self._peers[name] = PeerRecord.unpack(packed) if packed else None
+        return self._peers[name]
 
     async def send(self, peer: str, text: str) -> str:
         """Encrypt `text` for `peer` and hand it to the relay; return the message id (hex).
@@ -513,6 +516,10 @@ class Node:
                 if session.closed:
                     raise SessionClosed(session.closed)
                 received = session.decrypt(deliver.payload)
+                record = self.peer(peer)
+                if record is not None and record.state == "initiated":
+                    # The first reply: both sides hold the session now.
+                    self._stage_peer(replace(record, state="established"), puts)
             else:
                 raise DecodeError(f"a {kind.name} frame is not a message")
         except ProtocolError as exc:
@@ -573,8 +580,13 @@ class Node:
         return frame
 
     def _note_peer(self, cert: certs.VerifiedCertificate, state: str, puts: dict[Key, bytes]) -> None:
-        record = PeerRecord(cert.name, cert.serial, cert.fingerprint, cert.public_key.public_bytes_raw(), state)
-        puts[(NS_PEER, cert.name)] = record.pack()
+        self._stage_peer(
+            PeerRecord(cert.name, cert.serial, cert.fingerprint, cert.public_key.public_bytes_raw(), state), puts
+        )
+
+    def _stage_peer(self, record: PeerRecord, puts: dict[Key, bytes]) -> None:
+        puts[(NS_PEER, record.name)] = record.pack()
+        self._peers[record.name] = record
 
     def _prune_seen(self, peer: str) -> list[Key]:
         """Forget the oldest remembered ids past twice the bound (an old id that comes back is refused
