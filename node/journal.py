@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +25,7 @@ class Journal:
     def __init__(self, keystore: Keystore) -> None:
         self.keystore = keystore
         self._thread: ThreadPoolExecutor | None = None
-        self._queue: list[tuple[Mapping[Key, bytes], Sequence[Key], asyncio.Future[None]]] = []
+        self._queue: list[tuple[Mapping[Key, bytes], Sequence[Key], bool, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._outstanding: set[asyncio.Future[None]] = set()
@@ -35,22 +36,36 @@ class Journal:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="node-journal")
             self._task = asyncio.create_task(self._run(), name="node-journal")
 
-    def commit(self, puts: Mapping[Key, bytes], deletes: Sequence[Key] = ()) -> asyncio.Future[None]:
-        """Queue writes; the returned future completes once they are committed (or fails with why not)."""
+    def commit(
+        self, puts: Mapping[Key, bytes], deletes: Sequence[Key] = (), *, sync: bool = True
+    ) -> asyncio.Future[None]:
+        """Queue writes; the returned future completes once they are committed (or fails with why not).
+
+        `sync`: the commit must survive a power loss (fsynced), not only a crash of the process.
+        A batch is fsynced if any commit in it asks for it, and an fsync makes every earlier
+        commit durable too.
+        """
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._queue.append((puts, deletes, fut))
+        self._queue.append((puts, deletes, sync, fut))
         self._outstanding.add(fut)
         fut.add_done_callback(self._outstanding.discard)
         self._wake.set()
         return fut
 
-    def _write(self, batch: list[tuple[Mapping[Key, bytes], Sequence[Key]]]) -> None:
-        with self.keystore.transaction():
-            for puts, deletes in batch:
-                for (namespace, name), value in puts.items():
-                    self.keystore.put(namespace, name, value)
-                for namespace, name in deletes:
-                    self.keystore.delete(namespace, name)
+    @staticmethod
+    def _merge(batch: list[tuple[Mapping[Key, bytes], Sequence[Key]]]) -> tuple[dict[Key, bytes], set[Key]]:
+        """One set of writes for a whole batch: a later put or delete of a key supersedes an earlier
+        one (a session written by ten messages is written once, in its latest state)."""
+        puts: dict[Key, bytes] = {}
+        deletes: set[Key] = set()
+        for batch_puts, batch_deletes in batch:
+            for key, value in batch_puts.items():
+                puts[key] = value
+                deletes.discard(key)
+            for key in batch_deletes:
+                puts.pop(key, None)
+                deletes.add(key)
+        return puts, deletes
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -61,14 +76,18 @@ class Journal:
             batch, self._queue = self._queue, []
             if not batch:
                 continue
+            puts, deletes = self._merge([(p, d) for p, d, _, _ in batch])
+            sync = any(s for _, _, s, _ in batch)
             try:
-                await loop.run_in_executor(thread, self._write, [(p, d) for p, d, _ in batch])
+                rows = self.keystore.seal_many(puts)
+                write = functools.partial(self.keystore.write_sealed, rows, deletes, sync=sync)
+                await loop.run_in_executor(thread, write)
             except Exception as exc:  # noqa: BLE001 - whatever failed, every waiter must learn it
-                for _, _, fut in batch:
+                for *_, fut in batch:
                     if not fut.done():
                         fut.set_exception(exc)
                 continue
-            for _, _, fut in batch:
+            for *_, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
 

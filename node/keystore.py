@@ -198,6 +198,7 @@ class Keystore:
         # One connection, usable from the event loop and from a node's journal thread: every
         # operation holds this lock, a transaction for its whole length.
         self._lock = threading.RLock()
+        self._sync = True  # synchronous=FULL, as opened
 
     # -- opening ---------------------------------------------------------------------------------
 
@@ -342,6 +343,38 @@ class Keystore:
                 "ON CONFLICT (namespace, name) DO UPDATE SET sealed = excluded.sealed",
                 (namespace, name, sealed),
             )
+
+    def seal_many(self, puts: dict[tuple[str, str], bytes]) -> list[tuple[str, str, bytes]]:
+        """Sealed rows for `write_sealed` (done apart so that a writer thread only runs SQL)."""
+        return [(ns, nm, aes_gcm_seal(self._data_key, value, _record_aad(ns, nm))) for (ns, nm), value in puts.items()]
+
+    def write_sealed(
+        self, rows: list[tuple[str, str, bytes]], deletes: set[tuple[str, str]], *, sync: bool = True
+    ) -> None:
+        """Write rows from `seal_many` and apply `deletes`, in one transaction.
+
+        Meant for a writer thread: the statements and the commit run inside SQLite, which
+        releases the interpreter, so the event loop keeps running meanwhile. With `sync` the
+        commit is fsynced (synchronous=FULL), which also makes every earlier commit durable;
+        without, it survives a crash of the process but not of the machine (synchronous=NORMAL
+        in WAL mode).
+        """
+        with self._lock, _storage_errors("write"):
+            if sync != self._sync:
+                self._db.execute(f"PRAGMA synchronous={'FULL' if sync else 'NORMAL'}")
+                self._sync = sync
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO records (namespace, name, sealed) VALUES (?, ?, ?) "
+                    "ON CONFLICT (namespace, name) DO UPDATE SET sealed = excluded.sealed",
+                    rows,
+                )
+                self._db.executemany("DELETE FROM records WHERE namespace = ? AND name = ?", list(deletes))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
 
     def get(self, namespace: str, name: str) -> bytes | None:
         """The unsealed value under (namespace, name), or None; `KeystoreCorrupt` if it does not authenticate."""

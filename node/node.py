@@ -40,15 +40,15 @@ from protocol.errors import (
     CertificateRevoked,
     DecodeError,
     DuplicateMessage,
-    NameMismatch,
     ProtocolError,
     RevocationError,
     SessionClosed,
+    UnexpectedFrame,
     UnknownPrekey,
 )
 from protocol.handshake import PrekeySecrets
 from protocol.identity import IdentityKey, KemKeyPair, X25519KeyPair
-from protocol.link import Accepted, Ack, CrlFeed, Deliver, Error, LinkFrame, PublishBundle, Send, Welcome
+from protocol.link import Accepted, Ack, CrlFeed, Deliver, Error, ErrorCode, LinkFrame, PublishBundle, Send, Welcome
 from protocol.messages import FrameType, InitMessage, PrekeyBundle, Suite
 from protocol.revocation import RevocationState
 from protocol.safety import safety_number
@@ -67,6 +67,8 @@ NS_SEEN = "seen"
 #: One-time prekeys uploaded per batch, and the level below which the node tops up.
 ONETIME_BATCH = 100
 ONETIME_LOW = 25
+#: Seconds between checks for a due signed-prekey rotation while connected.
+MAINTENANCE_INTERVAL = 60.0
 #: Received message ids remembered per peer to tell a redelivery from a replay.
 MAX_SEEN_PER_PEER = 5000
 
@@ -153,6 +155,7 @@ class Node:
         self._link: RelayLink | None = None
         self._link_task: asyncio.Task[None] | None = None
         self._journal = Journal(keystore)
+        self._maintenance: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen: dict[str, dict[bytes, None]] = {}
         self._peers: dict[str, PeerRecord | None] = {}
@@ -187,6 +190,7 @@ class Node:
             reconnect=reconnect,
         )
         self._journal.start()
+        self._maintenance = asyncio.create_task(self._maintain(), name=f"node-maintenance-{self.name}")
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._link_task = asyncio.create_task(self._link.run(first_attempt=first), name=f"node-link-{self.name}")
         if wait:
@@ -200,6 +204,11 @@ class Node:
 
     async def stop(self) -> None:
         """Close the link; state is already on disk."""
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._maintenance
+            self._maintenance = None
         if self._link is not None:
             await self._link.close()
         if self._link_task is not None:
@@ -251,6 +260,19 @@ class Node:
                 msg_id, to, payload = msgpack.unpackb(packed)
                 await self._link_send(Send(msg_id, to, payload))
 
+    async def _maintain(self) -> None:
+        """While running: rotate the signed prekey when it is due (not only at connect time, so that a
+        node connected for weeks never publishes a bundle initiators refuse as too old)."""
+        while True:
+            await asyncio.sleep(MAINTENANCE_INTERVAL)
+            if self.connected and self._rotation_due(self.clock()):
+                with contextlib.suppress(RelayUnreachable):
+                    await self._publish_prekeys(onetime_left=ONETIME_LOW)
+
+    def _rotation_due(self, now: datetime) -> bool:
+        due = self.keystore.get(NS_NODE, "next_prekey_rotation")
+        return due is None or now.timestamp() >= float(due.decode())
+
     async def _publish_prekeys(self, onetime_left: int) -> None:
         now = self.clock()
         rotated = self._rotate_signed_prekey(now)
@@ -278,8 +300,7 @@ class Node:
 
     def _rotate_signed_prekey(self, now: datetime) -> bool:
         """Make a new signed prekey when due; destroy ones past their grace period. True if rotated."""
-        due = self.keystore.get(NS_NODE, "next_prekey_rotation")
-        if due is not None and now.timestamp() < float(due.decode()):
+        if not self._rotation_due(now):
             return False
         ids = self.prekeys.signed_ids()
         spk_id = (ids[-1] + 1) if ids else 1
@@ -432,6 +453,12 @@ class Node:
             raise RelayUnreachable("node not started")
         await self._link.send(frame)
 
+    def _forget_outbox(self, msg_id: bytes) -> None:
+        name = self._outbox.pop(msg_id, None)
+        if name is not None:
+            # No need to wait: were the delete lost in a crash, the resend is deduplicated by the relay.
+            self._journal.commit({}, [(NS_OUTBOX, name)], sync=False).add_done_callback(_log_failure)
+
     def outbox_size(self) -> int:
         """Envelopes the relay has not yet accepted."""
         return len(self._outbox)
@@ -451,10 +478,7 @@ class Node:
         if isinstance(frame, Deliver):
             await self._on_deliver(frame)
         elif isinstance(frame, Accepted):
-            name = self._outbox.pop(frame.msg_id, None)
-            if name is not None:
-                # No need to wait: were it lost in a crash, the resend is deduplicated by the relay.
-                self._journal.commit({}, [(NS_OUTBOX, name)]).add_done_callback(_log_failure)
+            self._forget_outbox(frame.msg_id)
             fut = self._accepted.get(frame.msg_id)
             if fut is not None and not fut.done():
                 fut.set_result(None)
@@ -464,6 +488,9 @@ class Node:
             log.info("relay_error", extra={"fields": {"node": self.name, "code": frame.code, "text": frame.text}})
             if frame.msg_id is not None:
                 self._emit(SecurityEvent("send_refused", None, f"relay: {frame.text}"))
+                if frame.code == ErrorCode.UNKNOWN_RECIPIENT:
+                    # Final: resending it on every reconnect would change nothing.
+                    self._forget_outbox(frame.msg_id)
         # Other frame types from a relay are ignored: it cannot make us do anything with them.
 
     async def _on_deliver(self, deliver: Deliver) -> None:
@@ -503,7 +530,7 @@ class Node:
         seen = self._seen_ids(peer)
         if deliver.msg_id in seen:
             # A redelivery of something already processed: acknowledge, say nothing.
-            return self._journal.commit({}), None
+            return self._journal.commit({}, sync=False), None
         puts: dict[Key, bytes] = {}
         try:
             kind = wire.frame_type(deliver.payload)
@@ -537,11 +564,22 @@ class Node:
         if message is not None:
             self._inbox_seq += 1
             puts[(NS_INBOX, f"{self._inbox_seq:020d}")] = msgpack.packb(message.to_json())
-        return self._journal.commit(puts, self._prune_seen(peer)), message
+        # Not fsynced: after a power loss the last few received messages may be shown again, but no
+        # key is ever reused, because every send is fsynced, and an fsync makes all of this durable too.
+        return self._journal.commit(puts, self._prune_seen(peer), sync=False), message
 
     def _respond(self, peer: str, payload: bytes, puts: dict[Key, bytes]) -> Any:
         init = handshake.decode_init(payload)
         bundle = self._bundle_for(init)
+        previous = self.peer(peer)
+        if (
+            previous is not None
+            and previous.state == "initiated"
+            and handshake.initiation_wins(self.fingerprint, hashlib.sha256(init.certificate).digest())
+        ):
+            # Both sides started a session at once: the INIT from the lower fingerprint (ours) wins on
+            # both sides; theirs is refused here, before it consumes anything.
+            raise UnexpectedFrame("simultaneous initiation: ours wins, this INIT is refused")
         result = handshake.respond(
             init,
             identity=self.identity,
@@ -552,10 +590,8 @@ class Node:
             revocation=self.revocation,
             now=self.clock(),
             allowed_suites=self.options.accept_suites,
+            expected_name=peer,
         )
-        if result.peer.name != peer:
-            raise NameMismatch(f"INIT signed by {result.peer.name!r} but relayed as from {peer!r}")
-        previous = self.peer(peer)
         new_identity = result.peer.public_key.public_bytes_raw()
         self._sessions[peer] = result.session
         self._note_peer(result.peer, "established", puts)
@@ -642,7 +678,8 @@ class Node:
         """Record a security event in the inbox; the application sees it once it is on disk."""
         log.info("security_event", extra={"fields": event.to_json()})
         self._inbox_seq += 1
-        durable = self._journal.commit({(NS_INBOX, f"{self._inbox_seq:020d}"): msgpack.packb(event.to_json())})
+        record = {(NS_INBOX, f"{self._inbox_seq:020d}"): msgpack.packb(event.to_json())}
+        durable = self._journal.commit(record, sync=False)
 
         def deliver(fut: asyncio.Future[None]) -> None:
             if not fut.cancelled() and fut.exception() is None:

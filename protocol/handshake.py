@@ -58,7 +58,7 @@ from protocol.keyschedule import (
     root_key,
     transcript_hash,
 )
-from protocol.messages import VERSION, X25519_LEN, FrameType, InitMessage, OneTimePrekey, PrekeyBundle, Suite
+from protocol.messages import MAX_U32, VERSION, X25519_LEN, FrameType, InitMessage, OneTimePrekey, PrekeyBundle, Suite
 from protocol.ratchet import Ratchet
 from protocol.session import Received, Session
 
@@ -196,6 +196,8 @@ class PrekeySecrets:
         """Hold a one-time prekey's private key until one initial message consumes it."""
         if key_id < self._issued:
             raise LocalError(f"one-time prekey ids only grow: {key_id} is below {self._issued}")
+        if key_id >= MAX_U32:
+            raise LocalError("one-time prekey ids stop below 2**32 - 1")
         if len(self._onetime) >= MAX_ONETIME_PREKEYS:
             # The relay keeps the newest MAX_ONETIME_PREKEYS too: the oldest was handed out and never used.
             del self._onetime[min(self._onetime)]
@@ -248,12 +250,13 @@ class PrekeySecrets:
                 raise DecodeError("unknown prekey state format")
             for i, k in spk:
                 out._spk[_id(i)] = X25519KeyPair.from_private_bytes(k)
+                out._seen[_id(i)] = set()
             for i, k in kem:
                 out._kem[_id(i)] = KemKeyPair.from_seed(k)
             for i, k in onetime:
                 out._onetime[_id(i)] = X25519KeyPair.from_private_bytes(k)
             out._issued = _id(issued)
-            out._seen = {_id(i): {_ephemeral(e) for e in s} for i, s in seen}
+            out._seen.update({_id(i): {_ephemeral(e) for e in s} for i, s in seen})
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise DecodeError("malformed prekey state") from exc
         return out
@@ -409,12 +412,15 @@ def respond(
     revocation: RevocationCheck,
     now: datetime,
     allowed_suites: Collection[Suite] = (Suite.HYBRID,),
+    expected_name: str | None = None,
     keygen: Callable[[], X25519KeyPair] = X25519KeyPair.generate,
 ) -> Responded:
     """Accept an initial message. Everything is verified before any key is derived, and the
     one-time prekey is consumed (and the replay cache updated) only once message 0 decrypts.
 
-    `bundle` is our own published bundle for `init.spk_id` (the transcript covers its keys).
+    `bundle` is our own published bundle for `init.spk_id` (the transcript covers its keys);
+    `expected_name`, if given, is who the relay says sent it: a certificate naming anyone else is
+    refused before anything is consumed.
     """
     try:
         suite = Suite(init.suite)
@@ -424,7 +430,7 @@ def respond(
         raise SuiteError(f"suite {suite.name} is not accepted here")
     if init.responder_fingerprint != certificate_fingerprint:
         raise HandshakeError("initial message addressed to another certificate")
-    peer = certs.verify(init.certificate, root, now)
+    peer = certs.verify(init.certificate, root, now, expected_name=expected_name)
     revocation.check(peer.serial, now)
     spk = prekeys._spk.get(init.spk_id)
     if spk is None or bundle.spk_id != init.spk_id or bundle.spk != spk.public:

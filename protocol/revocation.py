@@ -271,6 +271,8 @@ def verify_crl(der: bytes, root: x509.Certificate, now: datetime) -> VerifiedCrl
         check_root(root)
     except UntrustedIssuer as exc:
         raise CrlInvalid(str(exc)) from exc
+    if now > root.not_valid_after_utc + CLOCK_SKEW:
+        raise CrlInvalid(f"the pinned root expired at {root.not_valid_after_utc.isoformat()}")
     try:
         crl = x509.load_der_x509_crl(der)
         # cryptography parses names lazily: garbage in the issuer only surfaces here.

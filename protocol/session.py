@@ -99,6 +99,8 @@ class Session:
             raise SessionClosed(self._closed)
         if len(data) >= MAX_PLAINTEXT:
             raise LocalError(f"message over {MAX_PLAINTEXT - 1} bytes")
+        if kind is Kind.HEARTBEAT and data:
+            raise LocalError("a heartbeat carries no content")
         return self._ratchet.encrypt(_KIND_BYTE[kind] + data, self.transcript)
 
     def encrypt(self, data: bytes, *, kind: Kind = Kind.DATA) -> bytes:

@@ -136,7 +136,7 @@ CREATE TABLE IF NOT EXISTS onetime (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, prekey BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS onetime_by_name ON onetime (name, seq);
-CREATE TABLE IF NOT EXISTS crl (id INTEGER PRIMARY KEY CHECK (id = 1), number INTEGER NOT NULL, der BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS crl (id INTEGER PRIMARY KEY CHECK (id = 1), number TEXT NOT NULL, der BLOB NOT NULL);
 """
 
 _Op = Callable[[sqlite3.Connection], Any]
@@ -221,7 +221,7 @@ class SqliteStore(Store):
             ops = [op for op, _ in batch]
             try:
                 results = await self._run(lambda ops=ops: self._batch(ops))  # type: ignore[misc]
-            except (sqlite3.Error, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure: the writer must live on and say why
                 # The batch is lost, and nobody in it was told "stored": nobody was lied to.
                 failure = StoreUnavailable(f"store write failed: {exc}")
                 results = [(None, failure)] * len(batch)
@@ -346,7 +346,8 @@ class SqliteStore(Store):
 
     async def put_crl(self, number: int, der: bytes) -> None:
         def op(db: sqlite3.Connection) -> None:
-            db.execute("INSERT OR REPLACE INTO crl (id, number, der) VALUES (1, ?, ?)", (number, der))
+            # CRL numbers run to 2**159: kept as decimal text, since SQLite integers stop at 2**63.
+            db.execute("INSERT OR REPLACE INTO crl (id, number, der) VALUES (1, ?, ?)", (str(number), der))
 
         await self._write(op)
 
@@ -354,7 +355,7 @@ class SqliteStore(Store):
         def query() -> tuple[int, bytes] | None:
             assert self._db is not None
             row = self._db.execute("SELECT number, der FROM crl WHERE id = 1").fetchone()
-            return (row[0], row[1]) if row else None
+            return (int(row[0]), row[1]) if row else None
 
         return await self._run(query)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from conftest import ALICE, BOB, CA
@@ -45,3 +46,42 @@ async def test_message_to_offline_node_arrives_when_it_connects(tmp_path: Path) 
         async with running(bob):  # the same node (same keystore) back online
             texts = [(await next_message(bob)).text for _ in range(3)]
         assert texts == [f"while you were out {i}" for i in range(3)]
+
+
+async def test_simultaneous_initiation_settles_on_one_session(tmp_path: Path) -> None:
+    async with Relay(relay_config(CA, tmp_path)) as relay:
+        await publish_crl(relay, CA, CA.crl())
+        alice = make_node(CA, ALICE, relay.url)
+        bob = make_node(CA, BOB, relay.url)
+        async with running(alice, bob):
+            await asyncio.gather(alice.send("bob", "hi from alice"), bob.send("alice", "hi from bob"))
+            loser, winner = (alice, bob) if BOB.fingerprint < ALICE.fingerprint else (bob, alice)
+            refused = await next_event(winner, "unexpected_frame")
+            assert "simultaneous initiation" in refused.reason
+            accepted = await next_event(loser, "session_established")
+            while not accepted.reason.startswith("accepted"):
+                accepted = await next_event(loser, "session_established")
+            # The loser answered the winner's INIT: from now on one session, both ways. (What the loser
+            # sent before that INIT arrived is lost: the winner refused it, as the event above says.)
+            for i in range(3):
+                await loser.send(winner.name, f"loser {i}")
+                assert (await next_message(winner)).text == f"loser {i}"
+                await winner.send(loser.name, f"winner {i}")
+                got = await next_message(loser)
+                while got.text.startswith("hi from"):  # the winner's first message, if not yet taken
+                    got = await next_message(loser)
+                assert got.text == f"winner {i}"
+
+
+async def test_a_send_to_an_unknown_node_is_refused_once_and_not_retried(tmp_path: Path) -> None:
+    from protocol.link import Send
+
+    async with Relay(relay_config(CA, tmp_path)) as relay:
+        await publish_crl(relay, CA, CA.crl())
+        alice = make_node(CA, ALICE, relay.url)
+        async with running(alice):
+            alice._outbox[b"\x01" * 16] = "99999999999999999999"  # as if queued earlier for a node now gone
+            await alice._link_send(Send(b"\x01" * 16, "ghost", b"opaque"))
+            event = await next_event(alice, "send_refused")
+            assert "ghost" in event.reason
+            assert alice.outbox_size() == 0

@@ -7,6 +7,7 @@ is consumed, nothing enters the replay cache, unless message 0 authenticated).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 from datetime import datetime, timedelta
 from types import SimpleNamespace
@@ -760,3 +761,35 @@ def test_closed_accepts_nothing() -> None:
 
 def test_fingerprint_helper_matches_certificate_hash() -> None:
     assert BOB.fingerprint == hashlib.sha256(BOB.cert).digest()
+
+
+def test_an_init_relayed_as_from_someone_else_is_refused_before_anything_is_consumed(bob_prekeys: Prekeys) -> None:
+    bundle = bob_prekeys.fetch()
+    initiated = handshake.initiate(
+        identity=ALICE.identity, certificate=ALICE.cert, bundle=bundle, root=CA.root,
+        revocation=CA.revocation(), now=NOW, expected_name="bob",
+    )  # fmt: skip
+    before = bob_prekeys.secrets.to_bytes()
+    respond = functools.partial(
+        handshake.respond, init_of(initiated), identity=BOB.identity, certificate_fingerprint=BOB.fingerprint,
+        bundle=bob_prekeys.bundle, prekeys=bob_prekeys.secrets, root=CA.root, revocation=CA.revocation(), now=NOW,
+    )  # fmt: skip
+    with pytest.raises(NameMismatch):
+        respond(expected_name="mallory")
+    assert bob_prekeys.secrets.to_bytes() == before
+    assert respond(expected_name="alice").peer.name == "alice"
+
+
+def test_onetime_prekey_ids_stop_below_the_u32_limit() -> None:
+    secrets = handshake.PrekeySecrets()
+    with pytest.raises(LocalError, match="2\\*\\*32"):
+        secrets.add_onetime(0xFFFFFFFF, x25519("limit"))
+    secrets.add_onetime(0xFFFFFFFE, x25519("limit"))
+    assert handshake.PrekeySecrets.from_bytes(secrets.to_bytes()).next_onetime_id == 0xFFFFFFFF
+
+
+def test_a_restored_signed_prekey_without_a_replay_cache_still_accepts(bob_prekeys: Prekeys) -> None:
+    fmt, spk, kem, onetime, issued, _seen = msgpack.unpackb(bob_prekeys.secrets.to_bytes())
+    bob_prekeys.secrets = handshake.PrekeySecrets.from_bytes(msgpack.packb([fmt, spk, kem, onetime, issued, []]))
+    _, responded = establish(CA, ALICE, bob_prekeys, with_onetime=False)
+    assert responded.first.data == b"hello"

@@ -1091,3 +1091,12 @@ def test_crl_numbers_fit_twenty_octets(pki: Pki) -> None:
     assert verify_crl(pki.crl(2**159 - 1), pki.root, NOW).number == 2**159 - 1
     with pytest.raises(LocalError):
         pki.crl(2**159)
+
+
+def test_crl_under_an_expired_root_is_refused() -> None:
+    key = ed_key(55)
+    root = certs.make_root(key=key, name="old-ca", serial=1, not_before=NOW - 3 * YEAR, not_after=NOW - YEAR)
+    crl = issue_crl(ca_key=key, ca_cert=root, number=1, this_update=NOW - 2 * YEAR, next_update=NOW - 2 * YEAR + DAY,
+                    revoked=[])  # fmt: skip
+    with pytest.raises(CrlInvalid, match="root expired"):
+        verify_crl(crl, root, NOW)

@@ -334,3 +334,9 @@ def test_stored_state_format_must_be_the_integer_1(sessions: tuple[Session, Sess
     fields[0] = fmt
     with pytest.raises(DecodeError):
         cls.from_bytes(msgpack.packb(fields))  # type: ignore[attr-defined]
+
+
+def test_a_heartbeat_with_content_is_refused_at_the_sender(sessions: tuple[Session, Session]) -> None:
+    a, _ = sessions
+    with pytest.raises(LocalError, match="heartbeat"):
+        a.encrypt(b"x", kind=Kind.HEARTBEAT)
