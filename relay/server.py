@@ -12,6 +12,7 @@ The relay is untrusted by design: it sees names, sizes and timing, never a key o
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import logging
 import os
@@ -116,6 +117,9 @@ class _Peer:
     ws: ServerConnection
     bucket: TokenBucket
     wake: asyncio.Event = field(default_factory=asyncio.Event)
+    #: Envelopes for this node stored (or being stored) since it connected, to push from memory.
+    live: collections.deque[Envelope] = field(default_factory=collections.deque)
+    #: Highest sequence number pushed; everything at or below it was sent.
     cursor: int = 0
     strikes: int = 0
     writer: asyncio.Task[None] | None = None
@@ -254,7 +258,6 @@ class Relay:
             if self._crl is not None:
                 await self._push_crl(peer, self._crl)
             peer.writer = asyncio.create_task(self._writer(peer), name=f"relay-writer-{peer.name}")
-            peer.wake.set()
             async for raw in ws:
                 await self._receive(peer, raw)
         except _Fatal as exc:
@@ -341,20 +344,26 @@ class Relay:
             await self._send(peer, Error(ErrorCode.UNKNOWN_RECIPIENT, f"no node {send.to!r} here", send.msg_id))
             return
         now_ms = int(self.config.clock().timestamp() * 1000)
+        writes = []
         for item in await self.interceptor.on_send(peer.name, send):
             try:
-                seq = await self.store.put(item.msg_id, peer.name, item.to, item.payload, now_ms)
+                envelope, durable = self.store.put_nowait(item.msg_id, peer.name, item.to, item.payload, now_ms)
             except QuotaExceeded as exc:
                 await self._send(peer, Error(ErrorCode.QUOTA_EXCEEDED, str(exc), item.msg_id))
                 return
-            except StoreUnavailable as exc:
-                await self._send(peer, Error(ErrorCode.UNAVAILABLE, str(exc), item.msg_id))
-                return
-            if seq is not None:
-                self.metrics.stored.inc()
-                recipient = self._peers.get(item.to)
-                if recipient is not None:
-                    recipient.wake.set()
+            writes.append(durable)
+            recipient = self._peers.get(item.to)
+            if envelope is not None and recipient is not None:
+                # Pushed while it is being written: the recipient acknowledges only after its own
+                # commit, and a retransmission after a relay crash is recognised by its msg_id.
+                recipient.live.append(envelope)
+                recipient.wake.set()
+        try:
+            await asyncio.gather(*writes)
+        except StoreUnavailable as exc:
+            await self._send(peer, Error(ErrorCode.UNAVAILABLE, str(exc), send.msg_id))
+            return
+        self.metrics.stored.inc(len(writes))
         # Durable (or a retransmission of something durable): tell the sender it may forget it.
         await self._send(peer, Accepted(send.msg_id))
 
@@ -417,20 +426,27 @@ class Relay:
     # --- delivery -------------------------------------------------------------------------------------
 
     async def _writer(self, peer: _Peer) -> None:
-        """Push the node's mail, in order, from the store; woken whenever new mail is stored."""
+        """Push the node's mail in order: first what the store holds (everything queued before the
+        node connected is committed first, so the read sees it), then from memory what arrives while
+        it is connected; woken whenever new mail comes."""
         with contextlib.suppress(ConnectionClosed):
+            await self.store.flush()
             while True:
+                batch = await self.store.pending(peer.name, peer.cursor, DELIVERY_BATCH)
+                for envelope in batch:
+                    await self._deliver(peer, envelope)
+                if len(batch) < DELIVERY_BATCH:
+                    break
+            while True:
+                while peer.live:
+                    await self._deliver(peer, peer.live.popleft())
                 await peer.wake.wait()
                 peer.wake.clear()
-                while True:
-                    batch = await self.store.pending(peer.name, peer.cursor, DELIVERY_BATCH)
-                    for envelope in batch:
-                        await self._deliver(peer, envelope)
-                        peer.cursor = envelope.seq
-                    if len(batch) < DELIVERY_BATCH:
-                        break
 
     async def _deliver(self, peer: _Peer, envelope: Envelope) -> None:
+        if envelope.seq <= peer.cursor:
+            return  # read from the store already
+        peer.cursor = envelope.seq
         frame = Deliver(envelope.msg_id, envelope.sender, envelope.payload, envelope.stored_at)
         for item in await self.interceptor.on_deliver(peer.name, frame):
             await self._send(peer, item)

@@ -75,9 +75,17 @@ class Store(ABC):
         """Finish queued writes and close."""
 
     @abstractmethod
-    async def put(self, msg_id: bytes, sender: str, recipient: str, payload: bytes, stored_at: int) -> int | None:
-        """Store an envelope durably and return its sequence number; None if that msg_id from that
-        sender is already stored (a retransmission). Raises QuotaExceeded when the mailbox is full."""
+    def put_nowait(
+        self, msg_id: bytes, sender: str, recipient: str, payload: bytes, stored_at: int
+    ) -> tuple[Envelope | None, asyncio.Future[None]]:
+        """Queue an envelope for storage: it gets its sequence number at once, and the future
+        completes once it is durable (only then may the sender be told). The envelope is None
+        for a retransmission of one still stored (the future is then already done). Raises
+        QuotaExceeded when the mailbox is full."""
+
+    @abstractmethod
+    async def flush(self) -> None:
+        """Wait until every write queued so far is committed (readers then see it)."""
 
     @abstractmethod
     async def pending(self, recipient: str, after: int = 0, limit: int = 256) -> list[Envelope]:
@@ -156,6 +164,12 @@ class SqliteStore(Store):
         self._count: dict[str, int] = {}
         self._bytes: dict[str, int] = {}
         self._known: set[str] = set()
+        # Sequence numbers are handed out here, before the commit, so that an online recipient
+        # can be sent an envelope while it is still being written; (sender, msg_id) of what is
+        # stored, to recognise a retransmission without a query.
+        self._seq = 0
+        self._stored: set[tuple[str, bytes]] = set()
+        self._outstanding: set[asyncio.Future[Any]] = set()
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
@@ -172,6 +186,10 @@ class SqliteStore(Store):
                 self._count[recipient] = count
                 self._bytes[recipient] = size or 0
             self._known.update(name for (name,) in db.execute("SELECT name FROM bundles"))
+            self._stored.update(db.execute("SELECT sender, msg_id FROM envelopes"))
+            (top,) = db.execute("SELECT MAX(seq) FROM envelopes").fetchone()
+            (counter,) = db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'envelopes'").fetchone() or (0,)
+            self._seq = max(top or 0, counter or 0)
             self._db = db
 
         try:
@@ -233,33 +251,56 @@ class SqliteStore(Store):
                         fut.set_exception(error)
                 self._writes.task_done()
 
-    async def _write(self, op: _Op) -> Any:
+    def _queue(self, op: _Op) -> asyncio.Future[Any]:
         if self._writer is None:
             raise StoreUnavailable("store is not open")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._writes.put_nowait((op, fut))
-        return await fut
+        self._outstanding.add(fut)
+        fut.add_done_callback(self._outstanding.discard)
+        return fut
 
-    async def put(self, msg_id: bytes, sender: str, recipient: str, payload: bytes, stored_at: int) -> int | None:
+    async def _write(self, op: _Op) -> Any:
+        return await self._queue(op)
+
+    async def flush(self) -> None:
+        if self._outstanding:
+            await asyncio.gather(*self._outstanding, return_exceptions=True)
+
+    def put_nowait(
+        self, msg_id: bytes, sender: str, recipient: str, payload: bytes, stored_at: int
+    ) -> tuple[Envelope | None, asyncio.Future[None]]:
+        if (sender, msg_id) in self._stored:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            done.set_result(None)
+            return None, done
         if self._count.get(recipient, 0) >= self.limits.max_pending:
             raise QuotaExceeded(f"mailbox of {recipient} holds {self.limits.max_pending} envelopes")
         if self._bytes.get(recipient, 0) + len(payload) > self.limits.max_pending_bytes:
             raise QuotaExceeded(f"mailbox of {recipient} is over {self.limits.max_pending_bytes} bytes")
+        self._seq += 1
+        envelope = Envelope(self._seq, msg_id, sender, recipient, payload, stored_at)
 
-        def op(db: sqlite3.Connection) -> int | None:
-            cursor = db.execute(
-                "INSERT INTO envelopes (msg_id, sender, recipient, payload, stored_at) VALUES (?, ?, ?, ?, ?)",
-                (msg_id, sender, recipient, payload, stored_at),
+        def op(db: sqlite3.Connection) -> None:
+            db.execute(
+                "INSERT INTO envelopes (seq, msg_id, sender, recipient, payload, stored_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (envelope.seq, msg_id, sender, recipient, payload, stored_at),
             )
-            return cursor.lastrowid
 
-        try:
-            seq: int | None = await self._write(op)
-        except sqlite3.IntegrityError:
-            return None
+        self._stored.add((sender, msg_id))
         self._count[recipient] = self._count.get(recipient, 0) + 1
         self._bytes[recipient] = self._bytes.get(recipient, 0) + len(payload)
-        return seq
+
+        def undo(fut: asyncio.Future[Any]) -> None:
+            # Not stored after all: forget it, so that the sender's retransmission is taken afresh.
+            if fut.cancelled() or fut.exception() is not None:
+                self._stored.discard((sender, msg_id))
+                self._count[recipient] -= 1
+                self._bytes[recipient] -= len(payload)
+
+        fut = self._queue(op)
+        fut.add_done_callback(undo)
+        return envelope, fut
 
     async def pending(self, recipient: str, after: int = 0, limit: int = 256) -> list[Envelope]:
         def query() -> list[Envelope]:
@@ -273,15 +314,17 @@ class SqliteStore(Store):
 
         return await self._run(query)
 
-    def _forget(self, rows: list[tuple[str, int]]) -> None:
-        for recipient, size in rows:
+    def _forget(self, rows: list[tuple[str, str, bytes, int]]) -> None:
+        for recipient, sender, msg_id, size in rows:
             self._count[recipient] -= 1
             self._bytes[recipient] -= size
+            self._stored.discard((sender, msg_id))
 
     async def delete(self, recipient: str, msg_id: bytes) -> bool:
-        def op(db: sqlite3.Connection) -> list[tuple[str, int]]:
+        def op(db: sqlite3.Connection) -> list[tuple[str, str, bytes, int]]:
             return db.execute(
-                "DELETE FROM envelopes WHERE recipient = ? AND msg_id = ? RETURNING recipient, LENGTH(payload)",
+                "DELETE FROM envelopes WHERE recipient = ? AND msg_id = ? "
+                "RETURNING recipient, sender, msg_id, LENGTH(payload)",
                 (recipient, msg_id),
             ).fetchall()
 
@@ -292,9 +335,10 @@ class SqliteStore(Store):
     async def purge_expired(self, now_ms: int) -> int:
         cutoff = now_ms - int(self.limits.max_age * 1000)
 
-        def op(db: sqlite3.Connection) -> list[tuple[str, int]]:
+        def op(db: sqlite3.Connection) -> list[tuple[str, str, bytes, int]]:
             return db.execute(
-                "DELETE FROM envelopes WHERE stored_at < ? RETURNING recipient, LENGTH(payload)", (cutoff,)
+                "DELETE FROM envelopes WHERE stored_at < ? RETURNING recipient, sender, msg_id, LENGTH(payload)",
+                (cutoff,),
             ).fetchall()
 
         rows = await self._write(op)
