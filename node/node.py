@@ -35,6 +35,7 @@ from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
 from node.keystore import Keystore
 from node.link import RelayLink
+from node.ocsp import OcspChecker
 from protocol import certs, handshake, wire
 from protocol.errors import (
     CertificateRevoked,
@@ -91,6 +92,8 @@ class NodeOptions:
     publish_kem: bool = True
     #: Seconds to wait for the relay to accept a sent envelope before `send` returns queued.
     send_timeout: float = 10.0
+    #: Check peers by OCSP at this URL (the CA's responder) instead of the CRL feed.
+    ocsp_url: str | None = None
 
 
 @dataclass(frozen=True)
@@ -102,14 +105,18 @@ class PeerRecord:
     fingerprint: bytes
     identity: bytes
     state: str
+    #: The peer's certificate (DER), to ask an OCSP responder about it later.
+    certificate: bytes
 
     def pack(self) -> bytes:
-        return msgpack.packb([self.name, self.serial.to_bytes(20, "big"), self.fingerprint, self.identity, self.state])
+        return msgpack.packb(
+            [self.name, self.serial.to_bytes(20, "big"), self.fingerprint, self.identity, self.state, self.certificate]
+        )
 
     @classmethod
     def unpack(cls, data: bytes) -> PeerRecord:
-        name, serial, fp, identity, state = msgpack.unpackb(data)
-        return cls(name, int.from_bytes(serial, "big"), fp, identity, state)
+        name, serial, fp, identity, state, certificate = msgpack.unpackb(data)
+        return cls(name, int.from_bytes(serial, "big"), fp, identity, state, certificate)
 
 
 class Node:
@@ -146,6 +153,7 @@ class Node:
             raise NodeError("no relay URL: give --relay")
         state = keystore.get(NS_NODE, "revocation")
         self.revocation = RevocationState.from_bytes(state, self.root, clock()) if state else RevocationState()
+        self._ocsp = OcspChecker(self.options.ocsp_url, self.root) if self.options.ocsp_url else None
         packed = keystore.get(NS_NODE, "prekeys")
         self.prekeys = PrekeySecrets.from_bytes(packed) if packed else PrekeySecrets()
         self.events: asyncio.Queue[Delivered] = asyncio.Queue()
@@ -268,6 +276,23 @@ class Node:
             if self.connected and self._rotation_due(self.clock()):
                 with contextlib.suppress(RelayUnreachable):
                     await self._publish_prekeys(onetime_left=ONETIME_LOW)
+            if self._ocsp is not None:
+                await self._recheck_by_ocsp()
+
+    async def _recheck_by_ocsp(self) -> None:
+        """In OCSP mode the feed may never tell: ask again about every peer with an open session."""
+        assert self._ocsp is not None
+        for name, session in list(self._sessions.items()):
+            record = self.peer(name)
+            if session.closed or record is None:
+                continue
+            try:
+                answer = await self._ocsp.refresh(record.certificate, self.clock())
+            except ProtocolError as exc:
+                log.info("ocsp_recheck_failed", extra={"fields": {"peer": name, "reason": str(exc)}})
+                continue
+            if answer.status == "revoked":
+                self._close_revoked(name, session, record, answer.reason or "revoked")
 
     def _rotation_due(self, now: datetime) -> bool:
         due = self.keystore.get(NS_NODE, "next_prekey_rotation")
@@ -399,12 +424,14 @@ class Node:
             frame = wire.decode(reply.bundle)
             if not isinstance(frame, PrekeyBundle):
                 raise DecodeError("relay answered with something else than a bundle")
+            if self._ocsp is not None:
+                await self._ocsp.ensure(frame.certificate, self.clock())
             started = handshake.initiate(
                 identity=self.identity,
                 certificate=self.certificate,
                 bundle=frame,
                 root=self.root,
-                revocation=self.revocation,
+                revocation=self.revocation_check,
                 now=self.clock(),
                 expected_name=peer,
                 first_message=body,
@@ -493,7 +520,17 @@ class Node:
                     self._forget_outbox(frame.msg_id)
         # Other frame types from a relay are ignored: it cannot make us do anything with them.
 
+    @property
+    def revocation_check(self) -> handshake.RevocationCheck:
+        """What vouches for peers at handshake time: OCSP answers if so configured, else the CRL feed."""
+        return self._ocsp if self._ocsp is not None else self.revocation
+
     async def _on_deliver(self, deliver: Deliver) -> None:
+        if self._ocsp is not None:
+            # Ask the responder about the sender of an INIT before handling it (never under the lock).
+            with contextlib.suppress(ProtocolError):
+                if wire.frame_type(deliver.payload) is FrameType.INIT:
+                    await self._ocsp.ensure(handshake.decode_init(deliver.payload).certificate, self.clock())
         async with self._lock(deliver.sender):
             durable, message = self._receive(deliver)
         # The link goes on reading while this one commits: the next deliveries join the batch.
@@ -587,7 +624,7 @@ class Node:
             bundle=bundle,
             prekeys=self.prekeys,
             root=self.root,
-            revocation=self.revocation,
+            revocation=self.revocation_check,
             now=self.clock(),
             allowed_suites=self.options.accept_suites,
             expected_name=peer,
@@ -617,7 +654,8 @@ class Node:
 
     def _note_peer(self, cert: certs.VerifiedCertificate, state: str, puts: dict[Key, bytes]) -> None:
         self._stage_peer(
-            PeerRecord(cert.name, cert.serial, cert.fingerprint, cert.public_key.public_bytes_raw(), state), puts
+            PeerRecord(cert.name, cert.serial, cert.fingerprint, cert.public_key.public_bytes_raw(), state, cert.der),
+            puts,
         )
 
     def _stage_peer(self, record: PeerRecord, puts: dict[Key, bytes]) -> None:
@@ -665,12 +703,15 @@ class Node:
             record = self.peer(name)
             if record is None or record.serial not in crl.revoked:
                 continue
-            session = self._session(name)
             reason = crl.entries[record.serial].reason if record.serial in crl.entries else "revoked"
-            if session is not None and not session.closed:
-                session.close(f"peer revoked ({reason})")
-                self._save_session(name, session).add_done_callback(_log_failure)
-            self._emit(SecurityEvent("peer_revoked", name, f"certificate {record.serial:x} revoked ({reason})"))
+            self._close_revoked(name, self._session(name), record, reason)
+
+    def _close_revoked(self, name: str, session: Session | None, record: PeerRecord, reason: str) -> None:
+        """Tear down the session with a revoked peer: every later frame is refused, and the user is told."""
+        if session is not None and not session.closed:
+            session.close(f"peer revoked ({reason})")
+            self._save_session(name, session).add_done_callback(_log_failure)
+        self._emit(SecurityEvent("peer_revoked", name, f"certificate {record.serial:x} revoked ({reason})"))
 
     # --- events and inbox -----------------------------------------------------------------------------
 

@@ -1,0 +1,88 @@
+"""Revocation by OCSP (RFC 6960) instead of the CRL feed.
+
+`await checker.refresh(certificate)` asks the CA's responder about a peer's certificate (with a
+fresh nonce, so an old answer cannot be replayed) and remembers the verified answer for a short
+while; `checker.check(serial, now)` — the handshake's revocation check — then answers from
+memory and fails closed when it knows nothing fresh. The network call runs in a thread so the
+event loop never waits on it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import urllib.error
+import urllib.request
+from datetime import datetime, timedelta
+
+from cryptography import x509
+
+from protocol import certs, revocation
+from protocol.errors import NoRevocationData, OcspError, ProtocolError
+
+log = logging.getLogger("kmsnet.node.ocsp")
+
+#: How long a verified answer is used before the responder is asked again.
+DEFAULT_TTL = timedelta(minutes=5)
+#: Seconds to wait for the responder.
+TIMEOUT = 5.0
+#: Largest answer read.
+MAX_RESPONSE = 64 * 1024
+
+
+class OcspChecker:
+    """Answers `check(serial, now)` from OCSP responses fetched with `refresh`."""
+
+    def __init__(self, url: str, root: x509.Certificate, *, ttl: timedelta = DEFAULT_TTL) -> None:
+        self.url = url
+        self.root = root
+        self.ttl = ttl
+        self._answers: dict[int, tuple[revocation.OcspAnswer, datetime]] = {}
+
+    async def refresh(self, certificate: bytes, now: datetime) -> revocation.OcspAnswer:
+        """Ask the responder about `certificate` (DER) and remember the verified answer.
+
+        Raises OcspError (bad or unverifiable answer) or NoRevocationData (responder unreachable):
+        either way the peer is not trusted until an answer verifies.
+        """
+        cert = certs.load_certificate(certificate)
+        nonce = os.urandom(16)
+        request = revocation.build_ocsp_request(cert, self.root, nonce)
+        der = await asyncio.to_thread(self._post, request)
+        answer = revocation.verify_ocsp_response(der, cert=cert, root=self.root, nonce=nonce, now=now)
+        self._answers[cert.serial_number] = (answer, now + self.ttl)
+        log.info("ocsp_answer", extra={"fields": {"serial": f"{cert.serial_number:x}", "status": answer.status}})
+        return answer
+
+    def _post(self, request: bytes) -> bytes:
+        http = urllib.request.Request(  # noqa: S310 - the CA's URL, given by the operator
+            self.url, data=request, headers={"Content-Type": "application/ocsp-request"}, method="POST"
+        )
+        try:
+            with urllib.request.urlopen(http, timeout=TIMEOUT) as response:  # noqa: S310
+                data: bytes = response.read(MAX_RESPONSE + 1)
+        except (urllib.error.URLError, OSError, TimeoutError) as exc:
+            raise NoRevocationData(f"OCSP responder {self.url} unreachable: {exc}") from exc
+        if len(data) > MAX_RESPONSE:
+            raise OcspError(f"OCSP answer over {MAX_RESPONSE} bytes")
+        return data
+
+    def check(self, serial: int, now: datetime) -> None:
+        """Fail closed unless a fresh, verified answer says good."""
+        known = self._answers.get(serial)
+        if known is None or now > known[1]:
+            raise NoRevocationData(f"no fresh OCSP answer for serial {serial:x}")
+        known[0].require_good(serial)
+
+    async def ensure(self, certificate: bytes, now: datetime) -> None:
+        """Refresh unless a fresh answer is at hand; errors are left for `check` to report."""
+        cert_serial = certs.load_certificate(certificate).serial_number
+        known = self._answers.get(cert_serial)
+        if known is not None and now <= known[1]:
+            return
+        try:
+            await self.refresh(certificate, now)
+        except ProtocolError as exc:
+            log.info("ocsp_failed", extra={"fields": {"serial": f"{cert_serial:x}", "reason": str(exc)}})
+
