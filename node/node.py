@@ -68,6 +68,8 @@ NS_SEEN = "seen"
 #: One-time prekeys uploaded per batch, and the level below which the node tops up.
 ONETIME_BATCH = 100
 ONETIME_LOW = 25
+#: Sending message numbers reserved per durable write (well under the peer's MAX_SKIP).
+RESERVE_AHEAD = 64
 #: Seconds between checks for a due signed-prekey rotation while connected.
 MAINTENANCE_INTERVAL = 60.0
 #: Received message ids remembered per peer to tell a redelivery from a replay.
@@ -395,14 +397,17 @@ class Node:
         body = msgpack.packb([msg_id, time.time(), text])
         async with self._lock(peer):
             session = self._session(peer)
+            durable: asyncio.Future[None] | None
             if session is None or session.closed:
                 payload, durable = await self._initiate(peer, body)
             else:
+                durable = self._reserve(peer, session)
                 payload = session.encrypt(body)
-                durable = self._save_session(peer, session, outbox=(msg_id, peer, payload))
-        # Outside the lock, so that other sends can join the same commit; the ciphertext leaves
-        # only once the state that produced it is on disk.
-        await durable
+                self._queue_outbox(msg_id, peer, payload)
+        if durable is not None:
+            # Outside the lock, so that other sends can join the same commit. The ciphertext leaves
+            # only once a state that covers it is on disk (fsynced): a reservation or a new session.
+            await durable
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._accepted[msg_id] = fut
         try:
@@ -410,10 +415,27 @@ class Node:
             async with asyncio.timeout(self.options.send_timeout):
                 await fut
         except (TimeoutError, RelayUnreachable):
+            # The user is told "queued": the outbox record must survive even a power loss now.
+            await self._journal.commit({}, sync=True)
             log.info("send_queued", extra={"fields": {"node": self.name, "to": peer}})
         finally:
             self._accepted.pop(msg_id, None)
         return msg_id.hex()
+
+    def _reserve(self, peer: str, session: Session) -> asyncio.Future[None] | None:
+        """Reserve message numbers ahead on `session`; a new reservation is committed with fsync,
+        and the caller sends nothing before that commit is done (see `Ratchet.reserve`)."""
+        if session.reserve(RESERVE_AHEAD):
+            return self._save_session(peer, session)
+        return None
+
+    def _queue_outbox(self, msg_id: bytes, to: str, payload: bytes) -> None:
+        """Keep an envelope until the relay accepts it, to resend it after a reconnect or a restart."""
+        self._outbox_seq += 1
+        name = f"{self._outbox_seq:020d}"
+        self._outbox[msg_id] = name
+        record = {(NS_OUTBOX, name): msgpack.packb([msg_id, to, payload])}
+        self._journal.commit(record, sync=False).add_done_callback(_log_failure)
 
     async def _initiate(self, peer: str, body: bytes) -> tuple[bytes, asyncio.Future[None]]:
         assert self._link is not None
@@ -443,8 +465,9 @@ class Node:
         msg_id = msgpack.unpackb(body)[0]
         puts: dict[Key, bytes] = {}
         self._note_peer(started.peer, "initiated", puts)
-        self._stage_session(peer, started.session, puts, outbox=(msg_id, peer, started.frame))
+        self._stage_session(peer, started.session, puts)
         durable = self._journal.commit(puts)
+        self._queue_outbox(msg_id, peer, started.frame)
         self._emit(
             SecurityEvent(
                 "session_established",
@@ -455,24 +478,15 @@ class Node:
         )
         return started.frame, durable
 
-    def _stage_session(
-        self, peer: str, session: Session, puts: dict[Key, bytes], *, outbox: tuple[bytes, str, bytes] | None = None
-    ) -> None:
-        """Add a session's state (and the envelope it just produced) to a commit being prepared."""
+    def _stage_session(self, peer: str, session: Session, puts: dict[Key, bytes]) -> None:
+        """Add a session's state to a commit being prepared."""
         puts[(NS_SESSION, peer)] = session.to_bytes()
-        if outbox is not None:
-            msg_id, to, payload = outbox
-            self._outbox_seq += 1
-            name = f"{self._outbox_seq:020d}"
-            puts[(NS_OUTBOX, name)] = msgpack.packb([msg_id, to, payload])
-            self._outbox[msg_id] = name
         self._sessions[peer] = session
 
-    def _save_session(
-        self, peer: str, session: Session, *, outbox: tuple[bytes, str, bytes] | None = None
-    ) -> asyncio.Future[None]:
+    def _save_session(self, peer: str, session: Session) -> asyncio.Future[None]:
+        """Commit a session's state, fsynced."""
         puts: dict[Key, bytes] = {}
-        self._stage_session(peer, session, puts, outbox=outbox)
+        self._stage_session(peer, session, puts)
         return self._journal.commit(puts)
 
     async def _link_send(self, frame: LinkFrame) -> None:
@@ -676,9 +690,11 @@ class Node:
     async def _heartbeat(self, peer: str, session: Session) -> None:
         msg_id = os.urandom(16)
         async with self._lock(peer):
+            durable = self._reserve(peer, session)
             payload = session.encrypt(b"", kind=Kind.HEARTBEAT)
-            durable = self._save_session(peer, session, outbox=(msg_id, peer, payload))
-        await durable
+            self._queue_outbox(msg_id, peer, payload)
+        if durable is not None:
+            await durable
         with contextlib.suppress(RelayUnreachable):
             await self._link_send(Send(msg_id, peer, payload))
 

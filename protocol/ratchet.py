@@ -65,6 +65,7 @@ class Ratchet:
         "_ns",
         "_old_chains",
         "_pn",
+        "_reserved",
         "_rk",
         "_skipped",
     )
@@ -95,6 +96,8 @@ class Ratchet:
         self._skipped: OrderedDict[tuple[bytes, int], bytes] = skipped if skipped is not None else OrderedDict()
         self._old_chains: list[bytes] = old_chains if old_chains is not None else []
         self._keygen = keygen
+        # (message number, chain key) up to which the sending chain is reserved: see `reserve`.
+        self._reserved: tuple[int, bytes] | None = None
 
     # --- construction -------------------------------------------------------------------------------
 
@@ -155,6 +158,27 @@ class Ratchet:
 
     # --- sending --------------------------------------------------------------------------------------
 
+    def reserve(self, ahead: int) -> bool:
+        """Reserve the next `ahead` message numbers of the sending chain; True if a new reservation
+        was made, which the caller must make durable (`to_bytes`) before anything is sent.
+
+        `to_bytes` then records the chain as if those messages were already sent: after a crash at
+        any point, sending resumes past everything that may have left, so no message key or nonce
+        is ever used twice — with one durable write per `ahead` messages instead of one per
+        message. The peer sees the numbers a crash skipped as a gap (within MAX_SKIP).
+        """
+        if self._cks is None:
+            raise LocalError("no sending chain yet: the responder must receive first")
+        if not 1 <= ahead <= MAX_SKIP // 2:
+            raise LocalError(f"reserve between 1 and {MAX_SKIP // 2} messages ahead")
+        if self._reserved is not None and self._ns < self._reserved[0]:
+            return False
+        ck = self._cks
+        for _ in range(ahead):
+            ck, _ = kdf_ck(ck)
+        self._reserved = (self._ns + ahead, ck)
+        return True
+
     def encrypt(self, plaintext: bytes, ad: bytes) -> RatchetMessage:
         """Encrypt one message; the sending chain steps forward."""
         cks = self._cks
@@ -165,6 +189,8 @@ class Ratchet:
         n = self._ns
         if n > 0xFFFFFFFF - 1:  # 4 billion messages in one chain
             raise LocalError("sending chain exhausted")
+        if self._reserved is not None and n >= self._reserved[0]:
+            raise LocalError("reservation used up: reserve (and persist) before sending more")
         ck, mk = kdf_ck(cks)
         dh = self._dhs.public
         ct = AESGCM(mk).encrypt(message_nonce(n), plaintext, header_bytes(dh, self._pn, n) + ad)
@@ -248,6 +274,7 @@ class Ratchet:
         # A chain we never received on (the initiator's first peer key) leaves nothing to remember.
         old = self._dhr if self._ckr is not None else None
         self._rk, self._dhs, self._dhr, self._cks, self._ckr = rk, dhs, msg.dh, cks, ckr
+        self._reserved = None  # a new sending chain: nothing reserved on it yet
         self._pn, self._ns, self._nr = self._ns, 0, msg.n + 1
         self._store_skipped(skipped, new_chain=old)
         self._store_skipped(new_skipped, new_chain=None)
@@ -268,16 +295,18 @@ class Ratchet:
     # --- persistence ----------------------------------------------------------------------------------
 
     def to_bytes(self) -> bytes:
-        """The whole state, for the keystore (it is secret: seal it)."""
+        """The whole state, for the keystore (it is secret: seal it); with a reservation, the
+        sending chain as it stands at the reservation's end."""
+        ns, cks = self._reserved if self._reserved is not None else (self._ns, self._cks)
         return msgpack.packb(
             [
                 1,
                 self._rk,
                 self._dhs.private_bytes(),
                 self._dhr,
-                self._cks,
+                cks,
                 self._ckr,
-                self._ns,
+                ns,
                 self._nr,
                 self._pn,
                 [[dh, n, mk] for (dh, n), mk in self._skipped.items()],

@@ -93,6 +93,12 @@ class Session:
         r = self._ratchet
         return r.received_in_chain >= self.dh_step_after and r.sent_in_chain == 0 and r.can_send
 
+    def reserve(self, ahead: int) -> bool:
+        """Reserve sending message numbers ahead (see `Ratchet.reserve`); True: persist before sending."""
+        if self._closed is not None:
+            raise SessionClosed(self._closed)
+        return self._ratchet.reserve(ahead)
+
     def encrypt_message(self, data: bytes, *, kind: Kind = Kind.DATA) -> RatchetMessage:
         """Encrypt application bytes into a ratchet message (not yet encoded)."""
         if self._closed is not None:

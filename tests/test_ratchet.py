@@ -599,3 +599,49 @@ def test_accept_hook_is_not_called_for_unauthenticated_messages(pair: tuple[Ratc
     with pytest.raises(AuthenticationFailed):
         bob.decrypt(bad, AD, called.append)
     assert called == []
+
+
+# --- reservations: one durable write per many messages, never a reused key -------------------------
+
+
+def test_a_reservation_is_made_when_needed_and_bounds_sending(pair: tuple[Ratchet, Ratchet]) -> None:
+    alice, bob = pair
+    assert alice.reserve(3) is True
+    assert alice.reserve(3) is False  # still inside the reservation
+    for i in range(3):
+        assert bob.decrypt(alice.encrypt(b"m%d" % i, AD), AD) == b"m%d" % i
+    with pytest.raises(LocalError, match="reservation used up"):
+        alice.encrypt(b"beyond", AD)
+    assert alice.reserve(3) is True
+    assert bob.decrypt(alice.encrypt(b"m3", AD), AD) == b"m3"
+
+
+def test_a_crash_resumes_past_the_reservation_and_the_peer_bridges_the_gap(pair: tuple[Ratchet, Ratchet]) -> None:
+    alice, bob = pair
+    alice.reserve(10)
+    persisted = alice.to_bytes()  # what is on disk before anything is sent
+    sent = [alice.encrypt(b"m%d" % i, AD) for i in range(4)]  # then the process dies
+    restored = Ratchet.from_bytes(persisted)
+    after = restored.encrypt(b"after the crash", AD)
+    assert after.n == 10 and all(m.n < 10 for m in sent)  # no message number (so no key) twice
+    assert bob.decrypt(after, AD) == b"after the crash"
+    assert [bob.decrypt(m, AD) for m in sent] == [b"m%d" % i for i in range(4)]  # late ones still open
+
+
+def test_a_new_sending_chain_starts_without_a_reservation(pair: tuple[Ratchet, Ratchet]) -> None:
+    alice, bob = pair
+    alice.reserve(5)
+    bob.decrypt(alice.encrypt(b"ping", AD), AD)
+    bob.reserve(5)
+    alice.decrypt(bob.encrypt(b"pong", AD), AD)  # alice steps: a new sending chain
+    assert alice.reserve(5) is True
+
+
+def test_reservation_bounds(pair: tuple[Ratchet, Ratchet]) -> None:
+    alice, _ = pair
+    for ahead in (0, MAX_SKIP // 2 + 1):
+        with pytest.raises(LocalError, match="reserve between"):
+            alice.reserve(ahead)
+    no_chain = Ratchet(root_key=bytes(32), dhs=X25519KeyPair.generate(), dhr=None, cks=None, ckr=None)
+    with pytest.raises(LocalError, match="no sending chain"):
+        no_chain.reserve(1)

@@ -74,7 +74,8 @@ def test_plaintext_limits(sessions: tuple[Session, Session]) -> None:
 
 
 @pytest.mark.parametrize(
-    "plaintext", [b"", b"\x00", b"\x03rest", b"\xffrest", b"\x02heartbeat with content"],
+    "plaintext",
+    [b"", b"\x00", b"\x03rest", b"\xffrest", b"\x02heartbeat with content"],
     ids=["empty", "kind 0", "kind 3", "kind 255", "heartbeat with content"],
 )
 def test_unknown_content_is_refused_without_state_change(sessions: tuple[Session, Session], plaintext: bytes) -> None:
@@ -340,3 +341,11 @@ def test_a_heartbeat_with_content_is_refused_at_the_sender(sessions: tuple[Sessi
     a, _ = sessions
     with pytest.raises(LocalError, match="heartbeat"):
         a.encrypt(b"x", kind=Kind.HEARTBEAT)
+
+
+def test_a_closed_session_reserves_nothing(sessions: tuple[Session, Session]) -> None:
+    a, _ = sessions
+    assert a.reserve(4) is True
+    a.close("peer revoked")
+    with pytest.raises(SessionClosed):
+        a.reserve(4)
