@@ -142,9 +142,7 @@ def flip(data: bytes, index: int = 0) -> bytes:
 def signed_bundle(owner: Node, *, spk: Any, kem: Any = None, kem_id: int | None = None) -> PrekeyBundle:
     """A bundle signed by `owner`'s real identity key over whatever keys are given."""
     created = int((NOW - HOUR).timestamp())
-    return handshake.make_bundle(
-        owner.identity, owner.cert, created=created, spk_id=1, spk=spk, kem_id=kem_id, kem=kem
-    )
+    return handshake.make_bundle(owner.identity, owner.cert, created=created, spk_id=1, spk=spk, kem_id=kem_id, kem=kem)
 
 
 # --- happy paths ----------------------------------------------------------------------------------------
