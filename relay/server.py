@@ -17,7 +17,7 @@ import contextlib
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -123,6 +123,8 @@ class _Peer:
     cursor: int = 0
     strikes: int = 0
     writer: asyncio.Task[None] | None = None
+    #: Answers waiting for a commit (ACCEPTED after a SEND, the delete after an ACK).
+    tasks: set[asyncio.Task[None]] = field(default_factory=set)
 
 
 class _Metrics:
@@ -328,8 +330,7 @@ class Relay:
         if isinstance(frame, Send):
             await self._on_send(peer, frame)
         elif isinstance(frame, Ack):
-            if await self.store.delete(peer.name, frame.msg_id):
-                self.metrics.acked.inc()
+            self._background(peer, self._acknowledged(peer, frame.msg_id))
         elif isinstance(frame, FetchBundle):
             await self._on_fetch(peer, frame)
         elif isinstance(frame, PublishBundle):
@@ -358,14 +359,28 @@ class Relay:
                 # commit, and a retransmission after a relay crash is recognised by its msg_id.
                 recipient.live.append(envelope)
                 recipient.wake.set()
+        # The answer waits for the commit, but the connection does not: the next frames are read
+        # meanwhile, and their envelopes join the same commit.
+        self._background(peer, self._accept(peer, send.msg_id, writes))
+
+    async def _accept(self, peer: _Peer, msg_id: bytes, writes: list[asyncio.Future[None]]) -> None:
         try:
             await asyncio.gather(*writes)
         except StoreUnavailable as exc:
-            await self._send(peer, Error(ErrorCode.UNAVAILABLE, str(exc), send.msg_id))
+            await self._send(peer, Error(ErrorCode.UNAVAILABLE, str(exc), msg_id))
             return
         self.metrics.stored.inc(len(writes))
         # Durable (or a retransmission of something durable): tell the sender it may forget it.
-        await self._send(peer, Accepted(send.msg_id))
+        await self._send(peer, Accepted(msg_id))
+
+    async def _acknowledged(self, peer: _Peer, msg_id: bytes) -> None:
+        if await self.store.delete(peer.name, msg_id):
+            self.metrics.acked.inc()
+
+    def _background(self, peer: _Peer, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(work)
+        peer.tasks.add(task)
+        task.add_done_callback(peer.tasks.discard)
 
     async def _on_fetch(self, peer: _Peer, fetch: FetchBundle) -> None:
         found = await self.store.take_bundle(fetch.name)
@@ -453,6 +468,9 @@ class Relay:
             self.metrics.delivered.inc()
 
     async def _stop_peer(self, peer: _Peer) -> None:
+        if peer.tasks:
+            # Let pending commits finish: an ACK's delete must not be lost with the connection.
+            await asyncio.gather(*peer.tasks, return_exceptions=True)
         if peer.writer is not None:
             peer.writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
