@@ -1,4 +1,4 @@
-"""`kmsnet node ...`: set up this node.
+"""`kmsnet node ...`: set up this node, renew its certificate, give it a new key.
 
 Parsing and printing only: every decision is node.enrol's.
 """
@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import click
 
-from kmsnet.exits import EPILOG
+from kmsnet.exits import BAD_INPUT, EPILOG, CliFailure
 from kmsnet.options import ENVIRONMENT_HELP, Output, StoreOptions, json_option, node_failures, store_options
-from node.enrol import enrol_node
+from node.enrol import Renewal, enrol_node, rekey_node, renew_certificate
+from node.keystore import Keystore
+from node.kms import KEYSTORE_FILE
 
 
 @click.group(epilog=f"{ENVIRONMENT_HELP}\n\n{EPILOG}")
 def node() -> None:
-    """This node: enrol it with the CA.
+    """This node: enrol it with the CA, renew its certificate, re-key it after a compromise.
 
     A node lives in HOME (--home or KMSNET_HOME): keystore.db holds its identity key, its
     certificate, the CA root it pins and its relay, sealed under a passphrase
@@ -83,3 +85,69 @@ def init(
     out.emit(
         record, f"enrolled {enrolment.name}: certificate valid until {record['not_after']}, in {enrolment.keystore}"
     )
+
+
+def _renewal_record(renewal: Renewal) -> dict[str, object]:
+    return {
+        "name": renewal.name,
+        "serial": f"{renewal.serial:x}",
+        "previous_serial": f"{renewal.previous_serial:x}",
+        "not_after": renewal.not_after.isoformat(),
+        "renew_at": renewal.renew_at.isoformat(),
+    }
+
+
+def _require_keystore(store: StoreOptions) -> None:
+    # Before the passphrase prompt: no passphrase can help a home without a node.
+    if not (store.home / KEYSTORE_FILE).exists():
+        raise CliFailure(f"no node in {store.home} (run `kmsnet node init` first)", BAD_INPUT)
+
+
+@node.command(
+    epilog="\b\nExamples:\n"
+    "  kmsnet node renew --home alice\n"
+    "  kmsnet node renew --home alice --ca http://127.0.0.1:8766 --json\n\n" + EPILOG
+)
+@click.option("--ca", "ca_url", metavar="URL", help="The CA's HTTP API (default: the one the node enrolled with).")
+@store_options
+@json_option
+def renew(ca_url: str | None, store: StoreOptions, out: Output) -> None:
+    """Renew this node's certificate now (same name, same key).
+
+    Nodes renew by themselves at 2/3 of their certificate's validity; this does it by hand.
+    The request is signed by the node's current key; the CA refuses it (exit 4) for a revoked
+    or expired certificate: then the node needs a new token (`kmsnet node rekey`).
+    """
+    _require_keystore(store)
+    with node_failures(), Keystore.open(store.home / KEYSTORE_FILE, passphrase=store.passphrase()) as keystore:
+        renewal = renew_certificate(keystore, ca_url=ca_url)
+    record = _renewal_record(renewal)
+    out.emit(record, f"renewed {renewal.name}: certificate {record['serial']} valid until {record['not_after']}")
+
+
+@node.command(
+    epilog="\b\nExamples:\n"
+    "  kmsnet ca revoke --home ca alice --reason key-compromise     # on the CA, first\n"
+    "  kmsnet node rekey alice --home alice --ca http://127.0.0.1:8766 \\\n"
+    '      --token "$(kmsnet ca token --home ca alice)"\n\n' + EPILOG
+)
+@click.argument("name")
+@click.option("--ca", "ca_url", required=True, metavar="URL", help="The CA's HTTP API (http://HOST:PORT).")
+@click.option("--token", required=True, help="A new one-time enrolment token for NAME (`kmsnet ca token NAME`).")
+@store_options
+@json_option
+def rekey(name: str, ca_url: str, token: str, store: StoreOptions, out: Output) -> None:
+    """Give node NAME a new identity key, after a compromise.
+
+    Makes a new Ed25519 identity key, has the CA certify it with a new one-time token (the
+    old key proves nothing any more), and replaces the identity and certificate in HOME's
+    keystore; sessions are kept, prekeys are re-signed on the next connection. Peers see an
+    "identity changed" event with the new safety number, never a silent switch. Revoke the old
+    certificate first (`kmsnet ca revoke NAME --reason key-compromise`). The CA must present the
+    root this node pins (exit 4 otherwise).
+    """
+    _require_keystore(store)
+    with node_failures():
+        renewal = rekey_node(store.home, name, ca_url, token, store.passphrase())
+    record = _renewal_record(renewal)
+    out.emit(record, f"re-keyed {renewal.name}: new key, certificate {record['serial']} until {record['not_after']}")

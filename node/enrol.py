@@ -1,17 +1,34 @@
-"""Enrolment: turn a one-time token from the CA into an enrolled node home.
+"""Enrolment, renewal and re-keying: a node's dealings with the CA's HTTP API (`node.ca.http`).
 
-`enrol_node` fetches the CA root over the CA's HTTP API (`node.ca.http`), checks its SHA-256
-fingerprint when the user gave one, makes a fresh Ed25519 identity key, sends a CSR with the
-token, verifies the certificate it gets back under that root, and only then creates the node's
-keystore (HOME/keystore.db) with exactly the records `node.node.Node` reads:
+`enrol_node` fetches the CA root, checks its SHA-256 fingerprint when the user gave one, makes a
+fresh Ed25519 identity key, sends a CSR with a one-time token, verifies the certificate it gets
+back under that root, and only then creates the node's keystore (HOME/keystore.db) with the
+records `node.node.Node` reads, and the CA's URL for renewals:
 
     node/identity     the identity key's 32 raw private bytes
     node/certificate  the certificate (DER)
     node/root         the pinned CA root (PEM)
     node/relay        the relay URL (UTF-8)
+    node/ca_url       the CA's HTTP API (UTF-8)
 
 Nothing is written unless every step succeeded, and an existing keystore is never touched.
-The HTTP client is urllib, blocking: enrolment is one short, one-off exchange.
+
+`renew_certificate` gets a new certificate for the same name and key before the current one
+expires (certificates are short-lived: a week by default); `renewal_time` says when (at
+RENEW_FRACTION of the validity). The request is authenticated by the key itself: the CSR is
+signed by the current identity key and names it, and the CA refuses it for a certificate it
+revoked, one that expired, or one it did not issue.
+
+`rekey_node` is for after a compromise: a NEW identity key, enrolled with a new one-time token
+(the CA checks the token, not the old key, which the attacker may hold), replaces node/identity
+and node/certificate in the existing keystore. Sessions are kept. Peers see the new key in the
+node's next INIT and report "identity changed" with the new safety number.
+
+Both leave the signed prekey due for rotation (node/next_prekey_rotation removed): the published
+bundle and one-time prekeys are signed over the old certificate, so the node must publish new
+ones, signed with what it holds now, and replace the old ones at the relay.
+
+The HTTP client is urllib, blocking: each is one short exchange (call it from a thread in a loop).
 """
 
 from __future__ import annotations
@@ -33,7 +50,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from node.ca.authority import create_keystore, utcnow
+from node.ca.authority import RENEW_FRACTION, create_keystore, utcnow
 from node.ca.errors import (
     AlreadyEnrolled,
     CaProtocolError,
@@ -43,7 +60,9 @@ from node.ca.errors import (
     EnrolmentRefused,
     FingerprintMismatch,
     InvalidRequest,
+    RenewalRefused,
 )
+from node.errors import NodeError
 from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
 from node.kms import KEYSTORE_FILE
 from node.link import check_url
@@ -52,7 +71,16 @@ from protocol import certs
 from protocol.errors import DecodeError, LocalError, ProtocolError
 from protocol.identity import IdentityKey
 
-__all__ = ["Enrolment", "enrol_node", "parse_fingerprint", "require_not_enrolled"]
+__all__ = [
+    "Enrolment",
+    "Renewal",
+    "enrol_node",
+    "parse_fingerprint",
+    "rekey_node",
+    "renew_certificate",
+    "renewal_time",
+    "require_not_enrolled",
+]
 
 log = logging.getLogger("kmsnet.node")
 
@@ -78,6 +106,18 @@ class Enrolment:
     #: SHA-256 of the pinned root (hex). Unless `fingerprint_checked`, show it to the user to compare.
     ca_fingerprint: str
     fingerprint_checked: bool
+
+
+@dataclass(frozen=True)
+class Renewal:
+    """What `renew_certificate` (or `rekey_node`) stored: the new certificate, and the one it replaced."""
+
+    name: str
+    serial: int
+    not_after: datetime
+    previous_serial: int
+    #: When to renew this one (`renewal_time`).
+    renew_at: datetime
 
 
 def parse_fingerprint(text: str) -> bytes:
@@ -148,24 +188,15 @@ def enrol_node(
         )
 
     identity = IdentityKey.generate()
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .sign(identity.private_key, None)
-    )
-    certificate = _request_certificate(base, token, csr.public_bytes(serialization.Encoding.PEM), timeout)
-    try:
-        verified = certs.verify(certificate, root, clock(), expected_name=name)
-    except ProtocolError as exc:
-        raise CertificateRefused(f"the CA's certificate does not verify: {exc}") from exc
-    if verified.public_key.public_bytes_raw() != identity.public_bytes:
-        raise CertificateRefused("the CA's certificate is for another key than the one we asked for")
+    payload = {"token": token, "csr": _csr(identity, name)}
+    verified = _verify_issued(_post_certificate(base, "/enroll", payload, timeout), root, name, identity, clock())
 
     records = {
         "identity": identity.private_bytes(),
         "certificate": verified.der,
         "root": certs.certificate_pem(root),
         "relay": relay_url.encode("utf-8"),
+        "ca_url": base.encode("utf-8"),
     }
 
     def fill(keystore: Keystore) -> None:
@@ -269,19 +300,183 @@ def _fetch_root(base: str, timeout: float) -> x509.Certificate:
     return root
 
 
-def _request_certificate(base: str, token: str, csr_pem: bytes, timeout: float) -> x509.Certificate:
-    payload = json.dumps({"token": token, "csr": csr_pem.decode("ascii")}).encode()
-    status, body = _exchange(f"{base}/enroll", payload, timeout)
+def _csr(identity: IdentityKey, name: str) -> str:
+    """A CSR (PEM) for CN=`name`, signed by `identity`: it proves we hold the key it names."""
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+        .sign(identity.private_key, None)
+    )
+    return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
+
+
+def _post_certificate(base: str, route: str, payload: dict[str, str], timeout: float) -> x509.Certificate:
+    """POST an enrolment or renewal to the CA and return the certificate it answers with."""
+    status, body = _exchange(f"{base}{route}", json.dumps(payload).encode(), timeout)
     if status == 403:
-        raise EnrolmentRefused(f"the CA refused the enrolment: {_ca_message(body)}")
+        refused = RenewalRefused if route == "/renew" else EnrolmentRefused
+        raise refused(f"the CA refused the request: {_ca_message(body)}")
     if status == 400:
-        raise EnrolmentError(f"the CA rejected the enrolment request: {_ca_message(body)}")
+        raise EnrolmentError(f"the CA rejected the request as malformed: {_ca_message(body)}")
     if status == 429 or status >= 500:
-        raise CaUnreachable(f"the CA is not enrolling now ({status}): {_ca_message(body)}")
+        raise CaUnreachable(f"the CA is not issuing now ({status}): {_ca_message(body)}")
     if status != 200:
-        raise CaProtocolError(f"the CA answered {status} for /enroll: {_ca_message(body)}")
+        raise CaProtocolError(f"the CA answered {status} for {route}: {_ca_message(body)}")
     try:
         pem = json.loads(body)["certificate"]
         return certs.load_certificate(pem.encode("ascii"))
     except (ValueError, KeyError, TypeError, AttributeError, DecodeError) as exc:
-        raise CaProtocolError("the CA's enrolment answer holds no certificate") from exc
+        raise CaProtocolError(f"the CA's answer to {route} holds no certificate") from exc
+
+
+def _verify_issued(
+    certificate: x509.Certificate, root: x509.Certificate, name: str, identity: IdentityKey, now: datetime
+) -> certs.VerifiedCertificate:
+    """Check that the CA's certificate chains to `root`, is valid now, names `name` and certifies `identity`."""
+    try:
+        verified = certs.verify(certificate, root, now, expected_name=name)
+    except ProtocolError as exc:
+        raise CertificateRefused(f"the CA's certificate does not verify: {exc}") from exc
+    if verified.public_key.public_bytes_raw() != identity.public_bytes:
+        raise CertificateRefused("the CA's certificate is for another key than the one we asked for")
+    return verified
+
+
+# --- renewal and re-keying ---------------------------------------------------------------------------
+
+
+def renewal_time(certificate: bytes) -> datetime:
+    """When to renew a certificate (DER): once RENEW_FRACTION (2/3) of its validity has passed."""
+    cert = x509.load_der_x509_certificate(certificate)
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    return start + (end - start) * RENEW_FRACTION
+
+
+@dataclass(frozen=True)
+class _NodeState:
+    name: str
+    identity: IdentityKey
+    certificate: bytes
+    root: x509.Certificate
+    ca_url: str | None
+
+
+def _node_state(keystore: Keystore) -> _NodeState:
+    identity = keystore.get(NS_NODE, "identity")
+    certificate = keystore.get(NS_NODE, "certificate")
+    root = keystore.get(NS_NODE, "root")
+    if identity is None or certificate is None or root is None:
+        raise NodeError("this keystore holds no enrolled node (run `kmsnet node init` first)")
+    # Read, not judged: an expired certificate must still say whose it is (the CA judges it).
+    subject = x509.load_der_x509_certificate(certificate).subject
+    ca_url = keystore.get(NS_NODE, "ca_url")
+    return _NodeState(
+        name=str(subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value),
+        identity=IdentityKey.from_private_bytes(identity),
+        certificate=certificate,
+        root=certs.load_certificate(root),
+        ca_url=None if ca_url is None else ca_url.decode("utf-8"),
+    )
+
+
+def _ca_base(state: _NodeState, ca_url: str | None) -> str:
+    url = ca_url or state.ca_url
+    if url is None:
+        raise InvalidRequest("this node does not know its CA's URL (enrolled by an older kmsnet): give it")
+    return _check_ca_url(url)
+
+
+def _store_certificate(
+    keystore: Keystore,
+    state: _NodeState,
+    verified: certs.VerifiedCertificate,
+    base: str,
+    new_identity: IdentityKey | None = None,
+) -> Renewal:
+    """Replace the node's certificate (and identity) in one transaction, unless it changed meanwhile."""
+    with keystore.transaction():
+        if keystore.get(NS_NODE, "certificate") != state.certificate:
+            raise NodeError("the node's certificate changed while renewing: nothing was stored")
+        keystore.put(NS_NODE, "certificate", verified.der)
+        keystore.put(NS_NODE, "ca_url", base.encode("utf-8"))
+        # The published prekeys are signed over the old certificate's fingerprint (and, on a
+        # re-key, by the old key): without a rotation date, the node rotates its signed prekey on
+        # its next connection, signing a new bundle and one-time prekeys with what it holds now.
+        keystore.delete(NS_NODE, "next_prekey_rotation")
+        if new_identity is not None:
+            keystore.put(NS_NODE, "identity", new_identity.private_bytes())
+    if new_identity is not None:
+        keystore.scrub()  # the old identity key must not linger in the write-ahead log
+    previous = x509.load_der_x509_certificate(state.certificate).serial_number
+    return Renewal(
+        name=state.name,
+        serial=verified.serial,
+        not_after=verified.not_after,
+        previous_serial=previous,
+        renew_at=renewal_time(verified.der),
+    )
+
+
+def renew_certificate(
+    keystore: Keystore,
+    *,
+    ca_url: str | None = None,
+    clock: Callable[[], datetime] = utcnow,
+    timeout: float = HTTP_TIMEOUT,
+) -> Renewal:
+    """Renew the node's certificate in `keystore` (same name, same key) and store the new one.
+
+    The CA is `ca_url`, else the URL stored at enrolment. Raises, with nothing stored:
+    `RenewalRefused` (the CA found the certificate revoked, expired or not its own),
+    `CaUnreachable`, `CaProtocolError`, `CertificateRefused` (the answer does not verify under
+    the pinned root, or is not for our name and key), `InvalidRequest` (no CA URL), `NodeError`
+    (no node in this keystore, or its certificate changed meanwhile). A running `Node` keeps
+    presenting the old certificate until it reloads it.
+    """
+    state = _node_state(keystore)
+    base = _ca_base(state, ca_url)
+    payload = {
+        "certificate": certs.certificate_pem(x509.load_der_x509_certificate(state.certificate)).decode("ascii"),
+        "csr": _csr(state.identity, state.name),
+    }
+    issued = _post_certificate(base, "/renew", payload, timeout)
+    verified = _verify_issued(issued, state.root, state.name, state.identity, clock())
+    renewal = _store_certificate(keystore, state, verified, base)
+    fields = {"node": state.name, "serial": f"{renewal.serial:x}", "renew_at": renewal.renew_at.isoformat()}
+    log.info("certificate_renewed", extra={"fields": fields})
+    return renewal
+
+
+def rekey_node(
+    home: Path | str,
+    name: str,
+    ca_url: str,
+    token: str,
+    passphrase: str,
+    *,
+    clock: Callable[[], datetime] = utcnow,
+    timeout: float = HTTP_TIMEOUT,
+) -> Renewal:
+    """Give the enrolled node `name` in `home` a new identity key, enrolled with a one-time `token`.
+
+    The CA must present the root the node pins (`FingerprintMismatch` otherwise). On success the
+    new key and certificate replace the old ones in one transaction and the signed prekey is due
+    for rotation (module docstring); sessions stay. Raises, with nothing changed:
+    `InvalidRequest` (a name that is not the node's, a bad CA URL), `KeystoreNotFound` /
+    `WrongPassphrase`, `NodeError` (no node here), and what `enrol_node` raises for the
+    exchange with the CA.
+    """
+    base = _check_ca_url(ca_url)
+    with Keystore.open(Path(home) / KEYSTORE_FILE, passphrase=passphrase) as keystore:
+        state = _node_state(keystore)
+        if state.name != name:
+            raise InvalidRequest(f"this home holds node {state.name!r}, not {name!r}")
+        root = _fetch_root(base, timeout)
+        if not hmac.compare_digest(certs.fingerprint(root), certs.fingerprint(state.root)):
+            raise FingerprintMismatch(f"the CA at {base} presents another root than the one this node pins")
+        identity = IdentityKey.generate()
+        issued = _post_certificate(base, "/enroll", {"token": token, "csr": _csr(identity, name)}, timeout)
+        verified = _verify_issued(issued, state.root, name, identity, clock())
+        renewal = _store_certificate(keystore, state, verified, base, new_identity=identity)
+    log.info("node_rekeyed", extra={"fields": {"node": name, "serial": f"{renewal.serial:x}"}})
+    return renewal

@@ -1,4 +1,5 @@
-"""`kmsnet ca ...` and `kmsnet node init` as a user runs them: real subprocesses, exit codes, one-line errors."""
+"""`kmsnet ca ...` and `kmsnet node init|renew|rekey` as a user runs them: real subprocesses, exit codes,
+one-line errors, TOTP codes from the administrator's "authenticator app" (`Authenticator`)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,28 @@ import os
 import re
 import select
 import signal
+import sqlite3
 import ssl
 import stat
 import subprocess
 import sys
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from test_ca import csr_pem
 
 from kmsnet.ca_cli import ca as ca_group
 from kmsnet.node_cli import node as node_group
+from node.audit import AuditLog
+from node.ca import CertificateAuthority
+from node.ca.admin import code_at, secret_from_uri
 from node.keystore import Keystore
 from node.node import Node
 from protocol import certs
@@ -72,10 +80,41 @@ def fails(result: subprocess.CompletedProcess[str], code: int, fragment: str = "
     return err
 
 
+@dataclass(frozen=True)
+class Authenticator:
+    """An administrator's authenticator app, on the real clock."""
+
+    secret: bytes
+
+    def code(self, ahead: int = 0) -> str:
+        """The code shown now, or `ahead` 30-second steps later (the CA accepts one step ahead)."""
+        return code_at(self.secret, datetime.now(UTC) + timedelta(seconds=30 * ahead))
+
+    def wrong_code(self) -> str:
+        """A code no step near now has."""
+        near = {self.code(ahead) for ahead in range(-2, 3)}
+        return next(code for code in ("000000", "111111", "222222", "333333", "444444", "555555") if code not in near)
+
+
+def audit_actions(home: Path) -> list[tuple[str, str, dict[str, object]]]:
+    """(actor, action, fields) of every entry of the CA's audit log, read straight from ca.db."""
+    with Keystore.open(home / "ca.db", passphrase=PASS) as keystore:
+        return [(e.actor, e.action, dict(e.fields)) for e in AuditLog(keystore, name="ca").entries()]
+
+
 @pytest.fixture
-def ca_home(tmp_path: Path) -> Path:
+def new_ca(tmp_path: Path) -> tuple[Path, Authenticator]:
+    """A CA just made by `ca init --json`, nobody logged in, and its first administrator's authenticator."""
     home = tmp_path / "ca"
-    ok(run("ca", "init", "--home", str(home)))
+    record = json.loads(ok(run("ca", "init", "--home", str(home), "--json")))
+    return home, Authenticator(secret_from_uri(record["admin"]["otpauth"]))
+
+
+@pytest.fixture
+def ca_home(new_ca: tuple[Path, Authenticator]) -> Path:
+    """A CA with an admin session open (`ca login`), as after a user's first steps."""
+    home, authenticator = new_ca
+    ok(run("ca", "login", "--home", str(home), "--otp", authenticator.code()))
     return home
 
 
@@ -116,14 +155,19 @@ def test_ca_init_prints_the_fingerprint_and_refuses_a_second_time(tmp_path: Path
     result = run("ca", "init", "--home", str(home))
     assert ok(result).strip() == fingerprint_of(home / "ca.pem")
     assert "Root fingerprint" in result.stderr
+    uri = re.search(r"otpauth://totp/kmsnet:admin\?\S+", result.stderr)
+    assert uri is not None and "issuer=kmsnet" in uri[0] and len(secret_from_uri(uri[0])) == 20
     assert stat.S_IMODE((home / "ca.db").stat().st_mode) == 0o600
     before = (home / "ca.db").read_bytes(), (home / "ca.pem").read_bytes()
     fails(run("ca", "init", "--home", str(home)), 1, "exists")
     assert ((home / "ca.db").read_bytes(), (home / "ca.pem").read_bytes()) == before
 
-    record = json.loads(ok(run("ca", "init", "--home", str(tmp_path / "other"), "--json", "--name", "lab-ca")))
+    result = run("ca", "init", "--home", str(tmp_path / "other"), "--json", "--name", "lab-ca")
+    record = json.loads(ok(result))
     assert record["fingerprint"] == fingerprint_of(tmp_path / "other" / "ca.pem")
     assert record["root"] == str(tmp_path / "other" / "ca.pem")
+    assert (record["admin"]["name"], record["admin"]["role"]) == ("admin", "admin")
+    assert "otpauth" not in result.stderr  # shown once, where asked
 
 
 def test_ca_init_without_a_passphrase_is_a_usage_error(tmp_path: Path) -> None:
@@ -145,6 +189,120 @@ def test_ca_token_errors(ca_home: Path, tmp_path: Path) -> None:
     fails(run("ca", "token", "--home", str(ca_home), "alice", "--ttl", "30d"), 1, "lifetime")
     fails(run("ca", "token", "--home", str(ca_home), "alice", "--ttl", "soon"), 2, "duration")
     fails(run("ca", "token", "--home", str(ca_home), "alice", passphrase="wrong"), 1, "wrong passphrase")
+
+
+# --- administrators: sessions, TOTP codes, roles, the audit log ---------------------------------------
+
+
+def test_admin_actions_need_a_session_or_a_code_and_refusals_are_audited(new_ca: tuple[Path, Authenticator]) -> None:
+    home, app = new_ca
+    fails(run("ca", "token", "--home", str(home), "alice"), 4, "no admin session")
+    fails(run("ca", "token", "--home", str(home), "alice", "--otp", app.wrong_code()), 4, "wrong TOTP code")
+    fails(run("ca", "token", "--home", str(home), "alice", "--otp", "12345"), 4, "wrong TOTP code")
+    code = app.code()
+    assert re.fullmatch(r"[A-Za-z0-9_-]{22}\n", ok(run("ca", "token", "--home", str(home), "alice", "--otp", code)))
+    fails(run("ca", "token", "--home", str(home), "bob", "--otp", code), 4, "used already")  # a code works once
+    # The one-shot session ended with its command.
+    fails(run("ca", "token", "--home", str(home), "bob"), 4, "no admin session")
+    fails(run("ca", "token", "--home", str(home), "bob", "--admin", "nobody", "--otp", app.code(1)), 4, "nobody")
+
+    entries = audit_actions(home)
+    refusals = [
+        (actor, action, fields.get("reason"))
+        for actor, action, fields in entries
+        if "login" in action or "refused" in action
+    ]
+    assert [(actor, action) for actor, action, _ in refusals] == [
+        ("?", "admin_refused"),
+        ("admin", "login_failed"),
+        ("admin", "login_failed"),
+        ("admin", "login"),
+        ("admin", "login_failed"),
+        ("?", "admin_refused"),
+        ("nobody", "login_failed"),
+    ]
+    assert "used already" in str(refusals[4][2])
+    tokens = [fields for _, action, fields in entries if action == "token_issued"]
+    assert tokens == [{"node": "alice", "expires_at": tokens[0]["expires_at"]}]  # never the token itself
+    assert code not in json.dumps(entries)  # nor a code
+
+
+def test_login_opens_a_session_for_later_commands_and_logout_ends_it(new_ca: tuple[Path, Authenticator]) -> None:
+    home, app = new_ca
+    fails(run("ca", "login", "--home", str(home)), 2, "no TOTP code")
+    environment = {"KMSNET_OTP": app.code()}
+    result = subprocess.run(
+        [sys.executable, "-m", "kmsnet", "ca", "login", "--home", str(home), "--json"],
+        capture_output=True, text=True, timeout=60, cwd=ROOT, env={**env(), **environment}, start_new_session=True,
+        check=False,
+    )  # fmt: skip
+    record = json.loads(ok(result))
+    assert (record["admin"], record["role"]) == ("admin", "admin")
+    expires = datetime.fromisoformat(record["expires_at"])
+    assert timedelta(minutes=14) < expires - datetime.now(UTC) <= timedelta(minutes=15)
+    ok(run("ca", "token", "--home", str(home), "alice"))
+    ok(run("ca", "token", "--home", str(home), "bob"))
+    assert ok(run("ca", "logout", "--home", str(home))) == "logged out\n"
+    fails(run("ca", "token", "--home", str(home), "carol"), 4, "no admin session")
+    assert ok(run("ca", "logout", "--home", str(home))) == "no admin session was open\n"
+
+
+def test_roles_from_the_command_line(ca_home: Path) -> None:
+    operator = ok(run("ca", "admin", "add", "--home", str(ca_home), "carol", "--role", "operator")).strip()
+    assert operator.startswith("otpauth://totp/kmsnet:carol?")
+    auditor = json.loads(ok(run("ca", "admin", "add", "--home", str(ca_home), "dave", "--role", "auditor", "--json")))
+    fails(run("ca", "admin", "add", "--home", str(ca_home), "dave", "--role", "auditor"), 1, "exists already")
+    fails(run("ca", "admin", "add", "--home", str(ca_home), "eve", "--role", "root"), 2, "root")
+    listed = [
+        json.loads(line) for line in ok(run("ca", "admin", "list", "--home", str(ca_home), "--json")).splitlines()
+    ]
+    assert [(a["name"], a["role"]) for a in listed] == [("admin", "admin"), ("carol", "operator"), ("dave", "auditor")]
+
+    carol, dave = Authenticator(secret_from_uri(operator)), Authenticator(secret_from_uri(auditor["otpauth"]))
+    as_carol = ["--admin", "carol", "--otp"]
+    ok(run("ca", "token", "--home", str(ca_home), "alice", *as_carol, carol.code()))
+    fails(run("ca", "list", "--home", str(ca_home), *as_carol, carol.code(1)), 4, "role 'operator' may not")
+    ok(run("ca", "login", "--home", str(ca_home), "--admin", "dave", "--otp", dave.code()))  # replaces admin's session
+    assert "alice" not in ok(run("ca", "list", "--home", str(ca_home)))  # a token is no certificate yet
+    ok(run("ca", "audit", "--home", str(ca_home), "--verify"))
+    fails(run("ca", "token", "--home", str(ca_home), "bob"), 4, "role 'auditor' may not")
+    fails(run("ca", "revoke", "--home", str(ca_home), "alice"), 4, "role 'auditor' may not")
+    fails(run("ca", "admin", "remove", "--home", str(ca_home), "carol"), 4, "role 'auditor' may not")
+    refused = [f["action"] for _, action, f in audit_actions(ca_home) if action == "admin_refused"]
+    assert refused == ["list", "token", "revoke", "admins"]
+
+
+def test_revoke_list_and_an_edited_audit_log_from_the_command_line(ca_home: Path) -> None:
+    token = ok(run("ca", "token", "--home", str(ca_home), "mallory")).strip()
+    with CertificateAuthority.open(ca_home, PASS) as authority:  # a second process on ca.db meanwhile is fine
+        pem = authority.enrol(token, csr_pem("mallory"))
+    serial = certs.load_certificate(pem).serial_number
+    fails(run("ca", "revoke", "--home", str(ca_home)), 2, "NAME or --serial")
+    fails(run("ca", "revoke", "--home", str(ca_home), "nobody"), 1, "no valid certificate")
+    fails(run("ca", "revoke", "--home", str(ca_home), "mallory", "--reason", "bored"), 2, "bored")
+    record = json.loads(
+        ok(run("ca", "revoke", "--home", str(ca_home), "mallory", "--reason", "key-compromise", "--json"))
+    )
+    assert [c["serial"] for c in record["revoked"]] == [f"{serial:x}"] and record["crl_number"] >= 1
+    fails(run("ca", "revoke", "--home", str(ca_home), "--serial", f"{serial:x}"), 1, "revoked already")
+
+    lines = ok(run("ca", "list", "--home", str(ca_home))).splitlines()
+    mallory = next(line for line in lines if " mallory " in line)
+    assert mallory.startswith(f"{serial:016x}") and "revoked (key-compromise, " in mallory
+    assert any(" ca " in line and line.endswith("valid") for line in lines)
+    listed = [json.loads(line) for line in ok(run("ca", "list", "--home", str(ca_home), "--json")).splitlines()]
+    assert {c["name"]: c["status"] for c in listed} == {"ca": "valid", "mallory": "revoked"}
+
+    verified = ok(run("ca", "audit", "--home", str(ca_home), "--verify")).splitlines()
+    assert any("certificate_revoked" in line and "reason=key-compromise" in line for line in verified)
+    assert verified[-1].startswith(f"audit log verified: {len(verified) - 1} entries")
+
+    # Someone with write access to ca.db (but not the root key) rewrites history.
+    with sqlite3.connect(ca_home / "ca.db") as db:
+        seq = db.execute("SELECT seq FROM audit_log WHERE action = 'certificate_revoked'").fetchone()[0]
+        db.execute('UPDATE audit_log SET fields = \'{"reason":"superseded"}\' WHERE seq = ?', (seq,))
+    fails(run("ca", "audit", "--home", str(ca_home), "--verify"), 4, f"audit log broken at seq {seq}: entry edited")
+    assert "certificate_revoked" in ok(run("ca", "audit", "--home", str(ca_home)))  # still readable, not trusted
 
 
 # --- ca serve + node init ------------------------------------------------------------------------------
@@ -201,6 +359,28 @@ def test_enrolment_end_to_end_as_a_user_runs_it(ca_home: Path, ca_url: str, tmp_
     assert result.stderr.startswith("warning: ") and fingerprint in result.stderr
 
 
+def test_node_renew_and_rekey_as_a_user_runs_them(ca_home: Path, ca_url: str, tmp_path: Path) -> None:
+    alice = tmp_path / "alice"
+    token = ok(run("ca", "token", "--home", str(ca_home), "alice")).strip()
+    init = ["node", "init", "alice", "--home", str(alice), "--ca", ca_url, "--relay", RELAY, "--token", token]
+    first = json.loads(ok(run(*init, "--json", passphrase=NODE_PASS)))
+    renewed = json.loads(ok(run("node", "renew", "--home", str(alice), "--json", passphrase=NODE_PASS)))
+    assert renewed["previous_serial"] == first["serial"] and renewed["serial"] != first["serial"]
+    assert renewed["renew_at"] < renewed["not_after"]
+
+    ok(run("ca", "revoke", "--home", str(ca_home), "alice", "--reason", "key-compromise"))
+    fails(run("node", "renew", "--home", str(alice), passphrase=NODE_PASS), 4, "revoked")
+    fails(run("node", "renew", "--home", str(tmp_path / "nobody"), passphrase=NODE_PASS), 1, "node init")
+    token = ok(run("ca", "token", "--home", str(ca_home), "alice")).strip()
+    rekey = ["--home", str(alice), "--ca", ca_url, "--token", token]
+    fails(run("node", "rekey", "bob", *rekey, passphrase=NODE_PASS), 1, "not 'bob'")
+    result = ok(run("node", "rekey", "alice", *rekey, passphrase=NODE_PASS))
+    assert result.startswith("re-keyed alice: new key, certificate ")
+    ok(run("node", "renew", "--home", str(alice), passphrase=NODE_PASS))  # the new key is not revoked
+    with Keystore.open(alice / "keystore.db", passphrase=NODE_PASS) as keystore:
+        assert Node(keystore).name == "alice"
+
+
 def test_node_init_errors(tmp_path: Path) -> None:
     base = ["node", "init", "alice", "--home", str(tmp_path / "alice"), "--relay", RELAY, "--token", "A" * 22]
     fails(run(*base, "--ca", "http://127.0.0.1:9"), 3, "cannot reach the CA")
@@ -251,7 +431,18 @@ def test_ca_relay_cert_writes_a_usable_pair_and_never_overwrites(ca_home: Path, 
         [ca_group, ["serve", "--help"]],
         [ca_group, ["token", "--help"]],
         [ca_group, ["relay-cert", "--help"]],
+        [ca_group, ["login", "--help"]],
+        [ca_group, ["logout", "--help"]],
+        [ca_group, ["revoke", "--help"]],
+        [ca_group, ["list", "--help"]],
+        [ca_group, ["audit", "--help"]],
+        [ca_group, ["admin", "--help"]],
+        [ca_group, ["admin", "add", "--help"]],
+        [ca_group, ["admin", "list", "--help"]],
+        [ca_group, ["admin", "remove", "--help"]],
         [node_group, ["init", "--help"]],
+        [node_group, ["renew", "--help"]],
+        [node_group, ["rekey", "--help"]],
     ],
 )
 def test_every_command_has_help_with_exit_codes(args: list[object]) -> None:
@@ -259,5 +450,5 @@ def test_every_command_has_help_with_exit_codes(args: list[object]) -> None:
     result = CliRunner().invoke(group, argv)  # type: ignore[arg-type]
     assert result.exit_code == 0
     assert "Exit codes:" in result.output
-    if argv != ["--help"]:
+    if argv[-2:] != ["admin", "--help"] and argv != ["--help"]:
         assert "Examples:" in result.output

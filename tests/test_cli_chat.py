@@ -11,7 +11,10 @@ import signal
 import subprocess
 import sys
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
+
+from node.ca.admin import code_at, secret_from_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 CA_PASS = "ca passphrase"
@@ -67,7 +70,11 @@ def serving(*args: str, passphrase: str | None = None) -> Iterator[str]:
 
 def test_ca_relay_and_two_nodes_chat_from_the_command_line(tmp_path: Path) -> None:
     ca_home, alice, bob = tmp_path / "ca", tmp_path / "alice", tmp_path / "bob"
-    fingerprint = ok(kmsnet("ca", "init", "--home", str(ca_home), passphrase=CA_PASS)).strip()
+    created = json.loads(ok(kmsnet("ca", "init", "--home", str(ca_home), "--json", passphrase=CA_PASS)))
+    fingerprint = created["fingerprint"]
+    # The administrator's authenticator app: one code opens a 15-minute admin session for `ca token`.
+    code = code_at(secret_from_uri(created["admin"]["otpauth"]), datetime.now(UTC))
+    ok(kmsnet("ca", "login", "--home", str(ca_home), "--otp", code, passphrase=CA_PASS))
     relay_args = ("relay", "--port", "0", "--store", str(tmp_path / "relay.db"), "--ca-cert", str(ca_home / "ca.pem"))
     with serving(*relay_args) as relay_url:
         ca_args = ("ca", "serve", "--home", str(ca_home), "--http", "127.0.0.1:0", "--relay", relay_url)

@@ -16,8 +16,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
+from test_ca import Admin
 
 from node.ca import CertificateAuthority
+from node.ca.admin import secret_from_uri
 from node.ca.authority import utcnow
 from node.ca.errors import (
     AlreadyEnrolled,
@@ -46,6 +48,7 @@ class RunningCa:
     authority: CertificateAuthority
     server: CaHttpServer
     fingerprint: str
+    admin: Admin
 
     @property
     def url(self) -> str:
@@ -54,10 +57,11 @@ class RunningCa:
 
 @pytest.fixture
 async def ca(tmp_path: Path) -> AsyncIterator[RunningCa]:
-    fingerprint = CertificateAuthority.init(tmp_path / "ca", CA_PASS, argon2=ARGON2_TEST)
+    created = CertificateAuthority.init(tmp_path / "ca", CA_PASS, argon2=ARGON2_TEST)
     with CertificateAuthority.open(tmp_path / "ca", CA_PASS) as authority:
         async with CaHttpServer(authority, port=0) as server:
-            yield RunningCa(authority, server, fingerprint)
+            admin = Admin(authority, secret_from_uri(created.admin.otpauth))
+            yield RunningCa(authority, server, created.fingerprint, admin)
 
 
 async def enrol(
@@ -92,13 +96,14 @@ def assert_nothing_written(home: Path) -> None:
 
 async def test_enrolment_with_the_right_fingerprint_creates_what_the_node_reads(ca: RunningCa, tmp_path: Path) -> None:
     home = tmp_path / "alice"
-    token = ca.authority.token("alice")
+    token = ca.admin.token("alice")
     result = await enrol(home, "alice", ca.url, token.secret, ca_fingerprint=ca.fingerprint.upper())
     assert result.fingerprint_checked and result.ca_fingerprint == ca.fingerprint
     assert result.keystore == home / "keystore.db"
     assert [p.name for p in home.iterdir()] == ["keystore.db"]  # no temporary file left
     with Keystore.open(result.keystore, passphrase=PASS) as keystore:
-        assert keystore.names("node") == ["certificate", "identity", "relay", "root"]
+        assert keystore.names("node") == ["ca_url", "certificate", "identity", "relay", "root"]
+        assert keystore.get("node", "ca_url") == ca.url.encode()  # where renewals go
         assert keystore.get("node", "root") == ca.authority.root_pem
         assert keystore.get("node", "relay") == RELAY.encode()
         node = Node(keystore)  # reads the layout and verifies the certificate under the pinned root
@@ -107,19 +112,19 @@ async def test_enrolment_with_the_right_fingerprint_creates_what_the_node_reads(
             node.identity.public_bytes
             == certs.verify(node.certificate, ca.authority.root, node.clock()).public_key.public_bytes_raw()
         )
-    assert {c.serial for c in ca.authority.list() if c.name == "alice"} == {result.serial}
+    assert {c.serial for c in ca.authority.list(session=ca.admin.session) if c.name == "alice"} == {result.serial}
 
 
 async def test_without_a_fingerprint_it_enrols_and_returns_the_fingerprint_to_check(
     ca: RunningCa, tmp_path: Path
 ) -> None:
-    result = await enrol(tmp_path / "bob", "bob", ca.url + "/", ca.authority.token("bob").secret)
+    result = await enrol(tmp_path / "bob", "bob", ca.url + "/", ca.admin.token("bob").secret)
     assert (result.fingerprint_checked, result.ca_fingerprint) == (False, ca.fingerprint)
 
 
 async def test_a_wrong_fingerprint_is_refused_and_nothing_is_written(ca: RunningCa, tmp_path: Path) -> None:
     home = tmp_path / "alice"
-    token = ca.authority.token("alice")
+    token = ca.admin.token("alice")
     wrong = ca.fingerprint[:-2] + ("00" if not ca.fingerprint.endswith("00") else "11")
     with pytest.raises(FingerprintMismatch) as refused:
         await enrol(home, "alice", ca.url, token.secret, ca_fingerprint=wrong)
@@ -133,7 +138,7 @@ async def test_a_refused_token_writes_nothing(ca: RunningCa, tmp_path: Path) -> 
     home = tmp_path / "alice"
     with pytest.raises(EnrolmentRefused, match="unknown enrolment token"):
         await enrol(home, "alice", ca.url, "A" * 22)
-    token = ca.authority.token("bob")
+    token = ca.admin.token("bob")
     with pytest.raises(EnrolmentRefused, match="the token is for 'bob'"):
         await enrol(home, "alice", ca.url, token.secret)
     assert_nothing_written(home)
@@ -143,7 +148,7 @@ async def test_a_file_that_is_not_a_keystore_is_never_touched(ca: RunningCa, tmp
     home = tmp_path / "alice"
     home.mkdir()
     (home / "keystore.db").write_bytes(b"precious")
-    token = ca.authority.token("alice")
+    token = ca.admin.token("alice")
     with pytest.raises(KeystoreCorrupt):
         await enrol(home, "alice", ca.url, token.secret)
     assert (home / "keystore.db").read_bytes() == b"precious"
@@ -156,14 +161,14 @@ async def test_a_kms_keystore_is_joined_and_a_node_is_never_replaced(ca: Running
     kms.generate_symmetric_key("session1")
     sealed = kms.encrypt_data_symmetric("session1", "kept")
     kms.close()
-    await enrol(home, "alice", ca.url, ca.authority.token("alice").secret)
+    await enrol(home, "alice", ca.url, ca.admin.token("alice").secret)
     with Keystore.open(home / "keystore.db", passphrase=PASS) as keystore:
         assert Node(keystore).name == "alice"
     again = KeyManagementSystem(home=home, passphrase=PASS)
     assert again.decrypt_data_symmetric("session1", sealed) == "kept"
     again.close()
     with pytest.raises(AlreadyEnrolled):
-        await enrol(home, "alice", ca.url, ca.authority.token("alice").secret)
+        await enrol(home, "alice", ca.url, ca.admin.token("alice").secret)
 
 
 async def test_an_unreachable_ca_is_unavailable(tmp_path: Path) -> None:
@@ -217,7 +222,7 @@ def _csr(name: str) -> bytes:
 
 async def test_a_certificate_for_another_name_is_refused(ca: RunningCa, tmp_path: Path) -> None:
     async def wrong_name(request: Request) -> Response:
-        pem = ca.authority.enrol(ca.authority.token("mallory").secret, _csr("mallory"))
+        pem = ca.authority.enrol(ca.admin.token("mallory").secret, _csr("mallory"))
         return Response.json(HTTPStatus.OK, {"certificate": pem.decode()})
 
     ca.server.add_route("POST", "/enroll", wrong_name)
@@ -228,7 +233,7 @@ async def test_a_certificate_for_another_name_is_refused(ca: RunningCa, tmp_path
 
 async def test_a_certificate_for_another_key_is_refused(ca: RunningCa, tmp_path: Path) -> None:
     async def other_key(request: Request) -> Response:
-        pem = ca.authority.enrol(ca.authority.token("alice").secret, _csr("alice"))
+        pem = ca.authority.enrol(ca.admin.token("alice").secret, _csr("alice"))
         return Response.json(HTTPStatus.OK, {"certificate": pem.decode()})
 
     ca.server.add_route("POST", "/enroll", other_key)
@@ -261,14 +266,14 @@ async def test_answers_outside_the_protocol_are_refused(
 
     ca.server.add_route("POST" if path == "/enroll" else "GET", path, answer)
     with pytest.raises(error) as failed:
-        await enrol(tmp_path / "alice", "alice", ca.url, ca.authority.token("alice").secret)
+        await enrol(tmp_path / "alice", "alice", ca.url, ca.admin.token("alice").secret)
     assert "\x1b" not in str(failed.value)
     assert_nothing_written(tmp_path / "alice")
 
 
 async def test_the_certificate_is_checked_at_the_given_time(ca: RunningCa, tmp_path: Path) -> None:
-    token = ca.authority.token("alice")
-    later = ca.authority.list()[0].not_after + timedelta(days=30)
+    token = ca.admin.token("alice")
+    later = ca.authority.list(session=ca.admin.session)[0].not_after + timedelta(days=30)
     with pytest.raises(CertificateRefused, match="expired"):
         await enrol(tmp_path / "alice", "alice", ca.url, token.secret, clock=lambda: later)
     assert_nothing_written(tmp_path / "alice")

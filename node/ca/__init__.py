@@ -1,9 +1,15 @@
-"""The CA role: `CertificateAuthority` (state), `CaHttpServer` (enrolment API), `CrlPublisher`
-(the relay feed), and `serve`, which runs them together until SIGINT or SIGTERM.
+"""The CA role: `CertificateAuthority` (state), `CaHttpServer` (enrolment, renewal, CRL and
+OCSP API), `AdminApi` (the admin routes), `CrlPublisher` (the relay feed), and `serve`, which
+runs them together until SIGINT or SIGTERM.
 
 The CA publishes its CRL two ways: over HTTP (`GET /crl`) and to the relay's feed, which pushes
 it to every node. For the feed it connects to the relay as an ordinary authenticated node named
-"ca" (`authority.CA_NODE_NAME`), the only name the relay accepts a PUBLISH_CRL from.
+"ca" (`authority.CA_NODE_NAME`), the only name the relay accepts a PUBLISH_CRL from. The relay
+only stores and forwards it: nodes verify it under the root they pin.
+
+A revocation may happen in another process (`kmsnet ca revoke` opens ca.db while `serve` runs):
+it issues and stores the new CRL itself, and the publisher, which reads the stored CRL every
+CRL_CHECK_INTERVAL, sends it to the relay within that interval.
 """
 
 from __future__ import annotations
@@ -16,7 +22,18 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from node.ca.authority import CA_NODE_NAME, CaPolicy, CertificateAuthority, EnrolmentToken, IssuedCertificate, utcnow
+from node.ca.admin import AdminSession
+from node.ca.admin_api import AdminApi
+from node.ca.authority import (
+    CA_NODE_NAME,
+    CaCreated,
+    CaPolicy,
+    CertificateAuthority,
+    EnrolmentToken,
+    IssuedCertificate,
+    Revocation,
+    utcnow,
+)
 from node.ca.http import DEFAULT_PORT, CaHttpServer
 from node.errors import RelayUnreachable
 from node.link import RelayLink, check_url
@@ -25,6 +42,9 @@ from protocol.link import CrlFeed, Error, LinkFrame, PublishCrl, Welcome
 __all__ = [
     "CA_NODE_NAME",
     "DEFAULT_PORT",
+    "AdminApi",
+    "AdminSession",
+    "CaCreated",
     "CaHttpServer",
     "CaPolicy",
     "CaService",
@@ -32,13 +52,16 @@ __all__ = [
     "CrlPublisher",
     "EnrolmentToken",
     "IssuedCertificate",
+    "Revocation",
     "serve",
 ]
 
 log = logging.getLogger("kmsnet.ca")
 
-#: Seconds between checks for a re-issued CRL (and a renewed CA node certificate).
-CRL_CHECK_INTERVAL = 60.0
+#: Seconds between checks for a re-issued CRL (and a renewed CA node certificate). A revocation
+#: reaches the relay within this (plus a round trip), whichever process made it. A check is two
+#: reads of ca.db and two certificate parses: well under a millisecond.
+CRL_CHECK_INTERVAL = 1.0
 
 
 class CrlPublisher:
@@ -116,7 +139,7 @@ class CrlPublisher:
 
 
 class CaService:
-    """A running CA: the HTTP API and, given a relay URL, the CRL publisher.
+    """A running CA: the HTTP API (with the admin routes) and, given a relay URL, the CRL publisher.
 
     `async with CaService(authority, port=0, relay_url=...) as service:`; the caller keeps
     ownership of `authority` (and closes it).
@@ -133,6 +156,7 @@ class CaService:
     ) -> None:
         self.authority = authority
         self.http = CaHttpServer(authority, host=host, port=port)
+        AdminApi(authority).install(self.http)
         self.publisher = (
             CrlPublisher(authority, relay_url, check_interval=crl_check_interval) if relay_url is not None else None
         )

@@ -1,4 +1,4 @@
-"""The certificate authority: root key, one-time enrolment tokens, node certificates, CRLs.
+"""The certificate authority: root key, administrators, enrolment tokens, certificates, revocation.
 
 A CA lives in a home directory:
 
@@ -6,21 +6,36 @@ A CA lives in a home directory:
     HOME/ca.db    a `node.keystore.Keystore` sealed under the CA passphrase (Argon2id):
         ca/root_key          the Ed25519 root private key (32 raw bytes)
         ca/root              the root certificate (PEM; the copy the CA trusts and serves)
+        ca/policy            the lifetimes chosen at `init` (JSON, seconds), so that every process
+                             opening the CA (`serve`, `revoke`) issues alike
         ca/node_identity     the CA *node*'s Ed25519 identity key (32 raw bytes)
         ca/node_certificate  its certificate for the name "ca" (DER): the CA connects to the
                              relay as this node, the only one the relay takes CRLs from
         ca/crl_number        the number of the newest CRL (decimal ASCII; only ever rises)
         ca/crl               the newest CRL (DER)
+        ca/cli_session       the secret of the session `kmsnet ca login` opened (UTF-8)
+        admin/<name>         one administrator: role, TOTP secret, replay and throttle state
+                             (`node.ca.admin.AdminRecord`)
+        session/<index>      one admin session, JSON: SHA-256 of its secret, administrator, role,
+                             creation and expiry. <index> is the digest's first 16 hex digits
         token/<index>        one enrolment token, JSON: its SHA-256 digest, node name, creation,
                              expiry and use times. The token itself is never stored; <index> is
                              the first 16 hex digits of the digest, a lookup key only
         issued/<serial>      one issued certificate (16 hex digits), JSON: kind, name, validity,
-                             fingerprint, issue time and the PEM
+                             fingerprint, issue time, the PEM, and revocation time and reason
+    and, in the same file, the audit log "ca" (`node.audit.AuditLog`): hash-chained and signed
+    by the root key, one entry per issuance, revocation, token, CRL, login, admin change and
+    refused admin attempt.
+
+Who may do what: enrolment is authenticated by a one-time token, renewal by the node's current
+key, OCSP and the CRL are public; everything else is an *admin action* and needs an
+`AdminSession` (`login` with a TOTP code, see `node.ca.admin`) whose role allows it.
 
 Every method reads the time from the injectable `clock`, never from the system directly, so
 tests and the lab can move time. Every change to ca.db happens inside one keystore transaction
-(SQLite `BEGIN IMMEDIATE`), so a `kmsnet ca token` run while `kmsnet ca serve` enrols cannot
-race it, and a refused enrolment leaves nothing behind: in particular its token stays unused.
+(SQLite `BEGIN IMMEDIATE`), so `kmsnet ca revoke` run while `kmsnet ca serve` enrols cannot
+race it, and a refused request leaves nothing behind but its audit entry: in particular a
+refused enrolment leaves its token unused.
 """
 
 from __future__ import annotations
@@ -33,7 +48,7 @@ import logging
 import os
 import re
 import secrets
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -46,13 +61,36 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
+from node.audit import AuditEntry, AuditLog, AuditValue
+from node.ca.admin import (
+    PERMISSIONS,
+    SESSION_TTL,
+    Action,
+    AdminInfo,
+    AdminRecord,
+    AdminSession,
+    NewAdmin,
+    Role,
+    check_admin_name,
+    check_code,
+    new_admin,
+)
 from node.ca.errors import (
+    AdminError,
+    AdminExists,
+    AdminNotFound,
+    AuthenticationFailed,
     CaError,
     CaExists,
     CaNotFound,
+    CertificateNotFound,
     CsrSignatureInvalid,
     EnrolmentError,
     InvalidRequest,
+    LastAdmin,
+    PermissionDenied,
+    RenewalRefused,
+    SessionRequired,
     TokenExpired,
     TokenNameMismatch,
     TokenUnknown,
@@ -63,16 +101,19 @@ from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
 from protocol import certs
 from protocol.errors import LocalError, ProtocolError
 from protocol.identity import IdentityKey
-from protocol.revocation import RevokedEntry, issue_crl
+from protocol.revocation import REASONS, OcspAnswer, RevokedEntry, build_ocsp_response, issue_crl
 
 __all__ = [
     "CA_DB",
     "CA_NODE_NAME",
     "CA_PEM",
+    "FIRST_ADMIN",
+    "CaCreated",
     "CaPolicy",
     "CertificateAuthority",
     "EnrolmentToken",
     "IssuedCertificate",
+    "Revocation",
     "create_keystore",
     "remove_database",
     "require_ca",
@@ -88,10 +129,17 @@ CA_PEM = "ca.pem"
 #: The node name the CA uses on the relay; the relay takes CRLs from this name only
 #: (`relay.server.RelayConfig.crl_publisher`), so no enrolment token is ever made for it.
 CA_NODE_NAME = "ca"
+#: The administrator `init` creates (role admin); it adds the others.
+FIRST_ADMIN = "admin"
+#: The audit log's name in ca.db, and the actor of what the CA does by itself (CRLs, its own certificate).
+AUDIT_LOG = "ca"
 
 #: Enrolment tokens: 128 random bits, URL-safe base64 without padding (22 characters).
 TOKEN_BYTES = 16
 _TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{22}")
+#: Admin session secrets: 256 random bits (43 characters).
+SESSION_BYTES = 32
+_SESSION_RE = re.compile(r"[A-Za-z0-9_-]{43}")
 #: Bounds on a token's lifetime.
 MIN_TOKEN_TTL = timedelta(seconds=1)
 MAX_TOKEN_TTL = timedelta(days=7)
@@ -99,8 +147,11 @@ DEFAULT_TOKEN_TTL = timedelta(hours=1)
 #: Records of spent or expired tokens are purged this long after their expiry (until then an
 #: attempt with one gets the precise "used"/"expired" answer rather than "unknown").
 TOKEN_RETENTION = timedelta(days=7)
-#: Hex digits of a token's digest used as its record name.
-_TOKEN_INDEX_LEN = 16
+#: Hex digits of a secret's digest used as its record name (tokens, sessions).
+_INDEX_LEN = 16
+#: A revoked certificate stays on the CRL until this long after its notAfter. Past notAfter (plus
+#: the verifiers' CLOCK_SKEW) nobody accepts it anyway; the margin covers a verifier's slow clock.
+CRL_RETENTION = timedelta(days=1)
 
 #: Certificates and CRLs are renewed once this fraction of their lifetime has passed.
 RENEW_FRACTION = 2 / 3
@@ -108,8 +159,11 @@ RENEW_FRACTION = 2 / 3
 NS_CA = "ca"
 NS_TOKEN = "token"  # noqa: S105 - a keystore namespace, not a secret
 NS_ISSUED = "issued"
+NS_ADMIN = "admin"
+NS_SESSION = "session"
 
 CertificateKind = Literal["node", "server"]
+CertificateStatus = Literal["valid", "revoked", "expired"]
 
 
 def utcnow() -> datetime:
@@ -117,24 +171,50 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+_POLICY_FIELDS = ("certificate_validity", "server_validity", "root_validity", "crl_lifetime", "ocsp_validity")
+
+
 @dataclass(frozen=True)
 class CaPolicy:
-    """Lifetimes the CA issues with (the defaults are the product's)."""
+    """Lifetimes the CA issues with (the defaults are the product's). Chosen at `init`, stored in ca.db."""
 
-    #: Node certificates are short-lived: a node re-enrols (or, later, renews) weekly.
+    #: Node certificates are short-lived: a node renews at RENEW_FRACTION of this (`node.enrol.renew_certificate`).
     certificate_validity: timedelta = timedelta(days=7)
     #: The relay's TLS certificate.
     server_validity: timedelta = timedelta(days=90)
     #: The root; node certificates never outlive it.
     root_validity: timedelta = timedelta(days=3650)
-    #: A CRL's nextUpdate - thisUpdate; a new one is issued after RENEW_FRACTION of it.
+    #: A CRL's nextUpdate - thisUpdate; a new one is issued after RENEW_FRACTION of it, and at every revocation.
     crl_lifetime: timedelta = timedelta(hours=24)
+    #: An OCSP response's nextUpdate - thisUpdate (clients send a nonce, so they never reuse one anyway).
+    ocsp_validity: timedelta = timedelta(hours=1)
 
     def __post_init__(self) -> None:
-        for name in ("certificate_validity", "server_validity", "root_validity", "crl_lifetime"):
+        for name in _POLICY_FIELDS:
             value = getattr(self, name)
             if not isinstance(value, timedelta) or value <= timedelta(0):
                 raise InvalidRequest(f"{name} must be a positive duration")
+
+    def to_record(self) -> bytes:
+        """The JSON stored under ca/policy (whole seconds)."""
+        return _dump({name: int(getattr(self, name).total_seconds()) for name in _POLICY_FIELDS})
+
+    @classmethod
+    def from_record(cls, data: bytes) -> CaPolicy:
+        """Parse what `to_record` wrote; a field it lacks keeps its default."""
+        try:
+            raw = json.loads(data)
+            return cls(**{name: timedelta(seconds=int(raw[name])) for name in _POLICY_FIELDS if name in raw})
+        except (ValueError, TypeError, InvalidRequest) as exc:
+            raise KeystoreCorrupt("the CA policy record does not parse") from exc
+
+
+@dataclass(frozen=True)
+class CaCreated:
+    """What `init` made: the root's fingerprint and the first administrator's credential (show it once)."""
+
+    fingerprint: str
+    admin: NewAdmin
 
 
 @dataclass(frozen=True)
@@ -148,7 +228,7 @@ class EnrolmentToken:
 
 @dataclass(frozen=True)
 class IssuedCertificate:
-    """The CA's record of one certificate it issued."""
+    """The CA's record of one certificate it issued, and whether it revoked it."""
 
     serial: int
     kind: CertificateKind
@@ -158,6 +238,15 @@ class IssuedCertificate:
     fingerprint: str
     issued_at: datetime
     pem: bytes = field(repr=False)
+    revoked_at: datetime | None = None
+    #: A key of `protocol.revocation.REASONS` when revoked.
+    reason: str | None = None
+
+    def status(self, now: datetime) -> CertificateStatus:
+        """`revoked` (whenever it expires), else `expired` past notAfter, else `valid`."""
+        if self.revoked_at is not None:
+            return "revoked"
+        return "expired" if now >= self.not_after else "valid"
 
     def to_record(self) -> bytes:
         """The JSON stored under issued/<serial>."""
@@ -171,14 +260,17 @@ class IssuedCertificate:
                 "fingerprint": self.fingerprint,
                 "issued_at": self.issued_at.isoformat(),
                 "pem": self.pem.decode("ascii"),
+                "revoked_at": None if self.revoked_at is None else self.revoked_at.isoformat(),
+                "reason": self.reason,
             }
         )
 
     @classmethod
     def from_record(cls, data: bytes) -> IssuedCertificate:
-        """Parse what `to_record` wrote."""
+        """Parse what `to_record` wrote (records written before revocation existed have no revocation fields)."""
         try:
             raw = json.loads(data)
+            revoked_at = raw.get("revoked_at")
             return cls(
                 serial=int(raw["serial"]),
                 kind=raw["kind"],
@@ -188,9 +280,41 @@ class IssuedCertificate:
                 fingerprint=str(raw["fingerprint"]),
                 issued_at=datetime.fromisoformat(raw["issued_at"]),
                 pem=str(raw["pem"]).encode("ascii"),
+                revoked_at=None if revoked_at is None else datetime.fromisoformat(revoked_at),
+                reason=raw.get("reason"),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise KeystoreCorrupt("an issued-certificate record does not parse") from exc
+
+    def to_json(self, now: datetime) -> dict[str, object]:
+        """What `kmsnet ca list --json` and the admin API show: no PEM, the status at `now`."""
+        return {
+            "serial": f"{self.serial:x}",
+            "kind": self.kind,
+            "name": self.name,
+            "not_before": self.not_before.isoformat(),
+            "not_after": self.not_after.isoformat(),
+            "fingerprint": self.fingerprint,
+            "issued_at": self.issued_at.isoformat(),
+            "status": self.status(now),
+            "revoked_at": None if self.revoked_at is None else self.revoked_at.isoformat(),
+            "reason": self.reason,
+        }
+
+    def public_key(self) -> bytes:
+        """The certified public key's raw bytes (Ed25519: 32; anything else: its DER SubjectPublicKeyInfo)."""
+        key = x509.load_pem_x509_certificate(self.pem).public_key()
+        if isinstance(key, Ed25519PublicKey):
+            return key.public_bytes_raw()
+        return key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """What `revoke` did: the certificates it revoked and the number of the CRL that lists them."""
+
+    certificates: tuple[IssuedCertificate, ...]
+    crl_number: int
 
 
 @dataclass(frozen=True)
@@ -227,12 +351,51 @@ class _TokenRecord:
             raise KeystoreCorrupt("an enrolment-token record does not parse") from exc
 
 
+@dataclass(frozen=True)
+class _SessionRecord:
+    digest: bytes
+    admin: str
+    role: Role
+    created: datetime
+    expires: datetime
+
+    def to_record(self) -> bytes:
+        return _dump(
+            {
+                "digest": self.digest.hex(),
+                "admin": self.admin,
+                "role": self.role,
+                "created": self.created.isoformat(),
+                "expires": self.expires.isoformat(),
+            }
+        )
+
+    @classmethod
+    def from_record(cls, data: bytes) -> _SessionRecord:
+        try:
+            raw = json.loads(data)
+            role = raw["role"]
+            if role not in ("admin", "operator", "auditor"):
+                raise ValueError(role)
+            return cls(
+                digest=bytes.fromhex(raw["digest"]),
+                admin=str(raw["admin"]),
+                role=role,
+                created=datetime.fromisoformat(raw["created"]),
+                expires=datetime.fromisoformat(raw["expires"]),
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise KeystoreCorrupt("an admin-session record does not parse") from exc
+
+
 def _dump(record: dict[str, object]) -> bytes:
     return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
 
 
-def _token_digest(token: str) -> bytes:
-    return hashlib.sha256(token.encode("ascii")).digest()
+def _secret_index(secret: str) -> tuple[str, bytes]:
+    """(record name, SHA-256) of a token or session secret: the name finds the record, the digest decides."""
+    digest = hashlib.sha256(secret.encode("ascii")).digest()
+    return digest.hex()[:_INDEX_LEN], digest
 
 
 def _serial_name(serial: int) -> str:
@@ -258,12 +421,12 @@ def _check_node_name(name: str) -> str:
         raise InvalidRequest(str(exc)) from exc
 
 
-def _csr_public_key(csr_pem: str | bytes, expected_name: str) -> Ed25519PublicKey:
-    """Check an enrolment CSR and return its key.
+def _csr_subject(csr_pem: str | bytes) -> tuple[str, Ed25519PublicKey]:
+    """Check a CSR and return (node name, key).
 
     Raises `EnrolmentError` for one that does not parse, is not Ed25519 or names no valid node,
-    `CsrSignatureInvalid` when its self-signature does not verify, and `TokenNameMismatch` when it
-    names another node than `expected_name`.
+    and `CsrSignatureInvalid` when its self-signature does not verify: the requester must hold
+    the key it names.
     """
     data = csr_pem.encode("ascii", "replace") if isinstance(csr_pem, str) else csr_pem
     try:
@@ -285,15 +448,14 @@ def _csr_public_key(csr_pem: str | bytes, expected_name: str) -> Ed25519PublicKe
     name = attributes[0].value
     if not isinstance(name, str) or certs.NODE_NAME_RE.fullmatch(name) is None:
         raise EnrolmentError("the CSR's common name is not a valid node name")
-    if name != expected_name:
-        raise TokenNameMismatch(f"the token is for {expected_name!r}, the CSR asks for {name!r}")
-    return public_key
+    return name, public_key
 
 
 class CertificateAuthority:
     """An open CA home. Create one with `init`, open it with `open`; `close()` (or `with`) when done.
 
     One instance is one SQLite connection: use it from one thread (the asyncio loop when serving).
+    Several processes may open the same home at once (`serve` and the admin commands do).
     """
 
     def __init__(
@@ -305,8 +467,8 @@ class CertificateAuthority:
     ) -> None:
         """Internal: use `open`."""
         self._ks = keystore
-        self._clock = clock
-        self.policy = policy or CaPolicy()
+        self.clock = clock
+        """The time source of every decision (injectable: tests and the lab move time)."""
         root_key = keystore.get(NS_CA, "root_key")
         root_pem = keystore.get(NS_CA, "root")
         if root_key is None or root_pem is None:
@@ -318,9 +480,13 @@ class CertificateAuthority:
             raise KeystoreCorrupt(f"{keystore.path} holds an unreadable CA root") from exc
         if self._root_key.public_key() != self.root.public_key():
             raise KeystoreCorrupt(f"{keystore.path}: the root key does not belong to the root certificate")
+        stored_policy = keystore.get(NS_CA, "policy")
+        self.policy = policy or (CaPolicy.from_record(stored_policy) if stored_policy else CaPolicy())
         self.root_pem = root_pem
         self.fingerprint = _fingerprint_hex(self.root)
         """The root's SHA-256 fingerprint (hex): what a node checks with `--ca-fingerprint`."""
+        # Signed by the root key: whoever edits ca.db's audit table without it cannot re-sign the chain.
+        self._audit_log = AuditLog(keystore, name=AUDIT_LOG, signer=self._root_key, clock=clock)
 
     # --- creating and opening -----------------------------------------------------------------------
 
@@ -334,12 +500,14 @@ class CertificateAuthority:
         clock: Callable[[], datetime] = utcnow,
         argon2: Argon2Params = ARGON2_INTERACTIVE,
         policy: CaPolicy | None = None,
-    ) -> str:
-        """Create a CA in `home`: root key and certificate, the CA node's identity, an empty state.
+    ) -> CaCreated:
+        """Create a CA in `home`: root key and certificate, the CA node's identity, the first
+        administrator (FIRST_ADMIN, role admin), the policy, an empty state and its audit log.
 
         Refuses (`CaExists`) if ca.db or ca.pem exists: key files are never overwritten. Writes
         ca.db first, then ca.pem; if anything fails, whatever it created is removed. Returns the
-        root's SHA-256 fingerprint (hex).
+        root's SHA-256 fingerprint (hex) and the administrator's credential: show its `otpauth`
+        URI to the administrator now, it is never shown again.
         """
         home = Path(home)
         require_no_ca(home)
@@ -358,15 +526,24 @@ class CertificateAuthority:
         except LocalError as exc:
             raise InvalidRequest(str(exc)) from exc
         root_pem = certs.certificate_pem(root)
+        fingerprint = _fingerprint_hex(root)
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        created: list[NewAdmin] = []
 
         def fill(keystore: Keystore) -> None:
             with keystore.transaction():
                 keystore.put(NS_CA, "root_key", root_key.private_bytes_raw())
                 keystore.put(NS_CA, "root", root_pem)
+                keystore.put(NS_CA, "policy", policy.to_record())
                 keystore.put(NS_CA, "node_identity", IdentityKey.generate().private_bytes())
                 keystore.put(NS_CA, "crl_number", b"0")
-            cls(keystore, clock=clock, policy=policy).node_credentials(now)  # issues the CA node's certificate
+                authority = cls(keystore, clock=clock)
+                authority._audit(AUDIT_LOG, "ca_created", name=name, fingerprint=fingerprint)
+                record, credential = new_admin(FIRST_ADMIN, "admin", now)
+                keystore.put(NS_ADMIN, FIRST_ADMIN, record.to_record())
+                authority._audit(AUDIT_LOG, "admin_added", admin=FIRST_ADMIN, role="admin")
+                authority.node_credentials(now)  # issues the CA node's certificate
+                created.append(credential)
 
         try:
             create_keystore(db_path, passphrase=passphrase, argon2=argon2, fill=fill)
@@ -377,9 +554,8 @@ class CertificateAuthority:
         except BaseException:
             remove_database(db_path)  # ours (created just now): a CA without its ca.pem is half made
             raise
-        fingerprint = _fingerprint_hex(root)
         log.info("ca_initialised", extra={"fields": {"home": str(home), "name": name, "fingerprint": fingerprint}})
-        return fingerprint
+        return CaCreated(fingerprint=fingerprint, admin=created[0])
 
     @classmethod
     def open(
@@ -390,7 +566,10 @@ class CertificateAuthority:
         clock: Callable[[], datetime] = utcnow,
         policy: CaPolicy | None = None,
     ) -> CertificateAuthority:
-        """Open the CA in `home`. Raises `CaNotFound`, or the keystore's errors (`WrongPassphrase`...)."""
+        """Open the CA in `home` (with its stored policy unless `policy` overrides it).
+
+        Raises `CaNotFound`, or the keystore's errors (`WrongPassphrase`...).
+        """
         require_ca(home)
         keystore = Keystore.open(Path(home) / CA_DB, passphrase=passphrase)
         try:
@@ -412,26 +591,225 @@ class CertificateAuthority:
     def __repr__(self) -> str:
         return f"<CertificateAuthority {self._ks.path} root={self.fingerprint[:16]}>"
 
+    # --- audit ---------------------------------------------------------------------------------------
+
+    def _audit(self, actor: str, action: str, /, **fields: AuditValue) -> None:
+        """Append to the audit log (inside the caller's transaction, if any: both commit or neither)."""
+        self._audit_log.append(actor, action, fields)
+
+    def audit_entries(self, *, session: AdminSession | None) -> builtins.list[AuditEntry]:
+        """Every audit entry, oldest first, as stored (`verify_audit` says whether to trust them).
+
+        Role auditor or admin.
+        """
+        self._authorize(session, "audit")
+        return builtins.list(self._audit_log.entries())
+
+    def verify_audit(self, *, session: AdminSession | None) -> int:
+        """Check the audit log's chain, signatures and sealed head; return its length.
+
+        Raises `node.errors.AuditChainBroken` naming the first entry edited, removed, inserted or
+        reordered. Role auditor or admin.
+        """
+        self._authorize(session, "audit")
+        return self._audit_log.verify()
+
+    # --- administrators and sessions ----------------------------------------------------------------
+
+    def _admin(self, name: str) -> AdminRecord | None:
+        raw = self._ks.get(NS_ADMIN, name)
+        return None if raw is None else AdminRecord.from_record(raw)
+
+    def login(self, admin: str, code: str, *, remember: bool = False) -> AdminSession:
+        """Open an admin session for `admin` with a TOTP code; valid SESSION_TTL, bound to the role.
+
+        With `remember`, the session replaces the one `remembered_session` returns (what
+        `kmsnet ca login` does). Raises `AuthenticationFailed` (unknown administrator or wrong
+        code), `OtpReplayed` (a code already used) or `AdminLocked` (throttled); every attempt is
+        audited, and a refused one counts toward the lock-out (`node.ca.admin.check_code`).
+        """
+        now = self.clock()
+        known = certs.NODE_NAME_RE.fullmatch(admin) is not None if isinstance(admin, str) else False
+        refusal: AuthenticationFailed | None
+        session: AdminSession | None = None
+        with self._ks.transaction():
+            record = self._admin(admin) if known else None
+            if record is None:
+                text = f"no administrator named {admin!r}" if known else "bad administrator name"
+                refusal = AuthenticationFailed(text)
+                self._audit(admin if known else "?", "login_failed", reason=str(refusal))
+            else:
+                updated, refusal = check_code(record, code if isinstance(code, str) else "", now)
+                self._ks.put(NS_ADMIN, admin, updated.to_record())
+                if refusal is not None:
+                    self._audit(admin, "login_failed", reason=str(refusal))
+                    if updated.locked_until is not None and updated.locked_until != record.locked_until:
+                        self._audit(admin, "admin_locked", until=updated.locked_until.isoformat())
+                else:
+                    session = self._open_session(updated, now, remember)
+        if refusal is not None or session is None:
+            log.info("admin_login_refused", extra={"fields": {"reason": type(refusal).__name__}})
+            raise refusal or AuthenticationFailed("login refused")
+        log.info("admin_login", extra={"fields": {"admin": admin, "role": session.role, "remember": remember}})
+        return session
+
+    def _open_session(self, admin: AdminRecord, now: datetime, remember: bool) -> AdminSession:
+        """Store a new session for `admin` (inside the caller's transaction) and return it."""
+        for index in self._ks.names(NS_SESSION):
+            raw = self._ks.get(NS_SESSION, index)
+            if raw is not None and _SessionRecord.from_record(raw).expires <= now:
+                self._ks.delete(NS_SESSION, index)  # bounds ca.db: expired sessions are useless
+        secret = secrets.token_urlsafe(SESSION_BYTES)
+        index, digest = _secret_index(secret)
+        expires = now + SESSION_TTL
+        self._ks.put(NS_SESSION, index, _SessionRecord(digest, admin.name, admin.role, now, expires).to_record())
+        if remember:
+            previous = self._ks.get(NS_CA, "cli_session")
+            if previous is not None:
+                self._ks.delete(NS_SESSION, _secret_index(previous.decode("ascii"))[0])
+            self._ks.put(NS_CA, "cli_session", secret.encode("ascii"))
+        self._audit(admin.name, "login", role=admin.role, expires_at=expires.isoformat(), remembered=remember)
+        return AdminSession(admin=admin.name, role=admin.role, expires_at=expires, secret=secret)
+
+    def _session_record(self, secret: str) -> tuple[str, _SessionRecord] | None:
+        if not isinstance(secret, str) or _SESSION_RE.fullmatch(secret) is None:
+            return None
+        index, digest = _secret_index(secret)
+        raw = self._ks.get(NS_SESSION, index)
+        if raw is None:
+            return None
+        record = _SessionRecord.from_record(raw)
+        # The index only finds the record; the full digest decides, compared in constant time.
+        return (index, record) if hmac.compare_digest(record.digest, digest) else None
+
+    def resume(self, secret: str) -> AdminSession:
+        """The session named by `secret` (an HTTP bearer token); `SessionRequired` (audited) unless it is open."""
+        found = self._session_record(secret)
+        now = self.clock()
+        if found is None or found[1].expires <= now:
+            refusal = SessionRequired("no open admin session with this token: log in")
+            self._audit("?", "admin_refused", action="resume", reason=str(refusal))
+            raise refusal
+        record = found[1]
+        return AdminSession(admin=record.admin, role=record.role, expires_at=record.expires, secret=secret)
+
+    def remembered_session(self) -> AdminSession | None:
+        """The session `kmsnet ca login` opened, while it is still open (else None)."""
+        raw = self._ks.get(NS_CA, "cli_session")
+        if raw is None:
+            return None
+        secret = raw.decode("ascii")
+        found = self._session_record(secret)
+        if found is None or found[1].expires <= self.clock():
+            return None
+        record = found[1]
+        return AdminSession(admin=record.admin, role=record.role, expires_at=record.expires, secret=secret)
+
+    def logout(self, session: AdminSession) -> None:
+        """End `session` (and forget it as the remembered one). Ending an ended session does nothing."""
+        with self._ks.transaction():
+            found = self._session_record(session.secret)
+            if found is None:
+                return
+            self._ks.delete(NS_SESSION, found[0])
+            remembered = self._ks.get(NS_CA, "cli_session")
+            if remembered is not None and hmac.compare_digest(remembered, session.secret.encode("ascii")):
+                self._ks.delete(NS_CA, "cli_session")
+            self._audit(found[1].admin, "logout")
+
+    def _authorize(self, session: AdminSession | None, action: Action) -> _SessionRecord:
+        """Check that `session` is open and its role may do `action`; audit and raise if not.
+
+        The stored session record decides, not the `AdminSession` object: it must exist, be
+        unexpired, and its administrator must still exist with the role the session was opened in.
+        """
+        try:
+            if session is None:
+                raise SessionRequired("no admin session: log in (`kmsnet ca login`) or give a TOTP code (--otp)")
+            found = self._session_record(session.secret)
+            if found is None:
+                raise SessionRequired("the admin session ended: log in again")
+            record = found[1]
+            if record.expires <= self.clock():
+                raise SessionRequired(f"the admin session expired at {record.expires.isoformat()}: log in again")
+            admin = self._admin(record.admin)
+            if admin is None or admin.role != record.role:
+                raise SessionRequired(f"administrator {record.admin!r} was removed or changed role: log in again")
+            if record.role not in PERMISSIONS[action]:
+                allowed = " or ".join(sorted(PERMISSIONS[action]))
+                raise PermissionDenied(f"role {record.role!r} may not do {action!r} (needs {allowed})")
+        except AdminError as exc:
+            self._audit(session.admin if session is not None else "?", "admin_refused", action=action, reason=str(exc))
+            log.info("admin_refused", extra={"fields": {"action": action, "reason": type(exc).__name__}})
+            raise
+        return record
+
+    def add_admin(self, name: str, role: str, *, session: AdminSession | None) -> NewAdmin:
+        """Create administrator `name` with `role` (admin, operator or auditor). Role admin.
+
+        Returns the credential: show its `otpauth` URI to its holder once. Raises `AdminExists`,
+        or `InvalidRequest` for a bad name or role.
+        """
+        actor = self._authorize(session, "admins").admin
+        now = self.clock()
+        record, credential = new_admin(name, role, now)
+        with self._ks.transaction():
+            if self._admin(name) is not None:
+                raise AdminExists(f"an administrator named {name!r} exists already")
+            self._ks.put(NS_ADMIN, name, record.to_record())
+            self._audit(actor, "admin_added", admin=name, role=record.role)
+        log.info("admin_added", extra={"fields": {"admin": name, "role": record.role, "by": actor}})
+        return credential
+
+    def remove_admin(self, name: str, *, session: AdminSession | None) -> None:
+        """Remove administrator `name`; its sessions end with it. Role admin.
+
+        Raises `AdminNotFound`, or `LastAdmin` if no one with the admin role would remain.
+        """
+        actor = self._authorize(session, "admins").admin
+        check_admin_name(name)
+        with self._ks.transaction():
+            record = self._admin(name)
+            if record is None:
+                raise AdminNotFound(f"no administrator named {name!r}")
+            others = [a for a in self._admin_records() if a.name != name and a.role == "admin"]
+            if record.role == "admin" and not others:
+                raise LastAdmin(f"{name!r} is the last administrator with the admin role: add another first")
+            self._ks.delete(NS_ADMIN, name)
+            self._audit(actor, "admin_removed", admin=name, role=record.role)
+        log.info("admin_removed", extra={"fields": {"admin": name, "by": actor}})
+
+    def _admin_records(self) -> builtins.list[AdminRecord]:
+        return [record for name in self._ks.names(NS_ADMIN) if (record := self._admin(name)) is not None]
+
+    def admins(self, *, session: AdminSession | None) -> builtins.list[AdminInfo]:
+        """Every administrator (name, role, creation, lock-out), by name. Role admin."""
+        self._authorize(session, "admins")
+        return [record.info() for record in self._admin_records()]
+
     # --- enrolment tokens ----------------------------------------------------------------------------
 
-    def token(self, name: str, ttl: timedelta = DEFAULT_TOKEN_TTL) -> EnrolmentToken:
-        """Make a one-time enrolment token for node `name`, valid for `ttl`.
+    def token(self, name: str, ttl: timedelta = DEFAULT_TOKEN_TTL, *, session: AdminSession | None) -> EnrolmentToken:
+        """Make a one-time enrolment token for node `name`, valid for `ttl`. Role operator or admin.
 
-        Only its SHA-256 digest is stored. Raises `InvalidRequest` for an invalid node name, the
-        reserved name "ca", or a lifetime outside MIN_TOKEN_TTL..MAX_TOKEN_TTL.
+        Only its SHA-256 digest is stored (and never in the audit log). Raises `InvalidRequest`
+        for an invalid node name, the reserved name "ca", or a lifetime outside
+        MIN_TOKEN_TTL..MAX_TOKEN_TTL.
         """
+        actor = self._authorize(session, "token").admin
         _check_node_name(name)
         if name == CA_NODE_NAME:
             raise InvalidRequest(f"{CA_NODE_NAME!r} is the CA's own node name: no node may enrol as it")
         if not isinstance(ttl, timedelta) or not MIN_TOKEN_TTL <= ttl <= MAX_TOKEN_TTL:
             raise InvalidRequest(f"a token lifetime must be within {MIN_TOKEN_TTL}..{MAX_TOKEN_TTL}")
-        now = self._clock()
+        now = self.clock()
         secret = secrets.token_urlsafe(TOKEN_BYTES)
-        digest = _token_digest(secret)
+        index, digest = _secret_index(secret)
         record = _TokenRecord(digest=digest, name=name, created=now, expires=now + ttl)
         with self._ks.transaction():
             self._purge_tokens(now)
-            self._ks.put(NS_TOKEN, digest.hex()[:_TOKEN_INDEX_LEN], record.to_record())
+            self._ks.put(NS_TOKEN, index, record.to_record())
+            self._audit(actor, "token_issued", node=name, expires_at=record.expires.isoformat())
         log.info("token_issued", extra={"fields": {"node": name, "expires_at": record.expires.isoformat()}})
         return EnrolmentToken(name=name, expires_at=record.expires, secret=secret)
 
@@ -445,8 +823,7 @@ class CertificateAuthority:
     def _find_token(self, token: str) -> tuple[str, _TokenRecord]:
         if not isinstance(token, str) or _TOKEN_RE.fullmatch(token) is None:
             raise TokenUnknown("unknown enrolment token")
-        digest = _token_digest(token)
-        index = digest.hex()[:_TOKEN_INDEX_LEN]
+        index, digest = _secret_index(token)
         raw = self._ks.get(NS_TOKEN, index)
         # The index only finds the record; the full digest decides, compared in constant time.
         if raw is None:
@@ -456,7 +833,7 @@ class CertificateAuthority:
             raise TokenUnknown("unknown enrolment token")
         return index, record
 
-    # --- enrolment -----------------------------------------------------------------------------------
+    # --- enrolment and renewal -----------------------------------------------------------------------
 
     def enrol(self, token: str, csr_pem: str | bytes) -> bytes:
         """Enrol a node: check `token` and the CSR, consume the token, issue and record a certificate.
@@ -467,7 +844,7 @@ class CertificateAuthority:
         (`EnrolmentError`), the name is the token's (`TokenNameMismatch`). Any refusal leaves the
         token as it was. Returns the certificate (PEM), valid for `policy.certificate_validity`.
         """
-        now = self._clock()
+        now = self.clock()
         name = "?"
         try:
             with self._ks.transaction():
@@ -477,13 +854,61 @@ class CertificateAuthority:
                     raise TokenUsed(f"this enrolment token for {name!r} was used already")
                 if now >= record.expires:
                     raise TokenExpired(f"this enrolment token for {name!r} expired at {record.expires.isoformat()}")
-                public_key = _csr_public_key(csr_pem, name)
+                asked, public_key = _csr_subject(csr_pem)
+                if asked != name:
+                    raise TokenNameMismatch(f"the token is for {name!r}, the CSR asks for {asked!r}")
                 self._ks.put(NS_TOKEN, index, replace(record, used=now).to_record())
-                cert = self._issue_node(name, public_key, now)
+                cert = self._issue_node(name, public_key, now, via="enrolment")
         except EnrolmentError as exc:
             log.info("enrolment_refused", extra={"fields": {"node": name, "reason": type(exc).__name__}})
             raise
         log.info("node_enrolled", extra={"fields": {"node": name, "serial": _serial_name(cert.serial_number)}})
+        return certs.certificate_pem(cert)
+
+    def renew(self, certificate_pem: str | bytes, csr_pem: str | bytes) -> bytes:
+        """Renew a node certificate for the same name and key; return the new certificate (PEM).
+
+        Authenticated by the key itself: the CSR's self-signature proves that the requester holds
+        the key of `certificate_pem`, which must be a node certificate this CA issued, unrevoked,
+        within its validity, and no certificate of this CA for that key may be revoked (a revoked
+        key is never renewed, whichever of its certificates asks). A new key needs a new
+        enrolment token (`kmsnet node rekey`). Raises `RenewalRefused`, `EnrolmentError` for a
+        malformed request, `CsrSignatureInvalid`.
+        """
+        now = self.clock()
+        try:
+            data = certificate_pem.encode("ascii", "replace") if isinstance(certificate_pem, str) else certificate_pem
+            presented = certs.load_certificate(data)
+        except ProtocolError as exc:
+            raise EnrolmentError("the certificate to renew is not a PEM certificate") from exc
+        name = "?"
+        try:
+            with self._ks.transaction():
+                record = self._issued(presented.serial_number)
+                if record is None or record.fingerprint != _fingerprint_hex(presented) or record.kind != "node":
+                    raise RenewalRefused("this CA did not issue that node certificate")
+                name = record.name
+                if name == CA_NODE_NAME:
+                    raise RenewalRefused("the CA node's own certificate is renewed by the CA itself")
+                if record.revoked_at is not None:
+                    raise RenewalRefused(f"certificate {record.serial:x} of {name!r} is revoked ({record.reason})")
+                if not record.not_before <= now < record.not_after:
+                    raise RenewalRefused(f"certificate {record.serial:x} of {name!r} is not valid now: enrol again")
+                asked, public_key = _csr_subject(csr_pem)
+                key = public_key.public_bytes_raw()
+                if asked != name or key != record.public_key():
+                    raise RenewalRefused("a renewal keeps the name and the key; a new key needs a new enrolment")
+                for other in self._issued_records():
+                    if other.name == name and other.revoked_at is not None and other.public_key() == key:
+                        raise RenewalRefused(f"the key of {name!r} was revoked (certificate {other.serial:x})")
+                cert = self._issue_node(name, public_key, now, via="renewal", renews=record.serial)
+        except EnrolmentError as exc:
+            log.info("renewal_refused", extra={"fields": {"node": name, "reason": type(exc).__name__}})
+            raise
+        except RenewalRefused as exc:
+            log.info("renewal_refused", extra={"fields": {"node": name, "reason": str(exc)}})
+            raise
+        log.info("node_renewed", extra={"fields": {"node": name, "serial": _serial_name(cert.serial_number)}})
         return certs.certificate_pem(cert)
 
     # --- issuing ---------------------------------------------------------------------------------------
@@ -501,7 +926,10 @@ class CertificateAuthority:
             raise CaError(f"the CA root expired at {root_end.isoformat()}: it can issue nothing more")
         return now, min(now + validity, root_end)
 
-    def _record(self, kind: CertificateKind, name: str, cert: x509.Certificate, now: datetime) -> None:
+    def _record(
+        self, kind: CertificateKind, name: str, cert: x509.Certificate, now: datetime, *, actor: str, via: str
+    ) -> None:
+        """Store and audit an issued certificate (inside the caller's transaction)."""
         issued = IssuedCertificate(
             serial=cert.serial_number,
             kind=kind,
@@ -513,8 +941,20 @@ class CertificateAuthority:
             pem=certs.certificate_pem(cert),
         )
         self._ks.put(NS_ISSUED, _serial_name(issued.serial), issued.to_record())
+        self._audit(
+            actor,
+            "certificate_issued",
+            kind=kind,
+            name=name,
+            serial=_serial_name(issued.serial),
+            not_after=issued.not_after.isoformat(),
+            fingerprint=issued.fingerprint,
+            via=via,
+        )
 
-    def _issue_node(self, name: str, public_key: Ed25519PublicKey, now: datetime) -> x509.Certificate:
+    def _issue_node(
+        self, name: str, public_key: Ed25519PublicKey, now: datetime, *, via: str, renews: int | None = None
+    ) -> x509.Certificate:
         """Issue and record a node certificate (inside the caller's transaction)."""
         not_before, not_after = self._window(now, self.policy.certificate_validity)
         cert = certs.issue(
@@ -526,18 +966,24 @@ class CertificateAuthority:
             not_before=not_before,
             not_after=not_after,
         )
-        self._record("node", name, cert, now)
+        via_text = via if renews is None else f"{via} of {_serial_name(renews)}"
+        self._record("node", name, cert, now, actor=AUDIT_LOG if name == CA_NODE_NAME else name, via=via_text)
         return cert
 
     def issue_relay_certificate(
-        self, hostnames: Sequence[str], public_key: Ed25519PublicKey | ec.EllipticCurvePublicKey
+        self,
+        hostnames: Sequence[str],
+        public_key: Ed25519PublicKey | ec.EllipticCurvePublicKey,
+        *,
+        session: AdminSession | None,
     ) -> x509.Certificate:
         """Issue (and record) the relay's TLS server certificate for `hostnames` (DNS names or IP literals).
 
         Valid for `policy.server_validity`; usable for serverAuth only, never as a node identity.
-        Raises `InvalidRequest` on a bad hostname or key type.
+        Role admin. Raises `InvalidRequest` on a bad hostname or key type.
         """
-        now = self._clock()
+        actor = self._authorize(session, "relay-cert").admin
+        now = self.clock()
         not_before, not_after = self._window(now, self.policy.server_validity)
         with self._ks.transaction():
             try:
@@ -552,21 +998,23 @@ class CertificateAuthority:
                 )
             except LocalError as exc:
                 raise InvalidRequest(str(exc)) from exc
-            self._record("server", ",".join(hostnames), cert, now)
+            self._record("server", ",".join(hostnames), cert, now, actor=actor, via="relay-cert")
         log.info(
             "relay_certificate_issued",
             extra={"fields": {"hosts": ",".join(hostnames), "serial": _serial_name(cert.serial_number)}},
         )
         return cert
 
-    def issue_relay_credentials(self, hostnames: Sequence[str]) -> tuple[x509.Certificate, bytes]:
-        """A fresh ECDSA P-256 TLS key for the relay and its certificate: (certificate, key PEM).
+    def issue_relay_credentials(
+        self, hostnames: Sequence[str], *, session: AdminSession | None
+    ) -> tuple[x509.Certificate, bytes]:
+        """A fresh ECDSA P-256 TLS key for the relay and its certificate: (certificate, key PEM). Role admin.
 
         P-256 rather than Ed25519 because every TLS client speaks it. The key (unencrypted
         PKCS#8, as `ssl.SSLContext.load_cert_chain` reads it) is never stored by the CA.
         """
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = self.issue_relay_certificate(hostnames, key.public_key())
+        cert = self.issue_relay_certificate(hostnames, key.public_key(), session=session)
         key_pem = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
@@ -579,74 +1027,179 @@ class CertificateAuthority:
         has passed, so a long-running `ca serve` never presents an expired one.
         """
         if now is None:
-            now = self._clock()
-        with self._ks.transaction():
-            identity_bytes = self._ks.get(NS_CA, "node_identity")
-            if identity_bytes is None:
-                raise KeystoreCorrupt(f"{self._ks.path} holds no CA node identity")
-            identity = IdentityKey.from_private_bytes(identity_bytes)
-            der = self._ks.get(NS_CA, "node_certificate")
-            if der is None or _due(x509.load_der_x509_certificate(der), now):
-                cert = self._issue_node(CA_NODE_NAME, identity.public, now)
-                der = cert.public_bytes(serialization.Encoding.DER)
-                self._ks.put(NS_CA, "node_certificate", der)
-                log.info("ca_node_certificate_issued", extra={"fields": {"serial": _serial_name(cert.serial_number)}})
-        return identity, der
+            now = self.clock()
+        # Read first: `serve` asks every second, and the write lock is only needed when renewing.
+        identity_bytes = self._ks.get(NS_CA, "node_identity")
+        der = self._ks.get(NS_CA, "node_certificate")
+        if der is None or _due(x509.load_der_x509_certificate(der), now):
+            with self._ks.transaction():
+                identity_bytes = self._ks.get(NS_CA, "node_identity")
+                der = self._ks.get(NS_CA, "node_certificate")
+                if identity_bytes is not None and (der is None or _due(x509.load_der_x509_certificate(der), now)):
+                    identity = IdentityKey.from_private_bytes(identity_bytes)
+                    cert = self._issue_node(CA_NODE_NAME, identity.public, now, via="ca-node")
+                    der = cert.public_bytes(serialization.Encoding.DER)
+                    self._ks.put(NS_CA, "node_certificate", der)
+                    fields = {"serial": _serial_name(cert.serial_number)}
+                    log.info("ca_node_certificate_issued", extra={"fields": fields})
+        if identity_bytes is None or der is None:
+            raise KeystoreCorrupt(f"{self._ks.path} holds no CA node identity")
+        return IdentityKey.from_private_bytes(identity_bytes), der
 
-    def list(self) -> builtins.list[IssuedCertificate]:
-        """Every certificate this CA issued, oldest first."""
-        records = []
+    # --- the list of issued certificates -------------------------------------------------------------
+
+    def _issued(self, serial: int) -> IssuedCertificate | None:
+        if isinstance(serial, bool) or not isinstance(serial, int) or not 0 < serial < 2**64:
+            return None  # this CA issues 64-bit serials only
+        raw = self._ks.get(NS_ISSUED, _serial_name(serial))
+        return None if raw is None else IssuedCertificate.from_record(raw)
+
+    def _issued_records(self) -> Iterator[IssuedCertificate]:
         for name in self._ks.names(NS_ISSUED):
             raw = self._ks.get(NS_ISSUED, name)
             if raw is not None:
-                records.append(IssuedCertificate.from_record(raw))
-        return sorted(records, key=lambda r: (r.issued_at, r.serial))
+                yield IssuedCertificate.from_record(raw)
+
+    def list(self, *, session: AdminSession | None) -> builtins.list[IssuedCertificate]:
+        """Every certificate this CA issued, oldest first, with its revocation. Role auditor or admin."""
+        self._authorize(session, "list")
+        return sorted(self._issued_records(), key=lambda r: (r.issued_at, r.serial))
+
+    # --- revocation ------------------------------------------------------------------------------------
+
+    def revoke(
+        self,
+        name: str | None = None,
+        *,
+        serial: int | None = None,
+        reason: str = "unspecified",
+        session: AdminSession | None,
+    ) -> Revocation:
+        """Revoke certificates and issue a new CRL at once (persisted: `serve` publishes it). Role admin.
+
+        With `name`, every unexpired, unrevoked certificate of that node (a node holds several
+        while its renewals overlap, all for one key); with `serial`, that one certificate (of
+        `name`, if given too). `reason` is a key of `protocol.revocation.REASONS`. Raises
+        `InvalidRequest` (bad arguments, the CA node's own certificate) or `CertificateNotFound`.
+        """
+        actor = self._authorize(session, "revoke").admin
+        if reason not in REASONS:
+            raise InvalidRequest(f"unknown revocation reason {reason!r}; expected one of {', '.join(REASONS)}")
+        if name is None and serial is None:
+            raise InvalidRequest("name a node or give a serial to revoke")
+        if name is not None:
+            _check_node_name(name)
+        now = self.clock()
+        with self._ks.transaction():
+            if serial is not None:
+                record = self._issued(serial)
+                if record is None or (name is not None and record.name != name):
+                    whose = f" to {name!r}" if name is not None else ""
+                    raise CertificateNotFound(f"this CA issued no certificate {serial:x}{whose}")
+                if record.revoked_at is not None:
+                    raise CertificateNotFound(f"certificate {serial:x} is revoked already")
+                targets = [record]
+            else:
+                targets = [
+                    r
+                    for r in self._issued_records()
+                    if r.kind == "node" and r.name == name and r.status(now) == "valid"
+                ]
+                if not targets:
+                    raise CertificateNotFound(f"{name!r} holds no valid certificate to revoke")
+            if any(r.kind == "node" and r.name == CA_NODE_NAME for r in targets):
+                raise InvalidRequest(f"{CA_NODE_NAME!r} is the CA's own node: it is not revoked this way")
+            revoked = tuple(replace(r, revoked_at=now, reason=reason) for r in targets)
+            for record in revoked:
+                self._ks.put(NS_ISSUED, _serial_name(record.serial), record.to_record())
+                serial_text = _serial_name(record.serial)
+                self._audit(actor, "certificate_revoked", name=record.name, serial=serial_text, reason=reason)
+            number = self._issue_crl(now)[1]
+        for record in revoked:
+            log.info(
+                "certificate_revoked",
+                extra={"fields": {"name": record.name, "serial": _serial_name(record.serial), "reason": reason}},
+            )
+        return Revocation(certificates=revoked, crl_number=number)
 
     # --- CRL -------------------------------------------------------------------------------------------
 
     def current_crl(self, now: datetime | None = None) -> bytes:
-        """The CRL to publish now (DER).
+        """The CRL to publish now (DER): the newest one stored, by whichever process issued it.
 
         The held CRL is returned while it is young; a new one is issued (CRLNumber + 1, valid
         `policy.crl_lifetime`, persisted) when none exists yet, once RENEW_FRACTION of the held
         one's lifetime has passed, or when the clock is before its thisUpdate.
         """
         if now is None:
-            now = self._clock()
+            now = self.clock()
+        # Read first: `serve` asks every second, and the write lock is only needed to re-issue.
+        held = self._ks.get(NS_CA, "crl")
+        if held is not None and not _crl_due(held, now):
+            return held
         with self._ks.transaction():
             held = self._ks.get(NS_CA, "crl")
             if held is not None and not _crl_due(held, now):
                 return held
-            return self._issue_crl(now)
+            return self._issue_crl(now)[0]
 
-    def _issue_crl(self, now: datetime, revoked: Sequence[RevokedEntry] = ()) -> bytes:
-        """Issue, persist and return the next CRL (inside the caller's transaction).
+    def _issue_crl(self, now: datetime) -> tuple[bytes, int]:
+        """Issue, persist, audit and return the next CRL and its number (inside the caller's transaction).
 
-        Revocation (the next issue) stores its entries and passes them here; until then every
-        CRL is empty. The number is persisted with the CRL, so it only ever rises.
+        It lists every revoked certificate until CRL_RETENTION past its notAfter. The number is
+        persisted with the CRL, so it only ever rises.
         """
         raw_number = self._ks.get(NS_CA, "crl_number")
         try:
             number = int(raw_number or b"0") + 1
         except ValueError as exc:
             raise KeystoreCorrupt(f"{self._ks.path} holds an unreadable CRL number") from exc
+        revoked = [
+            RevokedEntry(r.serial, r.revoked_at, r.reason or "unspecified")
+            for r in self._issued_records()
+            if r.revoked_at is not None and now < r.not_after + CRL_RETENTION
+        ]
+        next_update = now + self.policy.crl_lifetime
         der = issue_crl(
             ca_key=self._root_key,
             ca_cert=self.root,
             number=number,
             this_update=now,
-            next_update=now + self.policy.crl_lifetime,
+            next_update=next_update,
             revoked=revoked,
         )
         self._ks.put(NS_CA, "crl_number", str(number).encode())
         self._ks.put(NS_CA, "crl", der)
-        fields = {
-            "number": number,
-            "revoked": len(revoked),
-            "next_update": (now + self.policy.crl_lifetime).isoformat(),
-        }
+        self._audit(AUDIT_LOG, "crl_issued", number=number, revoked=len(revoked), next_update=next_update.isoformat())
+        fields = {"number": number, "revoked": len(revoked), "next_update": next_update.isoformat()}
         log.info("crl_issued", extra={"fields": fields})
-        return der
+        return der, number
+
+    # --- OCSP ------------------------------------------------------------------------------------------
+
+    def ocsp_status(self, serial: int) -> OcspAnswer:
+        """What this CA says about `serial`: revoked (time, reason), good (issued, not revoked), else unknown."""
+        record = self._issued(serial)
+        if record is None:
+            return OcspAnswer("unknown")
+        if record.revoked_at is not None:
+            return OcspAnswer("revoked", record.revoked_at, record.reason or "unspecified")
+        return OcspAnswer("good")
+
+    def ocsp_response(self, request_der: bytes) -> bytes:
+        """Answer one DER OCSP request (RFC 6960) with a DER response signed by the root key.
+
+        Malformed requests and requests about another issuer get the unsigned error responses of
+        `protocol.revocation.build_ocsp_response`; the nonce is echoed.
+        """
+        return build_ocsp_response(
+            request_der,
+            ca_key=self._root_key,
+            ca_cert=self.root,
+            lookup=self.ocsp_status,
+            now=self.clock(),
+            validity=self.policy.ocsp_validity,
+        )
 
 
 def _due(cert: x509.Certificate, now: datetime) -> bool:

@@ -1,10 +1,12 @@
 """Errors of the CA role (`node.ca`) and of the enrolment client (`node.enrol`).
 
 All are `node.errors.NodeError`s, so the command line maps them like every other node error:
-the `TrustError` ones (a refused token or CSR, a root whose fingerprint differs, a certificate
-that does not verify) exit 4, the `Unavailable` ones (the CA cannot be reached or is busy) exit 3,
+the `TrustError` ones (a refused token, CSR or renewal, a root whose fingerprint differs, a
+certificate that does not verify, a wrong or replayed TOTP code, a missing admin session, a role
+that does not allow the action) exit 4, the `Unavailable` ones (the CA cannot be reached or is busy) exit 3,
 the rest (bad input, a CA home in the wrong state) exit 1. The HTTP server maps them too:
-`EnrolmentRefused` is 403, `EnrolmentError` 400.
+`EnrolmentRefused` and `RenewalRefused` are 403, `EnrolmentError` 400, and the admin API maps
+the `AdminError`s (401 authentication, 403 permission, 429 locked out).
 
 Messages never contain a token, a key or a passphrase.
 """
@@ -85,3 +87,57 @@ class CertificateRefused(CaError, TrustError):
 
 class AlreadyEnrolled(CaError):
     """The node home holds a keystore already: enrolment never overwrites one."""
+
+
+# --- administrators (CA side) ---------------------------------------------------------------------------
+
+
+class AdminError(CaError):
+    """An administrator action was refused or is impossible (base of the classes below)."""
+
+
+class AuthenticationFailed(AdminError, TrustError):
+    """A login was refused: unknown administrator, or a TOTP code that is wrong or outside the window."""
+
+
+class OtpReplayed(AuthenticationFailed):
+    """The TOTP code (or an older one) was accepted before: each code opens one session only."""
+
+
+class AdminLocked(AuthenticationFailed):
+    """Too many wrong codes for this administrator lately; `retry_after` seconds until the next try."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SessionRequired(AdminError, TrustError):
+    """No admin session (none opened, expired, ended, or its administrator changed): log in first."""
+
+
+class PermissionDenied(AdminError, TrustError):
+    """The session's role does not allow the action (see `node.ca.admin.PERMISSIONS`)."""
+
+
+class AdminExists(AdminError):
+    """An administrator with this name exists already."""
+
+
+class AdminNotFound(AdminError):
+    """No administrator with this name."""
+
+
+class LastAdmin(AdminError):
+    """Removing this administrator would leave no one with the admin role."""
+
+
+# --- revocation and renewal (CA side) -------------------------------------------------------------------
+
+
+class CertificateNotFound(CaError):
+    """No certificate (still valid and unrevoked, where that matters) matches the name or serial given."""
+
+
+class RenewalRefused(CaError, TrustError):
+    """A renewal was refused: the certificate is not ours, revoked, expired, or the CSR is not for its key."""

@@ -1,27 +1,37 @@
 """The CA's HTTP/1.1 API: a small asyncio server meant for loopback.
 
-Routes (a table: `/ocsp` and the admin routes plug in with `add_route`):
+Routes (a table: the admin routes of `node.ca.admin_api` plug in with `add_route`):
 
-    GET  /ca.pem    the root certificate (PEM) - check its fingerprint out of band
-    GET  /crl       the current CRL (DER, application/pkix-crl)
-    POST /enroll    {"token": ..., "csr": PEM} -> 200 {"certificate": PEM}
-                    400 malformed request or CSR, 403 refused token or CSR, 429 throttled
-    GET  /healthz   "ok"
+    GET  /ca.pem          the root certificate (PEM) - check its fingerprint out of band
+    GET  /crl             the current CRL (DER, application/pkix-crl)
+    POST /enroll          {"token": ..., "csr": PEM} -> 200 {"certificate": PEM}
+                          400 malformed request or CSR, 403 refused token or CSR, 429 throttled
+    POST /renew           {"certificate": PEM, "csr": PEM} -> 200 {"certificate": PEM}: a new
+                          certificate for the same name and key; the CSR, signed by that key,
+                          authenticates the request (`CertificateAuthority.renew`); 400, 403, 429
+    POST /ocsp, POST /    an OCSP request (application/ocsp-request, RFC 6960 A.1) -> 200
+                          application/ocsp-response, signed by the root key, nonce echoed
+    GET  /ocsp/<base64>   the same, the request base64- and URL-encoded in the path
+    GET  /healthz         "ok"
 
 Every error is a JSON body `{"error": "..."}` with a precise status (404 unknown path, 405 wrong
-method, 400 malformed, 411/413/415/431 for the limits below), never a traceback. One request
-per connection (`Connection: close`): the API is a handful of calls per node, so keep-alive
-would only add state an attacker can hold open.
+method, 400 malformed, 411/413/415/431 for the limits below), never a traceback; OCSP errors
+are OCSP responses (malformedRequest, unauthorized), as RFC 6960 wants. One request per
+connection (`Connection: close`): the API is a handful of calls per node, so keep-alive would
+only add state an attacker can hold open.
 
 Limits, all named below: the request line and headers fit in MAX_HEAD, a body in MAX_BODY with
 a Content-Length (required for POST; Transfer-Encoding is refused), the whole request arrives
 within READ_TIMEOUT, at most MAX_CONNECTIONS are served at once, and a client address with
-ENROL_FAILURES failed enrolments in ENROL_WINDOW seconds gets 429 until the window slides.
+ENROL_FAILURES failed enrolments or renewals in ENROL_WINDOW seconds gets 429 until the window
+slides.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import contextlib
 import json
 import logging
@@ -31,9 +41,10 @@ from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
+from urllib.parse import unquote
 
 from node.ca.authority import CertificateAuthority
-from node.ca.errors import EnrolmentError, EnrolmentRefused
+from node.ca.errors import EnrolmentError, EnrolmentRefused, RenewalRefused
 from node.errors import NodeError, Unavailable
 
 __all__ = [
@@ -43,6 +54,7 @@ __all__ = [
     "Handler",
     "Request",
     "Response",
+    "json_fields",
 ]
 
 log = logging.getLogger("kmsnet.ca")
@@ -50,14 +62,14 @@ log = logging.getLogger("kmsnet.ca")
 DEFAULT_PORT = 8766
 #: Request line + headers, terminator included.
 MAX_HEAD = 8 * 1024
-#: A request body (an enrolment: a token and a CSR of well under 1 KiB).
+#: A request body (an enrolment: a token and a CSR of well under 1 KiB; an OCSP request: about 100 bytes).
 MAX_BODY = 64 * 1024
 #: Seconds for a whole request to arrive, and for a response to leave.
 READ_TIMEOUT = 10.0
 WRITE_TIMEOUT = 10.0
 #: Connections served at once; more are answered 503 at once.
 MAX_CONNECTIONS = 256
-#: Failed enrolments per client address per window before 429.
+#: Failed enrolments (and renewals) per client address per window before 429.
 ENROL_FAILURES = 10
 ENROL_WINDOW = 60.0
 #: Client addresses the throttle remembers (the least recently failing are forgotten first).
@@ -73,6 +85,10 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")  # RFC 9110 5.6.2
 _TARGET = re.compile(rb"/[\x21-\x7e]*")
 _DIGITS = re.compile(r"[0-9]{1,19}")
 _SINGLE = frozenset({"content-length", "content-type", "host", "transfer-encoding"})
+#: Characters of a request path shown in logs and error messages.
+_SHOWN_PATH = 100
+OCSP_REQUEST = "application/ocsp-request"
+OCSP_RESPONSE = "application/ocsp-response"
 
 
 @dataclass(frozen=True)
@@ -109,6 +125,36 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def _media_type(request: Request) -> str:
+    """The request's Content-Type without parameters, lower-cased ("" if absent)."""
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def json_fields(
+    request: Request, required: Mapping[str, type], optional: Mapping[str, type] | None = None
+) -> dict[str, object] | Response:
+    """The request's JSON object body if it holds exactly the `required` keys (and any of the
+    `optional` ones) with values of the given types; else the 415/400 `Response` to send."""
+    optional = optional or {}
+    if _media_type(request) != "application/json":
+        return Response.error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send application/json")
+    try:
+        payload = json.loads(request.body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return Response.error(HTTPStatus.BAD_REQUEST, "the body is not JSON")
+    expected = {**optional, **required}
+    shape = ", ".join(f'"{key}": {kind.__name__}' for key, kind in expected.items())
+    if (
+        not isinstance(payload, dict)
+        or not set(required) <= set(payload) <= set(expected)
+        # bool is an int to Python, never to the API.
+        or any(not isinstance(value, expected[key]) or isinstance(value, bool) for key, value in payload.items())
+    ):
+        note = f" ({', '.join(optional)} optional)" if optional else ""
+        return Response.error(HTTPStatus.BAD_REQUEST, f"expected {{{shape}}}{note}")
+    return payload
 
 
 class _HttpError(Exception):
@@ -179,20 +225,27 @@ class CaHttpServer:
         self.host = host
         self._port = port
         self.throttle = throttle or EnrolmentThrottle()
-        #: path -> method -> handler.
+        #: path -> method -> handler; and path prefix -> method -> handler, for paths that carry data.
         self.routes: dict[str, dict[str, Handler]] = {}
+        self.prefix_routes: dict[str, dict[str, Handler]] = {}
         self.add_route("GET", "/ca.pem", self._ca_pem)
         self.add_route("GET", "/crl", self._crl)
-        self.add_route("POST", "/enroll", self._enroll)
+        self.add_route("POST", "/enroll", self._throttled(self._enrol_response))
+        self.add_route("POST", "/renew", self._throttled(self._renew_response))
+        # `openssl ocsp -url http://HOST:PORT/` posts to "/", RFC 6960 clients to wherever the AIA says.
+        self.add_route("POST", "/", self._ocsp_post)
+        self.add_route("POST", "/ocsp", self._ocsp_post)
+        self.add_route("GET", "/ocsp/", self._ocsp_get, prefix=True)
         self.add_route("GET", "/healthz", self._healthz)
         self._server: asyncio.Server | None = None
         #: The connections being served, each handler task with its writer.
         self._connections: dict[asyncio.Task[None], asyncio.StreamWriter] = {}
 
-    def add_route(self, method: str, path: str, handler: Handler) -> None:
-        """Serve `method path` with `handler` (exact path match; a handler must not raise for bad input,
-        it returns an error `Response`)."""
-        self.routes.setdefault(path, {})[method] = handler
+    def add_route(self, method: str, path: str, handler: Handler, *, prefix: bool = False) -> None:
+        """Serve `method path` with `handler`: the exact path, or with `prefix` every path starting
+        with it that no exact route serves (the longest prefix wins). A handler must not raise for
+        bad input, it returns an error `Response`."""
+        (self.prefix_routes if prefix else self.routes).setdefault(path, {})[method] = handler
 
     # --- lifecycle --------------------------------------------------------------------------------------
 
@@ -261,7 +314,12 @@ class CaHttpServer:
             if request is None:  # the client closed without asking anything
                 return
             response = await self._dispatch(request)
-            fields = {"client": client, "method": request.method, "path": request.path, "status": response.status.value}
+            fields = {
+                "client": client,
+                "method": request.method,
+                "path": request.path[:_SHOWN_PATH],
+                "status": response.status.value,
+            }
             log.info("http_request", extra={"fields": fields})
             await self._finish(reader, writer, response)
         except (ConnectionError, TimeoutError):
@@ -276,7 +334,10 @@ class CaHttpServer:
     async def _dispatch(self, request: Request) -> Response:
         methods = self.routes.get(request.path)
         if methods is None:
-            return Response.error(HTTPStatus.NOT_FOUND, f"no such resource: {request.path[:100]}")
+            prefixes = [p for p in self.prefix_routes if request.path.startswith(p)]
+            methods = self.prefix_routes[max(prefixes, key=len)] if prefixes else None
+        if methods is None:
+            return Response.error(HTTPStatus.NOT_FOUND, f"no such resource: {request.path[:_SHOWN_PATH]}")
         handler = methods.get(request.method)
         if handler is None:
             allow = ", ".join(sorted(methods))
@@ -285,7 +346,8 @@ class CaHttpServer:
             return await handler(request)
         except Exception:
             # A handler bug answers 500: it must neither stop the server nor send a traceback.
-            log.exception("http_handler_failed", extra={"fields": {"method": request.method, "path": request.path}})
+            fields = {"method": request.method, "path": request.path[:_SHOWN_PATH]}
+            log.exception("http_handler_failed", extra={"fields": fields})
             return Response.error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
 
     async def _finish(
@@ -328,49 +390,74 @@ class CaHttpServer:
     async def _healthz(self, request: Request) -> Response:
         return Response(HTTPStatus.OK, b"ok\n", "text/plain; charset=utf-8")
 
-    async def _enroll(self, request: Request) -> Response:
-        wait = self.throttle.retry_after(request.client)
-        if wait is not None:
-            seconds = str(max(1, int(wait + 0.999)))
-            log.info("enrolment_throttled", extra={"fields": {"client": request.client}})
-            return Response.error(
-                HTTPStatus.TOO_MANY_REQUESTS,
-                f"too many failed enrolments; retry in {seconds} s",
-                (("Retry-After", seconds),),
-            )
-        response = self._enrol_response(request)
-        if response.status != HTTPStatus.OK:
-            self.throttle.failed(request.client)
-        return response
+    def _throttled(self, answer: Callable[[Request], Response]) -> Handler:
+        """A handler answering with `answer` unless the client failed too often lately (429);
+        every answer but 200 counts as a failure."""
+
+        async def handler(request: Request) -> Response:
+            wait = self.throttle.retry_after(request.client)
+            if wait is not None:
+                seconds = str(max(1, int(wait + 0.999)))
+                log.info("client_throttled", extra={"fields": {"client": request.client, "path": request.path}})
+                return Response.error(
+                    HTTPStatus.TOO_MANY_REQUESTS,
+                    f"too many failed requests; retry in {seconds} s",
+                    (("Retry-After", seconds),),
+                )
+            response = answer(request)
+            if response.status != HTTPStatus.OK:
+                self.throttle.failed(request.client)
+            return response
+
+        return handler
 
     def _enrol_response(self, request: Request) -> Response:
-        media_type = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if media_type != "application/json":
-            return Response.error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "send the enrolment as application/json")
+        payload = json_fields(request, {"token": str, "csr": str})
+        if isinstance(payload, Response):
+            return payload
+        return self._issuing(lambda: self.authority.enrol(str(payload["token"]), str(payload["csr"])))
+
+    def _renew_response(self, request: Request) -> Response:
+        payload = json_fields(request, {"certificate": str, "csr": str})
+        if isinstance(payload, Response):
+            return payload
+        return self._issuing(lambda: self.authority.renew(str(payload["certificate"]), str(payload["csr"])))
+
+    @staticmethod
+    def _issuing(issue: Callable[[], bytes]) -> Response:
+        """Run an enrolment or renewal and map its outcome: 200 with the certificate, 403 refused,
+        400 malformed, 503 storage unavailable, 500 anything else."""
         try:
-            payload = json.loads(request.body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError):
-            return Response.error(HTTPStatus.BAD_REQUEST, "the body is not JSON")
-        if (
-            not isinstance(payload, dict)
-            or set(payload) != {"token", "csr"}
-            or not isinstance(payload["token"], str)
-            or not isinstance(payload["csr"], str)
-        ):
-            return Response.error(HTTPStatus.BAD_REQUEST, 'expected {"token": string, "csr": PEM string}')
-        try:
-            pem = self.authority.enrol(payload["token"], payload["csr"])
-        except EnrolmentRefused as exc:
+            pem = issue()
+        except (EnrolmentRefused, RenewalRefused) as exc:
             return Response.error(HTTPStatus.FORBIDDEN, str(exc))
         except EnrolmentError as exc:
             return Response.error(HTTPStatus.BAD_REQUEST, str(exc))
         except Unavailable as exc:
-            log.warning("enrolment_unavailable", extra={"fields": {"error": str(exc)}})
-            return Response.error(HTTPStatus.SERVICE_UNAVAILABLE, "the CA cannot enrol right now")
+            log.warning("issuing_unavailable", extra={"fields": {"error": str(exc)}})
+            return Response.error(HTTPStatus.SERVICE_UNAVAILABLE, "the CA cannot issue right now")
         except NodeError as exc:
-            log.error("enrolment_failed", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
+            log.error("issuing_failed", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
             return Response.error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
         return Response.json(HTTPStatus.OK, {"certificate": pem.decode("ascii")})
+
+    async def _ocsp_post(self, request: Request) -> Response:
+        if _media_type(request) != OCSP_REQUEST:
+            return Response.error(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, f"send an OCSP request as {OCSP_REQUEST}")
+        return self._ocsp(request.body)
+
+    async def _ocsp_get(self, request: Request) -> Response:
+        # RFC 6960 A.1: GET {url}/{url-encoding of base-64 encoding of the DER request}. What does
+        # not decode is passed on as empty bytes, which the responder answers malformedRequest.
+        encoded = unquote(request.path.removeprefix("/ocsp/"))
+        try:
+            der = base64.b64decode(encoded, validate=True)
+        except (binascii.Error, ValueError):
+            der = b""
+        return self._ocsp(der)
+
+    def _ocsp(self, der: bytes) -> Response:
+        return Response(HTTPStatus.OK, self.authority.ocsp_response(der), OCSP_RESPONSE)
 
 
 async def _read_request(reader: asyncio.StreamReader, client: str) -> Request | None:

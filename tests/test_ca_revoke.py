@@ -1,0 +1,286 @@
+"""node/ca revocation: `revoke`, the CRL it issues at once, OCSP over HTTP (RFC 6960), and a revocation made
+by `kmsnet ca revoke` in one process reaching the nodes through `kmsnet ca serve` in another."""
+
+# The fixtures shared with test_ca are imported, and pytest passes them back as same-named parameters.
+# ruff: noqa: F811
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import secrets
+import sys
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from conftest import NOW
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.x509 import ocsp
+from test_ca import PASS, Admin, Clock, admin, authority, clock, csr_pem, get, home, http, init_ca, otp_secret, post  # noqa: F401 - shared fixtures
+
+from node.ca import CaService, CertificateAuthority
+from node.ca.authority import CaPolicy
+from node.ca.errors import CertificateNotFound, InvalidRequest
+from node.link import RelayLink
+from protocol import certs
+from protocol.identity import IdentityKey
+from protocol.link import CrlFeed, LinkFrame, Welcome
+from protocol.revocation import OcspAnswer, build_ocsp_request, verify_crl, verify_ocsp_response
+from relay.server import Relay, RelayConfig
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def enrol(authority: CertificateAuthority, admin: Admin, name: str) -> x509.Certificate:
+    return certs.load_certificate(authority.enrol(admin.token(name).secret, csr_pem(name)))
+
+
+# --- revoke and the CRL -------------------------------------------------------------------------------
+
+
+def test_revoking_a_node_lists_all_its_valid_certificates_on_a_new_crl_at_once(
+    authority: CertificateAuthority, admin: Admin, clock: Clock
+) -> None:
+    first = verify_crl(authority.current_crl(), authority.root, NOW)
+    mallory = enrol(authority, admin, "mallory")
+    clock.advance(timedelta(days=1))
+    again = enrol(authority, admin, "mallory")  # a node holds several certificates while they overlap
+    alice = enrol(authority, admin, "alice")
+    revocation = authority.revoke("mallory", reason="key-compromise", session=admin.session)
+    assert {c.serial for c in revocation.certificates} == {mallory.serial_number, again.serial_number}
+    crl = verify_crl(authority.current_crl(), authority.root, clock())
+    assert crl.number == revocation.crl_number == first.number + 1
+    assert crl.this_update == clock() and crl.next_update == clock() + timedelta(hours=24)
+    assert crl.revoked == {mallory.serial_number, again.serial_number}
+    assert crl.entries[mallory.serial_number].reason == "key-compromise"
+    assert crl.entries[mallory.serial_number].revoked_at == clock()
+    status = {r.serial: r.status(clock()) for r in authority.list(session=admin.session)}
+    assert status[mallory.serial_number] == "revoked" and status[alice.serial_number] == "valid"
+
+
+def test_revoke_by_serial_and_the_refusals(authority: CertificateAuthority, admin: Admin, clock: Clock) -> None:
+    alice = enrol(authority, admin, "alice")
+    with pytest.raises(InvalidRequest, match="reason"):
+        authority.revoke("alice", reason="bored", session=admin.session)
+    with pytest.raises(InvalidRequest):
+        authority.revoke(session=admin.session)
+    with pytest.raises(CertificateNotFound):
+        authority.revoke("bob", session=admin.session)
+    with pytest.raises(CertificateNotFound):
+        authority.revoke("bob", serial=alice.serial_number, session=admin.session)  # not bob's
+    with pytest.raises(CertificateNotFound):
+        authority.revoke(serial=12345, session=admin.session)
+    ca_serial = certs.load_certificate(authority.node_credentials()[1]).serial_number
+    with pytest.raises(InvalidRequest, match="CA's own node"):
+        authority.revoke(serial=ca_serial, session=admin.session)
+    with pytest.raises(InvalidRequest, match="CA's own node"):
+        authority.revoke("ca", session=admin.session)
+    authority.revoke(serial=alice.serial_number, reason="superseded", session=admin.session)
+    with pytest.raises(CertificateNotFound, match="revoked already"):
+        authority.revoke(serial=alice.serial_number, session=admin.session)
+    with pytest.raises(CertificateNotFound):
+        authority.revoke("alice", session=admin.session)  # nothing valid is left
+    assert verify_crl(authority.current_crl(), authority.root, clock()).entries[alice.serial_number].reason == (
+        "superseded"
+    )
+
+
+def test_crl_numbers_only_rise_and_expired_entries_leave_the_crl(
+    authority: CertificateAuthority, admin: Admin, clock: Clock, home: Path, otp_secret: bytes
+) -> None:
+    numbers = [verify_crl(authority.current_crl(), authority.root, clock()).number]
+    bob = enrol(authority, admin, "bob")
+    for name in ("alice", "carol"):
+        enrol(authority, admin, name)
+        numbers.append(authority.revoke(name, session=admin.session).crl_number)
+    authority.revoke("bob", session=admin.session)
+    authority.close()
+    with CertificateAuthority.open(home, PASS, clock=clock) as reopened:  # persisted across processes
+        clock.advance(timedelta(days=7, hours=23))  # bob expired, and less than a day ago
+        crl = verify_crl(reopened.current_crl(), reopened.root, clock())
+        assert bob.serial_number in crl.revoked and len(crl.revoked) == 3
+        clock.advance(timedelta(hours=17))  # more than a day past bob's notAfter, and past 2/3 of the CRL's life
+        later = verify_crl(reopened.current_crl(), reopened.root, clock())
+        assert later.revoked == frozenset() and later.number > crl.number > numbers[-1]
+    assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+
+
+def test_the_crl_lifetime_is_the_policy_chosen_at_init(tmp_path: Path, clock: Clock) -> None:
+    secret = init_ca(tmp_path / "ca", clock, CaPolicy(crl_lifetime=timedelta(hours=6)))
+    with CertificateAuthority.open(tmp_path / "ca", PASS, clock=clock) as authority:  # no policy given: the stored one
+        crl = verify_crl(authority.current_crl(), authority.root, clock())
+        assert crl.next_update - crl.this_update == timedelta(hours=6)
+        clock.advance(timedelta(hours=4))  # 2/3 of 6 h
+        assert verify_crl(authority.current_crl(), authority.root, clock()).number == crl.number + 1
+        assert Admin(authority, secret).session.role == "admin"
+
+
+# --- OCSP over HTTP -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+async def service(authority: CertificateAuthority) -> AsyncIterator[CaService]:
+    async with CaService(authority, port=0) as service:
+        yield service
+
+
+def ocsp_post(path: str, der: bytes, content_type: str = "application/ocsp-request") -> bytes:
+    return post(path, der, content_type)
+
+
+async def test_ocsp_answers_good_revoked_and_unknown_signed_with_the_nonce(
+    service: CaService, authority: CertificateAuthority, admin: Admin, clock: Clock
+) -> None:
+    alice, mallory = enrol(authority, admin, "alice"), enrol(authority, admin, "mallory")
+    authority.revoke("mallory", reason="key-compromise", session=admin.session)
+    for cert, expected in ((alice, OcspAnswer("good")), (mallory, OcspAnswer("revoked", clock(), "key-compromise"))):
+        nonce = secrets.token_bytes(16)
+        request = build_ocsp_request(cert, authority.root, nonce)
+        for raw in (
+            ocsp_post("/ocsp", request),
+            ocsp_post("/", request),
+            get("/ocsp/" + quote(base64.b64encode(request).decode(), safe="")),
+        ):
+            status, headers, body = await http(service.http.port, raw)
+            assert (status, headers["content-type"]) == (200, "application/ocsp-response")
+            answer = verify_ocsp_response(body, cert=cert, root=authority.root, nonce=nonce, now=clock())
+            assert answer == expected
+
+    # A serial this CA never issued, under its own name and key: "unknown", still signed.
+    status, _, body = await http(service.http.port, ocsp_post("/ocsp", request_by_hash(authority, 12345)))
+    response = ocsp.load_der_ocsp_response(body)
+    assert (status, response.response_status) == (200, ocsp.OCSPResponseStatus.SUCCESSFUL)
+    assert response.certificate_status == ocsp.OCSPCertStatus.UNKNOWN
+    root_key = authority.root.public_key()
+    assert isinstance(root_key, Ed25519PublicKey)
+    root_key.verify(response.signature, response.tbs_response_bytes)
+
+
+def request_by_hash(authority: CertificateAuthority | None, serial: int) -> bytes:
+    """An OCSP request (SHA-1 CertID, as openssl sends) for any serial, naming this CA as the issuer
+    (or, without one, an issuer that does not exist)."""
+    name, key = b"nobody", b"no key"
+    if authority is not None:
+        root_key = authority.root.public_key()
+        assert isinstance(root_key, Ed25519PublicKey)
+        name, key = authority.root.subject.public_bytes(), root_key.public_bytes_raw()
+    name_hash, key_hash = hashes.Hash(hashes.SHA1()), hashes.Hash(hashes.SHA1())
+    name_hash.update(name)
+    key_hash.update(key)
+    builder = ocsp.OCSPRequestBuilder().add_certificate_by_hash(
+        name_hash.finalize(), key_hash.finalize(), serial, hashes.SHA1()
+    )
+    return builder.build().public_bytes(serialization.Encoding.DER)
+
+
+async def test_ocsp_refuses_what_it_cannot_answer_as_rfc_6960_says(service: CaService) -> None:
+    for raw in (
+        ocsp_post("/ocsp", b"not an ocsp request"),
+        get("/ocsp/%%%not-base64"),
+        get("/ocsp/" + base64.b64encode(b"junk").decode()),
+    ):
+        status, headers, body = await http(service.http.port, raw)
+        assert (status, headers["content-type"]) == (200, "application/ocsp-response")
+        assert ocsp.load_der_ocsp_response(body).response_status == ocsp.OCSPResponseStatus.MALFORMED_REQUEST
+    status, _, body = await http(service.http.port, ocsp_post("/ocsp", request_by_hash(None, 1)))
+    assert ocsp.load_der_ocsp_response(body).response_status == ocsp.OCSPResponseStatus.UNAUTHORIZED
+    status, _, body = await http(service.http.port, ocsp_post("/", b"x", "application/json"))
+    assert status == 415 and "ocsp-request" in json.loads(body)["error"]
+
+
+# --- across processes: `ca revoke` while `ca serve` runs ---------------------------------------------
+
+
+def _env() -> dict[str, str]:
+    base = {k: v for k, v in os.environ.items() if not k.startswith("KMSNET_")}
+    return {**base, "KMSNET_ARGON2_PROFILE": "test", "KMSNET_PASSPHRASE": PASS}
+
+
+async def _kmsnet(*args: str) -> tuple[int, str, str]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kmsnet", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=_env(), start_new_session=True,
+    )  # fmt: skip
+    out, err = await asyncio.wait_for(process.communicate(), 60)
+    assert process.returncode is not None
+    return process.returncode, out.decode(), err.decode()
+
+
+async def test_a_revocation_from_another_process_reaches_connected_nodes_within_two_seconds(tmp_path: Path) -> None:
+    home = tmp_path / "ca"
+    secret = init_ca(home)  # on the real clock: three processes share it
+    with CertificateAuthority.open(home, PASS) as authority:
+        admin = Admin(authority, secret)
+        identity = IdentityKey.generate()
+        pem = authority.enrol(admin.token("alice").secret, csr_pem("alice", identity.private_key))
+        mallory = enrol(authority, admin, "mallory")
+        root = authority.root
+        root_pem = authority.root_pem
+
+    relay = Relay(RelayConfig(ca_root=root, port=0))
+    await relay.start()
+    serve = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kmsnet", "ca", "serve", "--home", str(home), "--http", "127.0.0.1:0",
+        "--relay", relay.url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE, cwd=ROOT, env=_env(), start_new_session=True,
+    )  # fmt: skip
+    feed: list[tuple[float, bytes]] = []
+
+    async def on_frame(frame: LinkFrame) -> None:
+        if isinstance(frame, CrlFeed):
+            feed.append((time.monotonic(), frame.crl))
+
+    async def on_connected(welcome: Welcome) -> None:
+        return None
+
+    link = RelayLink(
+        relay.url,
+        identity=identity,
+        certificate=certs.load_certificate(pem).public_bytes(serialization.Encoding.DER),
+        root_pem=root_pem,
+        on_frame=on_frame,
+        on_connected=on_connected,
+    )
+    task = asyncio.create_task(link.run())
+    try:
+        assert serve.stdout is not None
+        url = (await asyncio.wait_for(serve.stdout.readline(), 30)).decode().strip()
+        assert url.startswith("http://127.0.0.1:")
+        async with asyncio.timeout(20):
+            while not feed:
+                await asyncio.sleep(0.02)
+        before = verify_crl(feed[-1][1], root, datetime.now(UTC))
+
+        # The next code (the session above took the current one): the CA's clock is the real one.
+        otp = admin.code()
+        code, out, err = await _kmsnet(
+            "ca", "revoke", "--home", str(home), "mallory", "--reason", "key-compromise", "--otp", otp, "--json"
+        )
+        returned = time.monotonic()
+        assert code == 0, err
+        number = json.loads(out)["crl_number"]
+        assert number > before.number
+        async with asyncio.timeout(10):
+            while verify_crl(feed[-1][1], root, datetime.now(UTC)).number < number:
+                await asyncio.sleep(0.01)
+        latency = feed[-1][0] - returned
+        crl = verify_crl(feed[-1][1], root, datetime.now(UTC))
+        assert mallory.serial_number in crl.revoked and crl.entries[mallory.serial_number].reason == "key-compromise"
+        print(f"revocation reached a connected node {latency:.3f} s after `ca revoke` returned")
+        assert latency <= 2.0
+    finally:
+        await link.close()
+        task.cancel()
+        serve.terminate()
+        assert await asyncio.wait_for(serve.wait(), 15) == 0
+        assert serve.stderr is not None
+        assert b"Traceback" not in await serve.stderr.read()
+        await relay.close()
