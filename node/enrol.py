@@ -65,8 +65,8 @@ from node.ca.errors import (
 from node.errors import NodeError
 from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
 from node.kms import KEYSTORE_FILE
+from node.layout import NS_NODE
 from node.link import check_url
-from node.node import NS_NODE
 from protocol import certs
 from protocol.errors import DecodeError, LocalError, ProtocolError
 from protocol.identity import IdentityKey

@@ -201,6 +201,15 @@ class RelayLink:
         finally:
             self._requests.pop(request, None)
 
+    async def switch_identity(self, identity: IdentityKey, certificate: bytes) -> None:
+        """Authenticate with a new key or certificate from now on: drop the current connection, so
+        that the link comes back with them (the relay ties a connection to the certificate it saw)."""
+        self._identity = identity
+        self._certificate = certificate
+        if self._ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self._ws.close(1000, "new certificate")
+
     async def close(self) -> None:
         """Stop reconnecting and close the connection."""
         self._closing = True

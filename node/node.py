@@ -30,10 +30,12 @@ import msgpack
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from node.enrol import renew_certificate, renewal_time
 from node.errors import NodeError, PeerUnavailable, RelayUnreachable
 from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
 from node.keystore import Keystore
+from node.layout import NS_BUNDLE, NS_INBOX, NS_NODE, NS_OUTBOX, NS_PEER, NS_SEEN, NS_SESSION
 from node.link import RelayLink
 from node.ocsp import OcspChecker
 from protocol import certs, handshake, wire
@@ -57,13 +59,6 @@ from protocol.session import Kind, Session
 
 log = logging.getLogger("kmsnet.node")
 
-NS_NODE = "node"
-NS_BUNDLE = "bundle"
-NS_SESSION = "session"
-NS_PEER = "peer"
-NS_OUTBOX = "outbox"
-NS_INBOX = "inbox"
-NS_SEEN = "seen"
 
 #: One-time prekeys uploaded per batch, and the level below which the node tops up.
 ONETIME_BATCH = 100
@@ -135,21 +130,13 @@ class Node:
         self.keystore = keystore
         self.options = options or NodeOptions()
         self.clock = clock
-        identity = self._get(NS_NODE, "identity")
-        certificate = self._get(NS_NODE, "certificate")
         root_pem = self._get(NS_NODE, "root")
         stored_url = keystore.get(NS_NODE, "relay")
-        if identity is None or certificate is None or root_pem is None:
+        if root_pem is None:
             raise NodeError("this home holds no enrolled node (run `kmsnet node init` first)")
-        self.identity = IdentityKey.from_private_bytes(identity)
-        self.certificate = certificate
-        self.fingerprint = hashlib.sha256(certificate).digest()
         self.root_pem = root_pem
         self.root = certs.load_certificate(root_pem)
-        # Our own certificate is read, not judged: an expired one must still let `status` say so;
-        # the relay and our peers are the ones who refuse it.
-        subject = x509.load_der_x509_certificate(certificate).subject
-        self.name = str(subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+        self._load_identity()
         self.relay_url = relay_url or (stored_url.decode() if stored_url else "")
         if not self.relay_url:
             raise NodeError("no relay URL: give --relay")
@@ -165,6 +152,7 @@ class Node:
         self._link: RelayLink | None = None
         self._link_task: asyncio.Task[None] | None = None
         self._journal = Journal(keystore)
+        self._replace_onetime = False
         self._maintenance: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen: dict[str, dict[bytes, None]] = {}
@@ -184,6 +172,37 @@ class Node:
 
     def _get(self, namespace: str, name: str) -> bytes | None:
         return self.keystore.get(namespace, name)
+
+    def _load_identity(self) -> None:
+        """(Re)read our identity key and certificate: at start, and after a renewal or a re-key."""
+        identity = self._get(NS_NODE, "identity")
+        certificate = self._get(NS_NODE, "certificate")
+        if identity is None or certificate is None:
+            raise NodeError("this home holds no enrolled node (run `kmsnet node init` first)")
+        self.identity = IdentityKey.from_private_bytes(identity)
+        self.certificate = certificate
+        self.fingerprint = hashlib.sha256(certificate).digest()
+        # Our own certificate is read, not judged: an expired one must still let `status` say so;
+        # the relay and our peers are the ones who refuse it.
+        subject = x509.load_der_x509_certificate(certificate).subject
+        self.name = str(subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value)
+
+    async def renew_if_due(self) -> bool:
+        """Renew our certificate at 2/3 of its validity (a request signed by our current key), then
+        reconnect with it and publish prekeys signed over it. True if it was renewed."""
+        if self.clock() < renewal_time(self.certificate):
+            return False
+        try:
+            await asyncio.to_thread(renew_certificate, self.keystore, clock=self.clock)
+        except NodeError as exc:
+            self._emit(SecurityEvent("renewal_failed", None, f"{type(exc).__name__}: {exc}"))
+            return False
+        self._load_identity()
+        self._replace_onetime = True  # the old ones are signed over the old certificate
+        if self._link is not None:
+            await self._link.switch_identity(self.identity, self.certificate)
+        log.info("certificate_renewed", extra={"fields": {"node": self.name}})
+        return True
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -275,6 +294,7 @@ class Node:
         node connected for weeks never publishes a bundle initiators refuse as too old)."""
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
+            await self.renew_if_due()
             if self.connected and self._rotation_due(self.clock()):
                 with contextlib.suppress(RelayUnreachable):
                     await self._publish_prekeys(onetime_left=ONETIME_LOW)
@@ -304,7 +324,8 @@ class Node:
         now = self.clock()
         rotated = self._rotate_signed_prekey(now)
         new_onetime = []
-        if onetime_left < ONETIME_LOW or rotated:
+        replace = self._replace_onetime
+        if onetime_left < ONETIME_LOW or rotated or replace:
             start = self.prekeys.next_onetime_id
             for key_id in range(start, start + ONETIME_BATCH):
                 key = X25519KeyPair.generate()
@@ -315,7 +336,8 @@ class Node:
             self.keystore.put(NS_NODE, "prekeys", self.prekeys.to_bytes())
         upload = [[o.key_id, o.public, o.signature] for o in new_onetime]
         assert self._link is not None
-        await self._link.send(PublishBundle(wire.encode(current), upload, 0))
+        await self._link.send(PublishBundle(wire.encode(current), upload, int(replace)))
+        self._replace_onetime = False
 
     def _current_bundle(self) -> PrekeyBundle:
         ids = sorted(int(n) for n in self.keystore.names(NS_BUNDLE))

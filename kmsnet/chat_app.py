@@ -1,0 +1,443 @@
+"""The chat UI (`kmsnet chat`): a Textual app around one already-constructed `node.node.Node`.
+
+The app never waits on the network in a handler. The node is started without waiting for the
+relay, every send runs in its own worker, and deliveries are read from `node.events` by a worker
+too; everything the screen shows comes from the node's local state (`status()`, `take_inbox()`,
+`outbox_size()`), which only touches the local keystore. A dead or slow relay therefore shows up
+as "offline" and as queued messages, never as a frozen screen.
+
+Only safety numbers are ever shown: no key, certificate or plaintext goes to logs.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, ClassVar, Literal
+
+from rich.text import Text
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding, BindingType
+from textual.containers import Horizontal, VerticalScroll
+from textual.widgets import Input, OptionList, Static
+from textual.widgets.option_list import Option
+
+from node.errors import NodeError
+from node.node import Node
+from protocol.errors import ProtocolError
+
+#: Seconds the status bar says "connecting…" before it says "offline" (the node keeps retrying).
+CONNECT_GRACE = 3.0
+#: Seconds between two looks at the node's local state (connection, feed, outbox, sessions).
+REFRESH_INTERVAL = 1.0
+#: Our own certificate is flagged "expiring" this many seconds before it runs out.
+EXPIRING_SOON = 7 * 24 * 3600
+#: Security banners kept on screen (newest last) until dismissed with Escape.
+MAX_BANNERS = 4
+
+SENDING = "sending…"
+STORED = "✓ stored at relay"
+QUEUED = "queued (relay unreachable)"
+
+#: How the banner names a node's security events; others are shown by their event name.
+EVENT_TITLES = {
+    "peer_revoked": "certificate revoked",
+    "identity_changed": "identity key changed (check it with /verify)",
+    "authentication_failed": "tampered message refused",
+    "replay_refused": "replayed message refused",
+    "frame_refused": "message refused",
+    "session_refused": "session refused",
+    "send_refused": "the relay refused a message",
+    "stale_feed": "revocation feed stale",
+    "crl_rollback": "old revocation list refused (rollback)",
+}
+
+#: Contact badges and their colours. "new": no session yet; "closed": torn down for another reason.
+BADGE_STYLES = {"valid": "green", "revoked": "bold red", "closed": "yellow", "new": "dim"}
+
+HELP = """\
+Type a message and press Enter to send it to the selected contact.
+/msg NAME [TEXT]   select (or add) contact NAME, and send TEXT if given
+/verify [NAME]     show the safety number shared with NAME: compare it out of band
+/status            certificate, relay, revocation feed freshness, outbox
+/help              this help        /quit   leave (also Ctrl+Q)
+//TEXT             send TEXT starting with a slash
+Escape dismisses banners and this panel; click a contact to select it."""
+
+
+@dataclass
+class Line:
+    """One line of a conversation: a message either way, or a note about the session."""
+
+    kind: Literal["in", "out", "note"]
+    text: str
+    when: float
+    state: str = ""  # delivery state of our own messages
+
+
+@dataclass
+class Contact:
+    """A peer on the contact list, with what the UI knows about it."""
+
+    name: str
+    badge: str = "new"
+    #: Set by a `peer_revoked` event (a refused handshake leaves no closed session to show it).
+    revoked_event: bool = False
+    lines: list[Line] = field(default_factory=list)
+    unread: int = 0
+
+
+class ChatApp(App[None]):
+    """Contacts, a conversation, security banners and an input line for one node.
+
+    The app owns the node's run: it starts it on mount (`wait=False`) and stops it on unmount.
+    """
+
+    TITLE = "kmsnet chat"
+    CSS = """
+    #main { height: 1fr; }
+    #contacts { width: 28; height: 1fr; border: round $primary; }
+    #conversation { width: 1fr; height: 1fr; border: round $primary; }
+    #banner { height: auto; max-height: 6; background: $error 30%; color: $text; padding: 0 1; }
+    #notice { height: auto; max-height: 12; border: round $secondary; padding: 0 1; }
+    #statusbar { height: 1; background: $panel; padding: 0 1; }
+    """
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("escape", "dismiss", "Dismiss banners", show=False),
+    ]
+
+    def __init__(self, node: Node) -> None:
+        super().__init__()
+        self.node = node
+        self.contacts: dict[str, Contact] = {}
+        self.selected: str | None = None
+        self.banners: list[Text] = []
+        self._started_at = 0.0
+        self._ever_connected = False
+        self._start_error: str | None = None
+        self._stale_warned = False
+        self._shown_contacts: list[Text] = []
+
+    # --- layout and lifecycle -------------------------------------------------------------------------
+
+    def compose(self) -> ComposeResult:
+        """Contacts left, the conversation right, banners and the input line below."""
+        with Horizontal(id="main"):
+            yield OptionList(id="contacts")
+            with VerticalScroll(id="conversation"):
+                yield Static(id="messages")
+        yield Static(id="banner")
+        yield Static(id="notice")
+        yield Input(placeholder="Message, or /help", id="input")
+        yield Static(id="statusbar")
+
+    async def on_mount(self) -> None:
+        """Start the node without waiting for the relay, then follow its deliveries."""
+        self.query_one("#contacts", OptionList).border_title = "Contacts"
+        self.query_one("#banner").display = False
+        self.query_one("#notice").display = False
+        self._started_at = time.monotonic()
+        try:
+            await self.node.start(wait=False)
+        except NodeError as exc:  # a malformed relay URL: nothing to retry
+            self._start_error = str(exc)
+        else:
+            self._follow_events()
+        # Whatever arrived while no application was looking (the inbox is on disk).
+        self._take_inbox()
+        self._refresh()
+        self.set_interval(REFRESH_INTERVAL, self._refresh)
+        self._render_conversation()
+        self.query_one("#input", Input).focus()
+
+    async def on_unmount(self) -> None:
+        """Close the relay link; every state the node holds is on disk already."""
+        await self.node.stop()
+
+    # --- the node's deliveries ------------------------------------------------------------------------
+
+    @work(group="events", exclusive=True)
+    async def _follow_events(self) -> None:
+        # Each queued item is also in the on-disk inbox, which is what we show (and empty), so
+        # that a later `kmsnet receive` does not print them again.
+        while True:
+            await self.node.events.get()
+            self._take_inbox()
+
+    def _take_inbox(self) -> None:
+        items = self.node.take_inbox()
+        for item in items:
+            if item.get("type") == "message":
+                self._add_message(item)
+            else:
+                self._add_event(item)
+        if items:
+            self._render_all()
+
+    def _add_message(self, item: dict[str, Any]) -> None:
+        contact = self._contact(item["from"])
+        contact.lines.append(Line("in", item["text"], float(item["sent_at"])))
+        if self.selected is None:
+            self.selected = contact.name
+        if contact.name != self.selected:
+            contact.unread += 1
+
+    def _add_event(self, item: dict[str, Any]) -> None:
+        event, peer, reason = item["event"], item.get("peer"), item["reason"]
+        contact = self._contact(peer) if peer else None
+        if event == "session_established":
+            # Routine, not an alert: a note in that conversation (the reason names the safety number).
+            if contact is not None:
+                contact.revoked_event = False
+                contact.badge = "valid"
+                contact.lines.append(Line("note", f"session {reason}", time.time()))
+            return
+        if event == "peer_revoked" and contact is not None:
+            contact.revoked_event = True
+            contact.badge = "revoked"
+        self._banner(EVENT_TITLES.get(event, event.replace("_", " ")), peer, reason)
+
+    def _banner(self, title: str, peer: str | None, reason: str) -> None:
+        line = Text.assemble(("⚠ ", "bold"), (title, "bold"), (f" — {peer}" if peer else "", "bold"), f": {reason}")
+        self.banners = [*self.banners, line][-MAX_BANNERS:]
+        banner = self.query_one("#banner", Static)
+        banner.update(Text("\n").join(self.banners))
+        banner.display = True
+
+    # --- periodic look at the node's local state ------------------------------------------------------
+
+    def _refresh(self) -> None:
+        """Status bar, contact badges and delivery states from `node.status()` (local, no network)."""
+        status = self.node.status()
+        for session in status["sessions"]:
+            contact = self._contact(session["peer"])
+            if session["state"] == "closed":
+                contact.badge = "revoked" if "revoked" in (session["closed_reason"] or "") else "closed"
+            else:
+                contact.badge = "revoked" if contact.revoked_event else "valid"
+        delivered = False
+        if status["outbox"] == 0:
+            # An empty outbox means the relay accepted everything we queued (the node resends on reconnect).
+            for contact in self.contacts.values():
+                for line in contact.lines:
+                    if line.state == QUEUED:
+                        line.state = STORED
+                        delivered = True
+        feed = status["feed"]
+        if feed["stale"] and feed["crl_number"] is not None and not self._stale_warned:
+            reason = f"CRL #{feed['crl_number']} is past its next update: new sessions fail closed"
+            self._banner("revocation feed stale", None, reason)
+        self._stale_warned = bool(feed["stale"])
+        self.query_one("#statusbar", Static).update(self._status_line(status))
+        self._render_contacts()
+        if delivered:
+            # Only on change: re-rendering scrolls to the end, which would fight a reader scrolling up.
+            self._render_conversation()
+
+    def _connection(self) -> tuple[str, str]:
+        if self._start_error is not None:
+            return f"offline: {self._start_error}", "bold red"
+        if self.node.connected:
+            self._ever_connected = True
+            return "connected", "green"
+        if self._ever_connected or time.monotonic() - self._started_at > CONNECT_GRACE:
+            return "offline (relay unreachable, retrying)", "bold red"
+        return "connecting…", "yellow"
+
+    def _status_line(self, status: dict[str, Any]) -> Text:
+        feed = status["feed"]
+        if feed["crl_number"] is None:
+            freshness: tuple[str, str] = ("no CRL yet", "yellow")
+        elif feed["stale"]:
+            freshness = (f"CRL #{feed['crl_number']} STALE", "bold red")
+        else:
+            freshness = (f"CRL #{feed['crl_number']} fresh", "green")
+        left = status["certificate"]["expires_in_seconds"]
+        if left <= 0:
+            cert: tuple[str, str] = ("certificate EXPIRED", "bold red")
+        elif left < EXPIRING_SOON:
+            cert = (f"certificate expiring in {_duration(left)}", "yellow")
+        else:
+            cert = ("certificate valid", "green")
+        name: tuple[str, str] = (status["name"], "bold")
+        outbox = f" · outbox {status['outbox']}"
+        return Text.assemble(name, " · ", self._connection(), " · feed ", freshness, " · ", cert, outbox)
+
+    # --- rendering ------------------------------------------------------------------------------------
+
+    def _contact(self, name: str) -> Contact:
+        contact = self.contacts.get(name)
+        if contact is None:
+            contact = self.contacts[name] = Contact(name)
+        return contact
+
+    def _render_all(self) -> None:
+        self._render_contacts()
+        self._render_conversation()
+
+    def _render_contacts(self) -> None:
+        names = sorted(self.contacts)
+        prompts = []
+        for name in names:
+            contact = self.contacts[name]
+            prompt = Text.assemble(
+                ("▶ " if name == self.selected else "  "),
+                (name, "bold" if name == self.selected else ""),
+                " ",
+                (contact.badge, BADGE_STYLES.get(contact.badge, "")),
+                (f" ({contact.unread})" if contact.unread else "", "bold cyan"),
+            )
+            prompts.append(prompt)
+        if prompts == self._shown_contacts:
+            return  # re-setting the options every second would reset the list's scroll and highlight
+        self._shown_contacts = prompts
+        contacts = self.query_one("#contacts", OptionList)
+        contacts.set_options(Option(prompt, id=name) for name, prompt in zip(names, prompts, strict=True))
+        if self.selected in self.contacts:
+            contacts.highlighted = names.index(self.selected)
+
+    def _render_conversation(self) -> None:
+        pane = self.query_one("#conversation", VerticalScroll)
+        messages = self.query_one("#messages", Static)
+        if self.selected is None:
+            pane.border_title = "Conversation"
+            messages.update(Text("No contact selected: /msg NAME to start, /help for commands.", style="dim"))
+            return
+        contact = self.contacts[self.selected]
+        contact.unread = 0
+        pane.border_title = f"Conversation with {contact.name}"
+        lines = [_render_line(contact.name, line) for line in contact.lines]
+        messages.update(Text("\n").join(lines) if lines else Text("No messages yet.", style="dim"))
+        pane.scroll_end(animate=False)
+
+    def _show_notice(self, text: str | Text) -> None:
+        notice = self.query_one("#notice", Static)
+        notice.update(text if isinstance(text, Text) else Text(text))
+        notice.display = True
+
+    # --- input ----------------------------------------------------------------------------------------
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        """A command (`/...`) or a message for the selected contact."""
+        text = event.value.strip()
+        event.input.clear()
+        if not text:
+            return
+        if text.startswith("/") and not text.startswith("//"):
+            self._command(text)
+        else:
+            self._send_text(text.removeprefix("/"))
+
+    def on_option_list_option_selected(self, event: OptionList.OptionSelected) -> None:
+        """A contact clicked (or chosen with Enter in the list) becomes the conversation."""
+        if event.option.id is not None:
+            self._select(event.option.id)
+        self.query_one("#input", Input).focus()
+
+    def _command(self, text: str) -> None:
+        command, _, rest = text[1:].partition(" ")
+        name, _, message = rest.strip().partition(" ")
+        if command == "msg":
+            if not name:
+                self._show_notice("usage: /msg NAME [TEXT]")
+            elif name == self.node.name:
+                self._show_notice("that is you: pick another contact")
+            else:
+                self._select(name)
+                if message.strip():
+                    self._send_text(message.strip())
+        elif command == "verify":
+            self._verify(name or self.selected)
+        elif command == "status":
+            self._show_status()
+        elif command == "help":
+            self._show_notice(HELP)
+        elif command == "quit":
+            self.exit()
+        else:
+            self._show_notice(f"unknown command /{command}: /help lists the commands")
+
+    def _select(self, name: str) -> None:
+        self._contact(name)
+        self.selected = name
+        self._render_all()
+
+    def _verify(self, name: str | None) -> None:
+        if name is None:
+            self._show_notice("usage: /verify NAME")
+            return
+        for session in self.node.status()["sessions"]:
+            if session["peer"] == name:
+                self._show_notice(
+                    Text.assemble(
+                        f"Safety number with {name}:\n  ",
+                        (session["safety_number"], "bold"),
+                        f"\nCompare it with what {name} sees (in person or by phone). If they match, "
+                        "nobody sits in the middle; if they differ, do not trust this session.",
+                    )
+                )
+                return
+        self._show_notice(f"no session with {name} yet: send a message first, then /verify {name}")
+
+    def _show_status(self) -> None:
+        status = self.node.status()
+        feed = status["feed"]
+        if feed["crl_number"] is None:
+            freshness = "no CRL received yet: new sessions fail closed"
+        else:
+            freshness = f"CRL #{feed['crl_number']}, next update {feed['next_update']}"
+            freshness += " (STALE: new sessions fail closed)" if feed["stale"] else ""
+        cert = status["certificate"]
+        lines = [
+            f"node        {status['name']}",
+            f"certificate serial {cert['serial']}, valid until {cert['not_after']}",
+            f"relay       {status['relay']} ({self._connection()[0]})",
+            f"feed        {freshness}",
+            f"outbox      {status['outbox']} waiting for the relay",
+            f"sessions    {len(status['sessions'])}",
+        ]
+        self._show_notice("\n".join(lines))
+
+    def _send_text(self, text: str) -> None:
+        if self.selected is None:
+            self._show_notice("no contact selected: /msg NAME first")
+            return
+        line = Line("out", text, time.time(), SENDING)
+        self.contacts[self.selected].lines.append(line)
+        self._render_conversation()
+        self._send(self.selected, line)
+
+    @work(group="send")
+    async def _send(self, peer: str, line: Line) -> None:
+        # One worker per message: a slow relay holds this message, never the screen or the next one.
+        try:
+            await self.node.send(peer, line.text)
+        except (NodeError, ProtocolError) as exc:
+            line.state = f"✗ not sent: {exc}"
+        else:
+            # `send` returns queued when the relay did not confirm in time; the outbox tells which.
+            line.state = QUEUED if self.node.outbox_size() else STORED
+        self._render_all()
+
+    def action_dismiss(self) -> None:
+        """Hide the security banners and the notice panel."""
+        self.banners = []
+        self.query_one("#banner").display = False
+        self.query_one("#notice").display = False
+
+
+def _render_line(peer: str, line: Line) -> Text:
+    stamp = datetime.fromtimestamp(line.when).strftime("%H:%M")
+    if line.kind == "note":
+        return Text(f"{stamp} · {line.text}", style="dim italic")
+    if line.kind == "in":
+        return Text.assemble((f"{stamp} ", "dim"), (f"{peer}: ", "bold cyan"), line.text)
+    style = "green" if line.state == STORED else "red" if line.state.startswith("✗") else "yellow"
+    return Text.assemble((f"{stamp} ", "dim"), ("you: ", "bold magenta"), line.text, "  ", (line.state, style))
+
+
+def _duration(seconds: int) -> str:
+    days, rest = divmod(seconds, 86400)
+    return f"{days}d {rest // 3600}h" if days else f"{rest // 3600}h {rest % 3600 // 60}m"

@@ -1,0 +1,55 @@
+"""`kmsnet chat`: the chat UI (kmsnet.chat_app) on a node's home."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+from textual.logging import TextualHandler
+
+from kmsnet import logs
+from kmsnet.chat_app import ChatApp
+from kmsnet.exits import EPILOG, USAGE, CliFailure
+from kmsnet.messaging_cli import open_node, relay_option
+from kmsnet.options import StoreOptions, node_failures, store_options
+from node.link import check_url
+
+# "\b" keeps click from re-wrapping the example lines into one paragraph.
+CHAT_EXAMPLES = """
+Examples:
+
+\b
+  kmsnet chat --home alice                          # then: /msg bob, type, Enter
+  kmsnet chat --home alice --relay ws://127.0.0.1:8765
+"""
+
+
+@click.command(epilog=CHAT_EXAMPLES + "\n" + EPILOG)
+@relay_option
+@store_options
+def chat(relay_url: str | None, store: StoreOptions) -> None:
+    """Chat in the terminal: contacts with their certificate status, conversations with delivery
+    state, banners for security events, /verify NAME for safety numbers, /help for the rest.
+
+    The UI starts even when the relay is down: it shows "offline", keeps retrying, and messages
+    wait in the outbox until the relay takes them.
+    """
+    with open_node(store, relay_url) as node:
+        # A malformed URL is the one relay problem worth refusing before the screen is taken over.
+        with node_failures():
+            check_url(node.relay_url)
+        if not (sys.stdin.isatty() and sys.stdout.isatty()):
+            raise CliFailure("kmsnet chat needs a terminal (scripts use send and receive)", USAGE)
+        _log_into_textual()
+        ChatApp(node).run()
+
+
+def _log_into_textual() -> None:
+    """While the UI owns the terminal, kmsnet's warnings go to Textual's log (`textual console`):
+    a line written to stderr would land in the middle of the screen."""
+    logs.configure("WARNING")
+    root = logging.getLogger("kmsnet")
+    handler = TextualHandler()
+    handler.setFormatter(root.handlers[0].formatter)
+    root.handlers[:] = [handler]

@@ -1,0 +1,11 @@
+"""Where a node keeps what in its keystore: the namespaces (see node/node.py's docstring for the names)."""
+
+from __future__ import annotations
+
+NS_NODE = "node"
+NS_BUNDLE = "bundle"
+NS_SESSION = "session"
+NS_PEER = "peer"
+NS_OUTBOX = "outbox"
+NS_INBOX = "inbox"
+NS_SEEN = "seen"

@@ -1,0 +1,62 @@
+"""A running node renews its certificate at 2/3 of its validity, reconnects with it, and publishes
+prekeys signed over it: old sessions go on, and new peers accept its new bundle."""
+
+# ruff: noqa: F811 - pytest passes the imported fixtures back as parameters
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+from lab import next_message, raw_client, running
+from test_enrol import PASS, RunningCa, enrol
+from test_enrol import ca as running_ca  # noqa: F401 - the fixture
+
+from node.keystore import Keystore
+from node.node import Node
+from protocol import wire
+from protocol.link import PublishCrl
+from relay.server import Relay, RelayConfig
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.offset = timedelta()
+
+    def __call__(self) -> datetime:
+        return datetime.now(UTC) + self.offset
+
+
+async def test_a_running_node_renews_and_keeps_talking(running_ca: RunningCa, tmp_path: Path) -> None:
+    ca = running_ca
+    async with Relay(RelayConfig(ca_root=ca.authority.root, port=0, store_path=str(tmp_path / "relay.db"))) as relay:
+        class CaNode:  # the CA's own node credentials, as raw_client expects them
+            identity, cert = ca.authority.node_credentials()
+
+        ws, _ = await raw_client(relay, CaNode)  # type: ignore[arg-type]
+        await ws.send(wire.encode_link(PublishCrl(ca.authority.current_crl())))
+        nodes = {}
+        clocks = {}
+        for name in ("alice", "bob", "carol"):
+            await enrol(tmp_path / name, name, ca.url, ca.admin.token(name).secret, relay_url=relay.url)
+            clocks[name] = Clock()
+            nodes[name] = Node(Keystore.open(tmp_path / name / "keystore.db", passphrase=PASS), clock=clocks[name])
+        alice, bob, carol = nodes["alice"], nodes["bob"], nodes["carol"]
+        async with running(alice, bob):
+            await bob.send("alice", "before")
+            assert (await next_message(alice)).text == "before"
+            old = alice.certificate
+            assert await alice.renew_if_due() is False  # not yet due
+            clocks["alice"].offset = timedelta(days=5)  # past 2/3 of seven days
+            assert await alice.renew_if_due() is True
+            clocks["alice"].offset = timedelta()
+            assert alice.certificate != old
+            await alice.wait_connected(10)
+            await bob.send("alice", "after")  # the session outlives the renewal
+            assert (await next_message(alice)).text == "after"
+            await alice.send("bob", "and back")
+            assert (await next_message(bob)).text == "and back"
+            async with running(carol):  # a new peer takes the bundle signed over the new certificate
+                await carol.send("alice", "hello, renewed alice")
+                assert (await next_message(alice)).text == "hello, renewed alice"
+        await ws.close()
