@@ -141,7 +141,7 @@ def rekey(name: str, ca_url: str, token: str, store: StoreOptions, out: Output) 
 
     Makes a new Ed25519 identity key, has the CA certify it with a new one-time token (the
     old key proves nothing any more), and replaces the identity and certificate in HOME's
-    keystore; sessions are kept, prekeys are re-signed on the next connection. Peers see an
+    keystore; sessions are dropped, prekeys are re-signed on the next connection. Peers see an
     "identity changed" event with the new safety number, never a silent switch. Revoke the old
     certificate first (`kmsnet ca revoke NAME --reason key-compromise`). The CA must present the
     root this node pins (exit 4 otherwise).

@@ -131,6 +131,9 @@ class AuditLog:
                 "SELECT seq, hash FROM audit_log WHERE log = ? ORDER BY seq DESC LIMIT 1", (self._name,)
             ).fetchone()
             seq, prev = (last[0] + 1, last[1]) if last else (1, GENESIS)
+            # Append only to the tail the sealed head vouches for: sealing a new head over a cut
+            # (rows deleted at the end) would make the cut undetectable.
+            self._check_head(seq - 1, prev)
             digest = entry_hash(seq, time, actor, action, fields, prev)
             signature = self._signer.sign(_SIG_DOMAIN + digest) if self._signer else None
             entry = AuditEntry(seq, time, actor, action, fields, prev, digest, signature)

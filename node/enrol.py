@@ -65,7 +65,7 @@ from node.ca.errors import (
 from node.errors import NodeError
 from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
 from node.kms import KEYSTORE_FILE
-from node.layout import NS_NODE
+from node.layout import NS_NODE, NS_SESSION
 from node.link import check_url
 from protocol import certs
 from protocol.errors import DecodeError, LocalError, ProtocolError
@@ -405,6 +405,10 @@ def _store_certificate(
         keystore.delete(NS_NODE, "next_prekey_rotation")
         if new_identity is not None:
             keystore.put(NS_NODE, "identity", new_identity.private_bytes())
+            # After a compromise, sessions made under the old identity are suspect too: drop them, so
+            # every peer meets the new identity in a fresh handshake (and is told it changed).
+            for peer in keystore.names(NS_SESSION):
+                keystore.delete(NS_SESSION, peer)
     if new_identity is not None:
         keystore.scrub()  # the old identity key must not linger in the write-ahead log
     previous = x509.load_der_x509_certificate(state.certificate).serial_number
@@ -461,7 +465,8 @@ def rekey_node(
 
     The CA must present the root the node pins (`FingerprintMismatch` otherwise). On success the
     new key and certificate replace the old ones in one transaction and the signed prekey is due
-    for rotation (module docstring); sessions stay. Raises, with nothing changed:
+    for rotation (module docstring); sessions are dropped, so peers meet the new identity in a new
+    handshake and see it change. Raises, with nothing changed:
     `InvalidRequest` (a name that is not the node's, a bad CA URL), `KeystoreNotFound` /
     `WrongPassphrase`, `NodeError` (no node here), and what `enrol_node` raises for the
     exchange with the CA.

@@ -273,3 +273,15 @@ def test_missing_sealed_head_is_detected(store: Keystore) -> None:
     fill(log, 2)
     store.delete("audit", "kms")
     assert broken_at(log) == 1
+
+
+def test_an_append_after_a_cut_tail_is_refused_so_the_cut_stays_visible() -> None:
+    store = Keystore.memory()
+    log = AuditLog(store, name="cut")
+    for i in range(3):
+        log.append("admin", "token_issued", {"n": i})
+    store.connection.execute("DELETE FROM audit_log WHERE log = 'cut' AND seq = 3")
+    with pytest.raises(AuditChainBroken, match="removed"):
+        log.append("admin", "token_issued", {"n": 3})
+    with pytest.raises(AuditChainBroken, match="removed"):
+        log.verify()

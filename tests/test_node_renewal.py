@@ -5,13 +5,15 @@ prekeys signed over it: old sessions go on, and new peers accept its new bundle.
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from lab import next_message, raw_client, running
+from lab import next_event, next_message, raw_client, running
 from test_enrol import PASS, RunningCa, enrol
 from test_enrol import ca as running_ca  # noqa: F401 - the fixture
 
+from node.enrol import rekey_node
 from node.keystore import Keystore
 from node.node import Node
 from protocol import wire
@@ -59,4 +61,38 @@ async def test_a_running_node_renews_and_keeps_talking(running_ca: RunningCa, tm
             async with running(carol):  # a new peer takes the bundle signed over the new certificate
                 await carol.send("alice", "hello, renewed alice")
                 assert (await next_message(alice)).text == "hello, renewed alice"
+        await ws.close()
+
+
+async def test_after_a_rekey_peers_see_the_identity_change_with_the_new_safety_number(
+    running_ca: RunningCa, tmp_path: Path
+) -> None:
+    ca = running_ca
+    async with Relay(RelayConfig(ca_root=ca.authority.root, port=0, store_path=str(tmp_path / "relay.db"))) as relay:
+
+        class CaNode:
+            identity, cert = ca.authority.node_credentials()
+
+        ws, _ = await raw_client(relay, CaNode)  # type: ignore[arg-type]
+        await ws.send(wire.encode_link(PublishCrl(ca.authority.current_crl())))
+        for name in ("alice", "bob"):
+            await enrol(tmp_path / name, name, ca.url, ca.admin.token(name).secret, relay_url=relay.url)
+        alice = Node(Keystore.open(tmp_path / "alice" / "keystore.db", passphrase=PASS))
+        bob_store = tmp_path / "bob" / "keystore.db"
+        bob = Node(Keystore.open(bob_store, passphrase=PASS))
+        async with running(alice, bob):
+            await bob.send("alice", "old bob")
+            assert (await next_message(alice)).text == "old bob"
+            old_number = alice.status()["sessions"][0]["safety_number"]
+        bob.keystore.close()
+        token = ca.admin.token("bob").secret
+        await asyncio.to_thread(rekey_node, tmp_path / "bob", "bob", ca.url, token, PASS)
+        bob = Node(Keystore.open(bob_store, passphrase=PASS))
+        async with running(alice, bob):
+            await bob.send("alice", "new bob")
+            changed = await next_event(alice, "identity_changed")
+            assert changed.peer == "bob"
+            new_number = alice.status()["sessions"][0]["safety_number"]
+            assert new_number != old_number and new_number in changed.reason
+            assert (await next_message(alice)).text == "new bob"
         await ws.close()
