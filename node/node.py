@@ -67,6 +67,8 @@ ONETIME_LOW = 25
 RESERVE_AHEAD = 64
 #: Seconds between checks for a due signed-prekey rotation while connected.
 MAINTENANCE_INTERVAL = 60.0
+#: Seconds after starting a session during which a peer's crossing INIT loses the tie-break.
+SIMULTANEITY_WINDOW = 30.0
 #: Received message ids remembered per peer to tell a redelivery from a replay.
 MAX_SEEN_PER_PEER = 5000
 
@@ -157,6 +159,7 @@ class Node:
         self._tasks: set[asyncio.Task[None]] = set()
         self._seen: dict[str, dict[bytes, None]] = {}
         self._peers: dict[str, PeerRecord | None] = {}
+        self._initiated_at: dict[str, datetime] = {}
         self._inbox_seq = _last_seq(keystore.names(NS_INBOX))
         outbox = keystore.names(NS_OUTBOX)
         self._outbox_seq = _last_seq(outbox)
@@ -417,15 +420,22 @@ class Node:
             raise NodeError("node not started")
         msg_id = os.urandom(16)
         body = msgpack.packb([msg_id, time.time(), text])
-        async with self._lock(peer):
-            session = self._session(peer)
-            durable: asyncio.Future[None] | None
-            if session is None or session.closed:
-                payload, durable = await self._initiate(peer, body)
-            else:
-                durable = self._reserve(peer, session)
-                payload = session.encrypt(body)
-                self._queue_outbox(msg_id, peer, payload)
+        durable: asyncio.Future[None] | None = None
+        payload: bytes | None = None
+        while payload is None:
+            # The network (bundle, OCSP) is asked outside the lock: a delivery from this peer needs
+            # the lock, and the link that would bring our answer may be busy delivering it.
+            bundle = await self._fetch_bundle(peer) if self._needs_session(peer) else None
+            async with self._lock(peer):
+                session = self._session(peer)
+                if session is None or session.closed:
+                    if bundle is not None:
+                        payload, durable = self._initiate(peer, bundle, body)
+                    # else: the session went away while we waited; fetch a bundle after all.
+                else:
+                    durable = self._reserve(peer, session)
+                    payload = session.encrypt(body)
+                    self._queue_outbox(msg_id, peer, payload)
         if durable is not None:
             # Outside the lock, so that other sends can join the same commit. The ciphertext leaves
             # only once a state that covers it is on disk (fsynced): a reservation or a new session.
@@ -459,7 +469,12 @@ class Node:
         record = {(NS_OUTBOX, name): msgpack.packb([msg_id, to, payload])}
         self._journal.commit(record, sync=False).add_done_callback(_log_failure)
 
-    async def _initiate(self, peer: str, body: bytes) -> tuple[bytes, asyncio.Future[None]]:
+    def _needs_session(self, peer: str) -> bool:
+        session = self._session(peer)
+        return session is None or session.closed is not None
+
+    async def _fetch_bundle(self, peer: str) -> PrekeyBundle:
+        """`peer`'s prekey bundle from the relay (and, in OCSP mode, a fresh answer about its certificate)."""
         assert self._link is not None
         reply = await self._link.fetch_bundle(peer)
         if reply.bundle is None:
@@ -468,8 +483,15 @@ class Node:
             frame = wire.decode(reply.bundle)
             if not isinstance(frame, PrekeyBundle):
                 raise DecodeError("relay answered with something else than a bundle")
-            if self._ocsp is not None:
-                await self._ocsp.ensure(frame.certificate, self.clock())
+        except ProtocolError as exc:
+            self._emit(SecurityEvent("session_refused", peer, f"{type(exc).__name__}: {exc}"))
+            raise
+        if self._ocsp is not None:
+            await self._ocsp.ensure(frame.certificate, self.clock())
+        return frame
+
+    def _initiate(self, peer: str, frame: PrekeyBundle, body: bytes) -> tuple[bytes, asyncio.Future[None]]:
+        try:
             started = handshake.initiate(
                 identity=self.identity,
                 certificate=self.certificate,
@@ -487,6 +509,7 @@ class Node:
         msg_id = msgpack.unpackb(body)[0]
         puts: dict[Key, bytes] = {}
         self._note_peer(started.peer, "initiated", puts)
+        self._initiated_at[peer] = self.clock()
         self._stage_session(peer, started.session, puts)
         durable = self._journal.commit(puts)
         self._queue_outbox(msg_id, peer, started.frame)
@@ -645,13 +668,17 @@ class Node:
         init = handshake.decode_init(payload)
         bundle = self._bundle_for(init)
         previous = self.peer(peer)
+        started = self._initiated_at.get(peer)
         if (
             previous is not None
             and previous.state == "initiated"
+            and started is not None
+            and (self.clock() - started).total_seconds() < SIMULTANEITY_WINDOW
             and handshake.initiation_wins(self.fingerprint, hashlib.sha256(init.certificate).digest())
         ):
             # Both sides started a session at once: the INIT from the lower fingerprint (ours) wins on
-            # both sides; theirs is refused here, before it consumes anything.
+            # both sides; theirs is refused here, before it consumes anything. Only for a while: an
+            # INIT of ours that never arrived (dropped by the relay) must not block the peer forever.
             raise UnexpectedFrame("simultaneous initiation: ours wins, this INIT is refused")
         result = handshake.respond(
             init,
