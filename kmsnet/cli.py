@@ -15,6 +15,7 @@ from kmsnet.kms_cli import kms
 from kmsnet.messaging_cli import receive, send, status
 from kmsnet.node_cli import node
 from kmsnet.relay_cli import relay
+from kmsnet.scenario_cli import scenario
 
 
 @click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "KMSNET"})
@@ -32,6 +33,7 @@ cli.add_command(ca)
 cli.add_command(node)
 cli.add_command(relay)
 cli.add_command(chat)
+cli.add_command(scenario)
 for command in (send, receive, status):
     cli.add_command(command)
 
