@@ -22,6 +22,9 @@ lint: $(STAMP)
 test: lint
 	$(BIN)/pytest -q --cov=protocol --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=95
 
+demo: $(STAMP)
+	$(BIN)/kmsnet demo --nodes 3
+
 bench: $(STAMP)
 	$(BIN)/python bench/protocol_bench.py
 	$(BIN)/python bench/e2e_bench.py

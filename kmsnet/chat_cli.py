@@ -6,10 +6,8 @@ import logging
 import sys
 
 import click
-from textual.logging import TextualHandler
 
 from kmsnet import logs
-from kmsnet.chat_app import ChatApp
 from kmsnet.exits import EPILOG, USAGE, CliFailure
 from kmsnet.messaging_cli import open_node, relay_option
 from kmsnet.options import StoreOptions, node_failures, store_options
@@ -41,6 +39,9 @@ def chat(relay_url: str | None, store: StoreOptions) -> None:
             check_url(node.relay_url)
         if not (sys.stdin.isatty() and sys.stdout.isatty()):
             raise CliFailure("kmsnet chat needs a terminal (scripts use send and receive)", USAGE)
+        # Textual is imported here, not at the top: it costs every other kmsnet command ~0.3 s to load.
+        from kmsnet.chat_app import ChatApp
+
         _log_into_textual()
         ChatApp(node).run()
 
@@ -50,6 +51,8 @@ def _log_into_textual() -> None:
     a line written to stderr would land in the middle of the screen."""
     logs.configure("WARNING")
     root = logging.getLogger("kmsnet")
+    from textual.logging import TextualHandler
+
     handler = TextualHandler()
     handler.setFormatter(root.handlers[0].formatter)
     root.handlers[:] = [handler]

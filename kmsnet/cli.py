@@ -10,6 +10,7 @@ import click
 from kmsnet import __version__
 from kmsnet.ca_cli import ca
 from kmsnet.chat_cli import chat
+from kmsnet.demo_cli import demo
 from kmsnet.exits import EPILOG, USAGE, CliFailure
 from kmsnet.kms_cli import kms
 from kmsnet.messaging_cli import receive, send, status
@@ -33,6 +34,7 @@ cli.add_command(ca)
 cli.add_command(node)
 cli.add_command(relay)
 cli.add_command(chat)
+cli.add_command(demo)
 cli.add_command(scenario)
 for command in (send, receive, status):
     cli.add_command(command)
