@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 FORBIDDEN = {
-    "protocol": {"node", "relay", "scenarios", "kmsnet", "asyncio", "socket", "websockets", "aiosqlite", "time"},
+    "protocol": {"node", "relay", "scenarios", "kmsnet", "asyncio", "socket", "websockets", "sqlite3", "time"},
     "node": {"relay", "scenarios", "kmsnet"},
     "relay": {"node", "scenarios", "kmsnet"},
     "scenarios": {"kmsnet"},
