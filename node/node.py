@@ -160,6 +160,7 @@ class Node:
         self._seen: dict[str, dict[bytes, None]] = {}
         self._peers: dict[str, PeerRecord | None] = {}
         self._initiated_at: dict[str, datetime] = {}
+        self._reservations: dict[str, asyncio.Future[None]] = {}
         self._inbox_seq = _last_seq(keystore.names(NS_INBOX))
         outbox = keystore.names(NS_OUTBOX)
         self._outbox_seq = _last_seq(outbox)
@@ -455,11 +456,18 @@ class Node:
         return msg_id.hex()
 
     def _reserve(self, peer: str, session: Session) -> asyncio.Future[None] | None:
-        """Reserve message numbers ahead on `session`; a new reservation is committed with fsync,
-        and the caller sends nothing before that commit is done (see `Ratchet.reserve`)."""
+        """Reserve message numbers ahead on `session`; what the caller must await before sending.
+
+        A new reservation is committed with fsync (see `Ratchet.reserve`), and no message inside
+        it may leave before that commit is done — also not the ones encrypted by other sends while
+        it is still running, which is why the pending commit is remembered per peer.
+        """
         if session.reserve(RESERVE_AHEAD):
-            return self._save_session(peer, session)
-        return None
+            durable = self._save_session(peer, session)
+            self._reservations[peer] = durable
+            return durable
+        pending = self._reservations.get(peer)
+        return pending if pending is not None and not pending.done() else None
 
     def _queue_outbox(self, msg_id: bytes, to: str, payload: bytes) -> None:
         """Keep an envelope until the relay accepts it, to resend it after a reconnect or a restart."""

@@ -83,3 +83,44 @@ async def test_a_send_to_an_unknown_node_is_refused_once_and_not_retried(tmp_pat
             event = await next_event(alice, "send_refused")
             assert "ghost" in event.reason
             assert alice.outbox_size() == 0
+
+
+async def test_no_message_of_a_new_reservation_leaves_before_it_is_durable(tmp_path: Path) -> None:
+    async with Relay(relay_config(CA, tmp_path)) as relay:
+        await publish_crl(relay, CA, CA.crl())
+        alice = make_node(CA, ALICE, relay.url)
+        bob = make_node(CA, BOB, relay.url)
+        async with running(alice, bob):
+            await alice.send("bob", "session first")
+            assert (await next_message(bob)).text == "session first"
+            gate = asyncio.Event()
+            commit = alice._journal.commit
+            sent: list[bytes] = []
+            link_send = alice._link_send
+
+            def held(puts, deletes=(), *, sync=True):
+                fut = commit(puts, deletes, sync=sync)
+                if not sync:
+                    return fut
+                gated = asyncio.get_running_loop().create_future()
+
+                async def release() -> None:
+                    await gate.wait()
+                    await fut
+                    gated.set_result(None)
+
+                alice._tasks.add(asyncio.ensure_future(release()))
+                return gated
+
+            async def spy(frame):
+                sent.append(frame)
+                await link_send(frame)
+
+            alice._journal.commit = held  # type: ignore[method-assign]
+            alice._link_send = spy  # type: ignore[method-assign]
+            sends = [asyncio.create_task(alice.send("bob", f"m{i}")) for i in range(3)]
+            await asyncio.sleep(0.3)
+            assert sent == []  # the reservation is not on disk yet: nothing of it may leave
+            gate.set()
+            await asyncio.gather(*sends)
+            assert sorted([(await next_message(bob)).text for _ in range(3)]) == ["m0", "m1", "m2"]
