@@ -94,7 +94,8 @@ class Journal:
     async def drain(self) -> None:
         """Wait until everything asked so far is committed (errors are the committers' to see)."""
         if self._outstanding:
-            await asyncio.gather(*self._outstanding, return_exceptions=True)
+            # asyncio.wait, not gather: a drain that is cancelled must not cancel the commits it waits for.
+            await asyncio.wait(set(self._outstanding))
 
     async def close(self) -> None:
         """Commit what is queued, stop the writer and its thread."""

@@ -268,6 +268,10 @@ class Relay:
             await self._fatal(ws, exc.code, str(exc), exc.close)
         except ConnectionClosed:
             pass
+        except Exception:
+            # A bug of ours, not the node's: say so with the traceback; websockets closes with 1011.
+            log.exception("relay_handler_failed", extra={"fields": {"node": peer.name}})
+            raise
         finally:
             await self._stop_peer(peer)
             if self._peers.get(peer.name) is peer:
@@ -364,11 +368,15 @@ class Relay:
         self._background(peer, self._accept(peer, send.msg_id, writes))
 
     async def _accept(self, peer: _Peer, msg_id: bytes, writes: list[asyncio.Future[None]]) -> None:
-        try:
-            await asyncio.gather(*writes)
-        except StoreUnavailable as exc:
-            await self._send(peer, Error(ErrorCode.UNAVAILABLE, str(exc), msg_id))
+        if writes:
+            # asyncio.wait, not gather: these futures are the store's, and must not be cancelled with us.
+            await asyncio.wait(writes)
+        failed = next((f.exception() for f in writes if f.exception() is not None), None)
+        if isinstance(failed, StoreUnavailable):
+            await self._send(peer, Error(ErrorCode.UNAVAILABLE, str(failed), msg_id))
             return
+        if failed is not None:
+            raise failed
         self.metrics.stored.inc(len(writes))
         # Durable (or a retransmission of something durable): tell the sender it may forget it.
         await self._send(peer, Accepted(msg_id))

@@ -265,7 +265,9 @@ class SqliteStore(Store):
 
     async def flush(self) -> None:
         if self._outstanding:
-            await asyncio.gather(*self._outstanding, return_exceptions=True)
+            # asyncio.wait, not gather: a flush that is cancelled (its connection went away) must not
+            # cancel other connections' writes along with it.
+            await asyncio.wait(set(self._outstanding))
 
     def put_nowait(
         self, msg_id: bytes, sender: str, recipient: str, payload: bytes, stored_at: int

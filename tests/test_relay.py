@@ -300,3 +300,23 @@ async def test_a_flood_of_bad_frames_does_not_stop_two_nodes_chatting(tmp_path: 
                 assert (await next_message(alice)).text == f"pong {i}"
             assert await flooding >= 1000
         assert relay.metrics.refused.labels("malformed")._value.get() > 0
+
+
+async def test_a_cancelled_flush_does_not_cancel_other_connections_writes(tmp_path: Path) -> None:
+    """A node's writer waits for the store's queued writes; when that node goes away the wait is
+    cancelled, and that must not cancel the writes of others (their ACCEPTED would never come)."""
+    from relay.store import SqliteStore
+
+    store = SqliteStore(tmp_path / "relay.db")
+    await store.open()
+    try:
+        envelopes = [store.put_nowait(msg_id(), "alice", "bob", b"x", 0) for _ in range(50)]
+        waiting = asyncio.create_task(store.flush())
+        await asyncio.sleep(0)
+        waiting.cancel()
+        for _, durable in envelopes:
+            await durable  # raises CancelledError if the cancel reached it
+        assert store.mailbox_size("bob") == 50
+        assert len(await store.pending("bob")) == 50
+    finally:
+        await store.close()
