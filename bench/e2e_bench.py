@@ -136,7 +136,7 @@ class World:
             store.put("node", "certificate", cert)
             store.put("node", "root", certs.certificate_pem(self.root))
             store.put("node", "relay", relay_url.encode())
-        return Node(store, options=NodeOptions(send_timeout=60))
+        return Node(store, options=NodeOptions(send_timeout=60, inbox=False))
 
     def crl(self) -> bytes:
         return revocation.issue_crl(

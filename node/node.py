@@ -93,6 +93,9 @@ class NodeOptions:
     send_timeout: float = 10.0
     #: Check peers by OCSP at this URL (the CA's responder) instead of the CRL feed.
     ocsp_url: str | None = None
+    #: Keep what arrives in the keystore's inbox until `take_inbox` (the `receive` and `chat` commands
+    #: read it). An application that reads only `events` turns it off, or the inbox only grows.
+    inbox: bool = True
 
 
 @dataclass(frozen=True)
@@ -666,8 +669,7 @@ class Node:
         puts[(NS_SEEN, f"{peer}:{deliver.msg_id.hex()}")] = b""
         seen[deliver.msg_id] = None
         if message is not None:
-            self._inbox_seq += 1
-            puts[(NS_INBOX, f"{self._inbox_seq:020d}")] = msgpack.packb(message.to_json())
+            self._to_inbox(message.to_json(), puts)
         # Not fsynced: after a power loss the last few received messages may be shown again, but no
         # key is ever reused, because every send is fsynced, and an fsync makes all of this durable too.
         return self._journal.commit(puts, self._prune_seen(peer), sync=False), message
@@ -788,11 +790,16 @@ class Node:
 
     # --- events and inbox -----------------------------------------------------------------------------
 
+    def _to_inbox(self, item: dict[str, Any], puts: dict[Key, bytes]) -> None:
+        if self.options.inbox:
+            self._inbox_seq += 1
+            puts[(NS_INBOX, f"{self._inbox_seq:020d}")] = msgpack.packb(item)
+
     def _emit(self, event: SecurityEvent) -> asyncio.Future[None]:
         """Record a security event in the inbox; the application sees it once it is on disk."""
         log.info("security_event", extra={"fields": event.to_json()})
-        self._inbox_seq += 1
-        record = {(NS_INBOX, f"{self._inbox_seq:020d}"): msgpack.packb(event.to_json())}
+        record: dict[Key, bytes] = {}
+        self._to_inbox(event.to_json(), record)
         durable = self._journal.commit(record, sync=False)
 
         def deliver(fut: asyncio.Future[None]) -> None:

@@ -124,3 +124,18 @@ async def test_no_message_of_a_new_reservation_leaves_before_it_is_durable(tmp_p
             gate.set()
             await asyncio.gather(*sends)
             assert sorted([(await next_message(bob)).text for _ in range(3)]) == ["m0", "m1", "m2"]
+
+
+async def test_without_an_inbox_nothing_piles_up_in_the_keystore(tmp_path: Path) -> None:
+    async with Relay(relay_config(CA, tmp_path)) as relay:
+        await publish_crl(relay, CA, CA.crl())
+        alice = make_node(CA, ALICE, relay.url)
+        bob = make_node(CA, BOB, relay.url, inbox=False)
+        async with running(alice, bob):
+            for i in range(3):
+                await alice.send("bob", f"m{i}")
+                assert (await next_message(bob)).text == f"m{i}"
+            assert bob.take_inbox() == []  # the application read events; nothing was kept
+            await bob.send("alice", "and alice keeps hers")
+            assert (await next_message(alice)).text == "and alice keeps hers"
+            assert any(item.get("text") == "and alice keeps hers" for item in alice.take_inbox())
