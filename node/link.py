@@ -149,13 +149,7 @@ class RelayLink:
             if first_attempt is not None and not first_attempt.done():
                 first_attempt.set_result(None)
             async for raw in ws:
-                if not isinstance(raw, bytes):
-                    raise LinkError("relay sent a text frame")
-                try:
-                    frame = wire.decode_link(raw)
-                except DecodeError as exc:
-                    # A malicious relay may send garbage; we refuse it and hang up, never crash.
-                    raise LinkError(f"relay sent a malformed frame: {exc}") from exc
+                frame = _decode(raw)
                 if isinstance(frame, BundleReply):
                     fut = self._requests.pop(frame.request, None)
                     if fut is not None and not fut.done():
@@ -219,6 +213,7 @@ class RelayLink:
 
 
 def _decode(raw: object) -> LinkFrame:
+    # A malicious relay may send garbage: we refuse it and hang up (LinkError), never crash.
     if not isinstance(raw, bytes):
         raise LinkError("relay sent a text frame")
     try:
