@@ -46,7 +46,9 @@ class OcspChecker:
         Raises OcspError (bad or unverifiable answer) or NoRevocationData (responder unreachable):
         either way the peer is not trusted until an answer verifies.
         """
-        cert = certs.load_certificate(certificate)
+        return await self._ask(certs.load_certificate(certificate), now)
+
+    async def _ask(self, cert: x509.Certificate, now: datetime) -> revocation.OcspAnswer:
         nonce = os.urandom(16)
         request = revocation.build_ocsp_request(cert, self.root, nonce)
         der = await asyncio.to_thread(self._post, request)
@@ -77,12 +79,12 @@ class OcspChecker:
 
     async def ensure(self, certificate: bytes, now: datetime) -> None:
         """Refresh unless a fresh answer is at hand; errors are left for `check` to report."""
-        cert_serial = certs.load_certificate(certificate).serial_number
-        known = self._answers.get(cert_serial)
+        cert = certs.load_certificate(certificate)
+        known = self._answers.get(cert.serial_number)
         if known is not None and now <= known[1]:
             return
         try:
-            await self.refresh(certificate, now)
+            await self._ask(cert, now)
         except ProtocolError as exc:
-            log.info("ocsp_failed", extra={"fields": {"serial": f"{cert_serial:x}", "reason": str(exc)}})
+            log.info("ocsp_failed", extra={"fields": {"serial": f"{cert.serial_number:x}", "reason": str(exc)}})
 
