@@ -135,7 +135,7 @@ class Node:
         self.keystore = keystore
         self.options = options or NodeOptions()
         self.clock = clock
-        root_pem = self._get(NS_NODE, "root")
+        root_pem = self.keystore.get(NS_NODE, "root")
         stored_url = keystore.get(NS_NODE, "relay")
         if root_pem is None:
             raise NodeError("this home holds no enrolled node (run `kmsnet node init` first)")
@@ -177,13 +177,10 @@ class Node:
         self._handled = 0
         self._waiting = 0
 
-    def _get(self, namespace: str, name: str) -> bytes | None:
-        return self.keystore.get(namespace, name)
-
     def _load_identity(self) -> None:
         """(Re)read our identity key and certificate: at start, and after a renewal or a re-key."""
-        identity = self._get(NS_NODE, "identity")
-        certificate = self._get(NS_NODE, "certificate")
+        identity = self.keystore.get(NS_NODE, "identity")
+        certificate = self.keystore.get(NS_NODE, "certificate")
         if identity is None or certificate is None:
             raise NodeError("this home holds no enrolled node (run `kmsnet node init` first)")
         self.identity = IdentityKey.from_private_bytes(identity)
