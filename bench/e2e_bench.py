@@ -161,41 +161,44 @@ Receiver = Callable[[int], Awaitable[None]]  # (pair) -> waits for the next mess
 
 
 async def throughput(pairs: int, seconds: float, send: Sender, receive: Receiver) -> float:
-    """Messages per second received, each sender keeping WINDOW messages in flight."""
+    """Messages per second received within a window of `seconds`, each sender keeping WINDOW
+    messages in flight. Only what arrives inside the window counts, and the window is closed by
+    the clock, not by the last receiver (which may be waiting for a message that will never come)."""
     received = 0
-    deadline = time.perf_counter() + seconds
     start = time.perf_counter()
+    deadline = start + seconds
 
     async def pair_loop(p: int) -> None:
-        nonlocal received
         credits = asyncio.Semaphore(WINDOW)
-        seq = 0
-        in_flight: set[asyncio.Task[None]] = set()
+        sends: set[asyncio.Task[None]] = set()
 
         async def sender() -> None:
-            nonlocal seq
-            while time.perf_counter() < deadline:
+            seq = 0
+            while True:
                 await credits.acquire()
                 seq += 1
                 task = asyncio.create_task(send(p, seq))
-                in_flight.add(task)
-                task.add_done_callback(in_flight.discard)
+                sends.add(task)
+                task.add_done_callback(sends.discard)
 
         async def receiver() -> None:
             nonlocal received
-            while time.perf_counter() < deadline:
+            while True:
                 await receive(p)
-                received += 1
+                if time.perf_counter() <= deadline:
+                    received += 1
                 credits.release()
 
-        s = asyncio.create_task(sender())
-        r = asyncio.create_task(receiver())
-        await asyncio.wait({r, s}, timeout=seconds + 5)
-        s.cancel()
-        r.cancel()
+        loops = [asyncio.create_task(sender()), asyncio.create_task(receiver())]
+        await asyncio.sleep(deadline - time.perf_counter())
+        loops[0].cancel()
+        if sends:  # let the sends in flight finish (a kmsnet send waits for the relay's answer)
+            await asyncio.wait(set(sends), timeout=seconds + 5)
+        loops[1].cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
 
     await asyncio.gather(*(pair_loop(p) for p in range(pairs)))
-    return received / (time.perf_counter() - start)
+    return received / seconds
 
 
 async def latency(samples: int, send: Sender, receive: Receiver) -> list[float]:
