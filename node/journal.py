@@ -2,8 +2,14 @@
 
 `await journal.commit(puts, deletes)` returns once those records are durable. Records queued
 while a transaction is running go into the next one, so a busy node pays one fsync for a whole
-batch of messages, and the event loop never waits for the disk. Callers keep the authoritative
+batch of messages, and the event loop never waits for an fsync. Callers keep the authoritative
 state in memory; the journal only makes it durable, in the order commits were asked for.
+
+A batch that needs no fsync is written on the loop itself: it only reaches the page cache,
+which takes tens of microseconds — less than handing it to a thread and back costs (about
+100 µs here, and a GIL hand-over each way). Fsynced batches, and the periodic checkpoint of
+the write-ahead log (SQLite's own would fsync inside whichever commit crosses its threshold),
+run on the journal's thread.
 """
 
 from __future__ import annotations
@@ -18,6 +24,9 @@ from node.keystore import Keystore
 
 Key = tuple[str, str]
 
+#: Unfsynced batches written on the loop between two checkpoints of the write-ahead log.
+CHECKPOINT_EVERY = 256
+
 
 class Journal:
     """The write-behind queue of one keystore (use as an async context manager, or start/close)."""
@@ -29,11 +38,13 @@ class Journal:
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._outstanding: set[asyncio.Future[None]] = set()
+        self._since_checkpoint = 0
 
     def start(self) -> None:
         """Start the writer task (needs a running loop)."""
         if self._task is None:
             self._thread = ThreadPoolExecutor(1, thread_name_prefix="node-journal")
+            self.keystore.auto_checkpoint(False)
             self._task = asyncio.create_task(self._run(), name="node-journal")
 
     def commit(
@@ -80,8 +91,13 @@ class Journal:
             sync = any(s for _, _, s, _ in batch)
             try:
                 rows = self.keystore.seal_many(puts)
-                write = functools.partial(self.keystore.write_sealed, rows, deletes, sync=sync)
-                await loop.run_in_executor(thread, write)
+                if sync or self._since_checkpoint >= CHECKPOINT_EVERY:
+                    write = functools.partial(self._write_and_checkpoint, rows, deletes, sync)
+                    await loop.run_in_executor(thread, write)
+                    self._since_checkpoint = 0
+                else:
+                    self.keystore.write_sealed(rows, deletes, sync=False)
+                    self._since_checkpoint += 1
             except Exception as exc:  # noqa: BLE001 - whatever failed, every waiter must learn it
                 for *_, fut in batch:
                     if not fut.done():
@@ -90,6 +106,10 @@ class Journal:
             for *_, fut in batch:
                 if not fut.done():
                     fut.set_result(None)
+
+    def _write_and_checkpoint(self, rows: list[tuple[str, str, bytes]], deletes: set[Key], sync: bool) -> None:
+        self.keystore.write_sealed(rows, deletes, sync=sync)
+        self.keystore.checkpoint()
 
     async def drain(self) -> None:
         """Wait until everything asked so far is committed (errors are the committers' to see)."""
@@ -105,6 +125,7 @@ class Journal:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+            self.keystore.auto_checkpoint(True)
         if self._thread is not None:
             self._thread.shutdown(wait=True)
             self._thread = None

@@ -432,6 +432,18 @@ class Keystore:
         finally:
             self._depth = depth
 
+    def checkpoint(self) -> None:
+        """Copy the write-ahead log into the file, without waiting for readers (a passive checkpoint)."""
+        if self._path is not None:
+            with self._lock, _storage_errors("checkpoint"):
+                self._db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def auto_checkpoint(self, on: bool) -> None:
+        """Let SQLite checkpoint inside a commit once the log is 1,000 pages long (its default), or not:
+        a writer that checkpoints by itself (the node's journal) turns it off."""
+        with self._lock, _storage_errors("configure"):
+            self._db.execute(f"PRAGMA wal_autocheckpoint={1000 if on else 0}")
+
     def scrub(self) -> None:
         """Checkpoint the write-ahead log into the file and truncate it (best effort while others read).
 
