@@ -1,11 +1,13 @@
 """The node: a thin asyncio shell around the protocol core and the encrypted keystore.
 
 Everything a node knows lives in its keystore and is written *before* it acts on it:
-a session's new ratchet state and the outgoing envelope are committed in one transaction
-before the ciphertext leaves the process (a crash can never make us reuse a message key or
-a nonce), and a received message is committed to the inbox with the session's new state
-before the relay is told to forget it (nothing is lost, and a redelivery is recognised by
-its id and acknowledged silently).
+a ratchet state covering a message (a reservation of message numbers, or a new session) is
+fsynced before the ciphertext leaves the process (a crash can never make us reuse a message
+key or a nonce), and a received message is committed to the inbox with the session's new
+state before the application sees it and before the relay is told to forget it (nothing is
+lost, and a redelivery is recognised by its id and acknowledged silently). An envelope the
+relay has not accepted yet is kept in memory, and written to disk once `send` reports it
+queued or the node stops (see `_queue_outbox`).
 
 Keystore layout (namespace / name → sealed value):
     node/identity, node/certificate, node/root, node/relay, node/prekeys, node/revocation,
@@ -98,6 +100,16 @@ class NodeOptions:
     inbox: bool = True
 
 
+@dataclass(slots=True)
+class _Outgoing:
+    """An envelope sent but not yet accepted by the relay (see `Node._queue_outbox`)."""
+
+    name: str
+    to: str
+    payload: bytes
+    on_disk: bool = False
+
+
 @dataclass(frozen=True)
 class PeerRecord:
     """What we know of a peer we have a session with."""
@@ -167,12 +179,13 @@ class Node:
         self._inbox_seq = _last_seq(keystore.names(NS_INBOX))
         outbox = keystore.names(NS_OUTBOX)
         self._outbox_seq = _last_seq(outbox)
-        # msg_id → outbox record name, so that an ACCEPTED finds its record without a scan.
-        self._outbox: dict[bytes, str] = {}
+        # msg_id → envelope, in the order they were sent (records left on disk by an earlier run first).
+        self._outbox: dict[bytes, _Outgoing] = {}
         for name in outbox:
             packed = keystore.get(NS_OUTBOX, name)
             if packed is not None:
-                self._outbox[msgpack.unpackb(packed)[0]] = name
+                msg_id, to, payload = msgpack.unpackb(packed)
+                self._outbox[msg_id] = _Outgoing(name, to, payload, on_disk=True)
         # Deliveries handled since the link came up, against what the relay said was waiting.
         self._handled = 0
         self._waiting = 0
@@ -252,6 +265,9 @@ class Node:
         for fut in self._accepted.values():
             if not fut.done():
                 fut.cancel()
+        if self._outbox:
+            # Whatever the relay has not accepted is sent again on the next start.
+            self._persist_outbox().add_done_callback(_log_failure)
         await self._journal.close()
         for task in list(self._tasks):
             task.cancel()
@@ -286,12 +302,9 @@ class Node:
         log.info("node_connected", extra={"fields": {"node": self.name, "pending": welcome.pending}})
         self._handled, self._waiting = 0, welcome.pending
         await self._publish_prekeys(welcome.onetime)
-        # Resend in the order they were written: names are zero-padded sequence numbers.
-        for name in self.keystore.names(NS_OUTBOX):
-            packed = self.keystore.get(NS_OUTBOX, name)
-            if packed is not None:
-                msg_id, to, payload = msgpack.unpackb(packed)
-                await self._link_send(Send(msg_id, to, payload))
+        # Resend what the relay has not accepted, in the order it was first sent.
+        for msg_id, envelope in list(self._outbox.items()):
+            await self._link_send(Send(msg_id, envelope.to, envelope.payload))
 
     async def _maintain(self) -> None:
         """While running: rotate the signed prekey when it is due (not only at connect time, so that a
@@ -436,20 +449,20 @@ class Node:
                 else:
                     durable = self._reserve(peer, session)
                     payload = session.encrypt(body)
-                    self._queue_outbox(msg_id, peer, payload)
         if durable is not None:
             # Outside the lock, so that other sends can join the same commit. The ciphertext leaves
             # only once a state that covers it is on disk (fsynced): a reservation or a new session.
             await durable
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._accepted[msg_id] = fut
+        self._queue_outbox(msg_id, peer, payload)
         try:
             await self._link_send(Send(msg_id, peer, payload))
             async with asyncio.timeout(self.options.send_timeout):
                 await fut
         except (TimeoutError, RelayUnreachable):
-            # The user is told "queued": the outbox record must survive even a power loss now.
-            await self._journal.commit({}, sync=True)
+            # The user is told "queued": from now on the envelope must survive even a power loss.
+            await self._persist_outbox()
             log.info("send_queued", extra={"fields": {"node": self.name, "to": peer}})
         finally:
             self._accepted.pop(msg_id, None)
@@ -470,12 +483,24 @@ class Node:
         return pending if pending is not None and not pending.done() else None
 
     def _queue_outbox(self, msg_id: bytes, to: str, payload: bytes) -> None:
-        """Keep an envelope until the relay accepts it, to resend it after a reconnect or a restart."""
+        """Keep an envelope until the relay accepts it, to resend it after a reconnect.
+
+        In memory only, at first: while the relay answers within moments (nearly always), writing
+        it and deleting it again would cost two disk writes per message for nothing. It is written
+        once somebody is told it is queued (`send` timing out, or the relay down) and when the node
+        stops. A crash before that loses only envelopes whose `send` had not returned yet.
+        """
         self._outbox_seq += 1
-        name = f"{self._outbox_seq:020d}"
-        self._outbox[msg_id] = name
-        record = {(NS_OUTBOX, name): msgpack.packb([msg_id, to, payload])}
-        self._journal.commit(record, sync=False).add_done_callback(_log_failure)
+        self._outbox[msg_id] = _Outgoing(f"{self._outbox_seq:020d}", to, payload)
+
+    def _persist_outbox(self) -> asyncio.Future[None]:
+        """Write every envelope still waiting for the relay to disk, fsynced (sends them on a restart)."""
+        puts: dict[Key, bytes] = {}
+        for msg_id, envelope in self._outbox.items():
+            if not envelope.on_disk:
+                puts[(NS_OUTBOX, envelope.name)] = msgpack.packb([msg_id, envelope.to, envelope.payload])
+                envelope.on_disk = True
+        return self._journal.commit(puts, sync=True)
 
     def _needs_session(self, peer: str) -> bool:
         session = self._session(peer)
@@ -514,13 +539,11 @@ class Node:
         except ProtocolError as exc:
             self._emit(SecurityEvent("session_refused", peer, f"{type(exc).__name__}: {exc}"))
             raise
-        msg_id = msgpack.unpackb(body)[0]
         puts: dict[Key, bytes] = {}
         self._note_peer(started.peer, "initiated", puts)
         self._initiated_at[peer] = self.clock()
         self._stage_session(peer, started.session, puts)
         durable = self._journal.commit(puts)
-        self._queue_outbox(msg_id, peer, started.frame)
         self._emit(
             SecurityEvent(
                 "session_established",
@@ -548,10 +571,10 @@ class Node:
         await self._link.send(frame)
 
     def _forget_outbox(self, msg_id: bytes) -> None:
-        name = self._outbox.pop(msg_id, None)
-        if name is not None:
+        envelope = self._outbox.pop(msg_id, None)
+        if envelope is not None and envelope.on_disk:
             # No need to wait: were the delete lost in a crash, the resend is deduplicated by the relay.
-            self._journal.commit({}, [(NS_OUTBOX, name)], sync=False).add_done_callback(_log_failure)
+            self._journal.commit({}, [(NS_OUTBOX, envelope.name)], sync=False).add_done_callback(_log_failure)
 
     def outbox_size(self) -> int:
         """Envelopes the relay has not yet accepted."""
@@ -600,19 +623,19 @@ class Node:
                     await self._ocsp.ensure(handshake.decode_init(deliver.payload).certificate, self.clock())
         async with self._lock(deliver.sender):
             durable, message = self._receive(deliver)
+        if message is not None:
+            self._show_when_durable(durable, message)
         # The link goes on reading while this one commits: the next deliveries join the batch.
-        task = asyncio.create_task(self._after_commit(deliver, durable, message))
+        task = asyncio.create_task(self._after_commit(deliver, durable))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _after_commit(self, deliver: Deliver, durable: asyncio.Future[None], message: Message | None) -> None:
+    async def _after_commit(self, deliver: Deliver, durable: asyncio.Future[None]) -> None:
         try:
             await durable
         except Exception as exc:  # noqa: BLE001 - the disk failed: say so, and do not ACK (the relay keeps it)
             log.error("commit_failed", extra={"fields": {"node": self.name, "error": str(exc)}})
             return
-        if message is not None:
-            self.events.put_nowait(message)
         self._handled += 1
         # Processed and on disk (or refused for good): the relay may forget it.
         with contextlib.suppress(RelayUnreachable):
@@ -748,9 +771,9 @@ class Node:
         async with self._lock(peer):
             durable = self._reserve(peer, session)
             payload = session.encrypt(b"", kind=Kind.HEARTBEAT)
-            self._queue_outbox(msg_id, peer, payload)
         if durable is not None:
             await durable
+        self._queue_outbox(msg_id, peer, payload)
         with contextlib.suppress(RelayUnreachable):
             await self._link_send(Send(msg_id, peer, payload))
 
@@ -798,15 +821,21 @@ class Node:
         record: dict[Key, bytes] = {}
         self._to_inbox(event.to_json(), record)
         durable = self._journal.commit(record, sync=False)
+        self._show_when_durable(durable, event)
+        return durable
 
-        def deliver(fut: asyncio.Future[None]) -> None:
+    def _show_when_durable(self, durable: asyncio.Future[None], item: Message | SecurityEvent) -> None:
+        """Hand `item` to the application once its commit is done. A callback, not a task: the
+        journal completes commits in order and their callbacks run in that order, so the
+        application sees events and messages in the order they happened."""
+
+        def show(fut: asyncio.Future[None]) -> None:
             if not fut.cancelled() and fut.exception() is None:
-                self.events.put_nowait(event)
+                self.events.put_nowait(item)
             else:
                 _log_failure(fut)
 
-        durable.add_done_callback(deliver)
-        return durable
+        durable.add_done_callback(show)
 
     def take_inbox(self) -> list[dict[str, Any]]:
         """Every message and event received and not yet taken, oldest first; they are removed."""

@@ -78,7 +78,7 @@ async def test_a_send_to_an_unknown_node_is_refused_once_and_not_retried(tmp_pat
         await publish_crl(relay, CA, CA.crl())
         alice = make_node(CA, ALICE, relay.url)
         async with running(alice):
-            alice._outbox[b"\x01" * 16] = "99999999999999999999"  # as if queued earlier for a node now gone
+            alice._queue_outbox(b"\x01" * 16, "ghost", b"opaque")  # as if queued earlier for a node now gone
             await alice._link_send(Send(b"\x01" * 16, "ghost", b"opaque"))
             event = await next_event(alice, "send_refused")
             assert "ghost" in event.reason
