@@ -45,6 +45,10 @@ MAX_CRL = 512 * 1024
 MAX_ONETIME_UPLOAD = 200
 #: Error text.
 MAX_ERROR_TEXT = 200
+#: The largest link frame (a CRL); the relay's websocket max_size.
+MAX_LINK_FRAME = MAX_CRL + 64
+#: Frames in one BATCH.
+MAX_BATCH = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,7 +67,16 @@ class Items:
     max: int
 
 
-LinkField = Field | Str | Items
+@dataclass(frozen=True, slots=True)
+class Many:
+    """A msgpack array of `min`..`max` values, each following `field`."""
+
+    field: Field
+    max: int
+    min: int = 0
+
+
+LinkField = Field | Str | Items | Many
 
 
 class LinkType(IntEnum):
@@ -82,6 +95,7 @@ class LinkType(IntEnum):
     PUBLISH_CRL = 42
     CRL = 43
     ERROR = 44
+    BATCH = 45
 
 
 class ErrorCode(IntEnum):
@@ -245,6 +259,17 @@ class Error:
     msg_id: bytes | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Either side: several link frames (each encoded on its own) in one WebSocket message, handled
+    in order exactly as if each had come alone. A busy connection then pays one message, and one
+    system call, for many frames. A BATCH never holds a BATCH."""
+
+    TYPE: ClassVar[LinkType] = LinkType.BATCH
+    SCHEMA: ClassVar[tuple[LinkField, ...]] = (Many(Bin(min=1, max=MAX_LINK_FRAME), MAX_BATCH, min=1),)
+    frames: list[bytes]
+
+
 LinkFrame = (
     Challenge
     | Auth
@@ -259,6 +284,7 @@ LinkFrame = (
     | PublishCrl
     | CrlFeed
     | Error
+    | Batch
 )
 
 LINK_CLASSES: dict[int, type[LinkFrame]] = {
@@ -277,11 +303,9 @@ LINK_CLASSES: dict[int, type[LinkFrame]] = {
         PublishCrl,
         CrlFeed,
         Error,
+        Batch,
     )
 }
-
-#: The largest link frame (a CRL); the relay's websocket max_size.
-MAX_LINK_FRAME = MAX_CRL + 64
 
 
 def auth_signed_bytes(nonce: bytes, relay: str) -> bytes:

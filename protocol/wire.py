@@ -9,13 +9,23 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import msgpack
 
 from protocol.errors import DecodeError, UnknownFrameType
-from protocol.link import LINK_CLASSES, MAX_LINK_FRAME, Items, LinkField, LinkFrame, Str
+from protocol.link import (
+    LINK_CLASSES,
+    MAX_BATCH,
+    MAX_LINK_FRAME,
+    Batch,
+    Items,
+    LinkField,
+    LinkFrame,
+    Many,
+    Str,
+)
 from protocol.messages import (
     FRAME_CLASSES,
     MAX_CIPHERTEXT,
@@ -48,6 +58,12 @@ def _check(value: object, field: LinkField) -> None:
     if isinstance(field, Str):
         if type(value) is not str or not field.min <= len(value) <= field.max:
             raise DecodeError(f"expected a string of {field.min}..{field.max} characters")
+        return
+    if isinstance(field, Many):
+        if type(value) is not list or not field.min <= len(value) <= field.max:
+            raise DecodeError(f"expected an array of {field.min}..{field.max} values")
+        for item in value:
+            _check(item, field.field)
         return
     if isinstance(field, Items):
         if type(value) is not list or len(value) > field.max:
@@ -118,6 +134,45 @@ def decode_link(data: bytes) -> LinkFrame:
     """Parse any node ↔ relay frame, checking its schema strictly. Raises only DecodeError."""
     frame: LinkFrame = _decode(_unpack(data, MAX_LINK_FRAME), LINK_CLASSES)
     return frame
+
+
+def decode_link_frames(data: bytes) -> list[LinkFrame]:
+    """Parse one link WebSocket message into its frames: the frame itself, or the frames of a BATCH
+    in order. Raises only DecodeError (also for a BATCH inside a BATCH)."""
+    frame = decode_link(data)
+    if type(frame) is not Batch:
+        return [frame]
+    frames = [decode_link(inner) for inner in frame.frames]
+    if any(type(inner) is Batch for inner in frames):
+        raise DecodeError("a BATCH inside a BATCH")
+    return frames
+
+
+# A BATCH's own bytes around its frames: the array headers and the version and type (≤ 16), and
+# per frame at most 5 bytes of msgpack bin header.
+_BATCH_OVERHEAD = 16
+_BIN_HEADER = 5
+
+
+def pack_link_frames(frames: Sequence[bytes]) -> list[bytes]:
+    """WebSocket messages carrying `frames` (each from `encode_link`) in order: a lone frame as
+    itself, several as BATCHes of at most MAX_BATCH frames and MAX_LINK_FRAME bytes."""
+    messages: list[bytes] = []
+    group: list[bytes] = []
+    size = _BATCH_OVERHEAD
+    for frame in frames:
+        if group and (len(group) == MAX_BATCH or size + len(frame) + _BIN_HEADER > MAX_LINK_FRAME):
+            messages.append(_batch(group))
+            group, size = [], _BATCH_OVERHEAD
+        group.append(frame)
+        size += len(frame) + _BIN_HEADER
+    if group:
+        messages.append(_batch(group))
+    return messages
+
+
+def _batch(group: list[bytes]) -> bytes:
+    return group[0] if len(group) == 1 else encode_link(Batch(group))
 
 
 def _decode(obj: list[Any], classes: Mapping[int, Any]) -> Any:

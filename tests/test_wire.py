@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from protocol import wire
 from protocol.errors import DecodeError, UnknownFrameType
-from protocol.link import LINK_CLASSES, MAX_LINK_FRAME, Items, Str
+from protocol.link import LINK_CLASSES, MAX_BATCH, MAX_CRL, MAX_LINK_FRAME, Ack, Batch, CrlFeed, Items, Many, Str
 from protocol.messages import (
     FRAME_CLASSES,
     HASH_LEN,
@@ -133,6 +133,8 @@ def field_strategy(field: Any) -> st.SearchStrategy[Any]:
         return st.text(min_size=field.min, max_size=min(field.max, 20))
     if isinstance(field, Items):
         return st.lists(st.tuples(*(field_strategy(f) for f in field.fields)).map(list), max_size=min(field.max, 3))
+    if isinstance(field, Many):
+        return st.lists(field_strategy(field.field), min_size=field.min, max_size=min(field.max, 3))
     assert isinstance(field, Bin)
     if field.size is not None:
         return st.binary(min_size=field.size, max_size=field.size)
@@ -410,6 +412,8 @@ def sample_value(field: Any, *, fill: bool = False) -> Any:
         return "n" * max(field.min, 1)
     if isinstance(field, Items):
         return [[sample_value(f, fill=True) for f in field.fields]]
+    if isinstance(field, Many):
+        return [sample_value(field.field, fill=True)] * max(field.min, 1)
     assert isinstance(field, Bin)
     return b"\x01" * (field.size if field.size is not None else max(field.min, 1))
 
@@ -506,9 +510,74 @@ def test_link_items_field_refusals(cls: Any, index: int, value: Any, match: str)
         wire.decode_link(pack(obj))
 
 
-def test_link_schemas_exercise_str_and_items() -> None:
+def many_mutations(field: Many) -> list[tuple[str, Any, str]]:
+    good = sample_value(field.field, fill=True)
+    out = [
+        ("not a list", b"not a list", "array of"),
+        ("too many", [good] * (field.max + 1), "array of"),
+        ("value garbage", [[b"nested"]], "expected"),
+    ]
+    if field.min > 0:
+        out.append(("too few", [good] * (field.min - 1), "array of"))
+    return out
+
+
+MANY_CASES = [
+    pytest.param(cls, i, value, match, id=f"{cls.__name__}.{i}-{label}")
+    for cls, i, f in link_fields(Many)
+    for label, value, match in many_mutations(f)
+]
+
+
+@pytest.mark.parametrize(("cls", "index", "value", "match"), MANY_CASES)
+def test_link_many_field_refusals(cls: Any, index: int, value: Any, match: str) -> None:
+    obj = msgpack.unpackb(wire.encode_link(sample(cls)))
+    obj[2 + index] = value
+    with pytest.raises(DecodeError, match=match):
+        wire.decode_link(pack(obj))
+
+
+def test_link_schemas_exercise_str_items_and_many() -> None:
     """The refusal tests above are only meaningful while link.py has such fields."""
-    assert STR_CASES and ITEMS_CASES
+    assert STR_CASES and ITEMS_CASES and MANY_CASES
+
+
+# --- BATCH: several link frames in one message ------------------------------------------------------
+
+
+def test_a_batch_decodes_to_its_frames_in_order_and_a_lone_frame_to_itself() -> None:
+    frames = [Ack(bytes([i]) * 16) for i in range(5)]
+    (message,) = wire.pack_link_frames([wire.encode_link(f) for f in frames])
+    assert wire.decode_link_frames(message) == frames
+    (alone,) = wire.pack_link_frames([wire.encode_link(frames[0])])
+    assert alone == wire.encode_link(frames[0])
+    assert wire.decode_link_frames(alone) == frames[:1]
+    assert wire.pack_link_frames([]) == []
+
+
+def test_frames_are_split_into_batches_within_the_count_and_size_limits() -> None:
+    many = [wire.encode_link(Ack(i.to_bytes(16, "big"))) for i in range(MAX_BATCH * 2 + 3)]
+    messages = wire.pack_link_frames(many)
+    assert len(messages) == 3
+    assert [f for m in messages for f in wire.decode_link_frames(m)] == [wire.decode_link(f) for f in many]
+    big = [wire.encode_link(CrlFeed(bytes([i]) * (MAX_CRL // 2 + 20))) for i in range(5)]
+    messages = wire.pack_link_frames(big)
+    assert all(len(m) <= MAX_LINK_FRAME for m in messages)
+    assert len(messages) == 5  # two just over half a CRL each do not fit one message
+    assert [f for m in messages for f in wire.decode_link_frames(m)] == [wire.decode_link(f) for f in big]
+    near = [wire.encode_link(CrlFeed(b"\x01" * (MAX_CRL // 2 - 64))) for _ in range(2)]
+    (both,) = wire.pack_link_frames(near)
+    assert len(both) <= MAX_LINK_FRAME
+
+
+def test_a_batch_inside_a_batch_or_a_malformed_inner_frame_is_refused() -> None:
+    inner = wire.encode_link(Batch([wire.encode_link(Ack(b"\x01" * 16))]))
+    with pytest.raises(DecodeError, match="BATCH inside a BATCH"):
+        wire.decode_link_frames(wire.encode_link(Batch([inner, wire.encode_link(Ack(b"\x02" * 16))])))
+    with pytest.raises(DecodeError):
+        wire.decode_link_frames(wire.encode_link(Batch([b"\x93\x01\x29", wire.encode_link(Ack(b"\x02" * 16))])))
+    with pytest.raises(UnknownFrameType):
+        wire.decode_link_frames(wire.encode_link(Batch([wire.encode(MSG)])))
 
 
 # --- fuzzing: only DecodeError, whatever the bytes -------------------------------------------------------
