@@ -3,7 +3,11 @@
 `RelayLink.run()` keeps a connection up until `close()`: connect, answer the relay's
 challenge with our certificate and a signature, then hand every frame to `on_frame`. When the
 connection drops it reconnects with exponential backoff and full jitter, so a relay restart
-is not met by a thundering herd. A `wss://` URL is verified against the pinned CA root and
+is not met by a thundering herd. Frames to the relay are queued and written by one writer
+task, which sends whatever is queued when it runs as one BATCH: a busy node pays one
+WebSocket message for many frames. Frames still queued when a connection drops are lost
+with it, like frames in flight: the outbox resends SENDs, and an unacknowledged DELIVER
+comes again. A `wss://` URL is verified against the pinned CA root and
 never downgraded to `ws://`.
 """
 
@@ -46,6 +50,9 @@ BACKOFF_START = 0.1
 BACKOFF_MAX = 10.0
 #: Seconds to wait for a FETCH_BUNDLE answer.
 REQUEST_TIMEOUT = 10.0
+#: Frames queued for the writer beyond which `send` waits for it (a relay that does not read
+#: must not make us buffer without bound).
+MAX_QUEUED = 1024
 
 
 #: How a connection normally fails; anything else is a bug, logged with its traceback (and survived).
@@ -96,6 +103,10 @@ class RelayLink:
         self._closing = False
         self.connected = asyncio.Event()
         self._requests: dict[int, asyncio.Future[BundleReply]] = {}
+        self._queued: list[bytes] = []
+        self._wake_writer = asyncio.Event()
+        self._room = asyncio.Event()
+        self._room.set()
         self._ids = itertools.count(1)
         self.welcome: Welcome | None = None
         #: The last reason a connection attempt failed (for `status`).
@@ -119,6 +130,8 @@ class RelayLink:
             finally:
                 self._ws = None
                 self.connected.clear()
+                self._queued.clear()
+                self._room.set()
                 for fut in self._requests.values():
                     if not fut.done():
                         fut.set_exception(RelayUnreachable("connection to the relay lost"))
@@ -141,45 +154,66 @@ class RelayLink:
             )
         async with ws:
             welcome = await self._authenticate(ws)
-            self._ws = ws
-            self.welcome = welcome
-            self.last_error = None
-            self.connected.set()
-            await self._on_connected(welcome)
-            if first_attempt is not None and not first_attempt.done():
-                first_attempt.set_result(None)
-            async for raw in ws:
-                frame = _decode(raw)
-                if isinstance(frame, BundleReply):
-                    fut = self._requests.pop(frame.request, None)
-                    if fut is not None and not fut.done():
-                        fut.set_result(frame)
-                    continue
-                await self._on_frame(frame)
+            writer = asyncio.create_task(self._write(ws), name="relay-link-writer")
+            try:
+                self._ws = ws
+                self.welcome = welcome
+                self.last_error = None
+                self.connected.set()
+                await self._on_connected(welcome)
+                if first_attempt is not None and not first_attempt.done():
+                    first_attempt.set_result(None)
+                async for raw in ws:
+                    for frame in _decode(raw):
+                        if isinstance(frame, BundleReply):
+                            fut = self._requests.pop(frame.request, None)
+                            if fut is not None and not fut.done():
+                                fut.set_result(frame)
+                            continue
+                        await self._on_frame(frame)
+            finally:
+                writer.cancel()
+                # The writer ends with the connection (ConnectionClosed): that is this loop's to report.
+                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
+                    await writer
+
+    async def _write(self, ws: ClientConnection) -> None:
+        """Send whatever is queued, as few WebSocket messages as the BATCH limits allow."""
+        while True:
+            await self._wake_writer.wait()
+            self._wake_writer.clear()
+            frames, self._queued = self._queued, []
+            self._room.set()
+            for message in wire.pack_link_frames(frames):
+                await ws.send(message)
 
     async def _authenticate(self, ws: ClientConnection) -> Welcome:
         async with asyncio.timeout(CONNECT_TIMEOUT):
-            challenge = _decode(await ws.recv())
+            challenge = _decode_one(await ws.recv())
             if not isinstance(challenge, Challenge):
                 raise LinkError("relay did not start with a challenge")
             signature = self._identity.sign(auth_signed_bytes(challenge.nonce, challenge.relay))
             await ws.send(wire.encode_link(Auth(self._certificate, signature)))
-            answer = _decode(await ws.recv())
+            answer = _decode_one(await ws.recv())
         if isinstance(answer, Error):
             raise RelayRefused(f"relay refused us: {answer.text}")
         if not isinstance(answer, Welcome):
             raise LinkError("relay answered AUTH with something else than WELCOME")
         return answer
 
-    async def send(self, frame: LinkFrame) -> None:
-        """Send one frame now; RelayUnreachable if the link is down."""
-        ws = self._ws
-        if ws is None:
+    def send_nowait(self, frame: LinkFrame) -> None:
+        """Queue one frame for the writer; RelayUnreachable if the link is down."""
+        if self._ws is None:
             raise RelayUnreachable("not connected to the relay")
-        try:
-            await ws.send(wire.encode_link(frame))
-        except ConnectionClosed as exc:
-            raise RelayUnreachable("connection to the relay lost") from exc
+        self._queued.append(wire.encode_link(frame))
+        self._wake_writer.set()
+        if len(self._queued) >= MAX_QUEUED:
+            self._room.clear()
+
+    async def send(self, frame: LinkFrame) -> None:
+        """Queue one frame, waiting first while the queue is full; RelayUnreachable if the link is down."""
+        await self._room.wait()
+        self.send_nowait(frame)
 
     async def fetch_bundle(self, name: str) -> BundleReply:
         """Ask the relay for `name`'s prekey bundle."""
@@ -205,21 +239,31 @@ class RelayLink:
                 await self._ws.close(1000, "new certificate")
 
     async def close(self) -> None:
-        """Stop reconnecting and close the connection."""
+        """Stop reconnecting and close the connection (after sending what is queued)."""
         self._closing = True
         if self._ws is not None:
             with contextlib.suppress(ConnectionClosed):
+                frames, self._queued = self._queued, []
+                for message in wire.pack_link_frames(frames):
+                    await self._ws.send(message)
                 await self._ws.close()
 
 
-def _decode(raw: object) -> LinkFrame:
+def _decode(raw: object) -> list[LinkFrame]:
     # A malicious relay may send garbage: we refuse it and hang up (LinkError), never crash.
     if not isinstance(raw, bytes):
         raise LinkError("relay sent a text frame")
     try:
-        return wire.decode_link(raw)
+        return wire.decode_link_frames(raw)
     except DecodeError as exc:
         raise LinkError(f"relay sent a malformed frame: {exc}") from exc
+
+
+def _decode_one(raw: object) -> LinkFrame:
+    frames = _decode(raw)
+    if len(frames) != 1:
+        raise LinkError("relay sent a BATCH during authentication")
+    return frames[0]
 
 
 def _describe(exc: BaseException) -> str:

@@ -172,6 +172,8 @@ class Node:
         self._replace_onetime = False
         self._maintenance: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        # Peers a heartbeat is being sent to (one at a time is enough).
+        self._heartbeats: set[str] = set()
         self._seen: dict[str, dict[bytes, None]] = {}
         self._peers: dict[str, PeerRecord | None] = {}
         self._initiated_at: dict[str, datetime] = {}
@@ -565,6 +567,11 @@ class Node:
         self._stage_session(peer, session, puts)
         return self._journal.commit(puts)
 
+    def _link_send_nowait(self, frame: LinkFrame) -> None:
+        if self._link is None:
+            raise RelayUnreachable("node not started")
+        self._link.send_nowait(frame)
+
     async def _link_send(self, frame: LinkFrame) -> None:
         if self._link is None:
             raise RelayUnreachable("node not started")
@@ -626,23 +633,23 @@ class Node:
         if message is not None:
             self._show_when_durable(durable, message)
         # The link goes on reading while this one commits: the next deliveries join the batch.
-        task = asyncio.create_task(self._after_commit(deliver, durable))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        durable.add_done_callback(lambda fut: self._after_commit(deliver, fut))
 
-    async def _after_commit(self, deliver: Deliver, durable: asyncio.Future[None]) -> None:
-        try:
-            await durable
-        except Exception as exc:  # noqa: BLE001 - the disk failed: say so, and do not ACK (the relay keeps it)
-            log.error("commit_failed", extra={"fields": {"node": self.name, "error": str(exc)}})
+    def _after_commit(self, deliver: Deliver, durable: asyncio.Future[None]) -> None:
+        if durable.cancelled() or durable.exception() is not None:
+            # The disk failed: say so, and do not ACK (the relay keeps it).
+            log.error("commit_failed", extra={"fields": {"node": self.name, "error": str(durable.exception())}})
             return
         self._handled += 1
         # Processed and on disk (or refused for good): the relay may forget it.
         with contextlib.suppress(RelayUnreachable):
-            await self._link_send(Ack(deliver.msg_id))
+            self._link_send_nowait(Ack(deliver.msg_id))
         session = self._sessions.get(deliver.sender)
-        if session is not None and session.heartbeat_due:
-            await self._heartbeat(deliver.sender, session)
+        if session is not None and session.heartbeat_due and deliver.sender not in self._heartbeats:
+            self._heartbeats.add(deliver.sender)
+            task = asyncio.create_task(self._heartbeat(deliver.sender, session))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
     def _seen_ids(self, peer: str) -> dict[bytes, None]:
         seen = self._seen.get(peer)
@@ -768,9 +775,14 @@ class Node:
 
     async def _heartbeat(self, peer: str, session: Session) -> None:
         msg_id = os.urandom(16)
-        async with self._lock(peer):
-            durable = self._reserve(peer, session)
-            payload = session.encrypt(b"", kind=Kind.HEARTBEAT)
+        try:
+            async with self._lock(peer):
+                if not session.heartbeat_due or session.closed:
+                    return
+                durable = self._reserve(peer, session)
+                payload = session.encrypt(b"", kind=Kind.HEARTBEAT)
+        finally:
+            self._heartbeats.discard(peer)
         if durable is not None:
             await durable
         self._queue_outbox(msg_id, peer, payload)

@@ -2,8 +2,9 @@
 
 Per connection: CHALLENGE → AUTH (certificate under the pinned CA root + a signature over the
 challenge) → WELCOME, the CRL feed, then stored envelopes; afterwards frames from the node
-are dispatched one at a time, and a writer task per node pushes its mail from the store, so
-a slow node never stalls anyone else. A malformed, oversized or unknown frame gets an ERROR
+are dispatched one at a time. Everything else the relay says to a node (its mail, the answers
+to its frames, the CRL feed) is queued for it and written by one writer task per node, so a
+slow node never stalls anyone else. A malformed, oversized or unknown frame gets an ERROR
 frame and a close; everyone else is served on.
 
 The relay is untrusted by design: it sees names, sizes and timing, never a key or a plaintext.
@@ -14,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import os
 import ssl
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -71,6 +73,11 @@ CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
 #: Seconds between purges of expired envelopes.
 PURGE_INTERVAL = 60.0
+#: Frames queued for one node (with its writes awaiting a commit) beyond which the relay holds
+#: back: its own requests wait to be read, and its mail waits in the store.
+MAX_QUEUED = 1024
+#: Seconds a closing connection's writer is given to send what is queued.
+STOP_GRACE = 5.0
 
 
 def _utcnow() -> datetime:
@@ -116,15 +123,28 @@ class _Peer:
     certificate: bytes
     ws: ServerConnection
     bucket: TokenBucket
+    #: Set when there is something for the writer: a queued item, a CRL due, a failure.
     wake: asyncio.Event = field(default_factory=asyncio.Event)
-    #: Envelopes for this node stored (or being stored) since it connected, to push from memory.
-    live: collections.deque[Envelope] = field(default_factory=collections.deque)
+    #: Set when the writer sent a batch or a commit settled: the reader may go on.
+    room: asyncio.Event = field(default_factory=asyncio.Event)
+    #: What to send, in order of arrival: encoded frames, and envelopes stored (or being stored)
+    #: for this node, pushed from memory.
+    outbox: collections.deque[bytes | Envelope] = field(default_factory=collections.deque)
+    #: The store may hold envelopes for this node that are neither sent nor in `outbox` (when it
+    #: connects, and when its outbox was full): the writer reads them from the store.
+    behind: bool = True
+    #: The newest CRL is to be pushed (when it connects, and when a new one is published).
+    crl_due: bool = True
     #: Highest sequence number pushed; everything at or below it was sent.
     cursor: int = 0
     strikes: int = 0
     writer: asyncio.Task[None] | None = None
-    #: Answers waiting for a commit (ACCEPTED after a SEND, the delete after an ACK).
-    tasks: set[asyncio.Task[None]] = field(default_factory=set)
+    #: Store writes awaiting their commit (the envelopes of a SEND, the delete of an ACK).
+    commits: set[asyncio.Future[Any]] = field(default_factory=set)
+    #: The connection is going away: the writer sends what is queued, then stops (or it stopped).
+    closing: bool = False
+    #: An unexpected error in an answer's commit: the writer raises it, which ends the connection.
+    failure: BaseException | None = None
 
 
 class _Metrics:
@@ -137,6 +157,16 @@ class _Metrics:
         self.stored = Counter("kmsnet_relay_envelopes_stored_total", "Envelopes stored durably", registry=r)
         self.delivered = Counter("kmsnet_relay_envelopes_delivered_total", "Envelopes pushed to nodes", registry=r)
         self.acked = Counter("kmsnet_relay_envelopes_acked_total", "Envelopes acknowledged and deleted", registry=r)
+        # labels() costs a lookup under a lock: one child per frame type, looked up once.
+        self._received: dict[type[LinkFrame], Counter] = {}
+
+    def received(self, frame: LinkFrame) -> None:
+        """Count a frame received from a node."""
+        kind = type(frame)
+        child = self._received.get(kind)
+        if child is None:
+            child = self._received[kind] = self.frames.labels(kind.__name__)
+        child.inc()
 
 
 class Relay:
@@ -254,13 +284,14 @@ class Relay:
         self.metrics.connected.set(len(self._peers))
         log.info("node_connected", extra={"fields": {"node": peer.name}})
         try:
-            await self._send(
-                peer, Welcome(peer.name, self.store.mailbox_size(peer.name), await self.store.onetime_left(peer.name))
-            )
-            if self._crl is not None:
-                await self._push_crl(peer, self._crl)
+            welcome = Welcome(peer.name, self.store.mailbox_size(peer.name), await self.store.onetime_left(peer.name))
+            await ws.send(wire.encode_link(welcome))
             peer.writer = asyncio.create_task(self._writer(peer), name=f"relay-writer-{peer.name}")
             async for raw in ws:
+                if len(peer.outbox) + len(peer.commits) >= MAX_QUEUED:
+                    await self._room(peer)
+                if peer.closing:
+                    break  # replaced by a newer connection, or its writer is gone
                 await self._receive(peer, raw)
         except _Fatal as exc:
             self.metrics.refused.labels(exc.code.name.lower()).inc()
@@ -278,6 +309,13 @@ class Relay:
                 del self._peers[peer.name]
             self.metrics.connected.set(len(self._peers))
             log.info("node_disconnected", extra={"fields": {"node": peer.name}})
+
+    async def _room(self, peer: _Peer) -> None:
+        """Wait until the node has read enough of what is queued for it: a node that does not read
+        is not read either, and its answers never pile up."""
+        while len(peer.outbox) + len(peer.commits) >= MAX_QUEUED and not peer.closing:
+            peer.room.clear()
+            await peer.room.wait()
 
     async def _authenticate(self, ws: ServerConnection) -> _Peer:
         nonce = os.urandom(CHALLENGE_LEN)
@@ -314,27 +352,39 @@ class Relay:
         if len(raw) > MAX_LINK_FRAME:
             raise _Fatal(ErrorCode.TOO_LARGE, f"frame of {len(raw)} bytes exceeds {MAX_LINK_FRAME}", CLOSE_TOO_BIG)
         if not peer.bucket.take():
-            peer.strikes += 1
-            self.metrics.refused.labels("rate_limited").inc()
-            if peer.strikes > MAX_STRIKES:
-                raise _Fatal(ErrorCode.RATE_LIMITED, "rate limit exceeded persistently")
-            await self._send(peer, Error(ErrorCode.RATE_LIMITED, "slow down", _msg_id_of(raw)))
+            # Over the limit: dropped unread (only looked into for the msg_id of a SEND).
+            self._rate_limited(peer, _msg_id_of(raw))
             return
         peer.strikes = 0
         try:
-            frame = wire.decode_link(raw)
+            frames = wire.decode_link_frames(raw)
         except UnknownFrameType as exc:
             raise _Fatal(ErrorCode.UNKNOWN_TYPE, str(exc)) from exc
         except DecodeError as exc:
             raise _Fatal(ErrorCode.MALFORMED, str(exc)) from exc
-        self.metrics.frames.labels(type(frame).__name__).inc()
-        await self._dispatch(peer, frame)
+        for index, frame in enumerate(frames):
+            # Each frame of a BATCH counts against the limit as if it had come alone (the first
+            # took the token above).
+            if index:
+                if not peer.bucket.take():
+                    self._rate_limited(peer, frame.msg_id if isinstance(frame, Send) else None)
+                    continue
+                peer.strikes = 0
+            await self._handle_frame(peer, frame)
 
-    async def _dispatch(self, peer: _Peer, frame: LinkFrame) -> None:
+    def _rate_limited(self, peer: _Peer, msg_id: bytes | None) -> None:
+        peer.strikes += 1
+        self.metrics.refused.labels("rate_limited").inc()
+        if peer.strikes > MAX_STRIKES:
+            raise _Fatal(ErrorCode.RATE_LIMITED, "rate limit exceeded persistently")
+        self._queue(peer, Error(ErrorCode.RATE_LIMITED, "slow down", msg_id))
+
+    async def _handle_frame(self, peer: _Peer, frame: LinkFrame) -> None:
+        self.metrics.received(frame)
         if isinstance(frame, Send):
             await self._on_send(peer, frame)
         elif isinstance(frame, Ack):
-            self._background(peer, self._acknowledged(peer, frame.msg_id))
+            self._on_ack(peer, frame)
         elif isinstance(frame, FetchBundle):
             await self._on_fetch(peer, frame)
         elif isinstance(frame, PublishBundle):
@@ -346,7 +396,7 @@ class Relay:
 
     async def _on_send(self, peer: _Peer, send: Send) -> None:
         if not await self.store.known(send.to):
-            await self._send(peer, Error(ErrorCode.UNKNOWN_RECIPIENT, f"no node {send.to!r} here", send.msg_id))
+            self._queue(peer, Error(ErrorCode.UNKNOWN_RECIPIENT, f"no node {send.to!r} here", send.msg_id))
             return
         now_ms = int(self.config.clock().timestamp() * 1000)
         writes = []
@@ -354,41 +404,74 @@ class Relay:
             try:
                 envelope, durable = self.store.put_nowait(item.msg_id, peer.name, item.to, item.payload, now_ms)
             except QuotaExceeded as exc:
-                await self._send(peer, Error(ErrorCode.QUOTA_EXCEEDED, str(exc), item.msg_id))
+                self._queue(peer, Error(ErrorCode.QUOTA_EXCEEDED, str(exc), item.msg_id))
                 return
             writes.append(durable)
-            recipient = self._peers.get(item.to)
-            if envelope is not None and recipient is not None:
-                # Pushed while it is being written: the recipient acknowledges only after its own
-                # commit, and a retransmission after a relay crash is recognised by its msg_id.
-                recipient.live.append(envelope)
-                recipient.wake.set()
+            if envelope is not None:
+                self._route(envelope)
         # The answer waits for the commit, but the connection does not: the next frames are read
         # meanwhile, and their envelopes join the same commit.
-        self._background(peer, self._accept(peer, send.msg_id, writes))
+        if not writes:
+            self._queue(peer, Accepted(send.msg_id))
+            return
+        waiting = len(writes)
 
-    async def _accept(self, peer: _Peer, msg_id: bytes, writes: list[asyncio.Future[None]]) -> None:
-        if writes:
-            # asyncio.wait, not gather: these futures are the store's, and must not be cancelled with us.
-            await asyncio.wait(writes)
+        def committed(write: asyncio.Future[None]) -> None:
+            nonlocal waiting
+            peer.commits.discard(write)
+            waiting -= 1
+            if waiting == 0:
+                self._accept(peer, send.msg_id, writes)
+
+        for write in writes:
+            peer.commits.add(write)
+            write.add_done_callback(committed)
+
+    def _route(self, envelope: Envelope) -> None:
+        """Push a new envelope to its recipient from memory, if it is connected and keeping up."""
+        recipient = self._peers.get(envelope.recipient)
+        if recipient is None:
+            return
+        if recipient.behind or len(recipient.outbox) >= MAX_QUEUED:
+            # It is not keeping up: its writer reads this one from the store once it has caught up.
+            recipient.behind = True
+        else:
+            # Pushed while it is being written: the recipient acknowledges only after its own
+            # commit, and a retransmission after a relay crash is recognised by its msg_id.
+            recipient.outbox.append(envelope)
+        recipient.wake.set()
+
+    def _accept(self, peer: _Peer, msg_id: bytes, writes: list[asyncio.Future[None]]) -> None:
         failed = next((f.exception() for f in writes if f.exception() is not None), None)
         if isinstance(failed, StoreUnavailable):
-            await self._send(peer, Error(ErrorCode.UNAVAILABLE, str(failed), msg_id))
-            return
-        if failed is not None:
-            raise failed
-        self.metrics.stored.inc(len(writes))
-        # Durable (or a retransmission of something durable): tell the sender it may forget it.
-        await self._send(peer, Accepted(msg_id))
+            self._queue(peer, Error(ErrorCode.UNAVAILABLE, str(failed), msg_id))
+        elif failed is not None:
+            self._fail(peer, failed)
+        else:
+            self.metrics.stored.inc(len(writes))
+            # Durable (or a retransmission of something durable): tell the sender it may forget it.
+            self._queue(peer, Accepted(msg_id))
 
-    async def _acknowledged(self, peer: _Peer, msg_id: bytes) -> None:
-        if await self.store.delete(peer.name, msg_id):
-            self.metrics.acked.inc()
+    def _on_ack(self, peer: _Peer, ack: Ack) -> None:
+        deleted = self.store.delete_nowait(peer.name, ack.msg_id)
+        peer.commits.add(deleted)
+        deleted.add_done_callback(functools.partial(self._deleted, peer))
 
-    def _background(self, peer: _Peer, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        peer.tasks.add(task)
-        task.add_done_callback(peer.tasks.discard)
+    def _deleted(self, peer: _Peer, deleted: asyncio.Future[bool]) -> None:
+        peer.commits.discard(deleted)
+        peer.room.set()
+        failed = deleted.exception()
+        if failed is None:
+            if deleted.result():
+                self.metrics.acked.inc()
+        elif not isinstance(failed, StoreUnavailable):
+            self._fail(peer, failed)
+        # Not deleted for want of a store: the envelope is delivered again, and the node knows it.
+
+    def _fail(self, peer: _Peer, failure: BaseException) -> None:
+        """End the connection over a failed commit that is a bug of ours (the writer raises it)."""
+        peer.failure = failure
+        peer.wake.set()
 
     async def _on_fetch(self, peer: _Peer, fetch: FetchBundle) -> None:
         found = await self.store.take_bundle(fetch.name)
@@ -402,7 +485,7 @@ class Relay:
                 frame = frame.with_onetime(OneTimePrekey(*msgpack.unpackb(onetime)))
             bundle = wire.encode(frame)
         bundle = await self.interceptor.on_bundle(peer.name, fetch.name, bundle)
-        await self._send(peer, BundleReply(fetch.request, bundle, left))
+        self._queue(peer, BundleReply(fetch.request, bundle, left))
 
     async def _on_publish(self, peer: _Peer, publish: PublishBundle) -> None:
         try:
@@ -414,7 +497,7 @@ class Relay:
         if frame.certificate != peer.certificate:
             # Nobody publishes a bundle for another node: it must carry the certificate it authenticated with.
             self.metrics.refused.labels("not_allowed").inc()
-            await self._send(peer, Error(ErrorCode.NOT_ALLOWED, "bundle certificate is not yours"))
+            self._queue(peer, Error(ErrorCode.NOT_ALLOWED, "bundle certificate is not yours"))
             return
         signed = wire.encode(frame.with_onetime(None))
         onetime = [msgpack.packb(item) for item in publish.onetime]
@@ -424,69 +507,138 @@ class Relay:
     async def _on_crl(self, peer: _Peer, publish: PublishCrl) -> None:
         if peer.name != self.config.crl_publisher:
             self.metrics.refused.labels("not_allowed").inc()
-            await self._send(peer, Error(ErrorCode.NOT_ALLOWED, "only the CA node publishes CRLs"))
+            self._queue(peer, Error(ErrorCode.NOT_ALLOWED, "only the CA node publishes CRLs"))
             return
         try:
             before = self._feed.highest_number
             crl = self._feed.accept(publish.crl, self.config.ca_root, self.config.clock())
         except ProtocolError as exc:
-            await self._send(peer, Error(ErrorCode.MALFORMED, f"CRL refused: {type(exc).__name__}: {exc}"))
+            self._queue(peer, Error(ErrorCode.MALFORMED, f"CRL refused: {type(exc).__name__}: {exc}"))
             return
         if crl.number == before:
             return
         await self.store.put_crl(crl.number, publish.crl)
         self._crl = publish.crl
         log.info("crl_published", extra={"fields": {"number": crl.number, "revoked": len(crl.revoked)}})
-        for other in list(self._peers.values()):
-            with contextlib.suppress(ConnectionClosed):
-                await self._push_crl(other, publish.crl)
+        for other in self._peers.values():
+            # A flag, not a queued frame: a node that does not read holds one CRL at most, the newest.
+            other.crl_due = True
+            other.wake.set()
 
-    async def _push_crl(self, peer: _Peer, crl: bytes) -> None:
-        pushed = await self.interceptor.on_crl(peer.name, crl)
-        if pushed is not None:
-            await self._send(peer, CrlFeed(pushed))
+    def _queue(self, peer: _Peer, frame: LinkFrame) -> None:
+        peer.outbox.append(wire.encode_link(frame))
+        peer.wake.set()
 
-    # --- delivery -------------------------------------------------------------------------------------
+    # --- the writer: everything the relay sends to a node, once it is welcomed ----------------------
 
     async def _writer(self, peer: _Peer) -> None:
-        """Push the node's mail in order: first what the store holds (everything queued before the
-        node connected is committed first, so the read sees it), then from memory what arrives while
-        it is connected; woken whenever new mail comes."""
-        with contextlib.suppress(ConnectionClosed):
-            await self.store.flush()
+        """Send what is queued for the node, batch by batch, until its connection closes; an
+        unexpected error in its answers ends the connection."""
+        try:
             while True:
-                batch = await self.store.pending(peer.name, peer.cursor, DELIVERY_BATCH)
-                for envelope in batch:
-                    await self._deliver(peer, envelope)
-                if len(batch) < DELIVERY_BATCH:
-                    break
-            while True:
-                while peer.live:
-                    await self._deliver(peer, peer.live.popleft())
-                await peer.wake.wait()
-                peer.wake.clear()
+                if peer.failure is not None:
+                    raise peer.failure
+                if peer.behind and not peer.closing:
+                    await self._catch_up(peer)
+                elif peer.outbox or peer.crl_due:
+                    await self._send_queued(peer)
+                elif peer.closing:
+                    return
+                else:
+                    peer.wake.clear()
+                    await peer.wake.wait()
+        except ConnectionClosed:
+            pass
+        except Exception:
+            log.exception("relay_writer_failed", extra={"fields": {"node": peer.name}})
+            await peer.ws.close(1011, "internal error")
+        finally:
+            # Nobody sends to it any more: a reader waiting for room must not wait for ever.
+            peer.closing = True
+            peer.room.set()
 
-    async def _deliver(self, peer: _Peer, envelope: Envelope) -> None:
+    async def _catch_up(self, peer: _Peer) -> None:
+        """Push the node's mail from the store, oldest first, each store read as one batch with the
+        frames queued meanwhile; the envelopes queued meanwhile wait their turn (in `outbox`)."""
+        peer.behind = False
+        # Everything stored for it so far is committed first, so that the reads see it; what comes
+        # later is in `outbox` (or `behind` is set again).
+        await self.store.flush()
+        while True:
+            envelopes = await self.store.pending(peer.name, peer.cursor, DELIVERY_BATCH)
+            frames = await self._crl_frames(peer) if peer.crl_due else []
+            queued, peer.outbox = peer.outbox, collections.deque()
+            for item in queued:
+                if isinstance(item, bytes):
+                    frames.append(item)
+                else:
+                    peer.outbox.append(item)
+            delivered = 0
+            for envelope in envelopes:
+                delivered += await self._deliver(peer, envelope, frames)
+            if frames:
+                await self._flush(peer, frames)
+                self.metrics.delivered.inc(delivered)
+            peer.room.set()
+            if len(envelopes) < DELIVERY_BATCH or peer.closing:
+                return
+
+    async def _send_queued(self, peer: _Peer) -> None:
+        """Send everything queued for the node now, in order of arrival, as one batch."""
+        frames = await self._crl_frames(peer) if peer.crl_due else []
+        outbox = peer.outbox
+        delivered = 0
+        for _ in range(len(outbox)):
+            item = outbox.popleft()
+            if isinstance(item, bytes):
+                frames.append(item)
+            else:
+                delivered += await self._deliver(peer, item, frames)
+        if frames:
+            await self._flush(peer, frames)
+            self.metrics.delivered.inc(delivered)
+        peer.room.set()
+
+    async def _crl_frames(self, peer: _Peer) -> list[bytes]:
+        """The CRL feed frame now due to the node (the interceptor may withhold it)."""
+        peer.crl_due = False
+        if self._crl is None:
+            return []
+        pushed = await self.interceptor.on_crl(peer.name, self._crl)
+        return [] if pushed is None else [wire.encode_link(CrlFeed(pushed))]
+
+    async def _deliver(self, peer: _Peer, envelope: Envelope, frames: list[bytes]) -> int:
+        """Add the DELIVER frames of `envelope` to `frames` unless it was pushed already; how many."""
         if envelope.seq <= peer.cursor:
-            return  # read from the store already
+            return 0  # read from the store already
         peer.cursor = envelope.seq
         frame = Deliver(envelope.msg_id, envelope.sender, envelope.payload, envelope.stored_at)
-        for item in await self.interceptor.on_deliver(peer.name, frame):
-            await self._send(peer, item)
-            self.metrics.delivered.inc()
+        items = await self.interceptor.on_deliver(peer.name, frame)
+        frames.extend(wire.encode_link(item) for item in items)
+        return len(items)
+
+    async def _flush(self, peer: _Peer, frames: list[bytes]) -> None:
+        """Write `frames` to the node, in order, as few WebSocket messages as the BATCH limits allow:
+        the one place where the writer touches the socket."""
+        for message in wire.pack_link_frames(frames):
+            await peer.ws.send(message)
 
     async def _stop_peer(self, peer: _Peer) -> None:
-        if peer.tasks:
-            # Let pending commits finish: an ACK's delete must not be lost with the connection.
-            await asyncio.gather(*peer.tasks, return_exceptions=True)
-        if peer.writer is not None:
-            peer.writer.cancel()
+        if peer.commits:
+            # Let pending commits finish (their callbacks queue the answers): an ACK's delete must not
+            # be lost with the connection. asyncio.wait, not gather: these futures are the store's,
+            # shared with other connections, and must not be cancelled with us.
+            await asyncio.wait(set(peer.commits))
+        peer.closing = True
+        peer.wake.set()
+        peer.room.set()
+        writer, peer.writer = peer.writer, None
+        if writer is not None:
+            # The writer sends what is queued (an ACCEPTED spares a retransmission), within reason.
+            await asyncio.wait({writer}, timeout=STOP_GRACE)
+            writer.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await peer.writer
-            peer.writer = None
-
-    async def _send(self, peer: _Peer, frame: LinkFrame) -> None:
-        await peer.ws.send(wire.encode_link(frame))
+                await writer
 
     async def _fatal(self, ws: ServerConnection, code: ErrorCode, text: str, close: int) -> None:
         with contextlib.suppress(ConnectionClosed):

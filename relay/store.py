@@ -92,8 +92,9 @@ class Store(ABC):
         """Envelopes waiting for `recipient` with a sequence number above `after`, oldest first."""
 
     @abstractmethod
-    async def delete(self, recipient: str, msg_id: bytes) -> bool:
-        """Forget an envelope the recipient acknowledged; False if there was none."""
+    def delete_nowait(self, recipient: str, msg_id: bytes) -> asyncio.Future[bool]:
+        """Queue the deletion of an envelope the recipient acknowledged: the future completes once
+        it is committed, False if there was none."""
 
     @abstractmethod
     async def purge_expired(self, now_ms: int) -> int:
@@ -148,6 +149,9 @@ CREATE TABLE IF NOT EXISTS crl (id INTEGER PRIMARY KEY CHECK (id = 1), number TE
 """
 
 _Op = Callable[[sqlite3.Connection], Any]
+#: Run on the event loop once a write is settled, before its future (value, error -> result): the
+#: store's own bookkeeping, done inline rather than as one more callback per write.
+_Settle = Callable[[Any, BaseException | None], Any]
 
 
 class SqliteStore(Store):
@@ -158,7 +162,7 @@ class SqliteStore(Store):
         self.limits = limits or Limits()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="relay-store")
         self._db: sqlite3.Connection | None = None
-        self._writes: asyncio.Queue[tuple[_Op, asyncio.Future[Any]]] = asyncio.Queue()
+        self._writes: asyncio.Queue[tuple[_Op, asyncio.Future[Any], _Settle | None]] = asyncio.Queue()
         self._writer: asyncio.Task[None] | None = None
         # Mailbox sizes live in memory so that a quota check costs no query.
         self._count: dict[str, int] = {}
@@ -234,16 +238,22 @@ class SqliteStore(Store):
     async def _write_loop(self) -> None:
         while True:
             batch = [await self._writes.get()]
+            # One turn of the event loop first: what this one made ready (deliveries) goes out before
+            # the commit's thread hop, and the writes queued meanwhile join the batch.
+            await asyncio.sleep(0)
             while not self._writes.empty() and len(batch) < MAX_BATCH:
                 batch.append(self._writes.get_nowait())
-            ops = [op for op, _ in batch]
+            ops = [op for op, _, _ in batch]
             try:
                 results = await self._run(lambda ops=ops: self._batch(ops))  # type: ignore[misc]
             except Exception as exc:  # noqa: BLE001 - any failure: the writer must live on and say why
                 # The batch is lost, and nobody in it was told "stored": nobody was lied to.
                 failure = StoreUnavailable(f"store write failed: {exc}")
                 results = [(None, failure)] * len(batch)
-            for (_, fut), (value, error) in zip(batch, results, strict=True):
+            for (_, fut, settle), (value, error) in zip(batch, results, strict=True):
+                self._outstanding.discard(fut)
+                if settle is not None:
+                    value = settle(value, error)
                 if not fut.done():
                     if error is None:
                         fut.set_result(value)
@@ -251,13 +261,12 @@ class SqliteStore(Store):
                         fut.set_exception(error)
                 self._writes.task_done()
 
-    def _queue(self, op: _Op) -> asyncio.Future[Any]:
+    def _queue(self, op: _Op, settle: _Settle | None = None) -> asyncio.Future[Any]:
         if self._writer is None:
             raise StoreUnavailable("store is not open")
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._writes.put_nowait((op, fut))
+        self._writes.put_nowait((op, fut, settle))
         self._outstanding.add(fut)
-        fut.add_done_callback(self._outstanding.discard)
         return fut
 
     async def _write(self, op: _Op) -> Any:
@@ -293,16 +302,14 @@ class SqliteStore(Store):
         self._count[recipient] = self._count.get(recipient, 0) + 1
         self._bytes[recipient] = self._bytes.get(recipient, 0) + len(payload)
 
-        def undo(fut: asyncio.Future[Any]) -> None:
+        def undo(value: None, error: BaseException | None) -> None:
             # Not stored after all: forget it, so that the sender's retransmission is taken afresh.
-            if fut.cancelled() or fut.exception() is not None:
+            if error is not None:
                 self._stored.discard((sender, msg_id))
                 self._count[recipient] -= 1
                 self._bytes[recipient] -= len(payload)
 
-        fut = self._queue(op)
-        fut.add_done_callback(undo)
-        return envelope, fut
+        return envelope, self._queue(op, undo)
 
     async def pending(self, recipient: str, after: int = 0, limit: int = 256) -> list[Envelope]:
         def query() -> list[Envelope]:
@@ -322,7 +329,7 @@ class SqliteStore(Store):
             self._bytes[recipient] -= size
             self._stored.discard((sender, msg_id))
 
-    async def delete(self, recipient: str, msg_id: bytes) -> bool:
+    def delete_nowait(self, recipient: str, msg_id: bytes) -> asyncio.Future[bool]:
         def op(db: sqlite3.Connection) -> list[tuple[str, str, bytes, int]]:
             return db.execute(
                 "DELETE FROM envelopes WHERE recipient = ? AND msg_id = ? "
@@ -330,9 +337,13 @@ class SqliteStore(Store):
                 (recipient, msg_id),
             ).fetchall()
 
-        rows = await self._write(op)
-        self._forget(rows)
-        return bool(rows)
+        def forget(rows: list[tuple[str, str, bytes, int]] | None, error: BaseException | None) -> bool:
+            if error is not None or not rows:
+                return False
+            self._forget(rows)
+            return True
+
+        return self._queue(op, forget)
 
     async def purge_expired(self, now_ms: int) -> int:
         cutoff = now_ms - int(self.limits.max_age * 1000)

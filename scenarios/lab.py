@@ -322,11 +322,11 @@ class Lab:
             await ws.send(wire.encode_link(FetchBundle(1, "ca")))
             async with asyncio.timeout(DEFAULT_WAIT):
                 while True:
-                    frame = wire.decode_link(_bytes(await ws.recv()))
-                    if isinstance(frame, Error):
-                        self.timeline.add(Kind.REFUSE, RELAY, f"relay refused the CRL: {frame.text}", peer="ca")
-                    if isinstance(frame, BundleReply):
-                        return
+                    for frame in wire.decode_link_frames(_bytes(await ws.recv())):
+                        if isinstance(frame, Error):
+                            self.timeline.add(Kind.REFUSE, RELAY, f"relay refused the CRL: {frame.text}", peer="ca")
+                        if isinstance(frame, BundleReply):
+                            return
 
     # --- nodes --------------------------------------------------------------------------------------------
 

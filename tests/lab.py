@@ -7,7 +7,9 @@ Time is the fixed `conftest.NOW` everywhere (relay, nodes, CRLs) so certificates
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
+import weakref
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -71,10 +73,16 @@ async def raw_client(relay: Relay, who: Identity, *, ca: Ca | None = None) -> tu
     return ws, welcome
 
 
+_unread: weakref.WeakKeyDictionary[ClientConnection, collections.deque[LinkFrame]] = weakref.WeakKeyDictionary()
+
+
 async def recv_frame(ws: ClientConnection, timeout: float = 5.0) -> LinkFrame:
-    """The next link frame on a raw connection."""
-    async with asyncio.timeout(timeout):
-        return wire.decode_link(await ws.recv())  # type: ignore[arg-type]
+    """The next link frame on a raw connection (the relay may send several in one BATCH)."""
+    unread = _unread.setdefault(ws, collections.deque())
+    if not unread:
+        async with asyncio.timeout(timeout):
+            unread.extend(wire.decode_link_frames(await ws.recv()))  # type: ignore[arg-type]
+    return unread.popleft()
 
 
 async def publish_crl(relay: Relay, ca: Ca, crl: bytes) -> None:

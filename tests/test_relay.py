@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import sqlite3
+import threading
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import msgpack
 import pytest
@@ -33,8 +36,10 @@ from protocol.link import (
     Send,
     auth_signed_bytes,
 )
+from relay import server
+from relay.errors import StoreUnavailable
 from relay.server import Relay
-from relay.store import Limits
+from relay.store import Envelope, Limits, SqliteStore
 
 
 def msg_id() -> bytes:
@@ -305,8 +310,6 @@ async def test_a_flood_of_bad_frames_does_not_stop_two_nodes_chatting(tmp_path: 
 async def test_a_cancelled_flush_does_not_cancel_other_connections_writes(tmp_path: Path) -> None:
     """A node's writer waits for the store's queued writes; when that node goes away the wait is
     cancelled, and that must not cancel the writes of others (their ACCEPTED would never come)."""
-    from relay.store import SqliteStore
-
     store = SqliteStore(tmp_path / "relay.db")
     await store.open()
     try:
@@ -320,3 +323,156 @@ async def test_a_cancelled_flush_does_not_cancel_other_connections_writes(tmp_pa
         assert len(await store.pending("bob")) == 50
     finally:
         await store.close()
+
+
+# --- answers wait for the commit; a node that does not read is bounded ------------------------------
+
+
+class GatedStore(SqliteStore):
+    """A store whose commits wait while `gate` is clear (on the store's thread, like a slow disk)."""
+
+    def __init__(self, path: str | Path) -> None:
+        super().__init__(path)
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def _batch(self, ops: list[Any]) -> list[tuple[Any, BaseException | None]]:
+        assert self.gate.wait(10)
+        return super()._batch(ops)
+
+
+def hold_writes_to(relay: Relay, name: str) -> asyncio.Event:
+    """Make the relay's writes to `name` wait until the returned event is set (a node that does not read)."""
+    gate = asyncio.Event()
+    flush = relay._flush
+
+    async def held(peer: Any, frames: list[bytes]) -> None:
+        if peer.name == name:
+            await gate.wait()
+        await flush(peer, frames)
+
+    relay._flush = held  # type: ignore[method-assign]
+    return gate
+
+
+async def test_accepted_only_once_stored_though_delivered_at_once(tmp_path: Path) -> None:
+    store = GatedStore(tmp_path / "relay.db")
+    async with Relay(relay_config(CA), store=store) as relay:
+        bob_ws, _ = await raw_client(relay, BOB)
+        alice_ws, _ = await raw_client(relay, ALICE)
+        async with alice_ws, bob_ws:
+            await publish_bundle(bob_ws, BOB)
+            while not await relay.store.known("bob"):
+                await asyncio.sleep(0.01)
+            store.gate.clear()
+            m = msg_id()
+            await alice_ws.send(wire.encode_link(Send(m, "bob", b"opaque")))
+            delivered = await recv_frame(bob_ws)  # pushed while it is being written
+            assert isinstance(delivered, Deliver) and delivered.msg_id == m
+            with pytest.raises(TimeoutError):
+                await recv_frame(alice_ws, timeout=0.3)
+            store.gate.set()
+            assert await recv_frame(alice_ws) == Accepted(m)
+
+
+async def test_an_ack_is_deleted_though_the_connection_and_the_relay_close_at_once(tmp_path: Path) -> None:
+    store = GatedStore(tmp_path / "relay.db")
+    async with Relay(relay_config(CA), store=store) as relay:
+        bob_ws, _ = await raw_client(relay, BOB)
+        await publish_bundle(bob_ws, BOB)
+        alice_ws, _ = await raw_client(relay, ALICE)
+        async with alice_ws:
+            m = msg_id()
+            await alice_ws.send(wire.encode_link(Send(m, "bob", b"opaque")))
+            assert await recv_frame(alice_ws) == Accepted(m)
+        assert isinstance(await recv_frame(bob_ws), Deliver)
+        store.gate.clear()
+        await bob_ws.send(wire.encode_link(Ack(m)))
+        await bob_ws.close()
+        await asyncio.sleep(0.1)
+        # The relay shuts down with the delete still waiting for its commit.
+        threading.Timer(0.3, store.gate.set).start()
+    assert relay.metrics.acked._value.get() == 1
+    async with Relay(relay_config(CA, tmp_path)) as relay:
+        bob_ws, welcome = await raw_client(relay, BOB)
+        await bob_ws.close()
+        assert welcome.pending == 0
+
+
+async def test_a_node_that_does_not_read_stalls_nobody_and_gets_its_mail_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(server, "MAX_QUEUED", 4)
+    async with Relay(relay_config(CA)) as relay:
+        bob_ws, _ = await raw_client(relay, BOB)
+        await publish_bundle(bob_ws, BOB)
+        gate = hold_writes_to(relay, "bob")
+        alice_ws, _ = await raw_client(relay, ALICE)
+        async with alice_ws, bob_ws:
+            ids = [msg_id() for _ in range(30)]
+            for m in ids:
+                await alice_ws.send(wire.encode_link(Send(m, "bob", b"opaque")))
+            for m in ids:
+                assert await recv_frame(alice_ws) == Accepted(m)
+            assert len(relay._peers["bob"].outbox) <= 4  # the rest waits in the store
+            gate.set()
+            delivered = [await recv_frame(bob_ws) for _ in ids]
+            assert [d.msg_id for d in delivered] == ids  # type: ignore[union-attr]
+            with pytest.raises(TimeoutError):
+                await recv_frame(bob_ws, timeout=0.2)  # and each once
+            m = msg_id()
+            await alice_ws.send(wire.encode_link(Send(m, "bob", b"live again")))
+            assert (await recv_frame(bob_ws)).msg_id == m  # type: ignore[union-attr]
+
+
+async def test_a_node_that_does_not_read_its_answers_is_not_read_either(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(server, "MAX_QUEUED", 4)
+    async with Relay(relay_config(CA)) as relay:
+        gate = hold_writes_to(relay, "alice")
+        ws, _ = await raw_client(relay, ALICE)
+        async with ws:
+            for request in range(40):
+                await ws.send(wire.encode_link(FetchBundle(request, "nobody")))
+            await asyncio.sleep(0.3)
+            peer = relay._peers["alice"]
+            assert len(peer.outbox) <= 4
+            assert relay.metrics.frames.labels("FetchBundle")._value.get() <= 6
+            gate.set()
+            replies = [await recv_frame(ws) for _ in range(40)]
+            assert [r.request for r in replies] == list(range(40))  # type: ignore[union-attr]
+
+
+class FailingStore(SqliteStore):
+    """A store whose envelope writes fail with `failure`."""
+
+    def __init__(self, failure: Exception) -> None:
+        super().__init__(":memory:")
+        self.failure = failure
+
+    def put_nowait(
+        self, msg_id: bytes, sender: str, recipient: str, payload: bytes, stored_at: int
+    ) -> tuple[Envelope | None, asyncio.Future[None]]:
+        failed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        failed.set_exception(self.failure)
+        return None, failed
+
+
+async def test_a_store_failure_is_answered_and_a_bug_of_ours_ends_the_connection() -> None:
+    async with Relay(relay_config(CA), store=FailingStore(StoreUnavailable("disk full"))) as relay:
+        ws, _ = await raw_client(relay, ALICE)
+        async with ws:
+            await publish_bundle(ws, ALICE)
+            m = msg_id()
+            await ws.send(wire.encode_link(Send(m, "alice", b"x")))
+            error = await expect_error(ws, ErrorCode.UNAVAILABLE)
+            assert error.msg_id == m
+    async with Relay(relay_config(CA), store=FailingStore(sqlite3.IntegrityError("not ours"))) as relay:
+        ws, _ = await raw_client(relay, ALICE)
+        async with ws:
+            await publish_bundle(ws, ALICE)
+            await ws.send(wire.encode_link(Send(msg_id(), "alice", b"x")))
+            with pytest.raises(ConnectionClosed) as closed:
+                async with asyncio.timeout(5):
+                    while True:
+                        await ws.recv()
+            assert closed.value.rcvd is not None and closed.value.rcvd.code == 1011
