@@ -165,7 +165,9 @@ class Node:
         self.events: asyncio.Queue[Delivered] = asyncio.Queue()
         self._sessions: dict[str, Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
-        self._accepted: dict[bytes, asyncio.Future[None]] = {}
+        # Sends waiting for ACCEPTED: msg_id → (deadline on the loop's clock, future), oldest first.
+        self._accepted: dict[bytes, tuple[float, asyncio.Future[None]]] = {}
+        self._expiry: asyncio.TimerHandle | None = None
         self._link: RelayLink | None = None
         self._link_task: asyncio.Task[None] | None = None
         self._journal = Journal(keystore)
@@ -264,9 +266,12 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._link_task
             self._link_task = None
-        for fut in self._accepted.values():
+        for _, fut in self._accepted.values():
             if not fut.done():
                 fut.cancel()
+        if self._expiry is not None:
+            self._expiry.cancel()
+            self._expiry = None
         if self._outbox:
             # Whatever the relay has not accepted is sent again on the next start.
             self._persist_outbox().add_done_callback(_log_failure)
@@ -408,7 +413,10 @@ class Node:
     # --- sending --------------------------------------------------------------------------------------
 
     def _lock(self, peer: str) -> asyncio.Lock:
-        return self._locks.setdefault(peer, asyncio.Lock())
+        lock = self._locks.get(peer)
+        if lock is None:
+            lock = self._locks[peer] = asyncio.Lock()
+        return lock
 
     def _session(self, peer: str) -> Session | None:
         session = self._sessions.get(peer)
@@ -455,13 +463,11 @@ class Node:
             # Outside the lock, so that other sends can join the same commit. The ciphertext leaves
             # only once a state that covers it is on disk (fsynced): a reservation or a new session.
             await durable
-        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._accepted[msg_id] = fut
+        accepted = self._await_accepted(msg_id)
         self._queue_outbox(msg_id, peer, payload)
         try:
             await self._link_send(Send(msg_id, peer, payload))
-            async with asyncio.timeout(self.options.send_timeout):
-                await fut
+            await accepted
         except (TimeoutError, RelayUnreachable):
             # The user is told "queued": from now on the envelope must survive even a power loss.
             await self._persist_outbox()
@@ -469,6 +475,35 @@ class Node:
         finally:
             self._accepted.pop(msg_id, None)
         return msg_id.hex()
+
+    def _await_accepted(self, msg_id: bytes) -> asyncio.Future[None]:
+        """A future the relay's ACCEPTED for `msg_id` completes, or TimeoutError after `send_timeout`.
+
+        One timer per node, armed for the oldest waiting send, instead of one per send: every send
+        waits as long, so deadlines come in the order sends do.
+        """
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[None] = loop.create_future()
+        deadline = loop.time() + self.options.send_timeout
+        self._accepted[msg_id] = (deadline, fut)
+        if self._expiry is None:
+            self._expiry = loop.call_at(deadline, self._expire_sends)
+        return fut
+
+    def _expire_sends(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._expiry = None
+        now = loop.time()
+        expired = []
+        for msg_id, (deadline, fut) in self._accepted.items():
+            if deadline > now:
+                self._expiry = loop.call_at(deadline, self._expire_sends)
+                break
+            expired.append(msg_id)
+            if not fut.done():
+                fut.set_exception(TimeoutError())
+        for msg_id in expired:
+            del self._accepted[msg_id]
 
     def _reserve(self, peer: str, session: Session) -> asyncio.Future[None] | None:
         """Reserve message numbers ahead on `session`; what the caller must await before sending.
@@ -603,9 +638,9 @@ class Node:
             await self._on_deliver(frame)
         elif isinstance(frame, Accepted):
             self._forget_outbox(frame.msg_id)
-            fut = self._accepted.get(frame.msg_id)
-            if fut is not None and not fut.done():
-                fut.set_result(None)
+            waiting = self._accepted.pop(frame.msg_id, None)
+            if waiting is not None and not waiting[1].done():
+                waiting[1].set_result(None)
         elif isinstance(frame, CrlFeed):
             self._on_crl(frame.crl)
         elif isinstance(frame, Error):
