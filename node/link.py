@@ -32,6 +32,7 @@ from protocol.identity import IdentityKey
 from protocol.link import (
     MAX_LINK_FRAME,
     Auth,
+    Batch,
     BundleReply,
     Challenge,
     Error,
@@ -260,10 +261,16 @@ def _decode(raw: object) -> list[LinkFrame]:
 
 
 def _decode_one(raw: object) -> LinkFrame:
-    frames = _decode(raw)
-    if len(frames) != 1:
+    """A frame of the authentication, which always stands alone (never in a BATCH)."""
+    if not isinstance(raw, bytes):
+        raise LinkError("relay sent a text frame")
+    try:
+        frame = wire.decode_link(raw)
+    except DecodeError as exc:
+        raise LinkError(f"relay sent a malformed frame: {exc}") from exc
+    if isinstance(frame, Batch):
         raise LinkError("relay sent a BATCH during authentication")
-    return frames[0]
+    return frame
 
 
 def _describe(exc: BaseException) -> str:

@@ -351,25 +351,18 @@ class Relay:
             raise _Fatal(ErrorCode.MALFORMED, "text frames are not part of the protocol")
         if len(raw) > MAX_LINK_FRAME:
             raise _Fatal(ErrorCode.TOO_LARGE, f"frame of {len(raw)} bytes exceeds {MAX_LINK_FRAME}", CLOSE_TOO_BIG)
-        if not peer.bucket.take():
-            # Over the limit: dropped unread (only looked into for the msg_id of a SEND).
-            self._rate_limited(peer, _msg_id_of(raw))
-            return
-        peer.strikes = 0
         try:
             frames = wire.decode_link_frames(raw)
         except UnknownFrameType as exc:
             raise _Fatal(ErrorCode.UNKNOWN_TYPE, str(exc)) from exc
         except DecodeError as exc:
             raise _Fatal(ErrorCode.MALFORMED, str(exc)) from exc
-        for index, frame in enumerate(frames):
-            # Each frame of a BATCH counts against the limit as if it had come alone (the first
-            # took the token above).
-            if index:
-                if not peer.bucket.take():
-                    self._rate_limited(peer, frame.msg_id if isinstance(frame, Send) else None)
-                    continue
-                peer.strikes = 0
+        for frame in frames:
+            # Each frame of a BATCH counts against the limit as if it had come alone.
+            if not peer.bucket.take():
+                self._rate_limited(peer, frame.msg_id if isinstance(frame, Send) else None)
+                continue
+            peer.strikes = 0
             await self._handle_frame(peer, frame)
 
     def _rate_limited(self, peer: _Peer, msg_id: bytes | None) -> None:
@@ -652,12 +645,3 @@ class Relay:
                 dropped = await self.store.purge_expired(int(self.config.clock().timestamp() * 1000))
                 if dropped:
                     log.info("envelopes_expired", extra={"fields": {"count": dropped}})
-
-
-def _msg_id_of(raw: bytes) -> bytes | None:
-    """The msg_id of a SEND we refuse unread (rate limit), so the sender knows which one to retry."""
-    try:
-        frame = wire.decode_link(raw)
-    except DecodeError:
-        return None
-    return frame.msg_id if isinstance(frame, Send) else None
