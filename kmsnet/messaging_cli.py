@@ -23,6 +23,7 @@ QUIET = 0.5
 SEND_EXAMPLES = """
 Examples:
 
+\b
   kmsnet send --home alice --to bob 'hello bob'
   echo 'from a pipe' | kmsnet send --home alice --to bob -
   kmsnet send --home alice --to bob --json 'hi'    # {"type": "sent", "id": ..., "to": "bob", "queued": false}
@@ -31,6 +32,7 @@ Examples:
 RECEIVE_EXAMPLES = """
 Examples:
 
+\b
   kmsnet receive --home bob                        # what is waiting, then exit
   kmsnet receive --home bob --follow               # keep printing until Ctrl-C
   kmsnet receive --home bob --json --timeout 10    # {"type": "message", "id", "from", "text", "sent_at"} per line

@@ -19,6 +19,7 @@ from relay.server import Relay, RelayConfig
 EXAMPLES = """
 Examples:
 
+\b
   kmsnet relay --ca-cert ca/ca.pem                      # ws://127.0.0.1:8765, store relay.db
   kmsnet relay --ca-cert ca/ca.pem --port 0             # any free port (printed on stdout)
   kmsnet relay --ca-cert ca/ca.pem --tls-cert relay.pem --tls-key relay.key   # wss://
@@ -43,8 +44,30 @@ Examples:
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Serve wss://.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Key of --tls-cert.")
 @click.option("--name", default="kmsnet-relay", show_default=True, help="Name nodes sign in their challenge answer.")
+@click.option(
+    "--rate",
+    default=1000.0,
+    show_default=True,
+    type=click.FloatRange(min=1, min_open=False),
+    help="Frames per second each connection may send; more are refused with RATE_LIMITED.",
+)
+@click.option(
+    "--burst",
+    default=2000,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Frames a connection may send at once above --rate.",
+)
 def relay(
-    host: str, port: int, store: str, ca_cert: Path, tls_cert: Path | None, tls_key: Path | None, name: str
+    host: str,
+    port: int,
+    store: str,
+    ca_cert: Path,
+    tls_cert: Path | None,
+    tls_key: Path | None,
+    name: str,
+    rate: float,
+    burst: int,
 ) -> None:
     """Run the relay: authenticate nodes, route and store envelopes, relay the CRL feed.
 
@@ -69,7 +92,9 @@ def relay(
         except (OSError, ssl.SSLError) as exc:
             raise CliFailure(f"cannot load the TLS certificate or key: {exc}", BAD_INPUT) from exc
     logs.configure()
-    config = RelayConfig(ca_root=root, host=host, port=port, store_path=store, tls=tls, name=name)
+    config = RelayConfig(
+        ca_root=root, host=host, port=port, store_path=store, tls=tls, name=name, rate=rate, burst=burst
+    )
     try:
         asyncio.run(_serve(config))
     except (OSError, RelayError) as exc:

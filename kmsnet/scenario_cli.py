@@ -24,6 +24,7 @@ from scenarios.timeline import Event, Kind, Sink
 EXAMPLES = """
 Examples:
 
+\b
   kmsnet scenario list
   kmsnet scenario run mitm-signed
   kmsnet scenario run session-compromise --report report.html
