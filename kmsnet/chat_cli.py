@@ -18,7 +18,6 @@ CHAT_EXAMPLES = """
 Examples:
 
 \b
-\b
   kmsnet chat --home alice                          # then: /msg bob, type, Enter
   kmsnet chat --home alice --relay ws://127.0.0.1:8765
 """

@@ -13,7 +13,6 @@ EXAMPLES = """
 Examples:
 
 \b
-\b
   kmsnet demo                            # alice, bob and carol
   kmsnet demo --nodes 10 --no-color
   kmsnet demo --keep ~/kmsnet-demo       # then continue by hand: the commands are printed
