@@ -12,7 +12,9 @@ per-connection rate limit (a policy, 1,000 frames/s by default) is raised above 
 load: the bare forwarder has none, and this measures capacity.
 
 Output: a table, then one JSON line per figure: {"name", "value", "unit", "floor", "ratio"}
-where the floor is the bare forwarder's figure. `python bench/e2e_bench.py [--quick]`.
+where the floor is the bare forwarder's figure. With 50 pairs it also gives the CPU time each
+message cost the server process (relay or forwarder, all its threads) and this process (the
+nodes or the bare clients): where the time goes. `python bench/e2e_bench.py [--quick]`.
 """
 
 from __future__ import annotations
@@ -72,6 +74,12 @@ async def forwarder_main(port_file: str) -> None:
 
 
 # --- processes and memory -------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (all its threads)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_kib(pid: int) -> int:
@@ -162,11 +170,13 @@ Sender = Callable[[int, int], Awaitable[None]]  # (pair, seq) -> sends one messa
 Receiver = Callable[[int], Awaitable[None]]  # (pair) -> waits for the next message
 
 
-async def throughput(pairs: int, seconds: float, send: Sender, receive: Receiver) -> float:
+async def throughput(pairs: int, seconds: float, send: Sender, receive: Receiver) -> tuple[float, int]:
     """Messages per second received within a window of `seconds`, each sender keeping WINDOW
-    messages in flight. Only what arrives inside the window counts, and the window is closed by
-    the clock, not by the last receiver (which may be waiting for a message that will never come)."""
+    messages in flight, and how many arrived in all (the window's and those in flight at its end).
+    Only what arrives inside the window counts for the rate, and the window is closed by the
+    clock, not by the last receiver (which may be waiting for a message that will never come)."""
     received = 0
+    total = 0
     start = time.perf_counter()
     deadline = start + seconds
 
@@ -184,9 +194,10 @@ async def throughput(pairs: int, seconds: float, send: Sender, receive: Receiver
                 task.add_done_callback(sends.discard)
 
         async def receiver() -> None:
-            nonlocal received
+            nonlocal received, total
             while True:
                 await receive(p)
+                total += 1
                 if time.perf_counter() <= deadline:
                     received += 1
                 credits.release()
@@ -200,7 +211,19 @@ async def throughput(pairs: int, seconds: float, send: Sender, receive: Receiver
         await asyncio.gather(*loops, return_exceptions=True)
 
     await asyncio.gather(*(pair_loop(p) for p in range(pairs)))
-    return received / seconds
+    return received / seconds, total
+
+
+async def measured_throughput(
+    figures: dict[str, float], pairs: int, seconds: float, send: Sender, receive: Receiver, server: int
+) -> None:
+    """Messages per second, and (with several pairs) the CPU time each message cost the server
+    process and this one."""
+    server_before, clients_before = cpu_seconds(server), cpu_seconds(os.getpid())
+    figures[f"msgs_per_s_{pairs}_pairs"], total = await throughput(pairs, seconds, send, receive)
+    if pairs > 1:
+        figures[f"server_cpu_us_per_msg_{pairs}_pairs"] = (cpu_seconds(server) - server_before) / total * 1e6
+        figures[f"clients_cpu_us_per_msg_{pairs}_pairs"] = (cpu_seconds(os.getpid()) - clients_before) / total * 1e6
 
 
 async def latency(samples: int, send: Sender, receive: Receiver) -> list[float]:
@@ -243,7 +266,7 @@ async def bare_figures(pairs: int, seconds: float, samples: int, idle: int) -> d
                 lat = await latency(samples, send, receive)
                 figures["latency_p50_ms"] = statistics.median(lat)
                 figures["latency_p99_ms"] = statistics.quantiles(lat, n=100)[98]
-            figures[f"msgs_per_s_{n}_pairs"] = await throughput(n, seconds, send, receive)
+            await measured_throughput(figures, n, seconds, send, receive, proc.pid)
             for a, b in conns:
                 await a.close()
                 await b.close()
@@ -305,7 +328,7 @@ async def kmsnet_figures(pairs: int, seconds: float, samples: int, idle: int) ->
                     lat = await latency(samples, send, receive)
                     figures["latency_p50_ms"] = statistics.median(lat)
                     figures["latency_p99_ms"] = statistics.quantiles(lat, n=100)[98]
-                figures[f"msgs_per_s_{n}_pairs"] = await throughput(n, seconds, send, receive)
+                await measured_throughput(figures, n, seconds, send, receive, proc.pid)
                 for a, b in nodes:
                     await a.stop()
                     await b.stop()
@@ -324,7 +347,7 @@ async def main_async(quick: bool) -> None:
     for name, value in ours.items():
         print(f"{name:28} {value:12.2f} {bare[name]:12.2f} {value / bare[name]:7.2f}")
     for name, value in ours.items():
-        unit = "msg/s" if name.startswith("msgs") else "ms" if "latency" in name else "KiB"
+        unit = "msg/s" if name.startswith("msgs") else "ms" if "latency" in name else "us" if "cpu" in name else "KiB"
         line = {"name": name, "value": round(value, 3), "unit": unit, "floor": round(bare[name], 3)}
         line["ratio"] = round(value / bare[name], 3)
         print(json.dumps(line))
