@@ -365,12 +365,14 @@ class Keystore:
                 self._sync = sync
             self._db.execute("BEGIN IMMEDIATE")
             try:
-                self._db.executemany(
-                    "INSERT INTO records (namespace, name, sealed) VALUES (?, ?, ?) "
-                    "ON CONFLICT (namespace, name) DO UPDATE SET sealed = excluded.sealed",
-                    rows,
-                )
-                self._db.executemany("DELETE FROM records WHERE namespace = ? AND name = ?", list(deletes))
+                if rows:
+                    self._db.executemany(
+                        "INSERT INTO records (namespace, name, sealed) VALUES (?, ?, ?) "
+                        "ON CONFLICT (namespace, name) DO UPDATE SET sealed = excluded.sealed",
+                        rows,
+                    )
+                if deletes:
+                    self._db.executemany("DELETE FROM records WHERE namespace = ? AND name = ?", deletes)
                 self._db.execute("COMMIT")
             except BaseException:
                 self._db.execute("ROLLBACK")
