@@ -20,6 +20,7 @@ import logging
 import random
 import ssl
 from collections.abc import Awaitable, Callable
+from typing import TypeVar
 from urllib.parse import urlsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -43,6 +44,8 @@ from protocol.link import (
 )
 
 log = logging.getLogger("kmsnet.node.link")
+
+T = TypeVar("T")
 
 #: Seconds to wait for each step of connecting and authenticating.
 CONNECT_TIMEOUT = 10.0
@@ -183,10 +186,13 @@ class RelayLink:
         while True:
             await self._wake_writer.wait()
             self._wake_writer.clear()
-            frames, self._queued = self._queued, []
-            self._room.set()
-            for message in wire.pack_link_frames(frames):
-                await ws.send(message)
+            await self._flush(ws)
+
+    async def _flush(self, ws: ClientConnection) -> None:
+        frames, self._queued = self._queued, []
+        self._room.set()
+        for message in wire.pack_link_frames(frames):
+            await ws.send(message)
 
     async def _authenticate(self, ws: ClientConnection) -> Welcome:
         async with asyncio.timeout(CONNECT_TIMEOUT):
@@ -244,30 +250,27 @@ class RelayLink:
         self._closing = True
         if self._ws is not None:
             with contextlib.suppress(ConnectionClosed):
-                frames, self._queued = self._queued, []
-                for message in wire.pack_link_frames(frames):
-                    await self._ws.send(message)
+                await self._flush(self._ws)
                 await self._ws.close()
 
 
-def _decode(raw: object) -> list[LinkFrame]:
+def _parse(raw: object, decoder: Callable[[bytes], T]) -> T:
     # A malicious relay may send garbage: we refuse it and hang up (LinkError), never crash.
     if not isinstance(raw, bytes):
         raise LinkError("relay sent a text frame")
     try:
-        return wire.decode_link_frames(raw)
+        return decoder(raw)
     except DecodeError as exc:
         raise LinkError(f"relay sent a malformed frame: {exc}") from exc
+
+
+def _decode(raw: object) -> list[LinkFrame]:
+    return _parse(raw, wire.decode_link_frames)
 
 
 def _decode_one(raw: object) -> LinkFrame:
     """A frame of the authentication, which always stands alone (never in a BATCH)."""
-    if not isinstance(raw, bytes):
-        raise LinkError("relay sent a text frame")
-    try:
-        frame = wire.decode_link(raw)
-    except DecodeError as exc:
-        raise LinkError(f"relay sent a malformed frame: {exc}") from exc
+    frame = _parse(raw, wire.decode_link)
     if isinstance(frame, Batch):
         raise LinkError("relay sent a BATCH during authentication")
     return frame
