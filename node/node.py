@@ -665,16 +665,20 @@ class Node:
                     await self._ocsp.ensure(handshake.decode_init(deliver.payload).certificate, self.clock())
         async with self._lock(deliver.sender):
             durable, message = self._receive(deliver)
-        if message is not None:
-            self._show_when_durable(durable, message)
-        # The link goes on reading while this one commits: the next deliveries join the batch.
-        durable.add_done_callback(lambda fut: self._after_commit(deliver, fut))
+        # The link goes on reading while this one commits: the next deliveries join the batch. A
+        # callback, not a task: the journal completes commits in order and their callbacks run in
+        # that order, so the application sees events and messages in the order they happened.
+        durable.add_done_callback(lambda fut: self._after_commit(deliver, message, fut))
 
-    def _after_commit(self, deliver: Deliver, durable: asyncio.Future[None]) -> None:
-        if durable.cancelled() or durable.exception() is not None:
-            # The disk failed: say so, and do not ACK (the relay keeps it).
-            log.error("commit_failed", extra={"fields": {"node": self.name, "error": str(durable.exception())}})
+    def _after_commit(self, deliver: Deliver, message: Message | None, durable: asyncio.Future[None]) -> None:
+        if durable.cancelled():
             return
+        if (error := durable.exception()) is not None:
+            # The disk failed: say so, and neither show nor ACK it (the relay keeps it).
+            log.error("commit_failed", extra={"fields": {"node": self.name, "error": str(error)}})
+            return
+        if message is not None:
+            self.events.put_nowait(message)
         self._handled += 1
         # Processed and on disk (or refused for good): the relay may forget it.
         with contextlib.suppress(RelayUnreachable):
@@ -868,21 +872,15 @@ class Node:
         record: dict[Key, bytes] = {}
         self._to_inbox(event.to_json(), record)
         durable = self._journal.commit(record, sync=False)
-        self._show_when_durable(durable, event)
-        return durable
 
-    def _show_when_durable(self, durable: asyncio.Future[None], item: Message | SecurityEvent) -> None:
-        """Hand `item` to the application once its commit is done. A callback, not a task: the
-        journal completes commits in order and their callbacks run in that order, so the
-        application sees events and messages in the order they happened."""
-
-        def show(fut: asyncio.Future[None]) -> None:
+        def show(fut: asyncio.Future[None]) -> None:  # a callback, in commit order (see _on_deliver)
             if not fut.cancelled() and fut.exception() is None:
-                self.events.put_nowait(item)
+                self.events.put_nowait(event)
             else:
                 _log_failure(fut)
 
         durable.add_done_callback(show)
+        return durable
 
     def take_inbox(self) -> list[dict[str, Any]]:
         """Every message and event received and not yet taken, oldest first; they are removed."""

@@ -6,8 +6,10 @@ import asyncio
 from pathlib import Path
 
 from conftest import ALICE, BOB, CA
-from lab import make_node, next_event, next_message, publish_crl, relay_config, running
+from lab import clock, make_node, next_event, next_message, publish_crl, relay_config, running
 
+from node.errors import StorageError
+from node.node import Node, NodeOptions
 from relay.server import Relay
 
 
@@ -139,3 +141,30 @@ async def test_without_an_inbox_nothing_piles_up_in_the_keystore(tmp_path: Path)
             await bob.send("alice", "and alice keeps hers")
             assert (await next_message(alice)).text == "and alice keeps hers"
             assert any(item.get("text") == "and alice keeps hers" for item in alice.take_inbox())
+
+
+async def test_a_delivery_whose_commit_fails_is_neither_shown_nor_acknowledged(tmp_path: Path) -> None:
+    async with Relay(relay_config(CA, tmp_path)) as relay:
+        await publish_crl(relay, CA, CA.crl())
+        alice = make_node(CA, ALICE, relay.url)
+        bob = make_node(CA, BOB, relay.url, tmp_path / "bob.db")
+        async with running(alice):
+            async with running(bob):
+                await alice.send("bob", "first")
+                assert (await next_message(bob)).text == "first"
+                commit = bob._journal.commit
+
+                def failing(puts, deletes=(), *, sync=True):  # type: ignore[no-untyped-def]
+                    fut = asyncio.get_running_loop().create_future()
+                    fut.set_exception(StorageError("keystore write failed: disk full"))
+                    return fut
+
+                bob._journal.commit = failing  # type: ignore[method-assign]
+                await alice.send("bob", "second")
+                await asyncio.sleep(0.3)
+                assert bob.events.empty()
+                assert relay.store.mailbox_size("bob") == 1  # not acknowledged: the relay keeps it
+                bob._journal.commit = commit  # type: ignore[method-assign]
+            again = Node(bob.keystore, options=NodeOptions(), clock=clock)
+            async with running(again):  # restarted from what is on disk: it comes again, once
+                assert (await next_message(again)).text == "second"
