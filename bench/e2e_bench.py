@@ -214,11 +214,15 @@ async def throughput(pairs: int, seconds: float, send: Sender, receive: Receiver
     return received / seconds, total
 
 
-async def measured_throughput(
-    figures: dict[str, float], pairs: int, seconds: float, send: Sender, receive: Receiver, server: int
+async def measure(
+    figures: dict[str, float], pairs: int, seconds: float, samples: int, send: Sender, receive: Receiver, server: int
 ) -> None:
-    """Messages per second, and (with several pairs) the CPU time each message cost the server
-    process and this one."""
+    """With one pair, latency; then messages per second, and (with several pairs) the CPU time each
+    message cost the server process and this one."""
+    if pairs == 1:
+        lat = await latency(samples, send, receive)
+        figures["latency_p50_ms"] = statistics.median(lat)
+        figures["latency_p99_ms"] = statistics.quantiles(lat, n=100)[98]
     server_before, clients_before = cpu_seconds(server), cpu_seconds(os.getpid())
     figures[f"msgs_per_s_{pairs}_pairs"], total = await throughput(pairs, seconds, send, receive)
     if pairs > 1:
@@ -262,11 +266,7 @@ async def bare_figures(pairs: int, seconds: float, samples: int, idle: int) -> d
             async def receive(p: int, conns: list = conns) -> None:  # type: ignore[type-arg]
                 await conns[p][1].recv()
 
-            if n == 1:
-                lat = await latency(samples, send, receive)
-                figures["latency_p50_ms"] = statistics.median(lat)
-                figures["latency_p99_ms"] = statistics.quantiles(lat, n=100)[98]
-            await measured_throughput(figures, n, seconds, send, receive, proc.pid)
+            await measure(figures, n, seconds, samples, send, receive, proc.pid)
             for a, b in conns:
                 await a.close()
                 await b.close()
@@ -324,11 +324,7 @@ async def kmsnet_figures(pairs: int, seconds: float, samples: int, idle: int) ->
                 async def receive(p: int, nodes: list = nodes) -> None:  # type: ignore[type-arg]
                     await nodes[p][1].events.get()
 
-                if n == 1:
-                    lat = await latency(samples, send, receive)
-                    figures["latency_p50_ms"] = statistics.median(lat)
-                    figures["latency_p99_ms"] = statistics.quantiles(lat, n=100)[98]
-                await measured_throughput(figures, n, seconds, send, receive, proc.pid)
+                await measure(figures, n, seconds, samples, send, receive, proc.pid)
                 for a, b in nodes:
                     await a.stop()
                     await b.stop()
