@@ -51,6 +51,21 @@ class StorageError(KeystoreError, Unavailable):
     """The database or the file system failed (locked, full, unreadable)."""
 
 
+# --- one writer per home -------------------------------------------------------------------------
+
+
+class HomeInUse(NodeError):
+    """Another process holds the home's writer lock (`holder` says which, when it could be read)."""
+
+    def __init__(self, message: str, holder: object = None) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
+class ControlError(Unavailable):
+    """The home's running writer could not be reached on its control socket, or broke off."""
+
+
 # --- relay link and peers -------------------------------------------------------------------------
 
 

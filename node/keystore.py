@@ -64,6 +64,7 @@ SALT_SIZE = 16
 _RECORD_AAD = b"kmsnet-keystore/1 record"
 _DATA_KEY_AAD = b"kmsnet-keystore/1 data-key"
 _KEY_FILE_INFO = b"kmsnet-keystore/1 key-file kek"
+_DERIVED_INFO = b"kmsnet-keystore/1 derived "
 _BUSY_TIMEOUT_MS = 10_000
 
 _SCHEMA = """
@@ -333,6 +334,12 @@ class Keystore:
         return data_key
 
     # -- records ---------------------------------------------------------------------------------
+
+    def derived_key(self, purpose: str) -> bytes:
+        """A 32-byte key for `purpose`, derived from the data key (HKDF-SHA256): whoever holds it has
+        unlocked this keystore. The control socket's requests prove the passphrase with it."""
+        info = _DERIVED_INFO + purpose.encode("utf-8")
+        return HKDF(hashes.SHA256(), KEY_SIZE, salt=None, info=info).derive(self._data_key)
 
     def put(self, namespace: str, name: str, value: bytes) -> None:
         """Seal `value` and store it under (namespace, name), replacing any previous value."""
