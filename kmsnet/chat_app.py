@@ -11,7 +11,9 @@ Only safety numbers are ever shown: no key, certificate or plaintext goes to log
 
 from __future__ import annotations
 
+import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Literal
@@ -108,9 +110,14 @@ class ChatApp(App[None]):
         Binding("escape", "dismiss", "Dismiss banners", show=False),
     ]
 
-    def __init__(self, node: Node) -> None:
+    def __init__(
+        self, node: Node, *, serve: Callable[[Node], contextlib.AbstractAsyncContextManager[None]] | None = None
+    ) -> None:
+        """`serve(node)`: held open while the node runs (the command line answers other commands in it)."""
         super().__init__()
         self.node = node
+        self._serve = serve
+        self._services = contextlib.AsyncExitStack()
         self.contacts: dict[str, Contact] = {}
         self.selected: str | None = None
         self.banners: list[Text] = []
@@ -145,6 +152,8 @@ class ChatApp(App[None]):
             self._start_error = str(exc)
         else:
             self._follow_events()
+            if self._serve is not None:
+                await self._services.enter_async_context(self._serve(self.node))
         # Whatever arrived while no application was looking (the inbox is on disk).
         self._take_inbox()
         self._refresh()
@@ -154,6 +163,7 @@ class ChatApp(App[None]):
 
     async def on_unmount(self) -> None:
         """Close the relay link; every state the node holds is on disk already."""
+        await self._services.aclose()
         await self.node.stop()
 
     # --- the node's deliveries ------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 
@@ -9,9 +10,12 @@ import click
 
 from kmsnet import logs
 from kmsnet.exits import EPILOG, USAGE, CliFailure
-from kmsnet.messaging_cli import open_node, relay_option
+from kmsnet.messaging_cli import control_handlers, relay_option
 from kmsnet.options import StoreOptions, node_failures, store_options
+from kmsnet.writer import exclusive, open_node, require_node, serving
+from node.homelock import HomeLock
 from node.link import check_url
+from node.node import Node
 
 # "\b" keeps click from re-wrapping the example lines into one paragraph.
 CHAT_EXAMPLES = """
@@ -31,9 +35,12 @@ def chat(relay_url: str | None, store: StoreOptions) -> None:
     state, banners for security events, /verify NAME for safety numbers, /help for the rest.
 
     The UI starts even when the relay is down: it shows "offline", keeps retrying, and messages
-    wait in the outbox until the relay takes them.
+    wait in the outbox until the relay takes them. While it runs, `kmsnet send|receive|status`
+    for the same home from another terminal go through it.
     """
-    with open_node(store, relay_url) as node:
+    require_node(store)
+    passphrase = store.passphrase()
+    with exclusive(store, serves=True) as lock, open_node(store, relay_url, passphrase) as node:
         # A malformed URL is the one relay problem worth refusing before the screen is taken over.
         with node_failures():
             check_url(node.relay_url)
@@ -43,7 +50,12 @@ def chat(relay_url: str | None, store: StoreOptions) -> None:
         from kmsnet.chat_app import ChatApp
 
         _log_into_textual()
-        ChatApp(node).run()
+        ChatApp(node, serve=lambda node: _answering(node, lock)).run()
+
+
+def _answering(node: Node, lock: HomeLock) -> contextlib.AbstractAsyncContextManager[None]:
+    """The chat shows what arrives itself: another terminal's `receive` prints what the chat took."""
+    return serving(node, lock, control_handlers(node, reads_inbox=True))
 
 
 def _log_into_textual() -> None:

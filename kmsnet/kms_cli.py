@@ -23,6 +23,7 @@ from kmsnet.options import (
     read_input,
     store_options,
 )
+from kmsnet.writer import exclusive
 from node.kms import DEFAULT_WAITING_DAYS, KEYSTORE_FILE, KeyInfo, KeyManagementSystem, KeyType
 
 ACTOR = "cli"
@@ -40,7 +41,7 @@ def _open(store: StoreOptions, *, create: bool = False) -> Iterator[KeyManagemen
     if not create and not path.exists():
         # Say so before asking for a passphrase that could not help.
         raise CliFailure(f"no keystore at {path} (create a key first: kmsnet kms create NAME)", BAD_INPUT)
-    with node_failures():
+    with exclusive(store), node_failures():
         kms = KeyManagementSystem(
             store.home,
             store.passphrase(confirm=not path.exists()),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import click
@@ -13,7 +13,9 @@ import click
 from kmsnet import logs
 from kmsnet.exits import EPILOG, TRUST, CliFailure
 from kmsnet.options import Output, StoreOptions, json_option, node_failures, read_input, store_options
-from node.keystore import Keystore
+from kmsnet.writer import LocalSink, Sink, Work, dispatch, open_node, serving
+from node.control import Handler, Handover, Reply
+from node.homelock import HomeLock
 from node.node import Node
 from protocol.errors import ProtocolError
 
@@ -46,21 +48,6 @@ def relay_option(command: Any) -> Any:
     )
 
 
-@contextlib.contextmanager
-def open_node(store: StoreOptions, relay_url: str | None) -> Iterator[Node]:
-    """The node of `store.home`, its keystore unlocked; errors become one-line exits."""
-    path = store.home / "keystore.db"
-    if not path.exists():
-        raise CliFailure(f"no node in {store.home} (run `kmsnet node init` first)")
-    with node_failures():
-        keystore = Keystore.open(path, passphrase=store.passphrase())
-    try:
-        with node_failures():
-            yield Node(keystore, relay_url=relay_url)
-    finally:
-        keystore.close()
-
-
 @contextlib.asynccontextmanager
 async def online(node: Node) -> AsyncIterator[Node]:
     """The node connected to its relay (exit 3 if it cannot be reached)."""
@@ -72,98 +59,84 @@ async def online(node: Node) -> AsyncIterator[Node]:
         await node.stop()
 
 
-@click.command(epilog=SEND_EXAMPLES + "\n" + EPILOG)
-@click.option("--to", "peer", required=True, help="Name of the node to send to.")
-@click.argument("text")
-@relay_option
-@json_option
-@store_options
-def send(peer: str, text: str, relay_url: str | None, out: Output, store: StoreOptions) -> None:
-    """Send TEXT ('-' reads stdin) to node --to, end to end encrypted.
+# --- the work of each command, on a running node: here, or for another terminal (kmsnet.writer) ----------
 
-    Returns once the relay has stored the message; if the relay stops answering, the message
-    stays in the outbox and goes out with the next send or receive.
-    """
-    if text == "-":
-        text = read_input("-").decode("utf-8", errors="replace")
-    logs.configure("WARNING")
-    with open_node(store, relay_url) as node:
-        msg_id = asyncio.run(_send(node, peer, text))
-        queued = node.outbox_size() > 0
-    out.emit(
+
+async def _send_work(node: Node, args: dict[str, Any], sink: Sink) -> None:
+    peer = args["peer"]
+    with node_failures():
+        try:
+            msg_id = await node.send(peer, args["text"])
+        except ProtocolError as exc:
+            raise CliFailure(f"cannot start a session with {peer}: {exc}", TRUST) from exc
+    queued = node.is_queued(msg_id)
+    sink.emit(
         {"type": "sent", "id": msg_id, "to": peer, "queued": queued},
         f"sent {msg_id} to {peer}" + (" (queued: the relay has not confirmed it yet)" if queued else ""),
     )
 
 
-async def _send(node: Node, peer: str, text: str) -> str:
-    async with online(node):
-        with node_failures():
-            try:
-                return await node.send(peer, text)
-            except ProtocolError as exc:
-                raise CliFailure(f"cannot start a session with {peer}: {exc}", TRUST) from exc
+async def _receive_work(node: Node, args: dict[str, Any], sink: Sink, *, take: bool) -> None:
+    """Print what arrives. With `take`, this request reads the node's inbox itself; without, another
+    reader of the same node (the holder's own `receive` or chat) does, and we print what it took.
 
-
-@click.command(epilog=RECEIVE_EXAMPLES + "\n" + EPILOG)
-@click.option("--follow", is_flag=True, help="Keep receiving until interrupted (or --timeout).")
-@click.option("--timeout", type=click.FloatRange(min=0), help="Stop after this many seconds.")
-@relay_option
-@json_option
-@store_options
-def receive(follow: bool, timeout: float | None, relay_url: str | None, out: Output, store: StoreOptions) -> None:
-    """Print messages and security events addressed to this node.
-
-    A refused input (tampered, replayed, revoked, stale) is printed as an event, never as a
-    message. Without --follow, exits once the mailbox is empty.
+    Ends when `sink.closing` is set: here by Ctrl-C, for another terminal by this process leaving
+    (then the request is handed back, and that terminal goes on by itself).
     """
-    logs.configure("WARNING")
-    # --timeout ends the wait; what arrived until then was printed.
-    with open_node(store, relay_url) as node, contextlib.suppress(TimeoutError):
-        asyncio.run(_receive(node, follow, timeout, out))
+    follow, timeout = bool(args.get("follow")), args.get("timeout")
+    taken: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
+    node.inbox_listeners.append(taken.put_nowait)
+    try:
+        # --timeout ends the wait; what arrived until then was printed.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                if take:
+                    node.take_inbox()
+                while not sink.closing.is_set():
+                    _print_all(_drain(taken), sink)
+                    getter = asyncio.create_task(taken.get())
+                    closer = asyncio.create_task(sink.closing.wait())
+                    waker = asyncio.create_task(node.events.get()) if take else None
+                    tasks: set[asyncio.Task[Any]] = {getter, closer} | ({waker} if waker is not None else set())
+                    done, pending = await asyncio.wait(
+                        tasks, timeout=None if follow else QUIET, return_when=asyncio.FIRST_COMPLETED
+                    )
+                    for task in pending:
+                        task.cancel()
+                    if getter in done:
+                        _print_all(getter.result() + _drain(taken), sink)
+                    if waker in done:
+                        node.take_inbox()  # to our listener, and to any other reader's
+                    if not done and not follow and node.idle():
+                        break
+        if take:
+            node.take_inbox()
+        _print_all(_drain(taken), sink)
+    finally:
+        node.inbox_listeners.remove(taken.put_nowait)
+    if sink.closing.is_set() and not isinstance(sink, LocalSink):
+        raise Handover
 
 
-async def _receive(node: Node, follow: bool, timeout: float | None, out: Output) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    async with online(node), asyncio.timeout(timeout):
-        _print_all(node.take_inbox(), out)
-        while not stop.is_set():
-            getter = asyncio.create_task(node.events.get())
-            stopper = asyncio.create_task(stop.wait())
-            wait = None if follow else QUIET
-            done, _ = await asyncio.wait({getter, stopper}, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-            stopper.cancel()
-            if getter not in done:
-                getter.cancel()
-                if not follow and node.idle():
-                    break
-                continue
-            getter.result()
-            _print_all(node.take_inbox(), out)
-    _print_all(node.take_inbox(), out)
-
-
-def _print_all(items: list[dict[str, Any]], out: Output) -> None:
+def _print_all(items: list[dict[str, Any]], sink: Sink) -> None:
     for item in items:
         if item.get("type") == "message":
             text = f"[{item['from']}] {item['text']}"
         else:
             who = f" {item['peer']}" if item.get("peer") else ""
             text = f"! {item['event']}{who}: {item['reason']}"
-        out.emit(item, text)
+        sink.emit(item, text)
 
 
-@click.command(epilog=EPILOG)
-@relay_option
-@json_option
-@store_options
-def status(relay_url: str | None, out: Output, store: StoreOptions) -> None:
-    """Identity, certificate, revocation-feed freshness, sessions and safety numbers (offline)."""
-    with open_node(store, relay_url) as node:
-        info = node.status()
+def _drain(queue: asyncio.Queue[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    items: list[dict[str, Any]] = []
+    while not queue.empty():
+        items.extend(queue.get_nowait())
+    return items
+
+
+async def _status_work(node: Node, args: dict[str, Any], sink: Sink) -> None:
+    info = node.status()
     feed = info["feed"]
     freshness = (
         "no CRL yet: new sessions fail closed"
@@ -181,5 +154,105 @@ def status(relay_url: str | None, out: Output, store: StoreOptions) -> None:
     for s in info["sessions"]:
         state = s["state"] + (f" ({s['closed_reason']})" if s["closed_reason"] else "")
         lines.append(f"session     {s['peer']}: {state}; safety number {s['safety_number']}")
-    out.emit(info, "\n".join(lines))
+    sink.emit(info, "\n".join(lines))
 
+
+def control_handlers(node: Node, *, reads_inbox: bool) -> dict[str, Handler]:
+    """What this process answers on its home's control socket while it runs `node`.
+
+    `reads_inbox`: this process shows what arrives itself (a followed receive, the chat), so a
+    `receive` from another terminal prints what it took instead of taking it away.
+    """
+
+    def bind(work: Work) -> Handler:
+        async def handler(args: dict[str, Any], reply: Reply) -> None:
+            await work(node, args, reply)
+
+        return handler
+
+    async def receive_for(node: Node, args: dict[str, Any], sink: Sink) -> None:
+        await _receive_work(node, args, sink, take=not reads_inbox)
+
+    return {"send": bind(_send_work), "receive": bind(receive_for), "status": bind(_status_work)}
+
+
+def _run_online(
+    store: StoreOptions, relay_url: str | None, out: Output, work: Work, args: dict[str, Any], *, reads_inbox: bool
+) -> Callable[[HomeLock | None, str], None]:
+    """`run_here` for `dispatch`: the node online, answering on the control socket, doing `work`."""
+
+    def run_here(lock: HomeLock | None, passphrase: str) -> None:
+        assert lock is not None
+        with open_node(store, relay_url, passphrase) as node:
+            asyncio.run(_online_work(node, lock, work, args, out, reads_inbox=reads_inbox))
+
+    return run_here
+
+
+async def _online_work(
+    node: Node, lock: HomeLock, work: Work, args: dict[str, Any], out: Output, *, reads_inbox: bool
+) -> None:
+    sink = LocalSink(out)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, sink.closing.set)
+    async with online(node), serving(node, lock, control_handlers(node, reads_inbox=reads_inbox)):
+        await work(node, args, sink)
+
+
+@click.command(epilog=SEND_EXAMPLES + "\n" + EPILOG)
+@click.option("--to", "peer", required=True, help="Name of the node to send to.")
+@click.argument("text")
+@relay_option
+@json_option
+@store_options
+def send(peer: str, text: str, relay_url: str | None, out: Output, store: StoreOptions) -> None:
+    """Send TEXT ('-' reads stdin) to node --to, end to end encrypted.
+
+    Returns once the relay has stored the message; if the relay stops answering, the message
+    stays in the outbox and goes out with the next send or receive. While another kmsnet
+    process uses this home (`receive --follow`, `chat`), the message goes out through it.
+    """
+    if text == "-":
+        text = read_input("-").decode("utf-8", errors="replace")
+    logs.configure("WARNING")
+    args = {"peer": peer, "text": text}
+    dispatch(store, out, "send", args, _run_online(store, relay_url, out, _send_work, args, reads_inbox=False))
+
+
+@click.command(epilog=RECEIVE_EXAMPLES + "\n" + EPILOG)
+@click.option("--follow", is_flag=True, help="Keep receiving until interrupted (or --timeout).")
+@click.option("--timeout", type=click.FloatRange(min=0), help="Stop after this many seconds.")
+@relay_option
+@json_option
+@store_options
+def receive(follow: bool, timeout: float | None, relay_url: str | None, out: Output, store: StoreOptions) -> None:
+    """Print messages and security events addressed to this node.
+
+    A refused input (tampered, replayed, revoked, stale) is printed as an event, never as a
+    message. Without --follow, exits once the mailbox is empty. While another kmsnet process
+    uses this home, prints what that process receives from now on.
+    """
+    logs.configure("WARNING")
+    args = {"follow": follow, "timeout": timeout}
+
+    async def work(node: Node, args: dict[str, Any], sink: Sink) -> None:
+        await _receive_work(node, args, sink, take=True)
+
+    run_here = _run_online(store, relay_url, out, work, args, reads_inbox=True)
+    dispatch(store, out, "receive", args, run_here, extra=("--follow",) if follow else ())
+
+
+@click.command(epilog=EPILOG)
+@relay_option
+@json_option
+@store_options
+def status(relay_url: str | None, out: Output, store: StoreOptions) -> None:
+    """Identity, certificate, revocation-feed freshness, sessions and safety numbers (offline;
+    while another kmsnet process uses this home, as that process sees it)."""
+
+    def run_here(lock: HomeLock | None, passphrase: str) -> None:
+        with open_node(store, relay_url, passphrase) as node:
+            asyncio.run(_status_work(node, {}, LocalSink(out)))
+
+    dispatch(store, out, "status", {}, run_here, read_only=True)

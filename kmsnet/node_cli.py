@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import click
 
-from kmsnet.exits import BAD_INPUT, EPILOG, CliFailure
+from kmsnet.exits import EPILOG
 from kmsnet.options import ENVIRONMENT_HELP, Output, StoreOptions, json_option, node_failures, store_options
+from kmsnet.writer import exclusive, require_node
 from node.enrol import Renewal, enrol_node, rekey_node, renew_certificate
 from node.keystore import Keystore
 from node.kms import KEYSTORE_FILE
@@ -58,7 +59,7 @@ def init(
     `kmsnet kms` made is joined, with its passphrase). Without
     --ca-fingerprint, compare the printed fingerprint with the CA's before trusting this node.
     """
-    with node_failures():
+    with exclusive(store), node_failures():
         enrolment = enrol_node(
             store.home,
             name,
@@ -97,12 +98,6 @@ def _renewal_record(renewal: Renewal) -> dict[str, object]:
     }
 
 
-def _require_keystore(store: StoreOptions) -> None:
-    # Before the passphrase prompt: no passphrase can help a home without a node.
-    if not (store.home / KEYSTORE_FILE).exists():
-        raise CliFailure(f"no node in {store.home} (run `kmsnet node init` first)", BAD_INPUT)
-
-
 @node.command(
     epilog="\b\nExamples:\n"
     "  kmsnet node renew --home alice\n"
@@ -118,8 +113,12 @@ def renew(ca_url: str | None, store: StoreOptions, out: Output) -> None:
     The request is signed by the node's current key; the CA refuses it (exit 4) for a revoked
     or expired certificate: then the node needs a new token (`kmsnet node rekey`).
     """
-    _require_keystore(store)
-    with node_failures(), Keystore.open(store.home / KEYSTORE_FILE, passphrase=store.passphrase()) as keystore:
+    require_node(store)
+    with (
+        exclusive(store),
+        node_failures(),
+        Keystore.open(store.home / KEYSTORE_FILE, passphrase=store.passphrase()) as keystore,
+    ):
         renewal = renew_certificate(keystore, ca_url=ca_url)
     record = _renewal_record(renewal)
     out.emit(record, f"renewed {renewal.name}: certificate {record['serial']} valid until {record['not_after']}")
@@ -146,8 +145,8 @@ def rekey(name: str, ca_url: str, token: str, store: StoreOptions, out: Output) 
     certificate first (`kmsnet ca revoke NAME --reason key-compromise`). The CA must present the
     root this node pins (exit 4 otherwise).
     """
-    _require_keystore(store)
-    with node_failures():
+    require_node(store)
+    with exclusive(store), node_failures():
         renewal = rekey_node(store.home, name, ca_url, token, store.passphrase())
     record = _renewal_record(renewal)
     out.emit(record, f"re-keyed {renewal.name}: new key, certificate {record['serial']} until {record['not_after']}")

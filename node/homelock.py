@@ -55,25 +55,38 @@ class HomeLock:
         self.home = home
         self.holder = holder
         self._fd: int | None = fd
+        self._created = False
 
     @classmethod
     def try_acquire(cls, home: Path | str, command: str, *, serves: bool = False) -> HomeLock | None:
         """Take the lock of `home` (created 0700 if missing), or None at once if another process holds it."""
         home = Path(home)
-        try:
-            home.mkdir(mode=0o700, parents=True, exist_ok=True)
-            fd = os.open(home / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            raise StorageError(f"cannot lock {home}: {exc.strerror or exc}") from exc
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        created = not home.exists()
+        while True:
+            try:
+                home.mkdir(mode=0o700, parents=True, exist_ok=True)
+                fd = os.open(home / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            except OSError as exc:
+                raise StorageError(f"cannot lock {home}: {exc.strerror or exc}") from exc
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                # A holder that made the home for nothing removes the file on release (see `release`):
+                # the flock we got may be on that removed file, which locks nobody out.
+                current = os.stat(home / LOCK_NAME, follow_symlinks=False).st_ino
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            except FileNotFoundError:
+                os.close(fd)
+                continue
+            except OSError as exc:
+                os.close(fd)
+                raise StorageError(f"cannot lock {home}: {exc.strerror or exc}") from exc
+            if current == os.fstat(fd).st_ino:
+                break
             os.close(fd)
-            return None
-        except OSError as exc:
-            os.close(fd)
-            raise StorageError(f"cannot lock {home}: {exc.strerror or exc}") from exc
         lock = cls(home, fd, Holder(os.getpid(), command, serves))
+        lock._created = created
         lock._describe()
         return lock
 
@@ -101,9 +114,21 @@ class HomeLock:
             os.pwrite(self._fd, data, 0)
 
     def release(self) -> None:
-        """Give the lock up (closing the descriptor releases the flock). Idempotent."""
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
+        """Give the lock up (closing the descriptor releases the flock). Idempotent.
+
+        A home this lock created and nothing else used (a `node init` that failed) is removed
+        again, so that a failed command leaves nothing behind.
+        """
+        if self._fd is None:
+            return
+        fd, self._fd = self._fd, None
+        try:
+            # If someone else's file appears meanwhile, rmdir fails and the home stays, as it should.
+            with contextlib.suppress(OSError):
+                if self._created and [p.name for p in self.home.iterdir()] == [LOCK_NAME]:
+                    (self.home / LOCK_NAME).unlink()  # while still holding it: see try_acquire
+                    self.home.rmdir()
+        finally:
             os.close(fd)
 
     def __enter__(self) -> HomeLock:

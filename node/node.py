@@ -163,6 +163,9 @@ class Node:
         packed = keystore.get(NS_NODE, "prekeys")
         self.prekeys = PrekeySecrets.from_bytes(packed) if packed else PrekeySecrets()
         self.events: asyncio.Queue[Delivered] = asyncio.Queue()
+        #: Called with what each `take_inbox` took: other readers of this node (the control socket's
+        #: `receive` requests) see what the application took.
+        self.inbox_listeners: list[Callable[[list[dict[str, Any]]], None]] = []
         self._sessions: dict[str, Session] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         # Sends waiting for ACCEPTED: msg_id → (deadline on the loop's clock, future), oldest first.
@@ -618,6 +621,10 @@ class Node:
             # No need to wait: were the delete lost in a crash, the resend is deduplicated by the relay.
             self._journal.commit({}, [(NS_OUTBOX, envelope.name)], sync=False).add_done_callback(_log_failure)
 
+    def is_queued(self, msg_id: str) -> bool:
+        """True while the relay has not accepted message `msg_id` (hex, as `send` returned it)."""
+        return bytes.fromhex(msg_id) in self._outbox
+
     def outbox_size(self) -> int:
         """Envelopes the relay has not yet accepted."""
         return len(self._outbox)
@@ -891,6 +898,9 @@ class Node:
                 if packed is not None:
                     out.append(msgpack.unpackb(packed))
                 self.keystore.delete(NS_INBOX, name)
+        if out:
+            for listener in list(self.inbox_listeners):
+                listener(out)
         return out
 
     # --- status ---------------------------------------------------------------------------------------

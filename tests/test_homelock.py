@@ -68,3 +68,17 @@ def test_a_home_that_cannot_be_created_is_a_storage_error(tmp_path: Path) -> Non
     (tmp_path / "file").write_text("not a directory")
     with pytest.raises(Exception, match="cannot lock"):
         HomeLock.acquire(tmp_path / "file" / "alice", "kmsnet send")
+
+
+def test_a_home_made_for_nothing_is_removed_again(tmp_path: Path) -> None:
+    """`node init` that fails must leave nothing behind: not even the lock it took."""
+    home = tmp_path / "new" / "alice"
+    HomeLock.acquire(home, "kmsnet node init").release()
+    assert not home.exists()
+    with HomeLock.acquire(home, "kmsnet node init"):
+        (home / "keystore.db").write_bytes(b"made")
+    assert sorted(p.name for p in home.iterdir()) == ["keystore.db", LOCK_NAME]
+    existing = tmp_path / "bob"
+    existing.mkdir()
+    HomeLock.acquire(existing, "kmsnet node init").release()
+    assert [p.name for p in existing.iterdir()] == [LOCK_NAME]  # not ours to remove
