@@ -520,7 +520,8 @@ class Node:
             self._reservations[peer] = durable
             return durable
         pending = self._reservations.get(peer)
-        return pending if pending is not None and not pending.done() else None
+        # A reservation whose commit failed covers nothing: those waiting on it fail with it.
+        return pending if pending is not None and not _succeeded(pending) else None
 
     def _queue_outbox(self, msg_id: bytes, to: str, payload: bytes) -> None:
         """Keep an envelope until the relay accepts it, to resend it after a reconnect.
@@ -583,7 +584,7 @@ class Node:
         self._note_peer(started.peer, "initiated", puts)
         self._initiated_at[peer] = self.clock()
         self._stage_session(peer, started.session, puts)
-        durable = self._journal.commit(puts)
+        durable = self._unless_durable(peer, started.session, self._journal.commit(puts))
         self._emit(
             SecurityEvent(
                 "session_established",
@@ -603,7 +604,20 @@ class Node:
         """Commit a session's state, fsynced."""
         puts: dict[Key, bytes] = {}
         self._stage_session(peer, session, puts)
-        return self._journal.commit(puts)
+        return self._unless_durable(peer, session, self._journal.commit(puts))
+
+    def _unless_durable(self, peer: str, session: Session, durable: asyncio.Future[None]) -> asyncio.Future[None]:
+        """Forget `session` in memory if the commit of its state fails: the next use reloads the last
+        durable state. Encrypting on from a state that never reached the disk would, after a restart,
+        send other plaintexts under message numbers that already left: the same (key, nonce)."""
+
+        def check(fut: asyncio.Future[None]) -> None:
+            if not _succeeded(fut) and self._sessions.get(peer) is session:
+                del self._sessions[peer]
+                log.error("session_not_saved", extra={"fields": {"node": self.name, "peer": peer}})
+
+        durable.add_done_callback(check)
+        return durable
 
     def _link_send_nowait(self, frame: LinkFrame) -> None:
         if self._link is None:
@@ -745,7 +759,8 @@ class Node:
             self._to_inbox(message.to_json(), puts)
         # Not fsynced: after a power loss the last few received messages may be shown again, but no
         # key is ever reused, because every send is fsynced, and an fsync makes all of this durable too.
-        return self._journal.commit(puts, self._prune_seen(peer), sync=False), message
+        committed = self._journal.commit(puts, self._prune_seen(peer), sync=False)
+        return self._unless_durable(peer, self._sessions[peer], committed), message
 
     def _respond(self, peer: str, payload: bytes, puts: dict[Key, bytes]) -> Any:
         init = handshake.decode_init(payload)
@@ -948,6 +963,10 @@ class Node:
             "outbox": self.outbox_size(),
             "sessions": sessions,
         }
+
+
+def _succeeded(fut: asyncio.Future[None]) -> bool:
+    return fut.done() and not fut.cancelled() and fut.exception() is None
 
 
 def _log_failure(fut: asyncio.Future[None]) -> None:

@@ -10,8 +10,10 @@ import sys
 from pathlib import Path
 
 from conftest import ALICE, BOB, CA, NOW
-from lab import make_node, next_message, provision, publish_crl, relay_config, running
+from lab import clock, make_node, next_message, provision, publish_crl, relay_config, running
 
+from node.errors import StorageError
+from node.node import Node, NodeOptions
 from protocol import certs, wire
 from protocol.link import Send
 from protocol.messages import RatchetMessage
@@ -145,3 +147,53 @@ async def test_node_killed_mid_conversation_resumes_without_reusing_a_key(tmp_pa
         assert {f"m{i}" for i in returned} <= set(got)
         assert watch.reused == [], "a (ratchet key, message number) pair encrypted two different ciphertexts"
         assert len(watch.seen) >= 40
+
+
+async def test_a_reservation_whose_fsync_failed_covers_nothing_and_no_key_is_reused_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """A full disk fails the fsync of a new reservation: every send that needs it fails, and none
+    leaves under it, so a restart that resumes from the last durable state reuses no (key, nonce)."""
+    watch = NonceWatch()
+    async with Relay(relay_config(CA, tmp_path), interceptor=watch) as relay:
+        await publish_crl(relay, CA, CA.crl())
+        alice = make_node(CA, ALICE, relay.url, tmp_path / "alice.db")
+        bob = make_node(CA, BOB, relay.url)
+        keystore = alice.keystore
+        write_sealed = keystore.write_sealed
+
+        def disk_full(rows, deletes, *, sync=True):  # type: ignore[no-untyped-def]
+            if sync:  # the fsynced commits: reservations and new sessions
+                raise StorageError("keystore write failed: disk full")
+            write_sealed(rows, deletes, sync=sync)
+
+        delivered: list[str] = []
+        async with running(bob):
+            async with running(alice):
+                for i in range(60):
+                    await alice.send("bob", f"m{i}")
+                keystore.write_sealed = disk_full  # type: ignore[method-assign]
+                # Sooner or later a send needs a new reservation (its end, or a new chain after a DH step).
+                first_failure: int | None = None
+                leaked = 0
+                for i in range(60, 260):
+                    try:
+                        await alice.send("bob", f"m{i}")
+                    except StorageError:
+                        first_failure = i if first_failure is None else first_failure
+                        continue
+                    if first_failure is not None:
+                        leaked += 1
+                    if first_failure is not None and i > first_failure + 10:
+                        break
+                keystore.write_sealed = write_sealed  # type: ignore[method-assign]
+                assert first_failure is not None
+                assert leaked == 0, "sends went out under a reservation that never reached the disk"
+                delivered += [(await next_message(bob)).text for _ in range(first_failure)]
+            again = Node(keystore, options=NodeOptions(), clock=clock)  # restarted from the disk
+            async with running(again):
+                for i in range(300, 310):
+                    await again.send("bob", f"m{i}")
+                delivered += [(await next_message(bob)).text for _ in range(10)]
+    assert delivered == [f"m{i}" for i in [*range(first_failure), *range(300, 310)]]
+    assert watch.reused == [], "a (ratchet key, message number) pair carried two different ciphertexts"
