@@ -471,6 +471,11 @@ def respond(
         if init.signature is None:
             raise BadSignature("initial message is not signed")
         verify_signature(peer.public_key, init.signature, LABEL_INIT_SIGNATURE + th)
+    message0 = wire.decode_message(init.message)
+    if (message0.dh, message0.pn, message0.n) != (init.ephemeral, 0, 0):
+        # A later message of the same chain also decrypts, and would leave the real message 0
+        # to be refused as a replay: a relay could swap them and nobody would be told.
+        raise HandshakeError("the initial message must carry message 0 of the initiator's first chain")
     # Verified: derive.
     dh1 = spk.exchange(init.ephemeral)
     secrets = dh1
@@ -482,7 +487,7 @@ def respond(
     rk = root_key(secrets, th, insecure=suite is Suite.INSECURE_UNSIGNED)
     ratchet = Ratchet.responder(rk, theirs=init.ephemeral, dh_output=dh1, keygen=keygen)
     session = Session(ratchet, transcript=th, peer=peer.name, peer_fingerprint=peer.fingerprint, suite=suite)
-    first = session.decrypt(init.message)
+    first = session.decrypt_message(message0)
     # Message 0 authenticated: commit the consumption.
     if init.otpk_id is not None:
         del prekeys._onetime[init.otpk_id]

@@ -791,3 +791,21 @@ def test_a_restored_signed_prekey_without_a_replay_cache_still_accepts(bob_preke
     bob_prekeys.secrets = handshake.PrekeySecrets.from_bytes(msgpack.packb([fmt, spk, kem, onetime, issued, []]))
     _, responded = establish(CA, ALICE, bob_prekeys, with_onetime=False)
     assert responded.first.data == b"hello"
+
+
+def test_an_init_must_carry_message_0_of_the_first_chain(bob_prekeys: Prekeys) -> None:
+    """A relay swaps INIT's message 0 for message 1 of the same chain (it decrypts just as well):
+    refused before anything is consumed, and the untouched INIT still opens the session."""
+    initiated = initiate(bob_prekeys.fetch())
+    init = init_of(initiated)
+    later = initiated.session.encrypt(b"second")
+    message1 = wire.decode_message(later)
+    assert (message1.dh, message1.pn, message1.n) == (init.ephemeral, 0, 1)
+    err = refused_by_responder(dataclasses.replace(init, message=later), bob_prekeys, HandshakeError)
+    assert "message 0" in str(err)
+    # Another chain's message, or a header naming another key, is refused the same way.
+    zeroed = wire.encode(dataclasses.replace(message1, n=0, dh=bytes(32)))
+    refused_by_responder(dataclasses.replace(init, message=zeroed), bob_prekeys, HandshakeError)
+    responded = respond(init, bob_prekeys)
+    assert responded.first.data == b"hello"
+    assert responded.session.decrypt(later).data == b"second"
