@@ -11,7 +11,8 @@ queued or the node stops (see `_queue_outbox`).
 
 Keystore layout (namespace / name → sealed value):
     node/identity, node/certificate, node/root, node/relay, node/prekeys, node/revocation,
-    node/next_prekey_rotation, bundle/<spk id>, session/<peer>, peer/<peer>,
+    node/next_prekey_rotation, node/onetime_certificate (the certificate the relay's one-time prekeys
+    are signed over), bundle/<spk id>, session/<peer>, peer/<peer>,
     outbox/<seq 20 digits>, inbox/<seq 20 digits>, seen/<peer>:<msg id hex>
 """
 
@@ -174,7 +175,6 @@ class Node:
         self._link: RelayLink | None = None
         self._link_task: asyncio.Task[None] | None = None
         self._journal = Journal(keystore)
-        self._replace_onetime = False
         self._maintenance: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # Peers a heartbeat is being sent to (one at a time is enough).
@@ -222,7 +222,6 @@ class Node:
             self._emit(SecurityEvent("renewal_failed", None, f"{type(exc).__name__}: {exc}"))
             return False
         self._load_identity()
-        self._replace_onetime = True  # the old ones are signed over the old certificate
         if self._link is not None:
             await self._link.switch_identity(self.identity, self.certificate)
         log.info("certificate_renewed", extra={"fields": {"node": self.name}})
@@ -351,7 +350,9 @@ class Node:
         now = self.clock()
         rotated = self._rotate_signed_prekey(now)
         new_onetime = []
-        replace = self._replace_onetime
+        # One-time prekeys are signed over our certificate: after a renewal or a re-key (online or
+        # not, in this process or another) the relay's stock verifies for nobody, and is replaced.
+        replace = self.keystore.get(NS_NODE, "onetime_certificate") != self.fingerprint
         if onetime_left < ONETIME_LOW or rotated or replace:
             start = self.prekeys.next_onetime_id
             for key_id in range(start, start + ONETIME_BATCH):
@@ -364,7 +365,8 @@ class Node:
         upload = [[o.key_id, o.public, o.signature] for o in new_onetime]
         assert self._link is not None
         await self._link.send(PublishBundle(wire.encode(current), upload, int(replace)))
-        self._replace_onetime = False
+        if replace:
+            self._journal.commit({(NS_NODE, "onetime_certificate"): self.fingerprint}).add_done_callback(_log_failure)
 
     def _current_bundle(self) -> PrekeyBundle:
         ids = sorted(int(n) for n in self.keystore.names(NS_BUNDLE))
@@ -581,19 +583,23 @@ class Node:
             self._emit(SecurityEvent("session_refused", peer, f"{type(exc).__name__}: {exc}"))
             raise
         puts: dict[Key, bytes] = {}
+        previous = self.peer(peer)
         self._note_peer(started.peer, "initiated", puts)
         self._initiated_at[peer] = self.clock()
         self._stage_session(peer, started.session, puts)
         durable = self._unless_durable(peer, started.session, self._journal.commit(puts))
-        self._emit(
-            SecurityEvent(
-                "session_established",
-                peer,
-                f"initiated ({Suite(started.session.suite).name}); safety number "
-                f"{safety_number(self.identity.public_bytes, started.peer.public_key.public_bytes_raw())}",
-            )
-        )
+        self._established(peer, previous, started.peer, f"initiated ({Suite(started.session.suite).name})")
         return started.frame, durable
+
+    def _established(
+        self, peer: str, previous: PeerRecord | None, verified: certs.VerifiedCertificate, how: str
+    ) -> None:
+        """Tell the application of a new session, and first of a new identity key (either side started it)."""
+        new_identity = verified.public_key.public_bytes_raw()
+        number = safety_number(self.identity.public_bytes, new_identity)
+        if previous is not None and previous.identity != new_identity:
+            self._emit(SecurityEvent("identity_changed", peer, f"new identity key; new safety number {number}"))
+        self._emit(SecurityEvent("session_established", peer, f"{how}; safety number {number}"))
 
     def _stage_session(self, peer: str, session: Session, puts: dict[Key, bytes]) -> None:
         """Add a session's state to a commit being prepared."""
@@ -790,19 +796,11 @@ class Node:
             allowed_suites=self.options.accept_suites,
             expected_name=peer,
         )
-        new_identity = result.peer.public_key.public_bytes_raw()
         self._sessions[peer] = result.session
         self._note_peer(result.peer, "established", puts)
         # The consumed one-time prekey goes to disk with the session it made, in one commit.
         puts[(NS_NODE, "prekeys")] = self.prekeys.to_bytes()
-        number = safety_number(self.identity.public_bytes, new_identity)
-        if previous is not None and previous.identity != new_identity:
-            self._emit(SecurityEvent("identity_changed", peer, f"new identity key; new safety number {number}"))
-        self._emit(
-            SecurityEvent(
-                "session_established", peer, f"accepted ({Suite(result.session.suite).name}); safety number {number}"
-            )
-        )
+        self._established(peer, previous, result.peer, f"accepted ({Suite(result.session.suite).name})")
         return result.first
 
     def _bundle_for(self, init: InitMessage) -> PrekeyBundle:

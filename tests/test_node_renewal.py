@@ -96,3 +96,39 @@ async def test_after_a_rekey_peers_see_the_identity_change_with_the_new_safety_n
             assert new_number != old_number and new_number in changed.reason
             assert (await next_message(alice)).text == "new bob"
         await ws.close()
+
+
+async def test_an_initiator_meeting_a_new_identity_key_is_told_too(running_ca: RunningCa, tmp_path: Path) -> None:
+    """Bob re-keys after a compromise and his old certificate is revoked: alice's session with the
+    old key ends, and when *she* starts the next one she sees the new safety number announced."""
+    ca = running_ca
+    async with Relay(RelayConfig(ca_root=ca.authority.root, port=0, store_path=str(tmp_path / "relay.db"))) as relay:
+
+        class CaNode:
+            identity, cert = ca.authority.node_credentials()
+
+        ws, _ = await raw_client(relay, CaNode)  # type: ignore[arg-type]
+        await ws.send(wire.encode_link(PublishCrl(ca.authority.current_crl())))
+        for name in ("alice", "bob"):
+            await enrol(tmp_path / name, name, ca.url, ca.admin.token(name).secret, relay_url=relay.url)
+        alice = Node(Keystore.open(tmp_path / "alice" / "keystore.db", passphrase=PASS))
+        bob_store = tmp_path / "bob" / "keystore.db"
+        bob = Node(Keystore.open(bob_store, passphrase=PASS))
+        async with running(alice, bob):
+            await alice.send("bob", "old bob?")
+            assert (await next_message(bob)).text == "old bob?"
+            old_number = alice.status()["sessions"][0]["safety_number"]
+        bob.keystore.close()
+        ca.authority.revoke("bob", reason="key-compromise", session=ca.admin.session)
+        await ws.send(wire.encode_link(PublishCrl(ca.authority.current_crl())))
+        await asyncio.to_thread(rekey_node, tmp_path / "bob", "bob", ca.url, ca.admin.token("bob").secret, PASS)
+        bob = Node(Keystore.open(bob_store, passphrase=PASS))
+        async with running(alice, bob):
+            await next_event(alice, "peer_revoked")
+            await alice.send("bob", "new bob?")
+            changed = await next_event(alice, "identity_changed")
+            assert changed.peer == "bob"
+            new_number = alice.status()["sessions"][0]["safety_number"]
+            assert new_number != old_number and new_number in changed.reason
+            assert (await next_message(bob)).text == "new bob?"
+        await ws.close()
