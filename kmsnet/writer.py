@@ -175,7 +175,8 @@ def dispatch(
             raise CliFailure(str(in_use(store.home)))
         if holder is not None and holder.serving:
             key = key or _control_key(store, passphrase)
-            outcome = _through_holder(store, key, command, args, out)
+            with node_failures():  # a holder that speaks out of turn, or no Unix sockets here: exit 3
+                outcome = _through_holder(store, key, command, args, out)
             if outcome is not None and not outcome.handover:
                 if outcome.exit != 0:
                     raise CliFailure(outcome.message or "the running kmsnet process refused the request", outcome.exit)

@@ -214,6 +214,10 @@ async def both_ways(tmp_path: Path, count: int) -> BothWays:
         # Each home has been online once, so that its prekeys are at the relay.
         for home in (w.alice, w.bob):
             assert (await kmsnet("receive", "--home", str(home), "--timeout", "5")).code == 0
+        # The session exists before both sides write at once: two first messages crossing are
+        # another matter (each side's INIT meets the other's; one of them loses), not this test's.
+        assert (await send(w.alice, "bob", "hello")).code == 0
+        assert (await kmsnet("receive", "--home", str(w.bob), "--timeout", "5")).code == 0
         alice, bob = await follow(w.alice), await follow(w.bob)
         pids = {w.alice: await serving_pid(w.alice), w.bob: await serving_pid(w.bob)}
         assert pids == {w.alice: alice.proc.pid, w.bob: bob.proc.pid}
