@@ -765,7 +765,10 @@ class Node:
             self._to_inbox(message.to_json(), puts)
         # Not fsynced: after a power loss the last few received messages may be shown again, but no
         # key is ever reused, because every send is fsynced, and an fsync makes all of this durable too.
-        committed = self._journal.commit(puts, self._prune_seen(peer), sync=False)
+        # An accepted INIT is fsynced: it consumed a one-time prekey (or entered the replay cache),
+        # and a power loss that forgot that would accept the same INIT again once the relay re-sends it.
+        sync = kind is FrameType.INIT
+        committed = self._journal.commit(puts, self._prune_seen(peer), sync=sync)
         return self._unless_durable(peer, self._sessions[peer], committed), message
 
     def _respond(self, peer: str, payload: bytes, puts: dict[Key, bytes]) -> Any:

@@ -197,3 +197,28 @@ async def test_a_reservation_whose_fsync_failed_covers_nothing_and_no_key_is_reu
                 delivered += [(await next_message(bob)).text for _ in range(10)]
     assert delivered == [f"m{i}" for i in [*range(first_failure), *range(300, 310)]]
     assert watch.reused == [], "a (ratchet key, message number) pair carried two different ciphertexts"
+
+
+async def test_an_accepted_init_is_fsynced_before_it_is_acknowledged(tmp_path: Path) -> None:
+    """The INIT consumed a one-time prekey: were that commit lost with the power, the relay's
+    re-sent INIT would be accepted a second time. Later messages need no fsync of their own."""
+    async with Relay(relay_config(CA, tmp_path)) as relay:
+        await publish_crl(relay, CA, CA.crl())
+        alice = make_node(CA, ALICE, relay.url)
+        bob = make_node(CA, BOB, relay.url, tmp_path / "bob.db")
+        commits: list[tuple[set[tuple[str, str]], bool]] = []
+        async with running(alice, bob):
+            commit = bob._journal.commit
+
+            def recording(puts, deletes=(), *, sync=True):  # type: ignore[no-untyped-def]
+                commits.append((set(puts), sync))
+                return commit(puts, deletes, sync=sync)
+
+            bob._journal.commit = recording  # type: ignore[method-assign]
+            await alice.send("bob", "first")
+            assert (await next_message(bob)).text == "first"
+            await alice.send("bob", "second")
+            assert (await next_message(bob)).text == "second"
+    deliveries = [(keys, sync) for keys, sync in commits if ("session", "alice") in keys]
+    assert [("node", "prekeys") in keys for keys, _ in deliveries] == [True, False]
+    assert [sync for _, sync in deliveries] == [True, False]
