@@ -22,6 +22,7 @@ import json
 import logging
 import secrets
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,10 +37,16 @@ from pyasn1.type import univ
 
 from node.errors import KeystoreCorrupt, NodeError, TrustError, Unavailable
 from node.signed_der import DelegatedEd25519
+from protocol.identity import IdentityKey
 
 __all__ = [
     "PIN_ENV",
+    "Pin",
+    "PinRequired",
+    "TokenAesKey",
+    "TokenEd25519Key",
     "TokenError",
+    "TokenIdentityKey",
     "TokenKeyMissing",
     "TokenKeyRef",
     "TokenSession",
@@ -69,6 +76,27 @@ class TokenUnavailable(TokenError, Unavailable):
 
 class WrongPin(TokenError):
     """The token refused the PIN (or it is locked)."""
+
+
+class PinRequired(TokenError):
+    """A key of this home is in a PKCS#11 token, and no PIN was given."""
+
+
+class NotExtractable(TokenError):
+    """Asked for the private bytes of a key that lives in a token."""
+
+
+#: The token's user PIN, or a function asked for it only when a token is actually opened
+#: (so that a command on a file-backed home never prompts for one).
+Pin = str | Callable[[], str]
+
+
+def resolve_pin(pin: Pin | None, slot: TokenSlot) -> str:
+    """The PIN `pin` gives; `PinRequired` without one."""
+    text = pin() if callable(pin) else pin
+    if not text:
+        raise PinRequired(f"the key is in the PKCS#11 token {slot.token!r}: give its PIN ({PIN_ENV} or a PIN file)")
+    return text
 
 
 class TokenKeyMissing(TokenError, TrustError):
@@ -188,12 +216,13 @@ class TokenSession:
         self._closed = False
 
     @classmethod
-    def open(cls, slot: TokenSlot, pin: str) -> TokenSession:
+    def open(cls, slot: TokenSlot, pin: Pin | None) -> TokenSession:
         """Log in to the token `slot` names with `pin` (read-write: keys are made and destroyed).
 
-        Raises `TokenUnavailable` (no module, no such token) or `WrongPin`.
+        Raises `TokenUnavailable` (no module, no such token), `PinRequired` or `WrongPin`.
         """
         lib = _lib(slot.module)
+        pin = resolve_pin(pin, slot)
         digest = _pin_digest(slot, pin)
         with _LIBS_LOCK:
             shared = _SESSIONS.get(slot)
@@ -409,3 +438,35 @@ class TokenAesKey:
 
     def __repr__(self) -> str:
         return f"<TokenAesKey {self.ref.label!r}>"
+
+
+class TokenIdentityKey(IdentityKey):
+    """A node identity (`protocol.identity.IdentityKey`) whose Ed25519 key is in a token.
+
+    It signs transcripts, bundles and challenges there; `private_bytes` and `private_key` refuse
+    (`NotExtractable`), and `delegated` signs X.509 objects (the node's CSRs) through the token.
+    """
+
+    __slots__ = ("delegated",)
+
+    def __init__(self, key: TokenEd25519Key) -> None:
+        # IdentityKey.__init__ wants a private key object; this one fills the same slots from the token.
+        self.delegated = key
+        self.public = key.public_key()
+        self.public_bytes = self.public.public_bytes_raw()
+
+    @property
+    def private_key(self) -> Any:
+        """Refused: the key never leaves the token."""
+        raise NotExtractable("the identity key is in a PKCS#11 token and never leaves it")
+
+    def private_bytes(self) -> bytes:
+        """Refused: the key never leaves the token."""
+        raise NotExtractable("the identity key is in a PKCS#11 token and never leaves it")
+
+    def sign(self, data: bytes) -> bytes:
+        """An Ed25519 signature over `data`, made in the token."""
+        return self.delegated.sign(data)
+
+    def __repr__(self) -> str:
+        return f"TokenIdentityKey(token={self.delegated.ref.slot.token!r}, label={self.delegated.ref.label!r})"

@@ -106,6 +106,10 @@ class DelegatedKey(Protocol):
         """The key's public half."""
         ...
 
+    def sign(self, data: bytes) -> bytes:
+        """The Ed25519 signature of `data`, made on the device."""
+        ...
+
     def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
         """The certificate `builder` describes, signed by this key."""
         ...

@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from softhsm import SoftHsm
 
 import node.ca.http as ca_http
 from node.ca import AdminSession, CaService, CertificateAuthority, EnrolmentToken
@@ -113,9 +114,15 @@ class Admin:
         return self.authority.token(name, ttl, session=self.session)
 
 
-def init_ca(home: Path, clock: Callable[[], datetime] = utcnow, policy: CaPolicy | None = None) -> bytes:
-    """`CertificateAuthority.init` with cheap Argon2; returns the first administrator's TOTP secret."""
-    created = CertificateAuthority.init(home, PASS, argon2=ARGON2_TEST, clock=clock, policy=policy)
+def init_ca(
+    home: Path, clock: Callable[[], datetime] = utcnow, policy: CaPolicy | None = None, token: SoftHsm | None = None
+) -> bytes:
+    """`CertificateAuthority.init` with cheap Argon2 (root key in `token` if given); returns the first
+    administrator's TOTP secret."""
+    slot, pin = (token.slot, token.pin) if token else (None, None)
+    created = CertificateAuthority.init(
+        home, PASS, argon2=ARGON2_TEST, clock=clock, policy=policy, token=slot, pin=pin
+    )
     return secret_from_uri(created.admin.otpauth)
 
 
