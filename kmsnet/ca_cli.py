@@ -215,7 +215,7 @@ def init(
     name: str,
     crl_lifetime: timedelta,
     cert_validity: timedelta,
-    token: TokenSlot | None,
+    key_token: TokenSlot | None,
     pin: PinSource,
     store: StoreOptions,
     out: Output,
@@ -242,8 +242,8 @@ def init(
             name=name,
             argon2=store.argon2,
             policy=policy,
-            token=token,
-            pin=pin if token else None,
+            token=key_token,
+            pin=pin if key_token else None,
         )
     admin = created.admin
     if not out.as_json:
@@ -259,7 +259,7 @@ def init(
         "root": str(store.home / CA_PEM),
         "fingerprint": created.fingerprint,
         "admin": {"name": admin.name, "role": admin.role, "otpauth": admin.otpauth},
-        "pkcs11_token": None if token is None else token.token,
+        "pkcs11_token": None if key_token is None else key_token.token,
     }
     out.emit(record, created.fingerprint)
 

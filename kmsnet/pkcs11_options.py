@@ -9,7 +9,6 @@ never ask for one.
 from __future__ import annotations
 
 import functools
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +18,9 @@ import click
 
 from kmsnet.exits import BAD_INPUT, UNREACHABLE, USAGE, CliFailure
 from kmsnet.options import _have_terminal
-from node.pkcs11 import PIN_ENV, TokenSlot
+from node.pkcs11 import PIN_ENV, PIN_FILE_ENV, TokenSlot, environment_pin
 
 F = TypeVar("F", bound=Callable[..., Any])
-
-PIN_FILE_ENV = "KMSNET_PKCS11_PIN_FILE"
 
 PKCS11_ENVIRONMENT_HELP = (
     f"A home whose keys are in a PKCS#11 token asks for the token's PIN: {PIN_FILE_ENV} (a file holding it), "
@@ -39,18 +36,17 @@ class PinSource:
 
     def __call__(self) -> str:
         """The PIN from the file, KMSNET_PKCS11_PIN_FILE, KMSNET_PKCS11_PIN or a prompt (in that order)."""
-        file = self.file or (Path(os.environ[PIN_FILE_ENV]) if os.environ.get(PIN_FILE_ENV) else None)
-        if file is not None:
+        if self.file is not None:
             try:
-                pin = file.read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
+                pin = self.file.read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
             except (OSError, UnicodeDecodeError) as exc:
-                raise CliFailure(f"cannot read the PIN file {file}", UNREACHABLE) from exc
-        elif os.environ.get(PIN_ENV):
-            pin = os.environ[PIN_ENV]
-        elif _have_terminal():
-            pin = click.prompt("PKCS#11 token PIN", hide_input=True, err=True)
+                raise CliFailure(f"cannot read the PIN file {self.file}", UNREACHABLE) from exc
         else:
-            raise CliFailure(f"no token PIN: set {PIN_ENV} or {PIN_FILE_ENV}, or run in a terminal", USAGE)
+            pin = environment_pin()
+            if not pin and not _have_terminal():
+                raise CliFailure(f"no token PIN: set {PIN_ENV} or {PIN_FILE_ENV}, or run in a terminal", USAGE)
+            if not pin:
+                pin = click.prompt("PKCS#11 token PIN", hide_input=True, err=True)
         if not pin:
             raise CliFailure("the token PIN is empty", BAD_INPUT)
         return pin
@@ -58,7 +54,7 @@ class PinSource:
 
 def token_options(label_flag: str = "--token") -> Callable[[F], F]:
     """Add --pkcs11, `label_flag` (the token's label) and --pin-file; pass them on as
-    `token: TokenSlot | None` and `pin: PinSource`. (`node init` has a --token already: the
+    `key_token: TokenSlot | None` and `pin: PinSource`. (`node init` has a --token already: the
     enrolment token; there the label is --pkcs11-token.)"""
 
     def decorate(command: F) -> F:
@@ -69,7 +65,7 @@ def token_options(label_flag: str = "--token") -> Callable[[F], F]:
             if (pkcs11 is None) != (pkcs11_label is None):
                 raise click.UsageError(f"--pkcs11 and {label_flag} go together")
             slot = None if pkcs11 is None or pkcs11_label is None else TokenSlot(pkcs11, pkcs11_label)
-            return command(*args, token=slot, pin=PinSource(pin_file), **kwargs)
+            return command(*args, key_token=slot, pin=PinSource(pin_file), **kwargs)
 
         options = [
             click.option(

@@ -20,10 +20,12 @@ import hashlib
 import hmac
 import json
 import logging
+import os
 import secrets
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pkcs11
@@ -41,6 +43,7 @@ from protocol.identity import IdentityKey
 
 __all__ = [
     "PIN_ENV",
+    "PIN_FILE_ENV",
     "Pin",
     "PinRequired",
     "TokenAesKey",
@@ -57,7 +60,8 @@ __all__ = [
 
 log = logging.getLogger("kmsnet.pkcs11")
 
-#: Where a non-interactive run finds the token's user PIN.
+#: Where a non-interactive run finds the token's user PIN: a file holding it, or the PIN itself.
+PIN_FILE_ENV = "KMSNET_PKCS11_PIN_FILE"
 PIN_ENV = "KMSNET_PKCS11_PIN"
 
 #: RFC 8410's id-Ed25519, DER: the CKA_EC_PARAMS SoftHSM (and PKCS#11 3.0) take for Ed25519 keys.
@@ -91,11 +95,28 @@ class NotExtractable(TokenError):
 Pin = str | Callable[[], str]
 
 
+def environment_pin() -> str:
+    """The PIN from the file KMSNET_PKCS11_PIN_FILE names, else KMSNET_PKCS11_PIN; "" when neither is set.
+
+    The default `Pin` of library callers (a running node); the command line adds a prompt.
+    """
+    file = os.environ.get(PIN_FILE_ENV)
+    if file:
+        try:
+            # One trailing newline is the file's, not the PIN's.
+            return Path(file).read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise TokenError(f"cannot read the PIN file {file} ({PIN_FILE_ENV})") from exc
+    return os.environ.get(PIN_ENV, "")
+
+
 def resolve_pin(pin: Pin | None, slot: TokenSlot) -> str:
     """The PIN `pin` gives; `PinRequired` without one."""
     text = pin() if callable(pin) else pin
     if not text:
-        raise PinRequired(f"the key is in the PKCS#11 token {slot.token!r}: give its PIN ({PIN_ENV} or a PIN file)")
+        raise PinRequired(
+            f"the key is in the PKCS#11 token {slot.token!r}: give its PIN ({PIN_FILE_ENV} or {PIN_ENV})"
+        )
     return text
 
 
