@@ -23,7 +23,9 @@ from kmsnet.options import (
     read_input,
     store_options,
 )
+from kmsnet.pkcs11_options import PKCS11_ENVIRONMENT_HELP, PinSource, token_options
 from node.kms import DEFAULT_WAITING_DAYS, KEYSTORE_FILE, KeyInfo, KeyManagementSystem, KeyType
+from node.pkcs11 import TokenSlot
 
 ACTOR = "cli"
 
@@ -34,8 +36,9 @@ def _epilog(*examples: str) -> str:
 
 
 @contextlib.contextmanager
-def _open(store: StoreOptions, *, create: bool = False) -> Iterator[KeyManagementSystem]:
-    """The KMS in `store.home`, with node errors mapped to exit codes."""
+def _open(store: StoreOptions, *, create: bool = False, pin: PinSource | None = None) -> Iterator[KeyManagementSystem]:
+    """The KMS in `store.home`, with node errors mapped to exit codes (the token PIN is asked for
+    only when a key kept in a token is used)."""
     path = store.home / KEYSTORE_FILE
     if not create and not path.exists():
         # Say so before asking for a passphrase that could not help.
@@ -47,6 +50,7 @@ def _open(store: StoreOptions, *, create: bool = False) -> Iterator[KeyManagemen
             create=create,
             argon2=store.argon2,
             actor=ACTOR,
+            pin=pin or PinSource(),
         )
         try:
             yield kms
@@ -65,7 +69,7 @@ def _show(out: Output, info: KeyInfo) -> None:
     out.emit(info.to_json(), _state_line(info))
 
 
-@click.group(epilog=f"{ENVIRONMENT_HELP}\n\n{EPILOG}")
+@click.group(epilog=f"{ENVIRONMENT_HELP} {PKCS11_ENVIRONMENT_HELP}\n\n{EPILOG}")
 def kms() -> None:
     """The seed's KeyManagementSystem: versioned keys, rotation, rewrap, states, signatures.
 
@@ -81,6 +85,7 @@ def kms() -> None:
         "kmsnet kms create session1 --home ~/.kmsnet",
         "kmsnet kms create user1 --type rsa-3072",
         "kmsnet kms create releases --type ed25519 --rotation-period 90d",
+        "kmsnet kms create vault1 --pkcs11 /usr/lib/softhsm/libsofthsm2.so --token kmsnet --pin-file kms.pin",
     )
 )
 @click.argument("name")
@@ -98,16 +103,27 @@ def kms() -> None:
     metavar="DURATION",
     help="Rotate automatically once the primary is this old (90s, 12h, 30d, 2w).",
 )
+@token_options()
 @store_options
 @json_option
-def create(name: str, key_type: str, rotation_period: timedelta | None, store: StoreOptions, out: Output) -> None:
+def create(
+    name: str,
+    key_type: str,
+    rotation_period: timedelta | None,
+    key_token: TokenSlot | None,
+    pin: PinSource,
+    store: StoreOptions,
+    out: Output,
+) -> None:
     """Create a key.
 
     NAME gets version 1 and starts enabled. The first key also creates the keystore
-    (you are asked for a new passphrase twice unless KMSNET_PASSPHRASE is set).
+    (you are asked for a new passphrase twice unless KMSNET_PASSPHRASE is set). With
+    --pkcs11 and --token, an aes256-gcm or ed25519 key is generated in that PKCS#11 token,
+    non-extractable, and encrypts, decrypts and signs there; its later versions too.
     """
-    with _open(store, create=True) as k:
-        _show(out, k.create_key(name, key_type, rotation_period=rotation_period))
+    with _open(store, create=True, pin=pin) as k:
+        _show(out, k.create_key(name, key_type, rotation_period=rotation_period, token=key_token))
 
 
 @kms.command(
