@@ -78,6 +78,7 @@ __all__ = [
     "Enrolment",
     "Renewal",
     "enrol_node",
+    "identity_records",
     "load_identity",
     "parse_fingerprint",
     "rekey_node",
@@ -154,15 +155,15 @@ def load_identity(keystore: Keystore, pin: Pin | None = None) -> IdentityKey | N
     """The node's identity key: from the keystore, or a handle on it in its PKCS#11 token.
 
     For a token-backed node this logs in with `pin` (default: KMSNET_PKCS11_PIN_FILE or
-    KMSNET_PKCS11_PIN); the session stays open while the process uses the key. None when the
-    keystore holds no node.
+    KMSNET_PKCS11_PIN); the key owns that session (`TokenIdentityKey.close` ends it, else the
+    process's end does). None when the keystore holds no node.
     """
     ref = keystore.get(NS_NODE, "identity_token")
     if ref is not None:
         token_ref = TokenKeyRef.from_record(ref)
         session = TokenSession.open(token_ref.slot, pin if pin is not None else environment_pin)
         try:
-            return TokenIdentityKey(session.ed25519(token_ref))
+            return TokenIdentityKey(session.ed25519(token_ref), session)
         except BaseException:
             session.close()
             raise
@@ -177,7 +178,7 @@ def _new_identity(name: str, session: TokenSession | None) -> IdentityKey:
     return TokenIdentityKey(session.generate_ed25519(f"kmsnet-node-{name}"))
 
 
-def _identity_records(identity: IdentityKey) -> dict[str, bytes]:
+def identity_records(identity: IdentityKey) -> dict[str, bytes]:
     """The keystore record that holds `identity` (or says where it is)."""
     if isinstance(identity, TokenIdentityKey):
         return {"identity_token": identity.delegated.ref.to_record()}
@@ -264,7 +265,7 @@ def _enrol_with(
     verified = _verify_issued(_post_certificate(base, "/enroll", payload, timeout), root, name, identity, clock())
 
     records = {
-        **_identity_records(identity),
+        **identity_records(identity),
         "certificate": verified.der,
         "root": certs.certificate_pem(root),
         "relay": relay_url.encode("utf-8"),
@@ -481,7 +482,7 @@ def _store_certificate(
         if new_identity is not None:
             for record in ("identity", "identity_token"):
                 keystore.delete(NS_NODE, record)
-            for record, value in _identity_records(new_identity).items():
+            for record, value in identity_records(new_identity).items():
                 keystore.put(NS_NODE, record, value)
             # After a compromise, sessions made under the old identity are suspect too: drop them, so
             # every peer meets the new identity in a fresh handshake (and is told it changed).

@@ -190,6 +190,34 @@ def _lib(module: str) -> Any:
         return lib
 
 
+def _find_token(lib: Any, slot: TokenSlot) -> Any:
+    """The token labelled `slot.token` (caller holds _LIBS_LOCK).
+
+    A module lists the tokens it saw when it was initialised; one inserted (or, for SoftHSM,
+    created, or configured by a new SOFTHSM2_CONF) since then is found by initialising the module
+    again, which is done only while no session of this process uses it.
+    """
+    token = _token_labelled(lib, slot)
+    if token is None and not any(open_slot.module == slot.module for open_slot in _SESSIONS):
+        try:
+            lib.reinitialize()
+        except p11.PKCS11Error as exc:
+            raise TokenUnavailable(f"cannot re-initialise the PKCS#11 module {slot.module}") from exc
+        token = _token_labelled(lib, slot)
+    if token is None:
+        raise TokenUnavailable(f"no PKCS#11 token labelled {slot.token!r} in {slot.module}")
+    return token
+
+
+def _token_labelled(lib: Any, slot: TokenSlot) -> Any:
+    try:
+        return lib.get_token(token_label=slot.token)
+    except (p11.NoSuchToken, p11.TokenNotPresent, p11.TokenNotRecognised):
+        return None
+    except p11.MultipleTokensReturned as exc:
+        raise TokenUnavailable(f"more than one PKCS#11 token is labelled {slot.token!r}") from exc
+
+
 def _ed25519_point(encoded: bytes) -> bytes:
     """The 32 raw bytes of CKA_EC_POINT: SoftHSM wraps them in a DER OCTET STRING, some tokens do not."""
     if len(encoded) == 32:
@@ -252,12 +280,7 @@ class TokenSession:
                     raise WrongPin(f"the token {slot.token!r} refused the PIN")
                 shared.users += 1
                 return cls(slot, shared)
-            try:
-                token = lib.get_token(token_label=slot.token)
-            except (p11.NoSuchToken, p11.TokenNotPresent, p11.TokenNotRecognised) as exc:
-                raise TokenUnavailable(f"no PKCS#11 token labelled {slot.token!r} in {slot.module}") from exc
-            except p11.MultipleTokensReturned as exc:
-                raise TokenUnavailable(f"more than one PKCS#11 token is labelled {slot.token!r}") from exc
+            token = _find_token(lib, slot)
             try:
                 session = token.open(user_pin=pin, rw=True)
             except (p11.PinIncorrect, p11.PinInvalid, p11.PinLenRange, p11.PinLocked, p11.PinExpired) as exc:
@@ -468,11 +491,12 @@ class TokenIdentityKey(IdentityKey):
     (`NotExtractable`), and `delegated` signs X.509 objects (the node's CSRs) through the token.
     """
 
-    __slots__ = ("delegated",)
+    __slots__ = ("_session", "delegated")
 
-    def __init__(self, key: TokenEd25519Key) -> None:
+    def __init__(self, key: TokenEd25519Key, session: TokenSession | None = None) -> None:
         # IdentityKey.__init__ wants a private key object; this one fills the same slots from the token.
         self.delegated = key
+        self._session = session  # closed by `close`, when this key owns it
         self.public = key.public_key()
         self.public_bytes = self.public.public_bytes_raw()
 
@@ -488,6 +512,11 @@ class TokenIdentityKey(IdentityKey):
     def sign(self, data: bytes) -> bytes:
         """An Ed25519 signature over `data`, made in the token."""
         return self.delegated.sign(data)
+
+    def close(self) -> None:
+        """End the token session this key was opened with (if it owns one); it cannot sign afterwards."""
+        if self._session is not None:
+            self._session.close()
 
     def __repr__(self) -> str:
         return f"TokenIdentityKey(token={self.delegated.ref.slot.token!r}, label={self.delegated.ref.label!r})"

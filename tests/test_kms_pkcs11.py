@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from softhsm import SoftHsm, softhsm_token_fixture  # noqa: F401 - the fixture
+from softhsm import SoftHsm
 from test_kms_cli import fails, ok, run
 
 from node.errors import InvalidCiphertext, InvalidRequest, InvalidSignature

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from lab import next_event, next_message, raw_client, running
-from softhsm import SoftHsm, softhsm_token_fixture  # noqa: F401 - the fixture
+from softhsm import SoftHsm
 from test_ca import PASS as CA_PASS
 from test_ca import Admin, init_ca
 from test_ca_cli import PASS as CLI_PASS
@@ -109,6 +109,7 @@ async def test_a_token_node_chats_with_a_file_node_renews_and_rekeys(
         # The home holds where the key is, never the key; bob's keystore holds his (the search is real).
         assert keys_in_keystore(alice_store, first_key) == []
         assert keys_in_keystore(tmp_path / "bob" / "keystore.db", bob.identity.public_bytes) == ["identity"]
+        alice.identity.close()
         with Keystore.open(alice_store, passphrase=PASS) as keystore:
             assert "identity" not in keystore.names("node")
             old_ref = TokenKeyRef.from_record(keystore.get("node", "identity_token") or b"")
@@ -133,6 +134,7 @@ async def test_a_token_node_chats_with_a_file_node_renews_and_rekeys(
             assert changed.peer == "alice"
             assert bob.status()["sessions"][0]["safety_number"] != old_number
             assert (await next_message(bob)).text == "new key, same token"
+        alice.identity.close()
         alice.keystore.close()
         bob.keystore.close()
         await ws.close()
@@ -152,4 +154,6 @@ async def test_node_init_with_a_token_from_the_command_line(
     record = json.loads(ok(enrolled))
     assert record["pkcs11_token"] == softhsm_token.token
     with Keystore.open(home / "keystore.db", passphrase=CLI_PASS) as keystore:
-        assert isinstance(Node(keystore, options=NodeOptions(pin=softhsm_token.pin)).identity, TokenIdentityKey)
+        identity = Node(keystore, options=NodeOptions(pin=softhsm_token.pin)).identity
+        assert isinstance(identity, TokenIdentityKey)
+        identity.close()

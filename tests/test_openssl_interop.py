@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from softhsm import SoftHsm, softhsm_token_fixture  # noqa: F401 - the fixture
+from softhsm import SoftHsm
 from test_ca import PASS, Admin, csr_pem, init_ca
 
 from node.ca import CaService, CertificateAuthority

@@ -9,7 +9,7 @@ from conftest import seeded
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
-from softhsm import SoftHsm, softhsm_token_fixture  # noqa: F401 - the fixture
+from softhsm import SoftHsm
 
 from node.errors import KeystoreCorrupt
 from node.pkcs11 import TokenKeyMissing, TokenKeyRef, TokenSession, TokenSlot, TokenUnavailable, WrongPin
