@@ -210,12 +210,14 @@ def _find_token(lib: Any, slot: TokenSlot) -> Any:
 
 
 def _token_labelled(lib: Any, slot: TokenSlot) -> Any:
+    """The token, or None when the module does not list it (or cannot list its tokens at all, as
+    SoftHSM cannot once the token directory it was initialised with is gone)."""
     try:
         return lib.get_token(token_label=slot.token)
-    except (p11.NoSuchToken, p11.TokenNotPresent, p11.TokenNotRecognised):
-        return None
     except p11.MultipleTokensReturned as exc:
         raise TokenUnavailable(f"more than one PKCS#11 token is labelled {slot.token!r}") from exc
+    except p11.PKCS11Error:
+        return None
 
 
 def _ed25519_point(encoded: bytes) -> bytes:

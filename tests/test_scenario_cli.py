@@ -75,4 +75,4 @@ def test_run_all_passes_as_in_ci(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=110, cwd=ROOT, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "15 of 15 scenarios passed" in done.stdout
+    assert "16 of 16 scenarios passed" in done.stdout
