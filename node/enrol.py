@@ -436,6 +436,13 @@ class _NodeState:
     root: x509.Certificate
     ca_url: str | None
 
+    def __enter__(self) -> _NodeState:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if isinstance(self.identity, TokenIdentityKey):
+            self.identity.close()  # the token session `load_identity` opened for this request
+
 
 def _node_state(keystore: Keystore, pin: Pin | None) -> _NodeState:
     identity = load_identity(keystore, pin)
@@ -519,15 +526,15 @@ def renew_certificate(
     (no node in this keystore, or its certificate changed meanwhile). A running `Node` keeps
     presenting the old certificate until it reloads it.
     """
-    state = _node_state(keystore, pin)
-    base = _ca_base(state, ca_url)
-    payload = {
-        "certificate": certs.certificate_pem(x509.load_der_x509_certificate(state.certificate)).decode("ascii"),
-        "csr": _csr(state.identity, state.name),
-    }
-    issued = _post_certificate(base, "/renew", payload, timeout)
-    verified = _verify_issued(issued, state.root, state.name, state.identity, clock())
-    renewal = _store_certificate(keystore, state, verified, base)
+    with _node_state(keystore, pin) as state:
+        base = _ca_base(state, ca_url)
+        payload = {
+            "certificate": certs.certificate_pem(x509.load_der_x509_certificate(state.certificate)).decode("ascii"),
+            "csr": _csr(state.identity, state.name),
+        }
+        issued = _post_certificate(base, "/renew", payload, timeout)
+        verified = _verify_issued(issued, state.root, state.name, state.identity, clock())
+        renewal = _store_certificate(keystore, state, verified, base)
     fields = {"node": state.name, "serial": f"{renewal.serial:x}", "renew_at": renewal.renew_at.isoformat()}
     log.info("certificate_renewed", extra={"fields": fields})
     return renewal
@@ -558,8 +565,8 @@ def rekey_node(
     exchange with the CA.
     """
     base = _check_ca_url(ca_url)
-    with Keystore.open(Path(home) / KEYSTORE_FILE, passphrase=passphrase) as keystore:
-        state = _node_state(keystore, pin)
+    path = Path(home) / KEYSTORE_FILE
+    with Keystore.open(path, passphrase=passphrase) as keystore, _node_state(keystore, pin) as state:
         if state.name != name:
             raise InvalidRequest(f"this home holds node {state.name!r}, not {name!r}")
         root = _fetch_root(base, timeout)

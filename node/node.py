@@ -40,7 +40,7 @@ from node.keystore import Keystore
 from node.layout import NS_BUNDLE, NS_INBOX, NS_NODE, NS_OUTBOX, NS_PEER, NS_SEEN, NS_SESSION
 from node.link import RelayLink
 from node.ocsp import OcspChecker
-from node.pkcs11 import Pin
+from node.pkcs11 import Pin, TokenIdentityKey
 from protocol import certs, handshake, wire
 from protocol.errors import (
     CertificateRevoked,
@@ -204,7 +204,10 @@ class Node:
         certificate = self.keystore.get(NS_NODE, "certificate")
         if identity is None or certificate is None:
             raise NodeError("this home holds no enrolled node (run `kmsnet node init` first)")
+        previous = getattr(self, "identity", None)
         self.identity = identity
+        if isinstance(previous, TokenIdentityKey):
+            previous.close()  # the token stays open through the new key's session: the link may still use it
         self.certificate = certificate
         self.fingerprint = hashlib.sha256(certificate).digest()
         # Our own certificate is read, not judged: an expired one must still let `status` say so;
