@@ -7,6 +7,8 @@ holds no private key, the token refuses to hand the key out, PIN handling, clean
 from __future__ import annotations
 
 import json
+import select
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +157,27 @@ def test_token_ca_from_the_command_line(tmp_path: Path, softhsm_token: SoftHsm) 
     ok(run("ca", "login", "--home", home, "--otp", admin.code(), pin=softhsm_token.pin))
     token = ok(run("ca", "token", "--home", home, "alice", pin=softhsm_token.pin)).strip()
     assert len(token) == 22
+    # `ca serve` reads the PIN from a file named in the environment; a token node enrols with it,
+    # is revoked, and its renewal (a CSR signed in the token) is then refused.
+    environment = {**env(), "KMSNET_PKCS11_PIN_FILE": str(pin_file)}
+    command = [sys.executable, "-m", "kmsnet", "ca", "serve", "--home", home, "--http", "127.0.0.1:0"]
+    with subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=environment,
+        start_new_session=True,
+    ) as serve:  # fmt: skip
+        try:
+            assert serve.stdout is not None
+            ready, _, _ = select.select([serve.stdout], [], [], 30)
+            assert ready, "ca serve printed no URL"
+            url = serve.stdout.readline().strip()
+            node = ["--home", str(tmp_path / "alice")]
+            enrol = ["node", "init", "alice", *node, "--ca", url, "--relay", "ws://127.0.0.1:8765", "--token", token]
+            ok(run(*enrol, *hsm, "--pkcs11-token", softhsm_token.token, pin=softhsm_token.pin))
+            ok(run("node", "renew", *node, pin=softhsm_token.pin))
+            ok(run("ca", "revoke", "--home", home, "alice", "--reason", "key-compromise", pin=softhsm_token.pin))
+            fails(run("node", "renew", *node, pin=softhsm_token.pin), 4, "revoked")
+            serve.send_signal(signal.SIGTERM)
+            assert serve.wait(timeout=15) == 0
+        finally:
+            if serve.poll() is None:
+                serve.kill()
