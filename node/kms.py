@@ -465,7 +465,9 @@ class KeyManagementSystem:
     file is created) or a 32-byte `key_file`; `create=False` refuses to create a missing
     keystore. `clock` is read for key dates, deletion dates, rotation periods and audit times;
     `actor` names who acts in the audit log. `pin` unlocks the PKCS#11 token of keys kept in one
-    (asked for only when such a key is used; default: from the environment).
+    (asked for only when such a key is used; default: from the environment). Without passphrase
+    and key file, the keystore is one whose data key a token key wraps: `keystore_token` says in
+    which token to make that key when the keystore is created, and `pin` unlocks it.
     """
 
     def __init__(
@@ -479,19 +481,28 @@ class KeyManagementSystem:
         actor: str = "local",
         argon2: Argon2Params = ARGON2_INTERACTIVE,
         pin: Pin | None = None,
+        keystore_token: TokenSlot | None = None,
     ) -> None:
         self._pin: Pin = pin if pin is not None else environment_pin
         self._tokens: dict[TokenSlot, TokenSession] = {}
         if home is None:
-            if passphrase is not None or key_file is not None:
-                raise InvalidRequest("a passphrase or key file needs a home to persist to")
+            if passphrase is not None or key_file is not None or keystore_token is not None:
+                raise InvalidRequest("a passphrase, key file or token needs a home to persist to")
             self._store = Keystore.memory()
         else:
             home = Path(home).expanduser()
             if create:
                 home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Neither passphrase nor key file: the keystore's data key is wrapped by a token key.
+            by_token = passphrase is None and key_file is None
             self._store = Keystore.open(
-                home / KEYSTORE_FILE, passphrase=passphrase, key_file=key_file, create=create, argon2=argon2
+                home / KEYSTORE_FILE,
+                passphrase=passphrase,
+                key_file=key_file,
+                create=create,
+                argon2=argon2,
+                pin=self._pin if by_token else None,
+                token=keystore_token,
             )
         self._clock = clock
         self._actor = actor

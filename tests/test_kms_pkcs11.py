@@ -11,10 +11,10 @@ import pytest
 from softhsm import SoftHsm
 from test_kms_cli import fails, ok, run
 
-from node.errors import InvalidCiphertext, InvalidRequest, InvalidSignature
+from node.errors import InvalidCiphertext, InvalidRequest, InvalidSignature, KeystoreError
 from node.keystore import ARGON2_TEST, Keystore
 from node.kms import NAMESPACE, KeyManagementSystem, KeyState
-from node.pkcs11 import PinRequired, TokenKeyRef, TokenSession
+from node.pkcs11 import PinRequired, TokenKeyRef, TokenSession, WrongPin
 
 PASS = "kms pkcs11 passphrase"
 
@@ -80,3 +80,28 @@ def test_token_keys_from_the_command_line(tmp_path: Path, softhsm_token: SoftHsm
     assert ok(run(home, "decrypt", "vault", token, **pin)) == "hello token"
     fails(run(home, "decrypt", "vault", token), 2, "no token PIN")
     fails(run(home, "decrypt", "vault", token, KMSNET_PKCS11_PIN="wrong"), 1, "refused the PIN")
+
+
+def test_a_token_key_can_wrap_the_keystore_itself(tmp_path: Path, softhsm_token: SoftHsm) -> None:
+    home = tmp_path / "kms"
+    with KeyManagementSystem(home, pin=softhsm_token.pin, keystore_token=softhsm_token.slot) as kms:
+        kms.create_key("local", "aes256-gcm")  # a keystore key, sealed under a data key only the token unwraps
+        sealed = kms.encrypt("local", b"no passphrase anywhere")
+    assert Keystore.unlocked_by(home / "keystore.db") == "pkcs11"
+    with KeyManagementSystem(home, pin=softhsm_token.pin) as kms:
+        assert kms.decrypt("local", sealed).plaintext == b"no passphrase anywhere"
+    with pytest.raises(WrongPin):
+        KeyManagementSystem(home, pin="wrong")
+    with pytest.raises(KeystoreError, match="PKCS#11 token"):
+        Keystore.open(home / "keystore.db", passphrase=PASS)
+
+
+def test_a_keystore_in_a_token_from_the_command_line(tmp_path: Path, softhsm_token: SoftHsm) -> None:
+    home = tmp_path / "kms"
+    pin = {"KMSNET_PKCS11_PIN": softhsm_token.pin}
+    hsm = ["--pkcs11", softhsm_token.module, "--token", softhsm_token.token]
+    fails(run(home, "create", "k", "--keystore-in-token", passphrase=None), 2, "needs --pkcs11")
+    ok(run(home, "create", "k", *hsm, "--keystore-in-token", passphrase=None, **pin))  # never asks for a passphrase
+    sealed = ok(run(home, "encrypt", "k", "hello", passphrase=None, **pin)).strip()
+    assert ok(run(home, "decrypt", "k", sealed, passphrase=None, **pin)) == "hello"
+    fails(run(home, "create", "k2", *hsm, "--keystore-in-token", passphrase=None, **pin), 1, "exists already")
