@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from softhsm import SoftHsm
 from test_ca import PASS, Admin, csr_pem, init_ca
 from test_ca_cli import ROOT, Authenticator, env, fails, ok
+from test_ca_cli import run as cli_run
 
 from node.ca import CertificateAuthority
 from node.ca.admin import secret_from_uri
@@ -31,19 +32,7 @@ from protocol import certs
 
 def run(*args: str, pin: str | None = None) -> subprocess.CompletedProcess[str]:
     """`python -m kmsnet ARGS` without a terminal, with the token PIN in KMSNET_PKCS11_PIN if given."""
-    environment = env()
-    if pin is not None:
-        environment["KMSNET_PKCS11_PIN"] = pin
-    return subprocess.run(
-        [sys.executable, "-m", "kmsnet", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        env=environment,
-        start_new_session=True,
-        check=False,
-    )
+    return cli_run(*args, **({} if pin is None else {"KMSNET_PKCS11_PIN": pin}))
 
 
 def private_keys_in(home: Path, passphrase: str, keys: dict[str, Ed25519PublicKey]) -> dict[str, list[str]]:
