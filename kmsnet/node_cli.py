@@ -20,9 +20,10 @@ from node.pkcs11 import TokenSlot
 def node() -> None:
     """This node: enrol it with the CA, renew its certificate, re-key it after a compromise.
 
-    A node lives in HOME (--home or KMSNET_HOME): keystore.db holds its identity key, its
-    certificate, the CA root it pins and its relay, sealed under a passphrase
-    (KMSNET_PASSPHRASE, --passphrase-file or a prompt).
+    A node lives in HOME (--home or KMSNET_HOME): keystore.db holds its identity key (or,
+    made with `init --pkcs11`, where that key is in a PKCS#11 token), its certificate, the CA
+    root it pins and its relay, sealed under a passphrase (KMSNET_PASSPHRASE, --passphrase-file
+    or a prompt).
     """
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -28,14 +28,21 @@ PKCS11_ENVIRONMENT_HELP = (
 )
 
 
-@dataclass(frozen=True)
+@dataclass
 class PinSource:
-    """Where the PIN comes from; calling it reads the PIN (`node.pkcs11.Pin` accepts it as is)."""
+    """Where the PIN comes from; calling it reads the PIN (`node.pkcs11.Pin` accepts it as is), once:
+    a command that opens the token twice (the keystore, then a key) asks once."""
 
     file: Path | None = None
+    _pin: str | None = field(default=None, init=False, repr=False)
 
     def __call__(self) -> str:
         """The PIN from the file, KMSNET_PKCS11_PIN_FILE, KMSNET_PKCS11_PIN or a prompt (in that order)."""
+        if self._pin is None:
+            self._pin = self._read()
+        return self._pin
+
+    def _read(self) -> str:
         if self.file is not None:
             try:
                 pin = self.file.read_text(encoding="utf-8").removesuffix("\n").removesuffix("\r")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from conftest import seeded
@@ -11,8 +12,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import NameOID
 from softhsm import SoftHsm
 
+from kmsnet.exits import CliFailure
+from kmsnet.pkcs11_options import PinSource
 from node.errors import KeystoreCorrupt
-from node.pkcs11 import TokenKeyMissing, TokenKeyRef, TokenSession, TokenSlot, TokenUnavailable, WrongPin
+from node.pkcs11 import TokenError, TokenKeyMissing, TokenKeyRef, TokenSession, TokenSlot, TokenUnavailable, WrongPin
 from node.signed_der import DelegatedEd25519, SigningFailed
 from protocol import certs
 from protocol.revocation import (
@@ -161,3 +164,29 @@ def test_key_reference_round_trips_and_refuses_garbage() -> None:
     assert TokenKeyRef.from_record(ref.to_record()) == ref
     with pytest.raises(KeystoreCorrupt):
         TokenKeyRef.from_record(b"{}")
+
+
+def test_the_command_line_reads_the_pin_once_and_never_takes_an_empty_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("KMSNET_PKCS11_PIN", raising=False)
+    monkeypatch.delenv("KMSNET_PKCS11_PIN_FILE", raising=False)
+    pin_file = tmp_path / "pin"
+    pin_file.write_text("1234\n")
+    source = PinSource(pin_file)
+    assert source() == "1234"
+    pin_file.unlink()
+    assert source() == "1234"  # asked once per command, even if the token is opened twice
+    with pytest.raises(CliFailure, match="cannot read the PIN file") as unreadable:
+        PinSource(pin_file)()
+    assert unreadable.value.exit_code == 3
+    pin_file.write_text("\n")
+    with pytest.raises(CliFailure, match="empty"):
+        PinSource(pin_file)()
+    monkeypatch.setenv("KMSNET_PKCS11_PIN_FILE", str(tmp_path / "missing"))
+    with pytest.raises(TokenError, match="cannot read the PIN file"):
+        PinSource()()
+    monkeypatch.setenv("KMSNET_PKCS11_PIN_FILE", str(tmp_path / "pin"))
+    pin_file.write_text("from-env-file\n")
+    assert PinSource()() == "from-env-file"
+    assert "from-env-file" not in repr(PinSource())
