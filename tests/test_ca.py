@@ -141,9 +141,20 @@ def clock() -> Clock:
     return Clock()
 
 
+@pytest.fixture(params=["keystore", "pkcs11"])
+def root_in(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> SoftHsm | None:
+    """Where the CA of the shared fixtures keeps its root key: ca.db, then a SoftHSM token (whose PIN
+    is then in the environment too, for the tests that open the CA again themselves)."""
+    if request.param == "keystore":
+        return None
+    hsm: SoftHsm = request.getfixturevalue("softhsm_token")
+    monkeypatch.setenv("KMSNET_PKCS11_PIN", hsm.pin)
+    return hsm
+
+
 @pytest.fixture
-def otp_secret(tmp_path: Path, clock: Clock) -> bytes:
-    return init_ca(tmp_path / "ca", clock)
+def otp_secret(tmp_path: Path, clock: Clock, root_in: SoftHsm | None) -> bytes:
+    return init_ca(tmp_path / "ca", clock, token=root_in)
 
 
 @pytest.fixture
@@ -152,8 +163,8 @@ def home(tmp_path: Path, otp_secret: bytes) -> Path:
 
 
 @pytest.fixture
-def authority(home: Path, clock: Clock) -> Iterator[CertificateAuthority]:
-    with CertificateAuthority.open(home, PASS, clock=clock) as ca:
+def authority(home: Path, clock: Clock, root_in: SoftHsm | None) -> Iterator[CertificateAuthority]:
+    with CertificateAuthority.open(home, PASS, clock=clock, pin=root_in.pin if root_in else None) as ca:
         yield ca
 
 

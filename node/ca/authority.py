@@ -102,7 +102,7 @@ from node.ca.errors import (
 )
 from node.errors import KeystoreCorrupt
 from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
-from node.pkcs11 import Pin, TokenIdentityKey, TokenKeyRef, TokenSession, TokenSlot
+from node.pkcs11 import Pin, TokenIdentityKey, TokenKeyRef, TokenSession, TokenSlot, environment_pin
 from protocol import certs
 from protocol.certs import CaKey
 from protocol.errors import LocalError, ProtocolError
@@ -501,7 +501,7 @@ class CertificateAuthority:
         ref = self._ks.get(NS_CA, "root_token")
         if ref is not None:
             root_ref = TokenKeyRef.from_record(ref)
-            self._token = TokenSession.open(root_ref.slot, pin)
+            self._token = TokenSession.open(root_ref.slot, pin if pin is not None else environment_pin)
             try:
                 return self._token.ed25519(root_ref)
             except BaseException:
@@ -650,7 +650,8 @@ class CertificateAuthority:
     ) -> CertificateAuthority:
         """Open the CA in `home` (with its stored policy unless `policy` overrides it).
 
-        `pin` is asked for only when the root key is in a PKCS#11 token. Raises `CaNotFound`, the
+        `pin` is asked for only when the root key is in a PKCS#11 token (default: KMSNET_PKCS11_PIN_FILE
+        or KMSNET_PKCS11_PIN). Raises `CaNotFound`, the
         keystore's errors (`WrongPassphrase`...) or the token's (`PinRequired`, `WrongPin`...).
         """
         require_ca(home)
