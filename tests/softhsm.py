@@ -42,14 +42,19 @@ class SoftHsm:
         return self.slot.token
 
 
-@pytest.fixture(scope="session", name="softhsm_token")
-def softhsm_token_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
-    """One initialised SoftHSM token for the whole run (module docstring)."""
+def require_softhsm() -> None:
+    """Skip the calling test when SoftHSM is not installed here; under CI=true, fail instead."""
     if softhsm_module() is None:
         reason = "SoftHSM is not installed (apt-get install softhsm2; .ci/run does it)"
         if os.environ.get("CI") == "true":
             pytest.fail(reason)
         pytest.skip(reason)
+
+
+@pytest.fixture(scope="session", name="softhsm_token")
+def softhsm_token_fixture(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SoftHsm]:
+    """One initialised SoftHSM token for the whole run (module docstring)."""
+    require_softhsm()
     slot, conf = make_softhsm_token(tmp_path_factory.mktemp("softhsm"), TOKEN_LABEL, PIN)
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SOFTHSM2_CONF", str(conf))

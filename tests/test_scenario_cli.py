@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from softhsm import require_softhsm
 from test_scenarios import without_transcript_signature_check
 
 from kmsnet.cli import main
@@ -70,6 +71,7 @@ def test_report_is_written(tmp_path: Path) -> None:
 
 
 def test_run_all_passes_as_in_ci(tmp_path: Path) -> None:
+    require_softhsm()  # hsm-theft needs it
     done = subprocess.run(
         [sys.executable, "-m", "kmsnet", "scenario", "run", "--all", "--report", str(tmp_path / "all.html")],
         capture_output=True, text=True, timeout=110, cwd=ROOT, check=False,
