@@ -33,6 +33,7 @@ from kmsnet.options import (
     node_failures,
     store_options,
 )
+from kmsnet.pkcs11_options import PKCS11_ENVIRONMENT_HELP, PinSource, token_options
 from node.ca import DEFAULT_PORT, AdminSession, CertificateAuthority
 from node.ca import serve as serve_ca
 from node.ca.admin import ROLES
@@ -46,6 +47,7 @@ from node.ca.authority import (
     require_no_ca,
     write_new_files,
 )
+from node.pkcs11 import TokenSlot
 from protocol import certs
 from protocol.revocation import REASONS
 
@@ -56,7 +58,10 @@ ADMIN_ENV = "KMSNET_ADMIN"
 _TTL_TEXT = f"{int(DEFAULT_TOKEN_TTL.total_seconds() // 3600)}h"
 _DEFAULTS = CaPolicy()
 
-CA_ENVIRONMENT_HELP = f"{ENVIRONMENT_HELP} {OTP_ENV} (a TOTP code, instead of --otp), {ADMIN_ENV} (instead of --admin)."
+CA_ENVIRONMENT_HELP = (
+    f"{ENVIRONMENT_HELP} {OTP_ENV} (a TOTP code, instead of --otp), {ADMIN_ENV} (instead of --admin). "
+    f"{PKCS11_ENVIRONMENT_HELP}"
+)
 
 
 def _epilog(*examples: str) -> str:
@@ -87,7 +92,7 @@ def _open(store: StoreOptions) -> Iterator[CertificateAuthority]:
     with node_failures():
         # Before the passphrase prompt: no passphrase can help a home without a CA.
         require_ca(store.home)
-        authority = CertificateAuthority.open(store.home, store.passphrase())
+        authority = CertificateAuthority.open(store.home, store.passphrase(), pin=PinSource())
         try:
             yield authority
         finally:
@@ -183,6 +188,7 @@ def ca() -> None:
         "kmsnet ca init --home ~/kmsnet/ca",
         "KMSNET_PASSPHRASE_FILE=ca.pass kmsnet ca init --home ca --json",
         "kmsnet ca init --home ca --crl-lifetime 6h --cert-validity 2d",
+        "kmsnet ca init --home ca --pkcs11 /usr/lib/softhsm/libsofthsm2.so --token kmsnet --pin-file ca.pin",
     )
 )
 @click.option("--name", default="kmsnet-ca", show_default=True, help="Common name of the root certificate.")
@@ -202,23 +208,42 @@ def ca() -> None:
     metavar="DURATION",
     help="Validity of node certificates; nodes renew them after 2/3 of it.",
 )
+@token_options()
 @store_options
 @json_option
-def init(name: str, crl_lifetime: timedelta, cert_validity: timedelta, store: StoreOptions, out: Output) -> None:
+def init(
+    name: str,
+    crl_lifetime: timedelta,
+    cert_validity: timedelta,
+    key_token: TokenSlot | None,
+    pin: PinSource,
+    store: StoreOptions,
+    out: Output,
+) -> None:
     """Create a new CA in HOME.
 
     Makes an Ed25519 root key and a self-signed root certificate (valid ten years), the CA's
     own node identity for the relay, the first administrator "admin" (role admin) and an
     empty CRL state. Refuses a HOME that holds a CA already: key files are never
-    overwritten. Prints the root's SHA-256 fingerprint, which nodes check with `kmsnet node
-    init --ca-fingerprint`, and, ONCE, the administrator's TOTP provisioning URI
-    (otpauth://...): add it to an authenticator app (on stderr; in the JSON with --json).
+    overwritten. With --pkcs11 and --token, the root key and the CA node's key are generated
+    in that PKCS#11 token and never leave it: ca.db records only where they are, and every
+    command on this CA needs the token and its PIN (docs/CA.md).
+
+    Prints the root's SHA-256 fingerprint, which nodes check with `kmsnet node init
+    --ca-fingerprint`, and, ONCE, the administrator's TOTP provisioning URI (otpauth://...):
+    add it to an authenticator app (on stderr; in the JSON with --json).
     """
     with node_failures():
         require_no_ca(store.home)
         policy = CaPolicy(crl_lifetime=crl_lifetime, certificate_validity=cert_validity)
         created = CertificateAuthority.init(
-            store.home, store.passphrase(confirm=True), name=name, argon2=store.argon2, policy=policy
+            store.home,
+            store.passphrase(confirm=True),
+            name=name,
+            argon2=store.argon2,
+            policy=policy,
+            token=key_token,
+            pin=pin if key_token else None,
         )
     admin = created.admin
     if not out.as_json:
@@ -234,6 +259,7 @@ def init(name: str, crl_lifetime: timedelta, cert_validity: timedelta, store: St
         "root": str(store.home / CA_PEM),
         "fingerprint": created.fingerprint,
         "admin": {"name": admin.name, "role": admin.role, "otpauth": admin.otpauth},
+        "pkcs11_token": None if key_token is None else key_token.token,
     }
     out.emit(record, created.fingerprint)
 
@@ -274,7 +300,8 @@ def serve(listen: tuple[str, int], relay_url: str | None, store: StoreOptions) -
         passphrase = store.passphrase()
     logs.configure()
     with node_failures():
-        asyncio.run(serve_ca(store.home, passphrase, http=listen, relay_url=relay_url, on_ready=click.echo))
+        pin = PinSource()
+        asyncio.run(serve_ca(store.home, passphrase, http=listen, relay_url=relay_url, on_ready=click.echo, pin=pin))
 
 
 @ca.command(

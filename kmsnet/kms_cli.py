@@ -23,8 +23,11 @@ from kmsnet.options import (
     read_input,
     store_options,
 )
+from kmsnet.pkcs11_options import PKCS11_ENVIRONMENT_HELP, PinSource, token_options
 from kmsnet.writer import exclusive
+from node.keystore import Keystore
 from node.kms import DEFAULT_WAITING_DAYS, KEYSTORE_FILE, KeyInfo, KeyManagementSystem, KeyType
+from node.pkcs11 import TokenSlot
 
 ACTOR = "cli"
 
@@ -35,19 +38,26 @@ def _epilog(*examples: str) -> str:
 
 
 @contextlib.contextmanager
-def _open(store: StoreOptions, *, create: bool = False) -> Iterator[KeyManagementSystem]:
-    """The KMS in `store.home`, with node errors mapped to exit codes."""
+def _open(
+    store: StoreOptions, *, create: bool = False, pin: PinSource | None = None, keystore_token: TokenSlot | None = None
+) -> Iterator[KeyManagementSystem]:
+    """The KMS in `store.home`, with node errors mapped to exit codes (the token PIN is asked for
+    only when a key kept in a token is used, or when a token key unlocks the keystore; a new
+    keystore is made so with `keystore_token`)."""
     path = store.home / KEYSTORE_FILE
     if not create and not path.exists():
         # Say so before asking for a passphrase that could not help.
         raise CliFailure(f"no keystore at {path} (create a key first: kmsnet kms create NAME)", BAD_INPUT)
     with exclusive(store), node_failures():
+        by_token = Keystore.unlocked_by(path) == "pkcs11" if path.exists() else keystore_token is not None
         kms = KeyManagementSystem(
             store.home,
-            store.passphrase(confirm=not path.exists()),
+            None if by_token else store.passphrase(confirm=not path.exists()),
             create=create,
             argon2=store.argon2,
             actor=ACTOR,
+            pin=pin or PinSource(),
+            keystore_token=keystore_token,
         )
         try:
             yield kms
@@ -66,7 +76,7 @@ def _show(out: Output, info: KeyInfo) -> None:
     out.emit(info.to_json(), _state_line(info))
 
 
-@click.group(epilog=f"{ENVIRONMENT_HELP}\n\n{EPILOG}")
+@click.group(epilog=f"{ENVIRONMENT_HELP} {PKCS11_ENVIRONMENT_HELP}\n\n{EPILOG}")
 def kms() -> None:
     """The seed's KeyManagementSystem: versioned keys, rotation, rewrap, states, signatures.
 
@@ -82,6 +92,8 @@ def kms() -> None:
         "kmsnet kms create session1 --home ~/.kmsnet",
         "kmsnet kms create user1 --type rsa-3072",
         "kmsnet kms create releases --type ed25519 --rotation-period 90d",
+        "kmsnet kms create vault1 --pkcs11 /usr/lib/softhsm/libsofthsm2.so --token kmsnet --pin-file kms.pin",
+        "kmsnet kms create first --pkcs11 /usr/lib/softhsm/libsofthsm2.so --token kmsnet --keystore-in-token",
     )
 )
 @click.argument("name")
@@ -99,16 +111,38 @@ def kms() -> None:
     metavar="DURATION",
     help="Rotate automatically once the primary is this old (90s, 12h, 30d, 2w).",
 )
+@click.option(
+    "--keystore-in-token",
+    is_flag=True,
+    help="With --pkcs11 and --token, for a NEW keystore: its data key is wrapped by a key in that token "
+    "instead of a passphrase (every later command needs the token's PIN, not a passphrase).",
+)
+@token_options()
 @store_options
 @json_option
-def create(name: str, key_type: str, rotation_period: timedelta | None, store: StoreOptions, out: Output) -> None:
+def create(
+    name: str,
+    key_type: str,
+    rotation_period: timedelta | None,
+    keystore_in_token: bool,
+    key_token: TokenSlot | None,
+    pin: PinSource,
+    store: StoreOptions,
+    out: Output,
+) -> None:
     """Create a key.
 
     NAME gets version 1 and starts enabled. The first key also creates the keystore
-    (you are asked for a new passphrase twice unless KMSNET_PASSPHRASE is set).
+    (you are asked for a new passphrase twice unless KMSNET_PASSPHRASE is set). With
+    --pkcs11 and --token, an aes256-gcm or ed25519 key is generated in that PKCS#11 token,
+    non-extractable, and encrypts, decrypts and signs there; its later versions too.
     """
-    with _open(store, create=True) as k:
-        _show(out, k.create_key(name, key_type, rotation_period=rotation_period))
+    if keystore_in_token and key_token is None:
+        raise click.UsageError("--keystore-in-token needs --pkcs11 and --token")
+    if keystore_in_token and (store.home / KEYSTORE_FILE).exists():
+        raise CliFailure("--keystore-in-token is for a new keystore: this one exists already", BAD_INPUT)
+    with _open(store, create=True, pin=pin, keystore_token=key_token if keystore_in_token else None) as k:
+        _show(out, k.create_key(name, key_type, rotation_period=rotation_period, token=key_token))
 
 
 @kms.command(

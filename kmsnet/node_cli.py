@@ -9,19 +9,22 @@ import click
 
 from kmsnet.exits import EPILOG
 from kmsnet.options import ENVIRONMENT_HELP, Output, StoreOptions, json_option, node_failures, store_options
+from kmsnet.pkcs11_options import PinSource, token_options
 from kmsnet.writer import exclusive, require_node
 from node.enrol import Renewal, enrol_node, rekey_node, renew_certificate
 from node.keystore import Keystore
 from node.kms import KEYSTORE_FILE
+from node.pkcs11 import TokenSlot
 
 
 @click.group(epilog=f"{ENVIRONMENT_HELP}\n\n{EPILOG}")
 def node() -> None:
     """This node: enrol it with the CA, renew its certificate, re-key it after a compromise.
 
-    A node lives in HOME (--home or KMSNET_HOME): keystore.db holds its identity key, its
-    certificate, the CA root it pins and its relay, sealed under a passphrase
-    (KMSNET_PASSPHRASE, --passphrase-file or a prompt).
+    A node lives in HOME (--home or KMSNET_HOME): keystore.db holds its identity key (or,
+    made with `init --pkcs11`, where that key is in a PKCS#11 token), its certificate, the CA
+    root it pins and its relay, sealed under a passphrase (KMSNET_PASSPHRASE, --passphrase-file
+    or a prompt).
     """
 
 
@@ -30,7 +33,10 @@ def node() -> None:
     "  kmsnet node init alice --home alice --ca http://127.0.0.1:8766 --token TOKEN \\\n"
     "      --relay ws://127.0.0.1:8765 --ca-fingerprint 3f0c...e1\n"
     "  kmsnet node init bob --home bob --ca http://127.0.0.1:8766 --relay ws://127.0.0.1:8765 \\\n"
-    '      --token "$(kmsnet ca token --home ca bob)"\n\n' + EPILOG
+    '      --token "$(kmsnet ca token --home ca bob)"\n'
+    "  kmsnet node init carol --home carol --ca http://127.0.0.1:8766 --relay ws://127.0.0.1:8765 \\\n"
+    "      --token TOKEN --pkcs11 /usr/lib/softhsm/libsofthsm2.so --pkcs11-token kmsnet --pin-file carol.pin\n\n"
+    + EPILOG
 )
 @click.argument("name")
 @click.option("--ca", "ca_url", required=True, metavar="URL", help="The CA's HTTP API (http://HOST:PORT).")
@@ -45,10 +51,19 @@ def node() -> None:
     metavar="HEX",
     help="SHA-256 fingerprint of the CA root, as `kmsnet ca init` printed it: any other root is refused (exit 4).",
 )
+@token_options("--pkcs11-token")
 @store_options
 @json_option
 def init(
-    name: str, ca_url: str, token: str, relay_url: str, ca_fingerprint: str | None, store: StoreOptions, out: Output
+    name: str,
+    ca_url: str,
+    token: str,
+    relay_url: str,
+    ca_fingerprint: str | None,
+    key_token: TokenSlot | None,
+    pin: PinSource,
+    store: StoreOptions,
+    out: Output,
 ) -> None:
     """Enrol node NAME with the CA and create its keystore in HOME.
 
@@ -58,6 +73,10 @@ def init(
     written if any step fails; a node identity is never overwritten (a keystore that
     `kmsnet kms` made is joined, with its passphrase). Without
     --ca-fingerprint, compare the printed fingerprint with the CA's before trusting this node.
+
+    With --pkcs11 and --pkcs11-token the identity key is generated in that PKCS#11 token and
+    never leaves it (its X25519, ML-KEM and ratchet keys stay in the keystore); every later
+    command on this node needs the token's PIN in KMSNET_PKCS11_PIN_FILE or KMSNET_PKCS11_PIN.
     """
     with exclusive(store), node_failures():
         enrolment = enrol_node(
@@ -69,6 +88,8 @@ def init(
             store.passphrase(confirm=True),
             ca_fingerprint=ca_fingerprint,
             argon2=store.argon2,
+            key_token=key_token,
+            pin=pin if key_token else None,
         )
     if not enrolment.fingerprint_checked:
         out.warn(
@@ -82,6 +103,7 @@ def init(
         "not_after": enrolment.not_after.isoformat(),
         "ca_fingerprint": enrolment.ca_fingerprint,
         "fingerprint_checked": enrolment.fingerprint_checked,
+        "pkcs11_token": None if key_token is None else key_token.token,
     }
     out.emit(
         record, f"enrolled {enrolment.name}: certificate valid until {record['not_after']}, in {enrolment.keystore}"

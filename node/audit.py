@@ -34,10 +34,11 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from node.errors import AuditChainBroken, AuditError
 from node.keystore import Keystore
+from protocol.certs import CaKey
 
 AuditValue = str | int | bool | None
 Clock = Callable[[], datetime]
@@ -96,7 +97,7 @@ class AuditLog:
         store: Keystore,
         *,
         name: str,
-        signer: Ed25519PrivateKey | None = None,
+        signer: CaKey | None = None,
         verify_key: Ed25519PublicKey | None = None,
         clock: Clock = utc_now,
     ) -> None:

@@ -5,7 +5,9 @@ fresh Ed25519 identity key, sends a CSR with a one-time token, verifies the cert
 back under that root, and only then creates the node's keystore (HOME/keystore.db) with the
 records `node.node.Node` reads, and the CA's URL for renewals:
 
-    node/identity     the identity key's 32 raw private bytes
+    node/identity     the identity key's 32 raw private bytes, or, for a node made with a
+    node/identity_token  PKCS#11 token (`node init --pkcs11`), instead: where the key is in the
+                      token (`node.pkcs11.TokenKeyRef`; generated there, it never leaves it)
     node/certificate  the certificate (DER)
     node/root         the pinned CA root (PEM)
     node/relay        the relay URL (UTF-8)
@@ -67,6 +69,7 @@ from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
 from node.kms import KEYSTORE_FILE
 from node.layout import NS_NODE, NS_SESSION
 from node.link import check_url
+from node.pkcs11 import Pin, TokenIdentityKey, TokenKeyRef, TokenSession, TokenSlot, environment_pin
 from protocol import certs
 from protocol.errors import DecodeError, LocalError, ProtocolError
 from protocol.identity import IdentityKey
@@ -75,6 +78,8 @@ __all__ = [
     "Enrolment",
     "Renewal",
     "enrol_node",
+    "identity_records",
+    "load_identity",
     "parse_fingerprint",
     "rekey_node",
     "renew_certificate",
@@ -142,8 +147,42 @@ def require_not_enrolled(home: Path | str, passphrase: str) -> None:
 
 
 def _refuse_identity(keystore: Keystore, path: Path) -> None:
-    if keystore.get(NS_NODE, "identity") is not None:
+    if keystore.get(NS_NODE, "identity") is not None or keystore.get(NS_NODE, "identity_token") is not None:
         raise AlreadyEnrolled(f"{path} holds a node already (a node identity is never overwritten)")
+
+
+def load_identity(keystore: Keystore, pin: Pin | None = None) -> IdentityKey | None:
+    """The node's identity key: from the keystore, or a handle on it in its PKCS#11 token.
+
+    For a token-backed node this logs in with `pin` (default: KMSNET_PKCS11_PIN_FILE or
+    KMSNET_PKCS11_PIN); the key owns that session (`TokenIdentityKey.close` ends it, else the
+    process's end does). None when the keystore holds no node.
+    """
+    ref = keystore.get(NS_NODE, "identity_token")
+    if ref is not None:
+        token_ref = TokenKeyRef.from_record(ref)
+        session = TokenSession.open(token_ref.slot, pin if pin is not None else environment_pin)
+        try:
+            return TokenIdentityKey(session.ed25519(token_ref), session)
+        except BaseException:
+            session.close()
+            raise
+    raw = keystore.get(NS_NODE, "identity")
+    return None if raw is None else IdentityKey.from_private_bytes(raw)
+
+
+def _new_identity(name: str, session: TokenSession | None) -> IdentityKey:
+    """A fresh identity key: in the token when there is one, else in memory (for the keystore)."""
+    if session is None:
+        return IdentityKey.generate()
+    return TokenIdentityKey(session.generate_ed25519(f"kmsnet-node-{name}"))
+
+
+def identity_records(identity: IdentityKey) -> dict[str, bytes]:
+    """The keystore record that holds `identity` (or says where it is)."""
+    if isinstance(identity, TokenIdentityKey):
+        return {"identity_token": identity.delegated.ref.to_record()}
+    return {"identity": identity.private_bytes()}
 
 
 def enrol_node(
@@ -158,8 +197,13 @@ def enrol_node(
     argon2: Argon2Params = ARGON2_INTERACTIVE,
     clock: Callable[[], datetime] = utcnow,
     timeout: float = HTTP_TIMEOUT,
+    key_token: TokenSlot | None = None,
+    pin: Pin | None = None,
 ) -> Enrolment:
     """Enrol node `name` with the CA at `ca_url` using `token`, and create HOME/keystore.db.
+
+    With `key_token` (and its `pin`) the identity key is generated in that PKCS#11 token and never
+    leaves it; the keystore records where it is. If enrolment fails, that key is deleted again.
 
     Raises, with nothing written: `InvalidRequest` (bad name, CA URL or fingerprint), `LinkError`
     (bad relay URL), `AlreadyEnrolled` (the keystore holds a node already), `CaUnreachable` (no answer, or the
@@ -178,7 +222,6 @@ def enrol_node(
     expected = parse_fingerprint(ca_fingerprint) if ca_fingerprint is not None else None
     base = _check_ca_url(ca_url)
     require_not_enrolled(home, passphrase)
-    path = home / KEYSTORE_FILE
 
     root = _fetch_root(base, timeout)
     fingerprint = certs.fingerprint(root)
@@ -187,12 +230,42 @@ def enrol_node(
             f"the CA at {base} presents root {fingerprint.hex()}, not the expected {expected.hex()}: not enrolling"
         )
 
-    identity = IdentityKey.generate()
+    session = None if key_token is None else TokenSession.open(key_token, pin)
+    identity = _new_identity(name, session)
+    try:
+        where = (base, token, relay_url)
+        checked = expected is not None
+        return _enrol_with(identity, home, name, where, passphrase, root, checked, argon2, clock, timeout)
+    except BaseException:
+        if isinstance(identity, TokenIdentityKey) and session is not None:
+            session.destroy(identity.delegated.ref)  # nothing refers to it: leave no orphan in the token
+        raise
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _enrol_with(
+    identity: IdentityKey,
+    home: Path,
+    name: str,
+    urls_and_token: tuple[str, str, str],
+    passphrase: str,
+    root: x509.Certificate,
+    fingerprint_checked: bool,
+    argon2: Argon2Params,
+    clock: Callable[[], datetime],
+    timeout: float,
+) -> Enrolment:
+    """`enrol_node` from the CSR on, for the identity key it made (`urls_and_token`: CA, token, relay)."""
+    base, token, relay_url = urls_and_token
+    path = home / KEYSTORE_FILE
+    fingerprint = certs.fingerprint(root)
     payload = {"token": token, "csr": _csr(identity, name)}
     verified = _verify_issued(_post_certificate(base, "/enroll", payload, timeout), root, name, identity, clock())
 
     records = {
-        "identity": identity.private_bytes(),
+        **identity_records(identity),
         "certificate": verified.der,
         "root": certs.certificate_pem(root),
         "relay": relay_url.encode("utf-8"),
@@ -221,7 +294,7 @@ def enrol_node(
         serial=verified.serial,
         not_after=verified.not_after,
         ca_fingerprint=fingerprint.hex(),
-        fingerprint_checked=expected is not None,
+        fingerprint_checked=fingerprint_checked,
     )
 
 
@@ -301,12 +374,15 @@ def _fetch_root(base: str, timeout: float) -> x509.Certificate:
 
 
 def _csr(identity: IdentityKey, name: str) -> str:
-    """A CSR (PEM) for CN=`name`, signed by `identity`: it proves we hold the key it names."""
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .sign(identity.private_key, None)
+    """A CSR (PEM) for CN=`name`, signed by `identity` (in its token, if it is in one): it proves we
+    hold the key it names."""
+    builder = x509.CertificateSigningRequestBuilder().subject_name(
+        x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     )
+    if isinstance(identity, TokenIdentityKey):
+        csr = identity.delegated.sign_csr(builder)
+    else:
+        csr = builder.sign(identity.private_key, None)
     return csr.public_bytes(serialization.Encoding.PEM).decode("ascii")
 
 
@@ -360,9 +436,16 @@ class _NodeState:
     root: x509.Certificate
     ca_url: str | None
 
+    def __enter__(self) -> _NodeState:
+        return self
 
-def _node_state(keystore: Keystore) -> _NodeState:
-    identity = keystore.get(NS_NODE, "identity")
+    def __exit__(self, *exc_info: object) -> None:
+        if isinstance(self.identity, TokenIdentityKey):
+            self.identity.close()  # the token session `load_identity` opened for this request
+
+
+def _node_state(keystore: Keystore, pin: Pin | None) -> _NodeState:
+    identity = load_identity(keystore, pin)
     certificate = keystore.get(NS_NODE, "certificate")
     root = keystore.get(NS_NODE, "root")
     if identity is None or certificate is None or root is None:
@@ -372,7 +455,7 @@ def _node_state(keystore: Keystore) -> _NodeState:
     ca_url = keystore.get(NS_NODE, "ca_url")
     return _NodeState(
         name=str(subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value),
-        identity=IdentityKey.from_private_bytes(identity),
+        identity=identity,
         certificate=certificate,
         root=certs.load_certificate(root),
         ca_url=None if ca_url is None else ca_url.decode("utf-8"),
@@ -404,7 +487,10 @@ def _store_certificate(
         # its next connection, signing a new bundle and one-time prekeys with what it holds now.
         keystore.delete(NS_NODE, "next_prekey_rotation")
         if new_identity is not None:
-            keystore.put(NS_NODE, "identity", new_identity.private_bytes())
+            for record in ("identity", "identity_token"):
+                keystore.delete(NS_NODE, record)
+            for record, value in identity_records(new_identity).items():
+                keystore.put(NS_NODE, record, value)
             # After a compromise, sessions made under the old identity are suspect too: drop them, so
             # every peer meets the new identity in a fresh handshake (and is told it changed).
             for peer in keystore.names(NS_SESSION):
@@ -427,8 +513,11 @@ def renew_certificate(
     ca_url: str | None = None,
     clock: Callable[[], datetime] = utcnow,
     timeout: float = HTTP_TIMEOUT,
+    pin: Pin | None = None,
 ) -> Renewal:
     """Renew the node's certificate in `keystore` (same name, same key) and store the new one.
+
+    `pin` unlocks the token of a token-backed node (default: from the environment).
 
     The CA is `ca_url`, else the URL stored at enrolment. Raises, with nothing stored:
     `RenewalRefused` (the CA found the certificate revoked, expired or not its own),
@@ -437,15 +526,15 @@ def renew_certificate(
     (no node in this keystore, or its certificate changed meanwhile). A running `Node` keeps
     presenting the old certificate until it reloads it.
     """
-    state = _node_state(keystore)
-    base = _ca_base(state, ca_url)
-    payload = {
-        "certificate": certs.certificate_pem(x509.load_der_x509_certificate(state.certificate)).decode("ascii"),
-        "csr": _csr(state.identity, state.name),
-    }
-    issued = _post_certificate(base, "/renew", payload, timeout)
-    verified = _verify_issued(issued, state.root, state.name, state.identity, clock())
-    renewal = _store_certificate(keystore, state, verified, base)
+    with _node_state(keystore, pin) as state:
+        base = _ca_base(state, ca_url)
+        payload = {
+            "certificate": certs.certificate_pem(x509.load_der_x509_certificate(state.certificate)).decode("ascii"),
+            "csr": _csr(state.identity, state.name),
+        }
+        issued = _post_certificate(base, "/renew", payload, timeout)
+        verified = _verify_issued(issued, state.root, state.name, state.identity, clock())
+        renewal = _store_certificate(keystore, state, verified, base)
     fields = {"node": state.name, "serial": f"{renewal.serial:x}", "renew_at": renewal.renew_at.isoformat()}
     log.info("certificate_renewed", extra={"fields": fields})
     return renewal
@@ -460,8 +549,12 @@ def rekey_node(
     *,
     clock: Callable[[], datetime] = utcnow,
     timeout: float = HTTP_TIMEOUT,
+    pin: Pin | None = None,
 ) -> Renewal:
     """Give the enrolled node `name` in `home` a new identity key, enrolled with a one-time `token`.
+
+    A token-backed node gets its new key in the same token (`pin` unlocks it; default: from the
+    environment), and the old key is deleted from the token once the new one is stored.
 
     The CA must present the root the node pins (`FingerprintMismatch` otherwise). On success the
     new key and certificate replace the old ones in one transaction and the signed prekey is due
@@ -472,16 +565,31 @@ def rekey_node(
     exchange with the CA.
     """
     base = _check_ca_url(ca_url)
-    with Keystore.open(Path(home) / KEYSTORE_FILE, passphrase=passphrase) as keystore:
-        state = _node_state(keystore)
+    path = Path(home) / KEYSTORE_FILE
+    with Keystore.open(path, passphrase=passphrase) as keystore, _node_state(keystore, pin) as state:
         if state.name != name:
             raise InvalidRequest(f"this home holds node {state.name!r}, not {name!r}")
         root = _fetch_root(base, timeout)
         if not hmac.compare_digest(certs.fingerprint(root), certs.fingerprint(state.root)):
             raise FingerprintMismatch(f"the CA at {base} presents another root than the one this node pins")
-        identity = IdentityKey.generate()
-        issued = _post_certificate(base, "/enroll", {"token": token, "csr": _csr(identity, name)}, timeout)
-        verified = _verify_issued(issued, state.root, name, identity, clock())
-        renewal = _store_certificate(keystore, state, verified, base, new_identity=identity)
+        old = state.identity
+        session = None
+        if isinstance(old, TokenIdentityKey):
+            session = TokenSession.open(old.delegated.ref.slot, pin if pin is not None else environment_pin)
+        try:
+            identity = _new_identity(name, session)
+            try:
+                issued = _post_certificate(base, "/enroll", {"token": token, "csr": _csr(identity, name)}, timeout)
+                verified = _verify_issued(issued, state.root, name, identity, clock())
+                renewal = _store_certificate(keystore, state, verified, base, new_identity=identity)
+            except BaseException:
+                if session is not None and isinstance(identity, TokenIdentityKey):
+                    session.destroy(identity.delegated.ref)
+                raise
+            if session is not None and isinstance(old, TokenIdentityKey):
+                session.destroy(old.delegated.ref)  # the compromised key: of no use to anyone any more
+        finally:
+            if session is not None:
+                session.close()
     log.info("node_rekeyed", extra={"fields": {"node": name, "serial": f"{renewal.serial:x}"}})
     return renewal

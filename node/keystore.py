@@ -13,7 +13,10 @@ it wrapped (AES-256-GCM) under a key-encryption key (KEK) derived either
 
 - from a passphrase with Argon2id (parameters and a 16-byte salt in `meta`; `ARGON2_INTERACTIVE`
   by default: 64 MiB, 3 iterations, 4 lanes), or
-- from a 32-byte key file with HKDF-SHA256 (the key file is only read, never written).
+- from a 32-byte key file with HKDF-SHA256 (the key file is only read, never written), or
+- not derived at all: an AES-256 key generated in a PKCS#11 token (`token=`, then `pin=`), which
+  wraps and unwraps the data key inside the token (AES-GCM there); the header names the token
+  and the key, and the key never leaves the token. Whoever copies such a file needs the token too.
 
 The wrapped data key's associated data is the file's header (format, KDF and its parameters), so
 editing the parameters is detected like a wrong passphrase. A wrong passphrase raises
@@ -46,6 +49,7 @@ import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -54,6 +58,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from node.errors import KeystoreCorrupt, KeystoreError, KeystoreNotFound, StorageError, WrongPassphrase
+from node.pkcs11 import Pin, TokenKeyRef, TokenSession, TokenSlot
 
 FORMAT = "kmsnet-keystore/1"
 KEY_SIZE = 32
@@ -161,6 +166,44 @@ def _key_file_kek(key_file: Path, salt: bytes) -> bytes:
     return HKDF(hashes.SHA256(), KEY_SIZE, salt=salt, info=_KEY_FILE_INFO).derive(ikm)
 
 
+def _parse_header(header: bytes, path: Path) -> tuple[str, dict[str, Any], bytes]:
+    """(kdf, params, salt) of a keystore header; `KeystoreCorrupt` unless it is one this version reads."""
+    try:
+        parsed = json.loads(header)
+        params = parsed["params"]
+        salt = bytes.fromhex(params["salt"])
+        kdf = parsed["kdf"]
+        if parsed["format"] != FORMAT or len(salt) != SALT_SIZE or kdf not in ("argon2id", "key-file", "pkcs11"):
+            raise ValueError("unsupported header")
+    except (ValueError, KeyError, TypeError) as exc:
+        raise KeystoreCorrupt(f"{path} has an unreadable or unsupported header") from exc
+    return str(kdf), dict(params), salt
+
+
+def _token_wrap(slot: TokenSlot, pin: Pin, params: dict[str, object]) -> tuple[bytes, bytes]:
+    """(wrapped data key, header) for a new keystore whose data key a new AES key in `slot`'s token wraps."""
+    with TokenSession.open(slot, pin) as session:
+        kek = session.generate_aes256("kmsnet-keystore-kek")
+        params.update(module=slot.module, token=slot.token, key_id=kek.ref.key_id.hex(), label=kek.ref.label)
+        header = _header("pkcs11", params)
+        nonce = secrets.token_bytes(NONCE_SIZE)
+        return nonce + kek.encrypt(nonce, secrets.token_bytes(KEY_SIZE), _DATA_KEY_AAD + header), header
+
+
+def _token_unwrap(params: dict[str, Any], pin: Pin, wrapped: bytes, header: bytes, path: Path) -> bytes:
+    """The data key, unwrapped inside the token the header names."""
+    try:
+        slot = TokenSlot(str(params["module"]), str(params["token"]))
+        ref = TokenKeyRef(slot, bytes.fromhex(str(params["key_id"])), "aes256", str(params["label"]))
+    except (KeyError, ValueError) as exc:
+        raise KeystoreCorrupt(f"{path} has an unreadable or unsupported header") from exc
+    with TokenSession.open(slot, pin) as session:
+        data_key = session.aes256(ref).decrypt(wrapped[:NONCE_SIZE], wrapped[NONCE_SIZE:], _DATA_KEY_AAD + header)
+    if data_key is None or len(data_key) != KEY_SIZE:
+        raise KeystoreCorrupt(f"the token's key does not open {path}")
+    return data_key
+
+
 def _record_aad(namespace: str, name: str) -> bytes:
     ns, nm = namespace.encode("utf-8"), name.encode("utf-8")
     return _RECORD_AAD + struct.pack(">H", len(ns)) + ns + struct.pack(">H", len(nm)) + nm
@@ -212,22 +255,48 @@ class Keystore:
         key_file: Path | None = None,
         create: bool = False,
         argon2: Argon2Params = ARGON2_INTERACTIVE,
+        pin: Pin | None = None,
+        token: TokenSlot | None = None,
     ) -> Keystore:
-        """Open the keystore at `path`, unlocking it with exactly one of `passphrase` or `key_file`.
+        """Open the keystore at `path`, unlocking it with exactly one of `passphrase`, `key_file`
+        or `pin` (the PIN of the PKCS#11 token whose key wraps its data key).
 
         With `create=True` a missing file is created (mode 0600, with `argon2` cost parameters
-        when a passphrase is used); an existing file is opened with its own parameters.
-        Raises `KeystoreNotFound`, `WrongPassphrase` (nothing written), `KeystoreCorrupt`
-        (not a kmsnet keystore, or a damaged header) or `StorageError`.
+        when a passphrase is used; with `pin`, its data key wrapped by a new key in `token`); an
+        existing file is opened with its own parameters. Raises `KeystoreNotFound`,
+        `WrongPassphrase` (nothing written), `KeystoreCorrupt` (not a kmsnet keystore, or a
+        damaged header), `StorageError`, or the token's errors.
         """
         path = Path(path)
-        if (passphrase is None) == (key_file is None):
-            raise KeystoreError("give exactly one of a passphrase or a key file")
+        if [passphrase, key_file, pin].count(None) != 2:
+            raise KeystoreError("give exactly one of a passphrase, a key file or a token PIN")
         if not path.exists():
             if not create:
                 raise KeystoreNotFound(f"no keystore at {path}")
-            cls._create_file(path, passphrase, key_file, argon2)
-        return cls._unlock(path, passphrase, key_file)
+            if pin is not None and token is None:
+                raise KeystoreError("a keystore unlocked by a token needs the token to make its key in")
+            cls._create_file(path, passphrase, key_file, argon2, (token, pin))
+        return cls._unlock(path, passphrase, key_file, pin)
+
+    @staticmethod
+    def unlocked_by(path: Path | str) -> str:
+        """How the keystore at `path` is unlocked: "passphrase", "key-file" or "pkcs11" (reads only its header).
+
+        Raises `KeystoreNotFound` or `KeystoreCorrupt`.
+        """
+        path = Path(path)
+        if not path.exists():
+            raise KeystoreNotFound(f"no keystore at {path}")
+        try:
+            db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open keystore {path}: {exc}") from exc
+        try:
+            header, _ = Keystore._read_meta(db, path)
+        finally:
+            db.close()
+        kdf = _parse_header(header, path)[0]
+        return {"argon2id": "passphrase", "key-file": "key-file"}.get(kdf, "pkcs11")
 
     @classmethod
     def memory(cls) -> Keystore:
@@ -237,19 +306,29 @@ class Keystore:
         return cls(db, secrets.token_bytes(KEY_SIZE), None)
 
     @staticmethod
-    def _create_file(path: Path, passphrase: str | None, key_file: Path | None, argon2: Argon2Params) -> None:
+    def _create_file(
+        path: Path,
+        passphrase: str | None,
+        key_file: Path | None,
+        argon2: Argon2Params,
+        token: tuple[TokenSlot | None, Pin | None],
+    ) -> None:
         salt = secrets.token_bytes(SALT_SIZE)
         params: dict[str, object] = {"salt": salt.hex()}
-        if passphrase is not None:
-            kdf = "argon2id"
-            params.update(memory_cost=argon2.memory_cost, iterations=argon2.iterations, lanes=argon2.lanes)
-            kek = _passphrase_kek(passphrase, salt, argon2)
+        slot, pin = token
+        if slot is not None and pin is not None:
+            wrapped, header = _token_wrap(slot, pin, params)
         else:
-            assert key_file is not None
-            kdf = "key-file"
-            kek = _key_file_kek(key_file, salt)
-        header = _header(kdf, params)
-        wrapped = aes_gcm_seal(kek, secrets.token_bytes(KEY_SIZE), _DATA_KEY_AAD + header)
+            if passphrase is not None:
+                kdf = "argon2id"
+                params.update(memory_cost=argon2.memory_cost, iterations=argon2.iterations, lanes=argon2.lanes)
+                kek = _passphrase_kek(passphrase, salt, argon2)
+            else:
+                assert key_file is not None
+                kdf = "key-file"
+                kek = _key_file_kek(key_file, salt)
+            header = _header(kdf, params)
+            wrapped = aes_gcm_seal(kek, secrets.token_bytes(KEY_SIZE), _DATA_KEY_AAD + header)
         # Build the file under a temporary name and link it into place, so a crash never leaves
         # a half-made keystore where the real one belongs.
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -273,7 +352,7 @@ class Keystore:
             tmp.unlink(missing_ok=True)
 
     @classmethod
-    def _unlock(cls, path: Path, passphrase: str | None, key_file: Path | None) -> Keystore:
+    def _unlock(cls, path: Path, passphrase: str | None, key_file: Path | None, pin: Pin | None) -> Keystore:
         try:
             db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
         except sqlite3.Error as exc:
@@ -282,7 +361,7 @@ class Keystore:
             # Only reads until the data key unwraps: a wrong passphrase must leave the file as it was.
             db.execute(f"PRAGMA busy_timeout={_BUSY_TIMEOUT_MS}")
             header, wrapped = cls._read_meta(db, path)
-            data_key = cls._unwrap(header, wrapped, passphrase, key_file, path)
+            data_key = cls._unwrap(header, wrapped, (passphrase, key_file, pin), path)
             with _storage_errors("open"):
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=FULL")
@@ -304,18 +383,20 @@ class Keystore:
         return header, wrapped
 
     @staticmethod
-    def _unwrap(header: bytes, wrapped: bytes, passphrase: str | None, key_file: Path | None, path: Path) -> bytes:
+    def _unwrap(
+        header: bytes, wrapped: bytes, secret: tuple[str | None, Path | None, Pin | None], path: Path
+    ) -> bytes:
+        passphrase, key_file, pin = secret
+        kdf, params, salt = _parse_header(header, path)
+        if kdf == "pkcs11":
+            if pin is None:
+                raise KeystoreError(f"{path} is unlocked by a PKCS#11 token: give its PIN")
+            return _token_unwrap(params, pin, wrapped, header, path)
         try:
-            parsed = json.loads(header)
-            params = parsed["params"]
-            salt = bytes.fromhex(params["salt"])
-            kdf = parsed["kdf"]
-            if parsed["format"] != FORMAT or len(salt) != SALT_SIZE or kdf not in ("argon2id", "key-file"):
-                raise ValueError("unsupported header")
             cost = None
             if kdf == "argon2id":
                 cost = Argon2Params(params["memory_cost"], params["iterations"], params["lanes"])
-        except (ValueError, KeyError, TypeError) as exc:
+        except (KeyError, TypeError) as exc:
             raise KeystoreCorrupt(f"{path} has an unreadable or unsupported header") from exc
         if cost is not None:
             if passphrase is None:

@@ -12,6 +12,16 @@ Key types
                   message raises `MessageTooLong` (encrypt it under an aes256-gcm key instead)
     `ed25519`     Ed25519 signatures over the raw data
 
+Keys in a PKCS#11 token (`create_key(..., token=TokenSlot(module, label))`, `kmsnet kms create
+--pkcs11 MODULE --token LABEL`): an aes256-gcm or ed25519 key's versions are then generated in the
+token, non-extractable, and used there: AES-256-GCM encryption and decryption run inside the token
+(CKM_AES_GCM; the nonce is drawn here, as for keystore keys, and the token format is the same),
+Ed25519 signs there (CKM_EDDSA) and verifies here under the public key. The keystore records only
+where each version is (`token/<key id>/<version>`). Rotation makes the new version in the same
+token; rewrap works unchanged; destroying the key deletes its objects from the token. rsa-3072 keys
+stay in the keystore. Using such a key needs the token's PIN (`pin`, default KMSNET_PKCS11_PIN_FILE
+or KMSNET_PKCS11_PIN).
+
 Ciphertexts and signatures are ASCII tokens, like Vault's `vault:v2:...`:
 
     kmsnet:v1:<key id>:<version>:<base64 (standard alphabet, padded) of the body>
@@ -102,7 +112,8 @@ from node.errors import (
     VersionTooOld,
     WeakPeerKey,
 )
-from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore, aes_gcm_open, aes_gcm_seal
+from node.keystore import ARGON2_INTERACTIVE, NONCE_SIZE, Argon2Params, Keystore, aes_gcm_open, aes_gcm_seal
+from node.pkcs11 import Pin, TokenKeyRef, TokenSession, TokenSlot, environment_pin
 
 KEYSTORE_FILE = "keystore.db"
 NAMESPACE = "kms"
@@ -116,6 +127,8 @@ _TOKEN = re.compile(
     r"kmsnet:v1:(?P<key_id>[A-Za-z0-9][A-Za-z0-9_.-]{0,63}):(?P<version>[1-9][0-9]{0,8}):(?P<body>[A-Za-z0-9+/]*={0,2})"
 )
 _SHA256_SIZE = 32
+#: The key types a PKCS#11 token holds for the KMS (SoftHSM 2.6: AES-GCM and EdDSA inside the token).
+TOKEN_KEY_TYPES = frozenset({"aes256-gcm", "ed25519"})
 _AUDIT_KEY = "audit-signing-key"
 
 
@@ -451,7 +464,10 @@ class KeyManagementSystem:
     persist in `<home>/keystore.db`, sealed under `passphrase` (Argon2id, cost `argon2` when the
     file is created) or a 32-byte `key_file`; `create=False` refuses to create a missing
     keystore. `clock` is read for key dates, deletion dates, rotation periods and audit times;
-    `actor` names who acts in the audit log.
+    `actor` names who acts in the audit log. `pin` unlocks the PKCS#11 token of keys kept in one
+    (asked for only when such a key is used; default: from the environment). Without passphrase
+    and key file, the keystore is one whose data key a token key wraps: `keystore_token` says in
+    which token to make that key when the keystore is created, and `pin` unlocks it.
     """
 
     def __init__(
@@ -464,17 +480,29 @@ class KeyManagementSystem:
         clock: Clock = utc_now,
         actor: str = "local",
         argon2: Argon2Params = ARGON2_INTERACTIVE,
+        pin: Pin | None = None,
+        keystore_token: TokenSlot | None = None,
     ) -> None:
+        self._pin: Pin = pin if pin is not None else environment_pin
+        self._tokens: dict[TokenSlot, TokenSession] = {}
         if home is None:
-            if passphrase is not None or key_file is not None:
-                raise InvalidRequest("a passphrase or key file needs a home to persist to")
+            if passphrase is not None or key_file is not None or keystore_token is not None:
+                raise InvalidRequest("a passphrase, key file or token needs a home to persist to")
             self._store = Keystore.memory()
         else:
             home = Path(home).expanduser()
             if create:
                 home.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # Neither passphrase nor key file: the keystore's data key is wrapped by a token key.
+            by_token = passphrase is None and key_file is None
             self._store = Keystore.open(
-                home / KEYSTORE_FILE, passphrase=passphrase, key_file=key_file, create=create, argon2=argon2
+                home / KEYSTORE_FILE,
+                passphrase=passphrase,
+                key_file=key_file,
+                create=create,
+                argon2=argon2,
+                pin=self._pin if by_token else None,
+                token=keystore_token,
             )
         self._clock = clock
         self._actor = actor
@@ -498,7 +526,10 @@ class KeyManagementSystem:
         return self._audit
 
     def close(self) -> None:
-        """Close the keystore."""
+        """Close the keystore (and the token sessions)."""
+        for session in self._tokens.values():
+            session.close()
+        self._tokens.clear()
         self._store.close()
 
     def __enter__(self) -> KeyManagementSystem:
@@ -513,23 +544,34 @@ class KeyManagementSystem:
     # -- lifecycle -------------------------------------------------------------------------------
 
     def create_key(
-        self, key_id: str, key_type: KeyType | str = KeyType.AES256_GCM, *, rotation_period: timedelta | None = None
+        self,
+        key_id: str,
+        key_type: KeyType | str = KeyType.AES256_GCM,
+        *,
+        rotation_period: timedelta | None = None,
+        token: TokenSlot | None = None,
     ) -> KeyInfo:
-        """Create key `key_id` with version 1, enabled; `KeyExists` if the id was ever used."""
+        """Create key `key_id` with version 1, enabled; `KeyExists` if the id was ever used.
+
+        With `token`, its versions are generated and used in that PKCS#11 token (module docstring).
+        """
         _check_key_id(key_id)
         _check_period(rotation_period)
         try:
             kind = KeyType(key_type)
         except ValueError:
             raise InvalidRequest(f"unknown key type {key_type!r} (one of {', '.join(KeyType)})") from None
+        if token is not None and kind not in TOKEN_KEY_TYPES:
+            held = ", ".join(sorted(TOKEN_KEY_TYPES))
+            raise InvalidRequest(f"{kind} keys stay in the keystore: a PKCS#11 token holds {held} keys")
         with self._operation("create", key_id) as audit:
             if self._find(key_id) is not None:
                 raise KeyExists(f"key {key_id!r} exists")
             now = self._now()
             info = KeyInfo(key_id, kind, KeyState.ENABLED, now, (KeyVersion(1, now),), rotation_period=rotation_period)
-            self._put_material(key_id, 1, _new_material(kind))
+            self._new_version(key_id, 1, kind, token)
             self._save(info)
-            audit.update(version=1, key_type=kind.value)
+            audit.update(version=1, key_type=kind.value, token=None if token is None else token.token)
         return info
 
     def describe(self, key_id: str) -> KeyInfo:
@@ -629,8 +671,11 @@ class KeyManagementSystem:
         with self._operation(Operation.SIGN, key_id) as audit:
             info = self._rotate_if_due(self._usable(key_id, Operation.SIGN))
             version = self._primary_for_use(info, audit)
-            signer = Ed25519PrivateKey.from_private_bytes(self._material(key_id, version))
-            signature = signer.sign(_to_bytes(data))
+            ref = self._token_ref(key_id, version)
+            if ref is not None:
+                signature = self._token(ref.slot).ed25519(ref).sign(_to_bytes(data))
+            else:
+                signature = Ed25519PrivateKey.from_private_bytes(self._material(key_id, version)).sign(_to_bytes(data))
             return _token_header(key_id, version) + base64.b64encode(signature).decode("ascii")
 
     def verify(self, key_id: str, data: bytes, signature: str | bytes, *, allow_compromised: bool = False) -> Verified:
@@ -638,9 +683,8 @@ class KeyManagementSystem:
         with self._operation(Operation.VERIFY, key_id) as audit:
             info = self._usable(key_id, Operation.VERIFY)
             version, _, body = self._resolve(info, signature, InvalidSignature, audit, allow_compromised)
-            public = Ed25519PrivateKey.from_private_bytes(self._material(key_id, version)).public_key()
             try:
-                public.verify(body, _to_bytes(data))
+                self._ed25519_public(key_id, version).verify(body, _to_bytes(data))
             except _CryptoInvalidSignature:
                 raise InvalidSignature(f"signature does not verify under version {version} of {key_id!r}") from None
             return Verified(key_id, version, info.version(version).compromised)
@@ -650,12 +694,11 @@ class KeyManagementSystem:
         with self._operation(Operation.PUBLIC_KEY, key_id) as audit:
             info = self._usable(key_id, Operation.PUBLIC_KEY)
             number = audit["version"] = version or info.primary_version
-            material = self._material(key_id, info.version(number).version)
             public: rsa.RSAPublicKey | Ed25519PublicKey
             if info.key_type is KeyType.RSA_3072:
-                public = _rsa_private(material).public_key()
+                public = _rsa_private(self._material(key_id, info.version(number).version)).public_key()
             else:
-                public = Ed25519PrivateKey.from_private_bytes(material).public_key()
+                public = self._ed25519_public(key_id, info.version(number).version)
             return public.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
 
     # -- the seed's calls ------------------------------------------------------------------------
@@ -764,8 +807,33 @@ class KeyManagementSystem:
             raise KeystoreCorrupt(f"material of version {version} of key {key_id!r} is missing")
         return material
 
-    def _put_material(self, key_id: str, version: int, material: bytes) -> None:
-        self._store.put(NAMESPACE, f"material/{key_id}/{version}", material)
+    def _new_version(self, key_id: str, version: int, kind: KeyType, token: TokenSlot | None) -> None:
+        """Make a version's key: in `token` if given (recording where), else as material in the keystore."""
+        if token is None:
+            self._store.put(NAMESPACE, f"material/{key_id}/{version}", _new_material(kind))
+            return
+        session = self._token(token)
+        label = f"kmsnet-kms-{key_id}-v{version}"
+        made = session.generate_aes256(label) if kind is KeyType.AES256_GCM else session.generate_ed25519(label)
+        self._store.put(NAMESPACE, f"token/{key_id}/{version}", made.ref.to_record())
+
+    def _token_ref(self, key_id: str, version: int) -> TokenKeyRef | None:
+        """Where a version's key is in a token, or None when the keystore holds its material."""
+        raw = self._store.get(NAMESPACE, f"token/{key_id}/{version}")
+        return None if raw is None else TokenKeyRef.from_record(raw)
+
+    def _token(self, slot: TokenSlot) -> TokenSession:
+        """The session with `slot`'s token, opened (asking for the PIN) on first use."""
+        session = self._tokens.get(slot)
+        if session is None:
+            session = self._tokens[slot] = TokenSession.open(slot, self._pin)
+        return session
+
+    def _ed25519_public(self, key_id: str, version: int) -> Ed25519PublicKey:
+        ref = self._token_ref(key_id, version)
+        if ref is not None:
+            return Ed25519PublicKey.from_public_bytes(ref.public)
+        return Ed25519PrivateKey.from_private_bytes(self._material(key_id, version)).public_key()
 
     def _usable(self, key_id: str, op: Operation, key_types: frozenset[KeyType] | None = None) -> KeyInfo:
         """Load the key and check that its state and type allow `op` (`ALLOWED`, `KEY_TYPES_FOR`)."""
@@ -789,6 +857,10 @@ class KeyManagementSystem:
             audit.update(from_state=info.state.value, state=target.value)
             if target is KeyState.DESTROYED:
                 for version in info.versions:
+                    ref = self._token_ref(key_id, version.version)
+                    if ref is not None:
+                        self._token(ref.slot).destroy(ref)
+                        self._store.delete(NAMESPACE, f"token/{key_id}/{version.version}")
                     self._store.delete(NAMESPACE, f"material/{key_id}/{version.version}")
             info = replace(info, state=target, deletion_date=deletion_date if target is _P else None)
             if info.deletion_date is not None:
@@ -805,7 +877,8 @@ class KeyManagementSystem:
 
     def _add_version(self, info: KeyInfo) -> KeyInfo:
         number = info.primary_version + 1
-        self._put_material(info.key_id, number, _new_material(info.key_type))
+        primary = self._token_ref(info.key_id, info.primary_version)  # a new version lives where the last one does
+        self._new_version(info.key_id, number, info.key_type, None if primary is None else primary.slot)
         info = replace(info, versions=(*info.versions, KeyVersion(number, self._now())))
         self._save(info)
         return info
@@ -859,14 +932,27 @@ class KeyManagementSystem:
     def _seal(self, info: KeyInfo, plaintext: bytes, audit: dict[str, AuditValue]) -> str:
         version = self._primary_for_use(info, audit)
         header = _token_header(info.key_id, version)
-        material = self._material(info.key_id, version)
-        if info.key_type is KeyType.AES256_GCM:
-            body = aes_gcm_seal(material, plaintext, header.encode("ascii"))
+        ref = self._token_ref(info.key_id, version)
+        if ref is not None:
+            nonce = secrets.token_bytes(NONCE_SIZE)
+            body = nonce + self._token(ref.slot).aes256(ref).encrypt(nonce, plaintext, header.encode("ascii"))
+        elif info.key_type is KeyType.AES256_GCM:
+            body = aes_gcm_seal(self._material(info.key_id, version), plaintext, header.encode("ascii"))
         else:
-            body = rsa_oaep_encrypt(_rsa_private(material).public_key(), plaintext, header.encode("ascii"))
+            public = _rsa_private(self._material(info.key_id, version)).public_key()
+            body = rsa_oaep_encrypt(public, plaintext, header.encode("ascii"))
         return header + base64.b64encode(body).decode("ascii")
 
     def _open(self, info: KeyInfo, version: int, header: str, body: bytes) -> bytes:
+        ref = self._token_ref(info.key_id, version)
+        if ref is not None:
+            key = self._token(ref.slot).aes256(ref)
+            opened = None
+            if len(body) > NONCE_SIZE:
+                opened = key.decrypt(body[:NONCE_SIZE], body[NONCE_SIZE:], header.encode("ascii"))
+            if opened is None:
+                raise InvalidCiphertext(f"ciphertext does not authenticate under key {info.key_id!r}")
+            return opened
         material = self._material(info.key_id, version)
         if info.key_type is KeyType.AES256_GCM:
             try:

@@ -25,7 +25,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -33,7 +33,7 @@ import msgpack
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from node.enrol import renew_certificate, renewal_time
+from node.enrol import load_identity, renew_certificate, renewal_time
 from node.errors import NodeError, PeerUnavailable, RelayUnreachable
 from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
@@ -41,6 +41,7 @@ from node.keystore import Keystore
 from node.layout import NS_BUNDLE, NS_INBOX, NS_NODE, NS_OUTBOX, NS_PEER, NS_SEEN, NS_SESSION
 from node.link import RelayLink
 from node.ocsp import OcspChecker
+from node.pkcs11 import Pin, TokenIdentityKey
 from protocol import certs, handshake, wire
 from protocol.errors import (
     CertificateRevoked,
@@ -53,7 +54,7 @@ from protocol.errors import (
     UnknownPrekey,
 )
 from protocol.handshake import PrekeySecrets
-from protocol.identity import IdentityKey, KemKeyPair, X25519KeyPair
+from protocol.identity import KemKeyPair, X25519KeyPair
 from protocol.link import Accepted, Ack, CrlFeed, Deliver, Error, ErrorCode, LinkFrame, PublishBundle, Send, Welcome
 from protocol.messages import FrameType, InitMessage, PrekeyBundle, Suite
 from protocol.revocation import RevocationState
@@ -99,6 +100,9 @@ class NodeOptions:
     #: Keep what arrives in the keystore's inbox until `take_inbox` (the `receive` and `chat` commands
     #: read it). An application that reads only `events` turns it off, or the inbox only grows.
     inbox: bool = True
+    #: The PIN of the PKCS#11 token holding a token-backed node's identity key (None: from the
+    #: environment, `node.pkcs11.environment_pin`). Never stored.
+    pin: Pin | None = field(default=None, repr=False)
 
 
 @dataclass(slots=True)
@@ -199,11 +203,14 @@ class Node:
 
     def _load_identity(self) -> None:
         """(Re)read our identity key and certificate: at start, and after a renewal or a re-key."""
-        identity = self.keystore.get(NS_NODE, "identity")
+        identity = load_identity(self.keystore, self.options.pin)
         certificate = self.keystore.get(NS_NODE, "certificate")
         if identity is None or certificate is None:
             raise NodeError("this home holds no enrolled node (run `kmsnet node init` first)")
-        self.identity = IdentityKey.from_private_bytes(identity)
+        previous = getattr(self, "identity", None)
+        self.identity = identity
+        if isinstance(previous, TokenIdentityKey):
+            previous.close()  # the token stays open through the new key's session: the link may still use it
         self.certificate = certificate
         self.fingerprint = hashlib.sha256(certificate).digest()
         # Our own certificate is read, not judged: an expired one must still let `status` say so;
@@ -217,7 +224,7 @@ class Node:
         if self.clock() < renewal_time(self.certificate):
             return False
         try:
-            await asyncio.to_thread(renew_certificate, self.keystore, clock=self.clock)
+            await asyncio.to_thread(renew_certificate, self.keystore, clock=self.clock, pin=self.options.pin)
         except NodeError as exc:
             self._emit(SecurityEvent("renewal_failed", None, f"{type(exc).__name__}: {exc}"))
             return False

@@ -18,12 +18,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import InitVar, dataclass, field
 from datetime import datetime, timedelta
+from typing import Protocol
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
 from protocol.errors import (
@@ -39,6 +41,8 @@ from protocol.errors import (
 __all__ = [
     "CLOCK_SKEW",
     "NODE_NAME_RE",
+    "CaKey",
+    "DelegatedKey",
     "VerifiedCertificate",
     "certificate_pem",
     "fingerprint",
@@ -85,6 +89,49 @@ _DNS_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
 # Only `verify` holds this, so a `VerifiedCertificate` cannot be constructed (or `replace`d) elsewhere.
 _MINT = object()
+
+
+# --- the CA key ----------------------------------------------------------------------------------
+
+
+class DelegatedKey(Protocol):
+    """An Ed25519 CA key that never leaves its device (a PKCS#11 token: `node.pkcs11`).
+
+    `cryptography` signs only with keys it holds, so for such a key this module builds what is to
+    be signed and hands the builder over: the key signs the to-be-signed bytes on its device and
+    returns the finished object, which must be exactly what `builder.sign(key, None)` would make.
+    """
+
+    def public_key(self) -> Ed25519PublicKey:
+        """The key's public half."""
+        ...
+
+    def sign(self, data: bytes) -> bytes:
+        """The Ed25519 signature of `data`, made on the device."""
+        ...
+
+    def sign_certificate(self, builder: x509.CertificateBuilder) -> x509.Certificate:
+        """The certificate `builder` describes, signed by this key."""
+        ...
+
+    def sign_crl(self, builder: x509.CertificateRevocationListBuilder) -> x509.CertificateRevocationList:
+        """The CRL `builder` describes, signed by this key."""
+        ...
+
+    def sign_ocsp_response(self, builder: ocsp.OCSPResponseBuilder, responder: x509.Certificate) -> ocsp.OCSPResponse:
+        """The OCSP response `builder` describes (responder ID: by key hash of `responder`), signed by this key."""
+        ...
+
+
+CaKey = Ed25519PrivateKey | DelegatedKey
+"""What signs for the CA: a key `cryptography` holds, or one held by a device."""
+
+
+def sign_certificate(builder: x509.CertificateBuilder, key: CaKey) -> x509.Certificate:
+    """Sign `builder` with `key`, wherever the key lives."""
+    if isinstance(key, Ed25519PrivateKey):
+        return builder.sign(key, None)
+    return key.sign_certificate(builder)
 
 
 # --- names and small helpers ---------------------------------------------------------------------
@@ -135,13 +182,13 @@ def _require_serial(serial: int) -> None:
         raise LocalError(f"serial must be an int in 1..2**159-1, got {serial!r}")
 
 
-def _require_issuer_key(ca_key: Ed25519PrivateKey, ca_cert: x509.Certificate) -> None:
+def _require_issuer_key(ca_key: CaKey, ca_cert: x509.Certificate) -> None:
     # Signing with a key that does not match the CA certificate yields certificates nobody can verify.
     if ca_key.public_key() != ca_cert.public_key():
         raise LocalError("ca_key does not belong to ca_cert")
 
 
-def _authority_key_identifier(ca_key: Ed25519PrivateKey, ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
+def _authority_key_identifier(ca_key: CaKey, ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
     # Reuse the CA's own SKI when it has one, so AKI/SKI matching works for any verifier.
     try:
         ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
@@ -175,7 +222,7 @@ def _common_name(name: x509.Name) -> str | None:
 
 
 def make_root(
-    *, key: Ed25519PrivateKey, name: str, serial: int, not_before: datetime, not_after: datetime
+    *, key: CaKey, name: str, serial: int, not_before: datetime, not_after: datetime
 ) -> x509.Certificate:
     """Build the self-signed CA root: CN=`name`, a CA that may sign leaves only (path length 0)
     and CRLs. Raises `LocalError` on a bad name, serial or window."""
@@ -185,7 +232,7 @@ def make_root(
     _require_window(not_before, not_after)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     public_key = key.public_key()
-    return (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(subject)
         .issuer_name(subject)
@@ -196,12 +243,12 @@ def make_root(
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(_key_usage(cert_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
-        .sign(key, None)
     )
+    return sign_certificate(builder, key)
 
 
 def _leaf_builder(
-    ca_key: Ed25519PrivateKey,
+    ca_key: CaKey,
     ca_cert: x509.Certificate,
     subject: x509.Name,
     public_key: Ed25519PublicKey | ec.EllipticCurvePublicKey,
@@ -229,7 +276,7 @@ def _leaf_builder(
 
 def issue(
     *,
-    ca_key: Ed25519PrivateKey,
+    ca_key: CaKey,
     ca_cert: x509.Certificate,
     subject_name: str,
     public_key: Ed25519PublicKey,
@@ -249,7 +296,7 @@ def issue(
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject_name)])
     builder = _leaf_builder(ca_key, ca_cert, subject, public_key, serial, not_before, not_after)
     builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-    return builder.sign(ca_key, None)
+    return sign_certificate(builder, ca_key)
 
 
 def _general_name(host: str) -> x509.GeneralName:
@@ -268,7 +315,7 @@ def _general_name(host: str) -> x509.GeneralName:
 
 def issue_server(
     *,
-    ca_key: Ed25519PrivateKey,
+    ca_key: CaKey,
     ca_cert: x509.Certificate,
     hostnames: Sequence[str],
     public_key: Ed25519PublicKey | ec.EllipticCurvePublicKey,
@@ -302,7 +349,7 @@ def issue_server(
     builder = _leaf_builder(ca_key, ca_cert, subject, public_key, serial, not_before, not_after)
     builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=len(subject) == 0)
     builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-    return builder.sign(ca_key, None)
+    return sign_certificate(builder, ca_key)
 
 
 # --- verifying (every handshake) -----------------------------------------------------------------

@@ -27,6 +27,7 @@ from cryptography.x509 import ocsp
 from protocol.certs import (
     _MALFORMED,
     CLOCK_SKEW,
+    CaKey,
     _authority_key_identifier,
     _require_aware,
     _require_issuer_key,
@@ -214,7 +215,7 @@ class Freshness:
 
 def issue_crl(
     *,
-    ca_key: Ed25519PrivateKey,
+    ca_key: CaKey,
     ca_cert: x509.Certificate,
     number: int,
     this_update: datetime,
@@ -249,7 +250,8 @@ def issue_crl(
         if entry.reason != "unspecified":
             revoked_builder = revoked_builder.add_extension(x509.CRLReason(REASONS[entry.reason]), critical=False)
         builder = builder.add_revoked_certificate(revoked_builder.build())
-    return builder.sign(ca_key, None).public_bytes(serialization.Encoding.DER)
+    crl = builder.sign(ca_key, None) if isinstance(ca_key, Ed25519PrivateKey) else ca_key.sign_crl(builder)
+    return crl.public_bytes(serialization.Encoding.DER)
 
 
 # --- CRL: node side -------------------------------------------------------------------------------
@@ -529,7 +531,7 @@ _CERT_STATUS = {
 def build_ocsp_response(
     request_der: bytes,
     *,
-    ca_key: Ed25519PrivateKey,
+    ca_key: CaKey,
     ca_cert: x509.Certificate,
     lookup: Callable[[int], OcspAnswer],
     now: datetime,
@@ -587,11 +589,14 @@ def build_ocsp_response(
             revocation_time=answer.revoked_at,
             revocation_reason=reason,
         )
-        .responder_id(ocsp.OCSPResponderEncoding.HASH, ca_cert)
     )
     if nonce is not None:
         builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)
-    return builder.sign(ca_key, None).public_bytes(serialization.Encoding.DER)
+    if isinstance(ca_key, Ed25519PrivateKey):
+        response = builder.responder_id(ocsp.OCSPResponderEncoding.HASH, ca_cert).sign(ca_key, None)
+    else:
+        response = ca_key.sign_ocsp_response(builder, ca_cert)
+    return response.public_bytes(serialization.Encoding.DER)
 
 
 def verify_ocsp_response(

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding
 from websockets.asyncio.client import connect
 
+from node.enrol import identity_records
 from node.errors import NodeError
 from node.events import Message, SecurityEvent
 from node.keystore import Keystore
@@ -341,7 +342,8 @@ class Lab:
         path = self.workdir / f"{lane}.keystore"
         keystore = Keystore.open(path, key_file=self._key_file, create=True)
         with keystore.transaction():
-            keystore.put("node", "identity", who.identity.private_bytes())
+            for record, value in identity_records(who.identity).items():  # a key, or where it is in a token
+                keystore.put("node", record, value)
             keystore.put("node", "certificate", who.certificate)
             keystore.put("node", "root", certs.certificate_pem(self.ca.root))
             keystore.put("node", "relay", self.url.encode())

@@ -17,6 +17,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding
+from softhsm import softhsm_token_fixture  # noqa: F401 - one session-wide SoftHSM token for every test module
 
 from protocol import certs, handshake, wire
 from protocol.identity import IdentityKey, KemKeyPair, X25519KeyPair

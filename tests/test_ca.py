@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from softhsm import SoftHsm
 
 import node.ca.http as ca_http
 from node.ca import AdminSession, CaService, CertificateAuthority, EnrolmentToken
@@ -113,9 +114,15 @@ class Admin:
         return self.authority.token(name, ttl, session=self.session)
 
 
-def init_ca(home: Path, clock: Callable[[], datetime] = utcnow, policy: CaPolicy | None = None) -> bytes:
-    """`CertificateAuthority.init` with cheap Argon2; returns the first administrator's TOTP secret."""
-    created = CertificateAuthority.init(home, PASS, argon2=ARGON2_TEST, clock=clock, policy=policy)
+def init_ca(
+    home: Path, clock: Callable[[], datetime] = utcnow, policy: CaPolicy | None = None, token: SoftHsm | None = None
+) -> bytes:
+    """`CertificateAuthority.init` with cheap Argon2 (root key in `token` if given); returns the first
+    administrator's TOTP secret."""
+    slot, pin = (token.slot, token.pin) if token else (None, None)
+    created = CertificateAuthority.init(
+        home, PASS, argon2=ARGON2_TEST, clock=clock, policy=policy, token=slot, pin=pin
+    )
     return secret_from_uri(created.admin.otpauth)
 
 
@@ -134,9 +141,20 @@ def clock() -> Clock:
     return Clock()
 
 
+@pytest.fixture(params=["keystore", "pkcs11"])
+def root_in(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> SoftHsm | None:
+    """Where the CA of the shared fixtures keeps its root key: ca.db, then a SoftHSM token (whose PIN
+    is then in the environment too, for the tests that open the CA again themselves)."""
+    if request.param == "keystore":
+        return None
+    hsm: SoftHsm = request.getfixturevalue("softhsm_token")
+    monkeypatch.setenv("KMSNET_PKCS11_PIN", hsm.pin)
+    return hsm
+
+
 @pytest.fixture
-def otp_secret(tmp_path: Path, clock: Clock) -> bytes:
-    return init_ca(tmp_path / "ca", clock)
+def otp_secret(tmp_path: Path, clock: Clock, root_in: SoftHsm | None) -> bytes:
+    return init_ca(tmp_path / "ca", clock, token=root_in)
 
 
 @pytest.fixture
@@ -145,8 +163,8 @@ def home(tmp_path: Path, otp_secret: bytes) -> Path:
 
 
 @pytest.fixture
-def authority(home: Path, clock: Clock) -> Iterator[CertificateAuthority]:
-    with CertificateAuthority.open(home, PASS, clock=clock) as ca:
+def authority(home: Path, clock: Clock, root_in: SoftHsm | None) -> Iterator[CertificateAuthority]:
+    with CertificateAuthority.open(home, PASS, clock=clock, pin=root_in.pin if root_in else None) as ca:
         yield ca
 
 

@@ -28,6 +28,7 @@ from test_ca import (  # noqa: F401 - shared fixtures
     http,
     otp_secret,
     post,
+    root_in,
     ticks,
 )
 

@@ -50,15 +50,15 @@ def env(passphrase: str | None = PASS) -> dict[str, str]:
     return base
 
 
-def run(*args: str, passphrase: str | None = PASS) -> subprocess.CompletedProcess[str]:
-    """`python -m kmsnet ARGS` without a terminal (a prompt fails instead of hanging)."""
+def run(*args: str, passphrase: str | None = PASS, **more_env: str) -> subprocess.CompletedProcess[str]:
+    """`python -m kmsnet ARGS` without a terminal (a prompt fails instead of hanging), `more_env` added."""
     return subprocess.run(
         [sys.executable, "-m", "kmsnet", *args],
         capture_output=True,
         text=True,
         timeout=60,
         cwd=ROOT,
-        env=env(passphrase),
+        env={**env(passphrase), **more_env},
         start_new_session=True,
         check=False,
     )

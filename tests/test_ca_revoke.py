@@ -24,7 +24,22 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.x509 import ocsp
-from test_ca import PASS, Admin, Clock, admin, authority, clock, csr_pem, get, home, http, init_ca, otp_secret, post  # noqa: F401 - shared fixtures
+from test_ca import (  # noqa: F401 - shared fixtures
+    PASS,
+    Admin,
+    Clock,
+    admin,
+    authority,
+    clock,
+    csr_pem,
+    get,
+    home,
+    http,
+    init_ca,
+    otp_secret,
+    post,
+    root_in,
+)
 
 from node.ca import CaService, CertificateAuthority
 from node.ca.authority import CaPolicy

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from softhsm import SoftHsm
 
 from node.errors import (
     CompromisedVersion,
@@ -43,8 +44,10 @@ from node.kms import (
     ALLOWED,
     DH_INFO,
     KEYSTORE_FILE,
+    TOKEN_KEY_TYPES,
     TRANSITIONS,
     CompromisedVersionWarning,
+    KeyInfo,
     KeyManagementSystem,
     KeyState,
     KeyType,
@@ -54,6 +57,7 @@ from node.kms import (
     rsa_oaep_encrypt,
     rsa_oaep_max_message,
 )
+from node.pkcs11 import TokenSlot
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = Path(__file__).parent / "vectors" / "wycheproof"
@@ -94,9 +98,35 @@ def clock() -> Clock:
     return Clock()
 
 
-@pytest.fixture
-def kms(clock: Clock) -> Iterator[KeyManagementSystem]:
-    with KeyManagementSystem(clock=clock) as k:
+class TokenByDefault(KeyManagementSystem):
+    """A KMS that makes every aes256-gcm and ed25519 key in the test's PKCS#11 token."""
+
+    def __init__(self, slot: TokenSlot, pin: str, clock: Clock) -> None:
+        super().__init__(clock=clock, pin=pin)
+        self._slot = slot
+
+    def create_key(
+        self,
+        key_id: str,
+        key_type: KeyType | str = KeyType.AES256_GCM,
+        *,
+        rotation_period: timedelta | None = None,
+        token: TokenSlot | None = None,
+    ) -> KeyInfo:
+        if token is None and key_type in TOKEN_KEY_TYPES:
+            token = self._slot
+        return super().create_key(key_id, key_type, rotation_period=rotation_period, token=token)
+
+
+@pytest.fixture(params=["keystore", "pkcs11"])
+def kms(clock: Clock, request: pytest.FixtureRequest) -> Iterator[KeyManagementSystem]:
+    """An in-memory KMS; in the "pkcs11" run its aes256-gcm and ed25519 keys live in a SoftHSM token."""
+    if request.param == "keystore":
+        with KeyManagementSystem(clock=clock) as k:
+            yield k
+        return
+    hsm: SoftHsm = request.getfixturevalue("softhsm_token")
+    with TokenByDefault(hsm.slot, hsm.pin, clock) as k:
         yield k
 
 

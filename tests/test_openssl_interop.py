@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from softhsm import SoftHsm
 from test_ca import PASS, Admin, csr_pem, init_ca
 
 from node.ca import CaService, CertificateAuthority
@@ -53,10 +54,13 @@ class Pki:
         return self.service.url + "/"
 
 
-@pytest.fixture
-async def pki(tmp_path: Path) -> AsyncIterator[Pki]:
-    secret = init_ca(tmp_path / "ca")
-    with CertificateAuthority.open(tmp_path / "ca", PASS) as authority:
+@pytest.fixture(params=["file", "pkcs11"])
+async def pki(tmp_path: Path, request: pytest.FixtureRequest) -> AsyncIterator[Pki]:
+    """The same PKI with the root key in ca.db, then in a SoftHSM token."""
+    hsm: SoftHsm | None = request.getfixturevalue("softhsm_token") if request.param == "pkcs11" else None
+    secret = init_ca(tmp_path / "ca", token=hsm)
+    with CertificateAuthority.open(tmp_path / "ca", PASS, pin=hsm.pin if hsm else None) as authority:
+        assert (authority.key_token is not None) == (hsm is not None)
         admin = Admin(authority, secret)
         for name, file in (("alice", "good.pem"), ("mallory", "revoked.pem"), ("bob", "superseded.pem")):
             (tmp_path / file).write_bytes(authority.enrol(admin.token(name).secret, csr_pem(name)))

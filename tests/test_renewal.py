@@ -17,7 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from test_ca import PASS as CA_PASS
-from test_ca import Admin, Clock, admin, authority, clock, csr_pem, home, http, init_ca, otp_secret, post  # noqa: F401 - shared fixtures
+from test_ca import Admin, Clock, admin, authority, clock, csr_pem, home, http, init_ca, otp_secret, post, root_in  # noqa: F401 - shared fixtures
 from test_enrol import PASS, RunningCa, enrol
 from test_enrol import ca as running_ca  # noqa: F401 - shared fixture
 

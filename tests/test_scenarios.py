@@ -4,6 +4,7 @@ a defence must make its scenario fail."""
 from __future__ import annotations
 
 import pytest
+from softhsm import require_softhsm
 
 from protocol import handshake
 from protocol.identity import verify_signature
@@ -16,6 +17,8 @@ from scenarios.timeline import Kind
 
 @pytest.mark.parametrize("name", registry.ORDER)
 async def test_scenario_reaches_its_verdict(name: str) -> None:
+    if name == "hsm-theft":
+        require_softhsm()
     result = await runner.run(registry.get(name))
     assert result.error is None, result.error
     assert result.checks, "a scenario must assert something"
@@ -23,10 +26,10 @@ async def test_scenario_reaches_its_verdict(name: str) -> None:
     assert result.events[-1].kind is Kind.VERDICT
 
 
-def test_registry_holds_the_fifteen_of_product_md_in_order() -> None:
+def test_registry_holds_the_fifteen_of_product_md_and_hsm_theft_in_order() -> None:
     names = [s.name for s in registry.all_scenarios()]
     assert names == list(registry.ORDER)
-    assert len(names) == 15
+    assert len(names) == 16
     with pytest.raises(KeyError):
         registry.get("no-such-scenario")
 

@@ -37,6 +37,7 @@ from node.ca.authority import (
 from node.ca.http import DEFAULT_PORT, CaHttpServer
 from node.errors import RelayUnreachable
 from node.link import RelayLink, check_url
+from node.pkcs11 import Pin
 from protocol.link import CrlFeed, Error, LinkFrame, PublishCrl, Welcome
 
 __all__ = [
@@ -199,11 +200,13 @@ async def serve(
     clock: Callable[[], datetime] = utcnow,
     on_ready: Callable[[str], None] | None = None,
     stop: asyncio.Event | None = None,
+    pin: Pin | None = None,
 ) -> None:
     """Run the CA in `home` until SIGINT or SIGTERM (or until `stop` is set), then shut down cleanly.
 
     Serves the HTTP API on `http` (host, port; port 0 picks a free one) and, with `relay_url`,
     publishes the CRL to the relay as node "ca". `on_ready(url)` is called once the API listens.
+    `pin` unlocks the PKCS#11 token of a CA whose root key is in one.
     Raises what `CertificateAuthority.open` raises, `LinkError` for a bad relay URL and `OSError`
     when the address cannot be bound.
     """
@@ -212,7 +215,7 @@ async def serve(
     if stop is None:
         stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    with CertificateAuthority.open(home, passphrase, clock=clock) as authority:
+    with CertificateAuthority.open(home, passphrase, clock=clock, pin=pin) as authority:
         async with CaService(authority, host=http[0], port=http[1], relay_url=relay_url) as service:
             signals = (signal.SIGINT, signal.SIGTERM)
             for signum in signals:

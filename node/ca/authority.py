@@ -4,11 +4,15 @@ A CA lives in a home directory:
 
     HOME/ca.pem   the root certificate (public: what nodes pin, what the relay is given)
     HOME/ca.db    a `node.keystore.Keystore` sealed under the CA passphrase (Argon2id):
-        ca/root_key          the Ed25519 root private key (32 raw bytes)
+        ca/root_key          the Ed25519 root private key (32 raw bytes), or, for a CA made with
+        ca/root_token        `--pkcs11`, instead: where the root key is in the PKCS#11 token
+                             (`node.pkcs11.TokenKeyRef`: module, token label, key id, public key;
+                             never key bytes): the key is generated there and never leaves it
         ca/root              the root certificate (PEM; the copy the CA trusts and serves)
         ca/policy            the lifetimes chosen at `init` (JSON, seconds), so that every process
                              opening the CA (`serve`, `revoke`) issues alike
-        ca/node_identity     the CA *node*'s Ed25519 identity key (32 raw bytes)
+        ca/node_identity     the CA *node*'s Ed25519 identity key (32 raw bytes), or, with a token,
+        ca/node_token        where that key is in the token
         ca/node_certificate  its certificate for the name "ca" (DER): the CA connects to the
                              relay as this node, the only one the relay takes CRLs from
         ca/crl_number        the number of the newest CRL (decimal ASCII; only ever rises)
@@ -98,7 +102,9 @@ from node.ca.errors import (
 )
 from node.errors import KeystoreCorrupt
 from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
+from node.pkcs11 import Pin, TokenIdentityKey, TokenKeyRef, TokenSession, TokenSlot, environment_pin
 from protocol import certs
+from protocol.certs import CaKey
 from protocol.errors import LocalError, ProtocolError
 from protocol.identity import IdentityKey
 from protocol.revocation import REASONS, OcspAnswer, RevokedEntry, build_ocsp_response, issue_crl
@@ -464,21 +470,23 @@ class CertificateAuthority:
         *,
         clock: Callable[[], datetime] = utcnow,
         policy: CaPolicy | None = None,
+        pin: Pin | None = None,
     ) -> None:
         """Internal: use `open`."""
         self._ks = keystore
         self.clock = clock
         """The time source of every decision (injectable: tests and the lab move time)."""
-        root_key = keystore.get(NS_CA, "root_key")
         root_pem = keystore.get(NS_CA, "root")
-        if root_key is None or root_pem is None:
+        if root_pem is None:
             raise KeystoreCorrupt(f"{keystore.path} holds no CA root")
         try:
-            self._root_key = Ed25519PrivateKey.from_private_bytes(root_key)
             self.root = certs.load_certificate(root_pem)
-        except (ValueError, ProtocolError) as exc:
+        except ProtocolError as exc:
             raise KeystoreCorrupt(f"{keystore.path} holds an unreadable CA root") from exc
+        self._token: TokenSession | None = None
+        self._root_key: CaKey = self._load_root_key(pin)
         if self._root_key.public_key() != self.root.public_key():
+            self.close_token()
             raise KeystoreCorrupt(f"{keystore.path}: the root key does not belong to the root certificate")
         stored_policy = keystore.get(NS_CA, "policy")
         self.policy = policy or (CaPolicy.from_record(stored_policy) if stored_policy else CaPolicy())
@@ -487,6 +495,30 @@ class CertificateAuthority:
         """The root's SHA-256 fingerprint (hex): what a node checks with `--ca-fingerprint`."""
         # Signed by the root key: whoever edits ca.db's audit table without it cannot re-sign the chain.
         self._audit_log = AuditLog(keystore, name=AUDIT_LOG, signer=self._root_key, clock=clock)
+
+    def _load_root_key(self, pin: Pin | None) -> CaKey:
+        """The root key: from ca.db, or, for a token-backed CA, a handle on it in the token (logging in)."""
+        ref = self._ks.get(NS_CA, "root_token")
+        if ref is not None:
+            root_ref = TokenKeyRef.from_record(ref)
+            self._token = TokenSession.open(root_ref.slot, pin if pin is not None else environment_pin)
+            try:
+                return self._token.ed25519(root_ref)
+            except BaseException:
+                self.close_token()
+                raise
+        raw = self._ks.get(NS_CA, "root_key")
+        if raw is None:
+            raise KeystoreCorrupt(f"{self._ks.path} holds no CA root key")
+        try:
+            return Ed25519PrivateKey.from_private_bytes(raw)
+        except ValueError as exc:
+            raise KeystoreCorrupt(f"{self._ks.path} holds an unreadable CA root key") from exc
+
+    @property
+    def key_token(self) -> TokenSlot | None:
+        """The PKCS#11 token holding the root key, or None when ca.db holds it."""
+        return None if self._token is None else self._token.slot
 
     # --- creating and opening -----------------------------------------------------------------------
 
@@ -500,9 +532,15 @@ class CertificateAuthority:
         clock: Callable[[], datetime] = utcnow,
         argon2: Argon2Params = ARGON2_INTERACTIVE,
         policy: CaPolicy | None = None,
+        token: TokenSlot | None = None,
+        pin: Pin | None = None,
     ) -> CaCreated:
         """Create a CA in `home`: root key and certificate, the CA node's identity, the first
         administrator (FIRST_ADMIN, role admin), the policy, an empty state and its audit log.
+
+        With `token` (and its `pin`), the root key and the CA node's identity key are generated in
+        that PKCS#11 token, non-extractable, and ca.db records only where they are; every later
+        `open` then needs the PIN. If creation fails, the keys it made in the token are deleted.
 
         Refuses (`CaExists`) if ca.db or ca.pem exists: key files are never overwritten. Writes
         ca.db first, then ca.pem; if anything fails, whatever it created is removed. Returns the
@@ -511,10 +549,44 @@ class CertificateAuthority:
         """
         home = Path(home)
         require_no_ca(home)
-        db_path, pem_path = home / CA_DB, home / CA_PEM
         policy = policy or CaPolicy()
         now = clock()
-        root_key = Ed25519PrivateKey.generate()
+        session = None if token is None else TokenSession.open(token, pin)
+        made: list[TokenKeyRef] = []
+        try:
+            return cls._create(home, passphrase, name, clock, argon2, policy, now, (session, pin), made)
+        except BaseException:
+            if session is not None:
+                for ref in made:  # nothing refers to them any more: leave no orphan keys in the token
+                    session.destroy(ref)
+            raise
+        finally:
+            if session is not None:
+                session.close()
+
+    @classmethod
+    def _create(
+        cls,
+        home: Path,
+        passphrase: str,
+        name: str,
+        clock: Callable[[], datetime],
+        argon2: Argon2Params,
+        policy: CaPolicy,
+        now: datetime,
+        token: tuple[TokenSession | None, Pin | None],
+        made: list[TokenKeyRef],
+    ) -> CaCreated:
+        """`init`'s work; the token keys it generates are appended to `made` as they appear."""
+        session, pin = token
+        root_key: CaKey
+        if session is None:
+            root_key = Ed25519PrivateKey.generate()
+        else:
+            root_key = session.generate_ed25519("kmsnet-ca-root")
+            made.append(root_key.ref)
+            node_key = session.generate_ed25519("kmsnet-ca-node")
+            made.append(node_key.ref)
         try:
             root = certs.make_root(
                 key=root_key,
@@ -532,19 +604,27 @@ class CertificateAuthority:
 
         def fill(keystore: Keystore) -> None:
             with keystore.transaction():
-                keystore.put(NS_CA, "root_key", root_key.private_bytes_raw())
+                if isinstance(root_key, Ed25519PrivateKey):
+                    keystore.put(NS_CA, "root_key", root_key.private_bytes_raw())
+                    keystore.put(NS_CA, "node_identity", IdentityKey.generate().private_bytes())
+                else:
+                    keystore.put(NS_CA, "root_token", made[0].to_record())
+                    keystore.put(NS_CA, "node_token", made[1].to_record())
                 keystore.put(NS_CA, "root", root_pem)
                 keystore.put(NS_CA, "policy", policy.to_record())
-                keystore.put(NS_CA, "node_identity", IdentityKey.generate().private_bytes())
                 keystore.put(NS_CA, "crl_number", b"0")
-                authority = cls(keystore, clock=clock)
-                authority._audit(AUDIT_LOG, "ca_created", name=name, fingerprint=fingerprint)
-                record, credential = new_admin(FIRST_ADMIN, "admin", now)
-                keystore.put(NS_ADMIN, FIRST_ADMIN, record.to_record())
-                authority._audit(AUDIT_LOG, "admin_added", admin=FIRST_ADMIN, role="admin")
-                authority.node_credentials(now)  # issues the CA node's certificate
+                authority = cls(keystore, clock=clock, pin=pin)
+                try:
+                    authority._audit(AUDIT_LOG, "ca_created", name=name, fingerprint=fingerprint)
+                    record, credential = new_admin(FIRST_ADMIN, "admin", now)
+                    keystore.put(NS_ADMIN, FIRST_ADMIN, record.to_record())
+                    authority._audit(AUDIT_LOG, "admin_added", admin=FIRST_ADMIN, role="admin")
+                    authority.node_credentials(now)  # issues the CA node's certificate
+                finally:
+                    authority.close_token()
                 created.append(credential)
 
+        db_path, pem_path = home / CA_DB, home / CA_PEM
         try:
             create_keystore(db_path, passphrase=passphrase, argon2=argon2, fill=fill)
         except FileExistsError as exc:
@@ -554,7 +634,8 @@ class CertificateAuthority:
         except BaseException:
             remove_database(db_path)  # ours (created just now): a CA without its ca.pem is half made
             raise
-        log.info("ca_initialised", extra={"fields": {"home": str(home), "name": name, "fingerprint": fingerprint}})
+        fields = {"home": str(home), "name": name, "fingerprint": fingerprint, "token": session is not None}
+        log.info("ca_initialised", extra={"fields": fields})
         return CaCreated(fingerprint=fingerprint, admin=created[0])
 
     @classmethod
@@ -565,22 +646,31 @@ class CertificateAuthority:
         *,
         clock: Callable[[], datetime] = utcnow,
         policy: CaPolicy | None = None,
+        pin: Pin | None = None,
     ) -> CertificateAuthority:
         """Open the CA in `home` (with its stored policy unless `policy` overrides it).
 
-        Raises `CaNotFound`, or the keystore's errors (`WrongPassphrase`...).
+        `pin` is asked for only when the root key is in a PKCS#11 token (default: KMSNET_PKCS11_PIN_FILE
+        or KMSNET_PKCS11_PIN). Raises `CaNotFound`, the
+        keystore's errors (`WrongPassphrase`...) or the token's (`PinRequired`, `WrongPin`...).
         """
         require_ca(home)
         keystore = Keystore.open(Path(home) / CA_DB, passphrase=passphrase)
         try:
-            return cls(keystore, clock=clock, policy=policy)
+            return cls(keystore, clock=clock, policy=policy, pin=pin)
         except BaseException:
             keystore.close()
             raise
 
     def close(self) -> None:
-        """Close ca.db; the instance is unusable afterwards."""
+        """Close ca.db (and the token session); the instance is unusable afterwards."""
+        self.close_token()
         self._ks.close()
+
+    def close_token(self) -> None:
+        """End the token session, if any (closing twice is fine)."""
+        if self._token is not None:
+            self._token.close()
 
     def __enter__(self) -> CertificateAuthority:
         return self
@@ -1028,23 +1118,31 @@ class CertificateAuthority:
         """
         if now is None:
             now = self.clock()
+        identity = self._node_identity()
         # Read first: `serve` asks every second, and the write lock is only needed when renewing.
-        identity_bytes = self._ks.get(NS_CA, "node_identity")
         der = self._ks.get(NS_CA, "node_certificate")
         if der is None or _due(x509.load_der_x509_certificate(der), now):
             with self._ks.transaction():
-                identity_bytes = self._ks.get(NS_CA, "node_identity")
                 der = self._ks.get(NS_CA, "node_certificate")
-                if identity_bytes is not None and (der is None or _due(x509.load_der_x509_certificate(der), now)):
-                    identity = IdentityKey.from_private_bytes(identity_bytes)
+                if der is None or _due(x509.load_der_x509_certificate(der), now):
                     cert = self._issue_node(CA_NODE_NAME, identity.public, now, via="ca-node")
                     der = cert.public_bytes(serialization.Encoding.DER)
                     self._ks.put(NS_CA, "node_certificate", der)
                     fields = {"serial": _serial_name(cert.serial_number)}
                     log.info("ca_node_certificate_issued", extra={"fields": fields})
-        if identity_bytes is None or der is None:
+        return identity, der
+
+    def _node_identity(self) -> IdentityKey:
+        """The CA node's identity key: from ca.db, or in the root's token."""
+        if self._token is not None:
+            ref = self._ks.get(NS_CA, "node_token")
+            if ref is None:
+                raise KeystoreCorrupt(f"{self._ks.path} holds no CA node identity")
+            return TokenIdentityKey(self._token.ed25519(TokenKeyRef.from_record(ref)))
+        raw = self._ks.get(NS_CA, "node_identity")
+        if raw is None:
             raise KeystoreCorrupt(f"{self._ks.path} holds no CA node identity")
-        return IdentityKey.from_private_bytes(identity_bytes), der
+        return IdentityKey.from_private_bytes(raw)
 
     # --- the list of issued certificates -------------------------------------------------------------
 
