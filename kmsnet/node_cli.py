@@ -9,7 +9,7 @@ import click
 
 from kmsnet.exits import BAD_INPUT, EPILOG, CliFailure
 from kmsnet.options import ENVIRONMENT_HELP, Output, StoreOptions, json_option, node_failures, store_options
-from node.enrol import Renewal, enrol_node, rekey_node, renew_certificate
+from node.enrol import Renewal, enrol_node, rekey_node, relays_of, renew_certificate, set_relays
 from node.keystore import Keystore
 from node.kms import KEYSTORE_FILE
 
@@ -29,7 +29,10 @@ def node() -> None:
     "  kmsnet node init alice --home alice --ca http://127.0.0.1:8766 --token TOKEN \\\n"
     "      --relay ws://127.0.0.1:8765 --ca-fingerprint 3f0c...e1\n"
     "  kmsnet node init bob --home bob --ca http://127.0.0.1:8766 --relay ws://127.0.0.1:8765 \\\n"
-    '      --token "$(kmsnet ca token --home ca bob)"\n\n' + EPILOG
+    '      --token "$(kmsnet ca token --home ca bob)"\n'
+    "  kmsnet node init carol --home carol --ca http://127.0.0.1:8766 --token TOKEN \\\n"
+    "      --relay ws://10.0.0.1:8765 --relay ws://10.0.0.2:8765     # a cluster: fails over in this order\n\n"
+    + EPILOG
 )
 @click.argument("name")
 @click.option("--ca", "ca_url", required=True, metavar="URL", help="The CA's HTTP API (http://HOST:PORT).")
@@ -38,7 +41,14 @@ def node() -> None:
     required=True,
     help="The one-time enrolment token from `kmsnet ca token NAME` (short-lived and single-use).",
 )
-@click.option("--relay", "relay_url", required=True, metavar="URL", help="The relay this node uses (ws:// or wss://).")
+@click.option(
+    "--relay",
+    "relay_urls",
+    required=True,
+    multiple=True,
+    metavar="URL",
+    help="The relay this node uses (ws:// or wss://); repeat it for the relays of a cluster, tried in order.",
+)
 @click.option(
     "--ca-fingerprint",
     metavar="HEX",
@@ -47,7 +57,13 @@ def node() -> None:
 @store_options
 @json_option
 def init(
-    name: str, ca_url: str, token: str, relay_url: str, ca_fingerprint: str | None, store: StoreOptions, out: Output
+    name: str,
+    ca_url: str,
+    token: str,
+    relay_urls: tuple[str, ...],
+    ca_fingerprint: str | None,
+    store: StoreOptions,
+    out: Output,
 ) -> None:
     """Enrol node NAME with the CA and create its keystore in HOME.
 
@@ -64,7 +80,7 @@ def init(
             name,
             ca_url,
             token,
-            relay_url,
+            list(relay_urls),
             store.passphrase(confirm=True),
             ca_fingerprint=ca_fingerprint,
             argon2=store.argon2,
@@ -151,3 +167,30 @@ def rekey(name: str, ca_url: str, token: str, store: StoreOptions, out: Output) 
         renewal = rekey_node(store.home, name, ca_url, token, store.passphrase())
     record = _renewal_record(renewal)
     out.emit(record, f"re-keyed {renewal.name}: new key, certificate {record['serial']} until {record['not_after']}")
+
+
+@node.command(
+    epilog="\b\nExamples:\n"
+    "  kmsnet node relays --home alice                                  # the relays it uses, in order\n"
+    "  kmsnet node relays --home alice --relay ws://10.0.0.1:8765 --relay ws://10.0.0.2:8765\n\n" + EPILOG
+)
+@click.option(
+    "--relay",
+    "relay_urls",
+    multiple=True,
+    metavar="URL",
+    help="Use these relays from now on (ws:// or wss://), in this order; without it, print them.",
+)
+@store_options
+@json_option
+def relays(relay_urls: tuple[str, ...], store: StoreOptions, out: Output) -> None:
+    """Print or change the relays this node uses.
+
+    Several relays sharing one store (docs/CLUSTER.md) serve a node alike: it connects to the
+    first, and when it loses a relay it reconnects to the next one, with backoff and jitter, and
+    picks up its mailbox there. The change applies from the node's next start.
+    """
+    _require_keystore(store)
+    with node_failures(), Keystore.open(store.home / KEYSTORE_FILE, passphrase=store.passphrase()) as keystore:
+        urls = set_relays(keystore, relay_urls) if relay_urls else relays_of(keystore)
+    out.emit({"relays": urls}, "\n".join(urls))

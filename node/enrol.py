@@ -8,7 +8,7 @@ records `node.node.Node` reads, and the CA's URL for renewals:
     node/identity     the identity key's 32 raw private bytes
     node/certificate  the certificate (DER)
     node/root         the pinned CA root (PEM)
-    node/relay        the relay URL (UTF-8)
+    node/relay        the relay URLs, one per line (UTF-8): several for a cluster of relays
     node/ca_url       the CA's HTTP API (UTF-8)
 
 Nothing is written unless every step succeeded, and an existing keystore is never touched.
@@ -40,7 +40,7 @@ import logging
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -66,7 +66,7 @@ from node.errors import NodeError
 from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
 from node.kms import KEYSTORE_FILE
 from node.layout import NS_NODE, NS_SESSION
-from node.link import check_url
+from node.link import check_url, parse_urls
 from protocol import certs
 from protocol.errors import DecodeError, LocalError, ProtocolError
 from protocol.identity import IdentityKey
@@ -151,7 +151,7 @@ def enrol_node(
     name: str,
     ca_url: str,
     token: str,
-    relay_url: str,
+    relay_url: str | Sequence[str],
     passphrase: str,
     *,
     ca_fingerprint: str | None = None,
@@ -174,7 +174,9 @@ def enrol_node(
         certs.validate_node_name(name)
     except LocalError as exc:
         raise InvalidRequest(str(exc)) from exc
-    check_url(relay_url)
+    relays = [check_url(url) for url in ([relay_url] if isinstance(relay_url, str) else relay_url)]
+    if not relays:
+        raise InvalidRequest("no relay URL")
     expected = parse_fingerprint(ca_fingerprint) if ca_fingerprint is not None else None
     base = _check_ca_url(ca_url)
     require_not_enrolled(home, passphrase)
@@ -195,7 +197,7 @@ def enrol_node(
         "identity": identity.private_bytes(),
         "certificate": verified.der,
         "root": certs.certificate_pem(root),
-        "relay": relay_url.encode("utf-8"),
+        "relay": "\n".join(relays).encode("utf-8"),
         "ca_url": base.encode("utf-8"),
     }
 
@@ -485,3 +487,17 @@ def rekey_node(
         renewal = _store_certificate(keystore, state, verified, base, new_identity=identity)
     log.info("node_rekeyed", extra={"fields": {"node": name, "serial": f"{renewal.serial:x}"}})
     return renewal
+
+
+def set_relays(keystore: Keystore, urls: Sequence[str]) -> list[str]:
+    """Replace the relays the node of `keystore` uses (each a ws:// or wss:// URL; LinkError if
+    not); the node fails over from one to the next in this order. Returns them."""
+    relays = parse_urls(" ".join(urls))
+    keystore.put(NS_NODE, "relay", "\n".join(relays).encode("utf-8"))
+    return relays
+
+
+def relays_of(keystore: Keystore) -> list[str]:
+    """The relays the node of `keystore` uses, in order."""
+    stored = keystore.get(NS_NODE, "relay")
+    return parse_urls(stored.decode("utf-8")) if stored else []
