@@ -213,7 +213,8 @@ class RedisBus(Bus):
         self._joined[name] = self._joined.get(name, 0) + 1
         try:
             await self._shard(channel).subscribe(channel.encode())
-            generation = int(await self.store.call(self.store.client.eval(_CLAIM, 1, key(name, "gen"), channel)))
+            claim = self.store.call(lambda: self.store.client.eval(_CLAIM, 1, key(name, "gen"), channel))
+            generation = int(await claim)
         except BaseException:
             await self.leave(name)
             raise
@@ -239,7 +240,7 @@ class RedisBus(Bus):
 
     async def heartbeat(self, url: str, connected: int) -> None:
         info = msgpack.packb({"name": self.relay_name, "url": url, "connected": connected, "at": int(time.time())})
-        await self.store.call(self.store.client.set(self._heartbeat_key, info, ex=HEARTBEAT_TTL))
+        await self.store.call(lambda: self.store.client.set(self._heartbeat_key, info, ex=HEARTBEAT_TTL))
 
     def _on_resync(self) -> None:
         if self._listener is not None:

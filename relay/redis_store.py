@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -40,6 +41,8 @@ log = logging.getLogger("kmsnet.relay.redis")
 REDIS_ERRORS = (redis_errors.RedisError, OSError)
 #: Seconds to wait for Redis to answer one command (or one pipeline).
 COMMAND_TIMEOUT = 10.0
+#: Commands outside the write pipeline in flight at once (the client's pool holds 100 connections).
+READS_AT_ONCE = 32
 #: Keys of the cluster-wide CRL feed (one shard).
 CRL_KEY = "kmsnet:{crl}:crl"
 CRL_CHANNEL = "kmsnet:{crl}:live"
@@ -208,6 +211,7 @@ class RedisStore(Store):
         self._writer: BatchWriter[_Write] = BatchWriter(self._commit, "relay-redis-writer")
         # A bundle is never withdrawn: once seen, a name stays routable without asking again.
         self._known: set[str] = set()
+        self._reads = asyncio.Semaphore(READS_AT_ONCE)
 
     @property
     def client(self) -> Client:
@@ -295,7 +299,7 @@ class RedisStore(Store):
 
     async def pending(self, recipient: str, after: int = 0, limit: int = 256) -> list[Envelope]:
         start = f"({stream_id(after)}" if after else "-"
-        entries = await self.call(self.client.xrange(key(recipient, "mail"), start, "+", count=limit))
+        entries = await self.call(lambda: self.client.xrange(key(recipient, "mail"), start, "+", count=limit))
         return [unpack_envelope(seq_of(sid), recipient, fields[b"e"]) for sid, fields in entries]
 
     def delete_nowait(self, recipient: str, msg_id: bytes) -> asyncio.Future[bool]:
@@ -329,12 +333,12 @@ class RedisStore(Store):
         return bundle, prekey, int(left)
 
     async def onetime_left(self, name: str) -> int:
-        return int(await self.call(self.client.llen(key(name, "otpk"))))
+        return int(await self.call(lambda: self.client.llen(key(name, "otpk"))))
 
     async def known(self, name: str) -> bool:
         if name in self._known:
             return True
-        if await self.call(self.client.exists(key(name, "bundle"))):
+        if await self.call(lambda: self.client.exists(key(name, "bundle"))):
             self._known.add(name)
             return True
         return False
@@ -343,18 +347,19 @@ class RedisStore(Store):
         return bool(await self._write(_PUT_CRL, [CRL_KEY], [str(number), der, CRL_CHANNEL]))
 
     async def get_crl(self) -> tuple[int, bytes] | None:
-        held = await self.call(self.client.hmget(CRL_KEY, ["n", "der"]))
+        held = await self.call(lambda: self.client.hmget(CRL_KEY, ["n", "der"]))
         number, der = held
         return None if number is None else (int(number), der)
 
     async def waiting(self, recipient: str) -> int:
-        return int(await self.call(self.client.xlen(key(recipient, "mail"))))
+        return int(await self.call(lambda: self.client.xlen(key(recipient, "mail"))))
 
-    async def call(self, pending: Any) -> Any:
-        """Await one command of `client`: StoreUnavailable if Redis does not answer."""
+    async def call(self, command: Callable[[], Awaitable[Any]]) -> Any:
+        """Run one command of `client`, at most READS_AT_ONCE at a time (a burst of connecting nodes
+        queues here rather than opening a Redis connection each): StoreUnavailable if Redis does not answer."""
         try:
-            async with asyncio.timeout(COMMAND_TIMEOUT):
-                return await pending
+            async with self._reads, asyncio.timeout(COMMAND_TIMEOUT):
+                return await command()
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis read failed: {describe(exc)}") from exc
 

@@ -257,3 +257,14 @@ def test_the_command_line_takes_a_redis_url_and_says_in_one_line_when_redis_is_n
     assert result.output.strip() == "error: relay: cannot reach Redis at redis://127.0.0.1:1/0: connection refused"
     result = CliRunner().invoke(cli, ["relay", "--ca-cert", str(ca_pem), "--store", "rediss:///0"])
     assert result.exit_code == BAD_INPUT and "needs a host" in result.output
+
+
+async def test_a_burst_of_nodes_connecting_at_once_is_served_not_refused(redis_url: str) -> None:  # noqa: F811
+    """More nodes at once than the Redis client has connections: they queue for Redis, none is refused."""
+    async with Relay(relay_config(CA, store_path=redis_url)) as relay:
+        people = [CA.enroll(f"n{i}", 1000 + i) for i in range(150)]
+        connections = await asyncio.gather(*(raw_client(relay, who) for who in people))
+        assert len(relay.connected()) == 150
+        for ws, welcome in connections:
+            assert welcome.pending == 0
+            await ws.close()
