@@ -70,11 +70,15 @@ class _Shard:
         self.confirmed: set[bytes] = set()
         self.waiting: dict[bytes, asyncio.Future[None]] = {}
         self.pubsub: PubSub | None = None
+        #: The subscriber connection broke and is not back yet: subscribing now would only wait.
+        self.down = False
         self.wake = asyncio.Event()
         self.task = asyncio.create_task(self._run(), name="relay-redis-subscriber")
 
     async def subscribe(self, channel: bytes) -> None:
         """Subscribe and return once Redis confirmed it (StoreUnavailable if it does not)."""
+        if self.down:
+            raise StoreUnavailable("Redis is unreachable")
         self.channels.add(channel)
         if channel in self.confirmed:
             return
@@ -119,6 +123,7 @@ class _Shard:
                 await pubsub.ssubscribe(*unconfirmed)
                 # From here on subscribe() sends its own SSUBSCRIBE; those asked for meanwhile are sent now.
                 self.pubsub = pubsub
+                self.down = False
                 if missing := self.channels - unconfirmed:
                     unconfirmed |= missing
                     await pubsub.ssubscribe(*missing)
@@ -144,7 +149,7 @@ class _Shard:
                 self.pubsub = None
                 with contextlib.suppress(*REDIS_ERRORS):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
-            reconnected = True
+            self.down = reconnected = True
             await asyncio.sleep(random.uniform(delay / 2, delay))
             delay = min(BACKOFF_MAX, delay * 2)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import urllib.error
+import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -24,13 +26,30 @@ from redis_fixtures import (  # noqa: F401 - fixtures
     redis_url,
 )
 from test_relay import expect_closed, expect_error, publish_bundle
+from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
 from kmsnet.cli import cli
 from kmsnet.exits import BAD_INPUT, UNREACHABLE
 from node.node import Node
 from protocol import certs, wire
-from protocol.link import Accepted, Ack, BundleReply, CrlFeed, Deliver, Error, ErrorCode, FetchBundle, PublishCrl, Send
+from protocol.link import (
+    Accepted,
+    Ack,
+    Auth,
+    BundleReply,
+    Challenge,
+    CrlFeed,
+    Deliver,
+    Error,
+    ErrorCode,
+    FetchBundle,
+    PublishCrl,
+    Send,
+    auth_signed_bytes,
+)
+from relay import server
+from relay.errors import StoreUnavailable
 from relay.server import Relay
 
 
@@ -244,7 +263,7 @@ async def _count(items: list[bytes], n: int) -> bool:
 
 async def test_a_relay_without_its_redis_refuses_to_start() -> None:
     relay = Relay(relay_config(CA, store_path="redis://127.0.0.1:1/0"))
-    with pytest.raises(Exception, match="cannot reach Redis"):
+    with pytest.raises(StoreUnavailable, match="cannot reach Redis"):
         await relay.start()
 
 
@@ -268,3 +287,41 @@ async def test_a_burst_of_nodes_connecting_at_once_is_served_not_refused(redis_u
         for ws, welcome in connections:
             assert welcome.pending == 0
             await ws.close()
+
+
+async def test_without_redis_a_relay_says_so_on_healthz_and_turns_nodes_away_until_it_is_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(server, "HEARTBEAT_INTERVAL", 0.05)
+    with redis_server(tmp_path / "redis") as redis:
+        async with Relay(relay_config(CA, store_path=redis.url)) as relay:
+            health = relay.url.replace("ws://", "http://") + "/healthz"
+
+            def status() -> int:
+                try:
+                    with urllib.request.urlopen(health, timeout=5) as response:
+                        return int(response.status)
+                except urllib.error.HTTPError as exc:
+                    return exc.code
+
+            assert await asyncio.to_thread(status) == 200
+            redis.kill()
+            await until(lambda: _status_is(status, 503))
+            assert relay.metrics.store_up._value.get() == 0
+            # A node arriving now is told to come back later (ERROR UNAVAILABLE, close 1013).
+            ws = await connect(relay.url)
+            challenge = wire.decode_link(await ws.recv())
+            assert isinstance(challenge, Challenge)
+            signature = BOB.identity.sign(auth_signed_bytes(challenge.nonce, challenge.relay))
+            await ws.send(wire.encode_link(Auth(BOB.cert, signature)))
+            await expect_error(ws, ErrorCode.UNAVAILABLE)
+            await expect_closed(ws)
+            assert ws.close_code == 1013
+            await asyncio.to_thread(redis.start)
+            await until(lambda: _status_is(status, 200))
+            bob, _ = await raw_client(relay, BOB)
+            await bob.close()
+
+
+async def _status_is(status, code: int) -> bool:  # type: ignore[no-untyped-def]
+    return await asyncio.to_thread(status) == code
