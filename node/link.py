@@ -76,9 +76,15 @@ def check_url(url: str) -> str:
     return url
 
 
+def split_urls(text: str) -> list[str]:
+    """The relay URLs of a node, as stored (one per line) or given (separated by spaces or commas),
+    unchecked (`RelayLink` refuses a bad one when it starts)."""
+    return text.replace(",", " ").split()
+
+
 def parse_urls(text: str) -> list[str]:
-    """The relay URLs of a node, as stored (one per line) or given (separated by spaces or commas)."""
-    urls = [check_url(url) for url in text.replace(",", " ").split()]
+    """`split_urls`, each checked (LinkError for a bad one, or for none)."""
+    urls = [check_url(url) for url in split_urls(text)]
     if not urls:
         raise LinkError("no relay URL")
     return urls

@@ -38,7 +38,7 @@ from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
 from node.keystore import Keystore
 from node.layout import NS_BUNDLE, NS_INBOX, NS_NODE, NS_OUTBOX, NS_PEER, NS_SEEN, NS_SESSION
-from node.link import RelayLink, parse_urls
+from node.link import RelayLink, split_urls
 from node.ocsp import OcspChecker
 from protocol import certs, handshake, wire
 from protocol.errors import (
@@ -154,11 +154,10 @@ class Node:
         self.root_pem = root_pem
         self.root = certs.load_certificate(root_pem)
         self._load_identity()
-        given = relay_url or (stored_url.decode() if stored_url else "")
-        if not given.strip():
-            raise NodeError("no relay URL: give --relay")
         #: The relays this node may use (several for a cluster: it fails over from one to the next).
-        self.relay_urls = parse_urls(given)
+        self.relay_urls = split_urls(relay_url or (stored_url.decode() if stored_url else ""))
+        if not self.relay_urls:
+            raise NodeError("no relay URL: give --relay")
         state = keystore.get(NS_NODE, "revocation")
         self.revocation = RevocationState.from_bytes(state, self.root, clock()) if state else RevocationState()
         self._ocsp = OcspChecker(self.options.ocsp_url, self.root) if self.options.ocsp_url else None
@@ -294,6 +293,11 @@ class Node:
     def relay_url(self) -> str:
         """The relay this node is connected to (or tries to be)."""
         return self._link.url if self._link is not None else self.relay_urls[0]
+
+    @relay_url.setter
+    def relay_url(self, url: str) -> None:
+        """Use this one relay from the next start on."""
+        self.relay_urls = [url]
 
     @property
     def connected(self) -> bool:
