@@ -94,6 +94,7 @@ class _Shard:
             async with asyncio.timeout(SUBSCRIBE_TIMEOUT):
                 await asyncio.shield(fut)
         except TimeoutError as exc:
+            self.waiting.pop(channel, None)
             raise StoreUnavailable("Redis did not confirm a subscription") from exc
 
     async def unsubscribe(self, channel: bytes) -> None:

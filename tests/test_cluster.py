@@ -131,8 +131,19 @@ async def test_an_envelope_is_pushed_live_to_the_other_relay_and_the_newest_conn
             for m in ids:
                 await bob_on_b.send(wire.encode_link(Ack(m)))
             await until(lambda: _waiting(b, "bob", 0))
-        # A relay's heartbeat says it is there; /healthz says the store answers.
+        # Each relay announces itself (a key that expires unless renewed); /healthz says the store answers.
         assert a._healthy and b._healthy
+        beats = await _heartbeats(a)
+        assert [k.decode().split(":")[2] for k in beats] == ["relay-a", "relay-b"]
+        assert 0 < await a.store.client.ttl(beats[0]) <= 15  # type: ignore[attr-defined]
+        await b.close()
+        # A relay that stops leaves nothing behind: its heartbeat is gone, and nothing else was its own.
+        assert len(await _heartbeats(a)) == 1
+
+
+async def _heartbeats(relay: Relay) -> list[bytes]:
+    client = relay.store.client  # type: ignore[attr-defined]
+    return sorted([k async for k in client.scan_iter(match="kmsnet:relay:*")])
 
 
 async def _connected(relay: Relay, names: list[str]) -> bool:
