@@ -146,7 +146,7 @@ class Client:
             await self.reader
 
 
-def percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: int) -> float:
     return statistics.quantiles(values, n=100)[q - 1] if len(values) >= 2 else (values[0] if values else 0.0)
 
 
@@ -285,8 +285,8 @@ async def run(nodes: int, messages: int, samples: int) -> dict[str, float]:
             figures["load_latency_p50_ms"] = percentile(latencies, 50) * 1000
             figures["load_latency_p99_ms"] = percentile(latencies, 99) * 1000
             labels = ("relay_a", "relay_b", "redis", "clients")
-            for label, before, after in zip(labels, cpu_before, cpu_after, strict=True):
-                figures[f"{label}_cpu_us_per_msg"] = (after - before) / total * 1e6
+            for label, spent_before, spent_after in zip(labels, cpu_before, cpu_after, strict=True):
+                figures[f"{label}_cpu_us_per_msg"] = (spent_after - spent_before) / total * 1e6
             figures["redis_commands_per_msg"] = (calls_after[0] - calls_before[0]) / total
             figures["redis_evals_per_msg"] = (calls_after[1] - calls_before[1]) / total
             missing = len(set(sent) - set(received))
