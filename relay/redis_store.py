@@ -5,7 +5,7 @@ Redis Cluster one node's mailbox, prekeys and connection counter live on one sha
 operation is one atomic script on that shard:
 
 - `kmsnet:{n}:mail`  a Stream: one entry per envelope, kept until the recipient ACKs it
-- `kmsnet:{n}:ids`   msg_id -> stream id (a retransmission is stored once; an ACK finds its entry)
+- `kmsnet:{n}:ids`   msg_id -> stream ids (a retransmission is stored once; an ACK finds its entries)
 - `kmsnet:{n}:bytes` payload bytes waiting (the quota)
 - `kmsnet:{n}:bundle`, `kmsnet:{n}:otpk` the signed bundle and a list of one-time prekeys (LPOP: each once)
 - `kmsnet:{n}:gen`   connection counter (the newest connection wins, across relays; `relay.redis_bus`)
@@ -81,63 +81,75 @@ def unpack_envelope(seq: int, recipient: str, blob: bytes) -> Envelope:
     return Envelope(seq, msg_id, sender, recipient, payload, stored_at)
 
 
-# KEYS: mail, ids, bytes. ARGV: msg_id, envelope, payload size, stored_at, max count, max bytes, channel.
-# Returns [0, id] for a retransmission, [1, id] once stored, [-1] / [-2] over the count / bytes quota.
-_PUT = """
-local id = redis.call('HGET', KEYS[2], ARGV[1])
-if id then return {0, id} end
-if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[5]) then return {-1} end
-local size = tonumber(redis.call('GET', KEYS[3]) or '0')
-if size + tonumber(ARGV[3]) > tonumber(ARGV[6]) then return {-2} end
-id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 'n', ARGV[3], 't', ARGV[4], 'm', ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], id)
-redis.call('INCRBY', KEYS[3], ARGV[3])
-redis.call('SPUBLISH', ARGV[7], 'E' .. id .. ' ' .. ARGV[2])
-return {1, id}
-"""
+# Shared by the mailbox scripts. A mailbox's `ids` hash maps a msg_id to the stream ids stored
+# under it, space-separated: one, unless two senders used the same msg_id (as SQLite, the store
+# keeps one envelope per (sender, msg_id), and an ACK of a msg_id deletes all of them).
+_MAILBOX = """
+local function field(entry, name)
+  for i = 1, #entry[2], 2 do
+    if entry[2][i] == name then return entry[2][i + 1] end
+  end
+end
 
-# Remove one stream entry with its index and byte count (shared by delete and purge).
-_REMOVE = """
 local function remove(mail, ids, bytes, id, msg_id)
   local entry = redis.call('XRANGE', mail, id, id)[1]
   if not entry then return 0 end
-  local size = 0
-  for i = 1, #entry[2], 2 do
-    if entry[2][i] == 'n' then size = tonumber(entry[2][i + 1]) end
-  end
   redis.call('XDEL', mail, id)
-  redis.call('HDEL', ids, msg_id)
-  if redis.call('DECRBY', bytes, size) <= 0 then redis.call('DEL', bytes) end
+  local left = {}
+  for other in string.gmatch(redis.call('HGET', ids, msg_id) or '', '%S+') do
+    if other ~= id then left[#left + 1] = other end
+  end
+  if #left == 0 then redis.call('HDEL', ids, msg_id) else redis.call('HSET', ids, msg_id, table.concat(left, ' ')) end
+  if redis.call('DECRBY', bytes, tonumber(field(entry, 'n'))) <= 0 then redis.call('DEL', bytes) end
   return 1
 end
 """
 
-# KEYS: mail, ids, bytes. ARGV: msg_id. Returns 1 if deleted.
-_DELETE = (
-    _REMOVE
+# KEYS: mail, ids, bytes. ARGV: msg_id, envelope, payload size, stored_at, max count, max bytes,
+# channel, sender. Returns [0, id] for a retransmission, [1, id] once stored, [-1] / [-2] over the
+# count / bytes quota.
+_PUT = (
+    _MAILBOX
     + """
-local id = redis.call('HGET', KEYS[2], ARGV[1])
-if not id then return 0 end
-return remove(KEYS[1], KEYS[2], KEYS[3], id, ARGV[1])
+local held = redis.call('HGET', KEYS[2], ARGV[1])
+for id in string.gmatch(held or '', '%S+') do
+  local entry = redis.call('XRANGE', KEYS[1], id, id)[1]
+  if entry and field(entry, 's') == ARGV[8] then return {0, id} end
+end
+if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[5]) then return {-1} end
+local size = tonumber(redis.call('GET', KEYS[3]) or '0')
+if size + tonumber(ARGV[3]) > tonumber(ARGV[6]) then return {-2} end
+local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 'n', ARGV[3], 't', ARGV[4], 'm', ARGV[1], 's', ARGV[8])
+redis.call('HSET', KEYS[2], ARGV[1], held and (held .. ' ' .. id) or id)
+redis.call('INCRBY', KEYS[3], ARGV[3])
+redis.call('SPUBLISH', ARGV[7], 'E' .. id .. ' ' .. ARGV[2])
+return {1, id}
+"""
+)
+
+# KEYS: mail, ids, bytes. ARGV: msg_id. Returns how many envelopes were deleted.
+_DELETE = (
+    _MAILBOX
+    + """
+local deleted = 0
+for id in string.gmatch(redis.call('HGET', KEYS[2], ARGV[1]) or '', '%S+') do
+  deleted = deleted + remove(KEYS[1], KEYS[2], KEYS[3], id, ARGV[1])
+end
+return deleted
 """
 )
 
 # KEYS: mail, ids, bytes. ARGV: cutoff (ms). Drops the oldest entries stored before the cutoff
 # (entries are in arrival order, so it stops at the first younger one); returns how many.
 _PURGE = (
-    _REMOVE
+    _MAILBOX
     + """
 local dropped = 0
 while true do
   local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
   if not first then return dropped end
-  local fields, t, msg_id = first[2], 0, nil
-  for i = 1, #fields, 2 do
-    if fields[i] == 't' then t = tonumber(fields[i + 1]) end
-    if fields[i] == 'm' then msg_id = fields[i + 1] end
-  end
-  if t >= tonumber(ARGV[1]) then return dropped end
-  remove(KEYS[1], KEYS[2], KEYS[3], first[1], msg_id)
+  if tonumber(field(first, 't')) >= tonumber(ARGV[1]) then return dropped end
+  remove(KEYS[1], KEYS[2], KEYS[3], first[1], field(first, 'm'))
   dropped = dropped + 1
 end
 """
@@ -284,7 +296,7 @@ class RedisStore(Store):
         keys = [key(recipient, "mail"), key(recipient, "ids"), key(recipient, "bytes")]
         args = [
             msg_id, blob, len(payload), stored_at,
-            self.limits.max_pending, self.limits.max_pending_bytes, key(recipient, "live"),
+            self.limits.max_pending, self.limits.max_pending_bytes, key(recipient, "live"), sender,
         ]
 
         def settle(answer: list[Any] | None, error: BaseException | None) -> None:
@@ -304,7 +316,7 @@ class RedisStore(Store):
 
     def delete_nowait(self, recipient: str, msg_id: bytes) -> asyncio.Future[bool]:
         keys = [key(recipient, "mail"), key(recipient, "ids"), key(recipient, "bytes")]
-        return self._writer.queue((_DELETE, keys, [msg_id]), lambda n, error: error is None and n == 1)
+        return self._writer.queue((_DELETE, keys, [msg_id]), lambda n, error: error is None and bool(n))
 
     async def purge_expired(self, now_ms: int) -> int:
         cutoff = now_ms - int(self.limits.max_age * 1000)

@@ -82,6 +82,17 @@ async def test_envelopes_wait_in_order_until_acknowledged_and_survive_a_reopen(o
         await again.close()
 
 
+async def test_one_envelope_per_sender_and_msg_id_and_an_ack_deletes_the_msg_id(store: Store) -> None:
+    m = msg_id()
+    await put(store, m, "alice", "bob", b"from alice")
+    await put(store, m, "carol", "bob", b"from carol")  # another sender's envelope, the same id
+    await put(store, m, "alice", "bob", b"again")  # alice's retransmission: stored once
+    stored = [(e.sender, e.payload) for e in await store.pending("bob")]
+    assert stored == [("alice", b"from alice"), ("carol", b"from carol")]
+    assert await store.delete_nowait("bob", m) is True
+    assert await store.waiting("bob") == 0 and await store.pending("bob") == []
+
+
 async def test_the_quota_counts_envelopes_and_bytes_per_recipient(opener: Opener) -> None:
     store = opener(Limits(max_pending=3, max_pending_bytes=100))
     await store.open()
