@@ -5,13 +5,15 @@ Parsing and printing only: every decision is node.enrol's.
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from kmsnet.exits import EPILOG
 from kmsnet.options import ENVIRONMENT_HELP, Output, StoreOptions, json_option, node_failures, store_options
 from kmsnet.pkcs11_options import PinSource, token_options
 from kmsnet.writer import exclusive, require_node
-from node.enrol import Renewal, enrol_node, rekey_node, renew_certificate
+from node.enrol import Renewal, enrol_node, rekey_node, relays_of, renew_certificate, set_relays
 from node.keystore import Keystore
 from node.kms import KEYSTORE_FILE
 from node.pkcs11 import TokenSlot
@@ -35,7 +37,9 @@ def node() -> None:
     "  kmsnet node init bob --home bob --ca http://127.0.0.1:8766 --relay ws://127.0.0.1:8765 \\\n"
     '      --token "$(kmsnet ca token --home ca bob)"\n'
     "  kmsnet node init carol --home carol --ca http://127.0.0.1:8766 --relay ws://127.0.0.1:8765 \\\n"
-    "      --token TOKEN --pkcs11 /usr/lib/softhsm/libsofthsm2.so --pkcs11-token kmsnet --pin-file carol.pin\n\n"
+    "      --token TOKEN --pkcs11 /usr/lib/softhsm/libsofthsm2.so --pkcs11-token kmsnet --pin-file carol.pin\n"
+    "  kmsnet node init dave --home dave --ca http://127.0.0.1:8766 --token TOKEN \\\n"
+    "      --relay ws://10.0.0.1:8765 --relay ws://10.0.0.2:8765     # a cluster: fails over in this order\n\n"
     + EPILOG
 )
 @click.argument("name")
@@ -45,7 +49,14 @@ def node() -> None:
     required=True,
     help="The one-time enrolment token from `kmsnet ca token NAME` (short-lived and single-use).",
 )
-@click.option("--relay", "relay_url", required=True, metavar="URL", help="The relay this node uses (ws:// or wss://).")
+@click.option(
+    "--relay",
+    "relay_urls",
+    required=True,
+    multiple=True,
+    metavar="URL",
+    help="The relay this node uses (ws:// or wss://); repeat it for the relays of a cluster, tried in order.",
+)
 @click.option(
     "--ca-fingerprint",
     metavar="HEX",
@@ -58,7 +69,7 @@ def init(
     name: str,
     ca_url: str,
     token: str,
-    relay_url: str,
+    relay_urls: tuple[str, ...],
     ca_fingerprint: str | None,
     key_token: TokenSlot | None,
     pin: PinSource,
@@ -84,7 +95,7 @@ def init(
             name,
             ca_url,
             token,
-            relay_url,
+            list(relay_urls),
             store.passphrase(confirm=True),
             ca_fingerprint=ca_fingerprint,
             argon2=store.argon2,
@@ -172,3 +183,35 @@ def rekey(name: str, ca_url: str, token: str, store: StoreOptions, out: Output) 
         renewal = rekey_node(store.home, name, ca_url, token, store.passphrase())
     record = _renewal_record(renewal)
     out.emit(record, f"re-keyed {renewal.name}: new key, certificate {record['serial']} until {record['not_after']}")
+
+
+@node.command(
+    epilog="\b\nExamples:\n"
+    "  kmsnet node relays --home alice                                  # the relays it uses, in order\n"
+    "  kmsnet node relays --home alice --relay ws://10.0.0.1:8765 --relay ws://10.0.0.2:8765\n\n" + EPILOG
+)
+@click.option(
+    "--relay",
+    "relay_urls",
+    multiple=True,
+    metavar="URL",
+    help="Use these relays from now on (ws:// or wss://), in this order; without it, print them.",
+)
+@store_options
+@json_option
+def relays(relay_urls: tuple[str, ...], store: StoreOptions, out: Output) -> None:
+    """Print or change the relays this node uses.
+
+    Several relays sharing one store (docs/CLUSTER.md) serve a node alike: it connects to the
+    first, and when it loses a relay it reconnects to the next one, with backoff and jitter, and
+    picks up its mailbox there. The change applies from the node's next start.
+    """
+    require_node(store)
+    # Changing them writes the home: only while no other process holds it. Reading needs no lock.
+    with (
+        exclusive(store) if relay_urls else contextlib.nullcontext(),
+        node_failures(),
+        Keystore.open(store.home / KEYSTORE_FILE, passphrase=store.passphrase()) as keystore,
+    ):
+        urls = set_relays(keystore, relay_urls) if relay_urls else relays_of(keystore)
+    out.emit({"relays": urls}, "\n".join(urls))

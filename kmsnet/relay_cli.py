@@ -6,6 +6,7 @@ import asyncio
 import signal
 import ssl
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import click
 
@@ -13,6 +14,7 @@ from kmsnet import logs
 from kmsnet.exits import BAD_INPUT, EPILOG, UNREACHABLE, CliFailure
 from protocol import certs
 from protocol.errors import ProtocolError
+from relay.backends import is_redis
 from relay.errors import RelayError
 from relay.server import Relay, RelayConfig
 
@@ -23,6 +25,7 @@ Examples:
   kmsnet relay --ca-cert ca/ca.pem                      # ws://127.0.0.1:8765, store relay.db
   kmsnet relay --ca-cert ca/ca.pem --port 0             # any free port (printed on stdout)
   kmsnet relay --ca-cert ca/ca.pem --tls-cert relay.pem --tls-key relay.key   # wss://
+  kmsnet relay --ca-cert ca/ca.pem --store redis://127.0.0.1:6379/0 --name relay-a   # one of a cluster
 """
 
 
@@ -33,7 +36,9 @@ Examples:
     "--store",
     default="relay.db",
     show_default=True,
-    help="SQLite file for stored envelopes, bundles and the CRL feed (':memory:' keeps nothing).",
+    help="Where envelopes, bundles and the CRL feed are kept: a SQLite file (':memory:' keeps nothing), "
+    "or redis://HOST:PORT/DB (rediss:// over TLS) shared by several relays, a Redis Cluster node included "
+    "(see docs/CLUSTER.md).",
 )
 @click.option(
     "--ca-cert",
@@ -74,8 +79,10 @@ def relay(
     The relay is untrusted by design: it never sees a key or a plaintext. It prints its URL on
     stdout once it listens, logs to stderr, and stops cleanly on SIGINT or SIGTERM.
     """
-    if store.startswith("redis://"):
-        raise CliFailure("the Redis store is not available yet; use a SQLite file", BAD_INPUT)
+    if is_redis(store):
+        parts = urlsplit(store)
+        if not parts.hostname:
+            raise CliFailure(f"--store {store}: a Redis URL needs a host (redis://HOST:PORT/DB)", BAD_INPUT)
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
     try:

@@ -10,7 +10,7 @@ records `node.node.Node` reads, and the CA's URL for renewals:
                       token (`node.pkcs11.TokenKeyRef`; generated there, it never leaves it)
     node/certificate  the certificate (DER)
     node/root         the pinned CA root (PEM)
-    node/relay        the relay URL (UTF-8)
+    node/relay        the relay URLs, one per line (UTF-8): several for a cluster of relays
     node/ca_url       the CA's HTTP API (UTF-8)
 
 Nothing is written unless every step succeeded, and an existing keystore is never touched.
@@ -42,7 +42,7 @@ import logging
 import re
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -68,7 +68,7 @@ from node.errors import NodeError
 from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
 from node.kms import KEYSTORE_FILE
 from node.layout import NS_NODE, NS_SESSION
-from node.link import check_url
+from node.link import check_url, parse_urls
 from node.pkcs11 import Pin, TokenIdentityKey, TokenKeyRef, TokenSession, TokenSlot, environment_pin
 from protocol import certs
 from protocol.errors import DecodeError, LocalError, ProtocolError
@@ -190,7 +190,7 @@ def enrol_node(
     name: str,
     ca_url: str,
     token: str,
-    relay_url: str,
+    relay_url: str | Sequence[str],
     passphrase: str,
     *,
     ca_fingerprint: str | None = None,
@@ -218,7 +218,9 @@ def enrol_node(
         certs.validate_node_name(name)
     except LocalError as exc:
         raise InvalidRequest(str(exc)) from exc
-    check_url(relay_url)
+    relays = [check_url(url) for url in ([relay_url] if isinstance(relay_url, str) else relay_url)]
+    if not relays:
+        raise InvalidRequest("no relay URL")
     expected = parse_fingerprint(ca_fingerprint) if ca_fingerprint is not None else None
     base = _check_ca_url(ca_url)
     require_not_enrolled(home, passphrase)
@@ -233,7 +235,7 @@ def enrol_node(
     session = None if key_token is None else TokenSession.open(key_token, pin)
     identity = _new_identity(name, session)
     try:
-        where = (base, token, relay_url)
+        where = (base, token, "\n".join(relays))
         checked = expected is not None
         return _enrol_with(identity, home, name, where, passphrase, root, checked, argon2, clock, timeout)
     except BaseException:
@@ -257,8 +259,9 @@ def _enrol_with(
     clock: Callable[[], datetime],
     timeout: float,
 ) -> Enrolment:
-    """`enrol_node` from the CSR on, for the identity key it made (`urls_and_token`: CA, token, relay)."""
-    base, token, relay_url = urls_and_token
+    """`enrol_node` from the CSR on, for the identity key it made (`urls_and_token`: CA, token, and
+    the relays, one per line)."""
+    base, token, relays = urls_and_token
     path = home / KEYSTORE_FILE
     fingerprint = certs.fingerprint(root)
     payload = {"token": token, "csr": _csr(identity, name)}
@@ -268,7 +271,7 @@ def _enrol_with(
         **identity_records(identity),
         "certificate": verified.der,
         "root": certs.certificate_pem(root),
-        "relay": relay_url.encode("utf-8"),
+        "relay": relays.encode("utf-8"),
         "ca_url": base.encode("utf-8"),
     }
 
@@ -593,3 +596,17 @@ def rekey_node(
                 session.close()
     log.info("node_rekeyed", extra={"fields": {"node": name, "serial": f"{renewal.serial:x}"}})
     return renewal
+
+
+def set_relays(keystore: Keystore, urls: Sequence[str]) -> list[str]:
+    """Replace the relays the node of `keystore` uses (each a ws:// or wss:// URL; LinkError if
+    not); the node fails over from one to the next in this order. Returns them."""
+    relays = parse_urls(" ".join(urls))
+    keystore.put(NS_NODE, "relay", "\n".join(relays).encode("utf-8"))
+    return relays
+
+
+def relays_of(keystore: Keystore) -> list[str]:
+    """The relays the node of `keystore` uses, in order."""
+    stored = keystore.get(NS_NODE, "relay")
+    return parse_urls(stored.decode("utf-8")) if stored else []

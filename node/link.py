@@ -3,12 +3,13 @@
 `RelayLink.run()` keeps a connection up until `close()`: connect, answer the relay's
 challenge with our certificate and a signature, then hand every frame to `on_frame`. When the
 connection drops it reconnects with exponential backoff and full jitter, so a relay restart
-is not met by a thundering herd. Frames to the relay are queued and written by one writer
-task, which sends whatever is queued when it runs as one BATCH: a busy node pays one
-WebSocket message for many frames. Frames still queued when a connection drops are lost
-with it, like frames in flight: the outbox resends SENDs, and an unacknowledged DELIVER
-comes again. A `wss://` URL is verified against the pinned CA root and
-never downgraded to `ws://`.
+is not met by a thundering herd; given several relays (a cluster sharing one store), it
+reconnects to the next one in the list, where its mailbox is waiting too. Frames to the relay
+are queued and written by one writer task, which sends whatever is queued when it runs as
+one BATCH: a busy node pays one WebSocket message for many frames. Frames still queued when
+a connection drops are lost with it, like frames in flight: the outbox resends SENDs, and an
+unacknowledged DELIVER comes again. A `wss://` URL is verified against the pinned CA root
+and never downgraded to `ws://`.
 """
 
 from __future__ import annotations
@@ -75,6 +76,20 @@ def check_url(url: str) -> str:
     return url
 
 
+def split_urls(text: str) -> list[str]:
+    """The relay URLs of a node, as stored (one per line) or given (separated by spaces or commas),
+    unchecked (`RelayLink` refuses a bad one when it starts)."""
+    return text.replace(",", " ").split()
+
+
+def parse_urls(text: str) -> list[str]:
+    """`split_urls`, each checked (LinkError for a bad one, or for none)."""
+    urls = [check_url(url) for url in split_urls(text)]
+    if not urls:
+        raise LinkError("no relay URL")
+    return urls
+
+
 def tls_context(root_pem: bytes) -> ssl.SSLContext:
     """A client TLS context trusting only the pinned kmsnet CA root."""
     context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cadata=root_pem.decode())
@@ -83,11 +98,12 @@ def tls_context(root_pem: bytes) -> ssl.SSLContext:
 
 
 class RelayLink:
-    """One node's link to one relay."""
+    """One node's link to its relay: one connection at a time, to one of `urls` (the next one
+    in the list after a failure)."""
 
     def __init__(
         self,
-        url: str,
+        urls: str | list[str],
         *,
         identity: IdentityKey,
         certificate: bytes,
@@ -96,10 +112,13 @@ class RelayLink:
         on_connected: Callable[[Welcome], Awaitable[None]],
         reconnect: bool = True,
     ) -> None:
-        self.url = check_url(url)
+        self.urls = [check_url(url) for url in ([urls] if isinstance(urls, str) else urls)]
+        if not self.urls:
+            raise LinkError("no relay URL")
+        self._current = 0
         self._identity = identity
         self._certificate = certificate
-        self._tls = tls_context(root_pem) if url.startswith("wss://") else None
+        self._tls = tls_context(root_pem) if any(url.startswith("wss://") for url in self.urls) else None
         self._on_frame = on_frame
         self._on_connected = on_connected
         self._reconnect = reconnect
@@ -116,19 +135,28 @@ class RelayLink:
         #: The last reason a connection attempt failed (for `status`).
         self.last_error: str | None = None
 
+    @property
+    def url(self) -> str:
+        """The relay this link connects to now (or tries to)."""
+        return self.urls[self._current]
+
     async def run(self, *, first_attempt: asyncio.Future[None] | None = None) -> None:
-        """Keep the link up until `close()`. `first_attempt` learns how the first connection went."""
+        """Keep the link up until `close()`. `first_attempt` learns how the first connection went
+        (a failure once every relay was tried)."""
         delay = BACKOFF_START
+        failures = 0
         while not self._closing:
             try:
                 await self._session(first_attempt)
                 delay = BACKOFF_START
+                failures = 0
             except Exception as exc:  # whatever broke this connection, the link must come back
                 if not isinstance(exc, _EXPECTED):
                     log.exception("relay_link_error", extra={"fields": {"url": self.url}})
                 self.last_error = _describe(exc)
                 log.info("relay_link_down", extra={"fields": {"url": self.url, "reason": self.last_error}})
-                if first_attempt is not None and not first_attempt.done():
+                failures += 1
+                if first_attempt is not None and not first_attempt.done() and failures >= len(self.urls):
                     error = exc if isinstance(exc, LinkError) else RelayUnreachable(f"{self.url}: {self.last_error}")
                     first_attempt.set_exception(error)
             finally:
@@ -142,14 +170,18 @@ class RelayLink:
                 self._requests.clear()
             if self._closing or not self._reconnect:
                 return
+            # The next relay of the list: when this one died, its nodes spread over the others (the
+            # jitter spreads them in time too), and the mailbox waits in the store they share.
+            self._current = (self._current + 1) % len(self.urls)
             await asyncio.sleep(random.uniform(0, delay))  # full jitter
-            delay = min(BACKOFF_MAX, delay * 2)
+            if failures >= len(self.urls) or len(self.urls) == 1:
+                delay = min(BACKOFF_MAX, delay * 2)
 
     async def _session(self, first_attempt: asyncio.Future[None] | None) -> None:
         async with asyncio.timeout(CONNECT_TIMEOUT):
             ws = await connect(
                 self.url,
-                ssl=self._tls,
+                ssl=self._tls if self.url.startswith("wss://") else None,
                 compression=None,
                 max_size=2 * MAX_LINK_FRAME,
                 open_timeout=CONNECT_TIMEOUT,

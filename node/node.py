@@ -39,7 +39,7 @@ from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
 from node.keystore import Keystore
 from node.layout import NS_BUNDLE, NS_INBOX, NS_NODE, NS_OUTBOX, NS_PEER, NS_SEEN, NS_SESSION
-from node.link import RelayLink
+from node.link import RelayLink, split_urls
 from node.ocsp import OcspChecker
 from node.pkcs11 import Pin, TokenIdentityKey
 from protocol import certs, handshake, wire
@@ -159,8 +159,9 @@ class Node:
         self.root_pem = root_pem
         self.root = certs.load_certificate(root_pem)
         self._load_identity()
-        self.relay_url = relay_url or (stored_url.decode() if stored_url else "")
-        if not self.relay_url:
+        #: The relays this node may use (several for a cluster: it fails over from one to the next).
+        self.relay_urls = split_urls(relay_url or (stored_url.decode() if stored_url else ""))
+        if not self.relay_urls:
             raise NodeError("no relay URL: give --relay")
         state = keystore.get(NS_NODE, "revocation")
         self.revocation = RevocationState.from_bytes(state, self.root, clock()) if state else RevocationState()
@@ -240,7 +241,7 @@ class Node:
         """Connect to the relay (and keep reconnecting). With `wait`, raise RelayUnreachable if the
         first attempt fails."""
         self._link = RelayLink(
-            self.relay_url,
+            self.relay_urls,
             identity=self.identity,
             certificate=self.certificate,
             root_pem=self.root_pem,
@@ -296,6 +297,16 @@ class Node:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+    @property
+    def relay_url(self) -> str:
+        """The relay this node is connected to (or tries to be)."""
+        return self._link.url if self._link is not None else self.relay_urls[0]
+
+    @relay_url.setter
+    def relay_url(self, url: str) -> None:
+        """Use this one relay from the next start on."""
+        self.relay_urls = [url]
 
     @property
     def connected(self) -> bool:

@@ -57,10 +57,12 @@ from protocol.link import (
     auth_signed_bytes,
 )
 from protocol.messages import OneTimePrekey, PrekeyBundle
+from relay.backends import make_store
+from relay.cluster import Bus, make_bus
 from relay.errors import QuotaExceeded, StoreUnavailable
 from relay.interceptor import Interceptor
 from relay.ratelimit import TokenBucket
-from relay.store import Envelope, Limits, SqliteStore, Store
+from relay.store import Envelope, Limits, Store
 
 log = logging.getLogger("kmsnet.relay")
 
@@ -71,6 +73,8 @@ MAX_STRIKES = 50
 #: Close codes (RFC 6455): policy violation, message too big.
 CLOSE_POLICY = 1008
 CLOSE_TOO_BIG = 1009
+#: Close code (RFC 6455): try again later (the store is unreachable).
+CLOSE_TRY_AGAIN = 1013
 #: Seconds between purges of expired envelopes.
 PURGE_INTERVAL = 60.0
 #: Frames queued for one node (with its writes awaiting a commit) beyond which the relay holds
@@ -78,6 +82,9 @@ PURGE_INTERVAL = 60.0
 MAX_QUEUED = 1024
 #: Seconds a closing connection's writer is given to send what is queued.
 STOP_GRACE = 5.0
+#: Seconds between heartbeats: the store is asked whether it answers (/healthz), and the relay
+#: announces itself to the cluster.
+HEARTBEAT_INTERVAL = 5.0
 
 
 def _utcnow() -> datetime:
@@ -91,6 +98,7 @@ class RelayConfig:
     ca_root: x509.Certificate
     host: str = "127.0.0.1"
     port: int = 8765
+    #: A SQLite file (':memory:' keeps nothing) or a Redis URL, redis://HOST:PORT/DB or rediss://…
     store_path: str = ":memory:"
     name: str = "kmsnet-relay"
     tls: ssl.SSLContext | None = None
@@ -139,6 +147,8 @@ class _Peer:
     cursor: int = 0
     strikes: int = 0
     writer: asyncio.Task[None] | None = None
+    #: Its connection number in the cluster (0 until claimed): a higher one anywhere replaces it.
+    generation: int = 0
     #: Store writes awaiting their commit (the envelopes of a SEND, the delete of an ACK).
     commits: set[asyncio.Future[Any]] = field(default_factory=set)
     #: The connection is going away: the writer sends what is queued, then stops (or it stopped).
@@ -157,6 +167,10 @@ class _Metrics:
         self.stored = Counter("kmsnet_relay_envelopes_stored_total", "Envelopes stored durably", registry=r)
         self.delivered = Counter("kmsnet_relay_envelopes_delivered_total", "Envelopes pushed to nodes", registry=r)
         self.acked = Counter("kmsnet_relay_envelopes_acked_total", "Envelopes acknowledged and deleted", registry=r)
+        self.store_up = Gauge("kmsnet_relay_store_up", "1 while the store answers (Redis reachable)", registry=r)
+        self.replaced = Counter(
+            "kmsnet_relay_replaced_total", "Connections closed for a newer one of the same node", registry=r
+        )
         # labels() costs a lookup under a lock: one child per frame type, looked up once.
         self._received: dict[type[LinkFrame], Counter] = {}
 
@@ -172,10 +186,22 @@ class _Metrics:
 class Relay:
     """One relay process. Use `async with Relay(config) as relay:` or start()/close()."""
 
-    def __init__(self, config: RelayConfig, *, store: Store | None = None, interceptor: Interceptor | None = None):
+    def __init__(
+        self,
+        config: RelayConfig,
+        *,
+        store: Store | None = None,
+        interceptor: Interceptor | None = None,
+        bus: Bus | None = None,
+    ):
         certs.check_root(config.ca_root)
         self.config = config
-        self.store = store or SqliteStore(config.store_path, config.limits)
+        self.store = store or make_store(config.store_path, config.limits)
+        #: The other relays sharing the store (none for SQLite).
+        self.bus = bus or make_bus(self.store, config.name)
+        self._healthy = True
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
         self.interceptor = interceptor or Interceptor()
         self.metrics = _Metrics()
         self._peers: dict[str, _Peer] = {}
@@ -191,11 +217,14 @@ class Relay:
     async def start(self) -> None:
         """Open the store and start listening."""
         await self.store.open()
+        try:
+            await self.bus.start(self)
+        except BaseException:
+            await self.store.close()
+            raise
         held = await self.store.get_crl()
         if held is not None:
-            with contextlib.suppress(ProtocolError):
-                self._feed.accept(held[1], self.config.ca_root, self.config.clock())
-                self._crl = held[1]
+            self._adopt_crl(held[1])
         self._server = await serve(
             self._handle,
             self.config.host,
@@ -210,18 +239,21 @@ class Relay:
             server_header="kmsnet-relay",
         )
         self._purger = asyncio.create_task(self._purge_loop(), name="relay-purge")
+        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="relay-heartbeat")
         log.info("relay_started", extra={"fields": {"url": self.url}})
 
     async def close(self) -> None:
         """Stop accepting, close every connection, finish queued writes, close the store."""
-        if self._purger is not None:
-            self._purger.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._purger
+        for task in (self._purger, self._heartbeat, *self._tasks):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         if self._server is not None:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
             self._server = None
+        await self.bus.close()
         await self.store.close()
         log.info("relay_stopped", extra={"fields": {}})
 
@@ -254,6 +286,8 @@ class Relay:
 
     def _http(self, connection: ServerConnection, request: Request) -> Response | None:
         if request.path == "/healthz":
+            if not self._healthy:
+                return connection.respond(HTTPStatus.SERVICE_UNAVAILABLE, "store unreachable\n")
             return connection.respond(HTTPStatus.OK, "ok\n")
         if request.path == "/metrics":
             body = generate_latest(self.metrics.registry)
@@ -283,8 +317,17 @@ class Relay:
         self._peers[peer.name] = peer
         self.metrics.connected.set(len(self._peers))
         log.info("node_connected", extra={"fields": {"node": peer.name}})
+        joined = False
         try:
-            welcome = Welcome(peer.name, self.store.mailbox_size(peer.name), await self.store.onetime_left(peer.name))
+            try:
+                # Listening for its news before its mailbox is read: nothing stored meanwhile is missed.
+                peer.generation = await self.bus.join(peer.name)
+                joined = True
+            except StoreUnavailable as exc:
+                raise _Fatal(ErrorCode.UNAVAILABLE, f"relay cannot serve now: {exc}", CLOSE_TRY_AGAIN) from exc
+            if self.bus.newest(peer.name) > peer.generation:
+                return  # a newer connection of this node came up elsewhere meanwhile
+            welcome = Welcome(peer.name, await self.store.waiting(peer.name), await self.store.onetime_left(peer.name))
             await ws.send(wire.encode_link(welcome))
             peer.writer = asyncio.create_task(self._writer(peer), name=f"relay-writer-{peer.name}")
             async for raw in ws:
@@ -299,6 +342,10 @@ class Relay:
             await self._fatal(ws, exc.code, str(exc), exc.close)
         except ConnectionClosed:
             pass
+        except StoreUnavailable as exc:
+            # Redis went away under us: the node comes back later (or at another relay).
+            log.warning("store_unavailable", extra={"fields": {"node": peer.name, "reason": str(exc)}})
+            await self._fatal(ws, ErrorCode.UNAVAILABLE, "the relay's store is unreachable", CLOSE_TRY_AGAIN)
         except Exception:
             # A bug of ours, not the node's: say so with the traceback; websockets closes with 1011.
             log.exception("relay_handler_failed", extra={"fields": {"node": peer.name}})
@@ -307,6 +354,9 @@ class Relay:
             await self._stop_peer(peer)
             if self._peers.get(peer.name) is peer:
                 del self._peers[peer.name]
+            if joined:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.bus.leave(peer.name)
             self.metrics.connected.set(len(self._peers))
             log.info("node_disconnected", extra={"fields": {"node": peer.name}})
 
@@ -436,7 +486,9 @@ class Relay:
 
     def _accept(self, peer: _Peer, msg_id: bytes, writes: list[asyncio.Future[None]]) -> None:
         failed = next((f.exception() for f in writes if f.exception() is not None), None)
-        if isinstance(failed, StoreUnavailable):
+        if isinstance(failed, QuotaExceeded):
+            self._queue(peer, Error(ErrorCode.QUOTA_EXCEEDED, str(failed), msg_id))
+        elif isinstance(failed, StoreUnavailable):
             self._queue(peer, Error(ErrorCode.UNAVAILABLE, str(failed), msg_id))
         elif failed is not None:
             self._fail(peer, failed)
@@ -510,9 +562,30 @@ class Relay:
             return
         if crl.number == before:
             return
-        await self.store.put_crl(crl.number, publish.crl)
+        if not await self.store.put_crl(crl.number, publish.crl):
+            # Another relay of the cluster holds a newer one: the feed never goes back, here either.
+            held = await self.store.get_crl()
+            if held is not None:
+                self._adopt_crl(held[1])
+            self._queue(peer, Error(ErrorCode.MALFORMED, "CRL refused: a CRL with a higher number is held"))
+            return
         self._crl = publish.crl
         log.info("crl_published", extra={"fields": {"number": crl.number, "revoked": len(crl.revoked)}})
+        self._push_crl()
+
+    def _adopt_crl(self, der: bytes) -> None:
+        """Take a CRL from the store (held at start, or stored by another relay) into the feed, and
+        push it if it is newer than ours."""
+        before = self._feed.highest_number
+        try:
+            crl = self._feed.accept(der, self.config.ca_root, self.config.clock())
+        except ProtocolError:
+            return  # older than ours, or not valid now: the feed stays as it is
+        self._crl = der
+        if crl.number != before:
+            self._push_crl()
+
+    def _push_crl(self) -> None:
         for other in self._peers.values():
             # A flag, not a queued frame: a node that does not read holds one CRL at most, the newest.
             other.crl_due = True
@@ -542,6 +615,9 @@ class Relay:
                     await peer.wake.wait()
         except ConnectionClosed:
             pass
+        except StoreUnavailable as exc:
+            log.warning("store_unavailable", extra={"fields": {"node": peer.name, "reason": str(exc)}})
+            await peer.ws.close(CLOSE_TRY_AGAIN, "store unreachable")
         except Exception:
             log.exception("relay_writer_failed", extra={"fields": {"node": peer.name}})
             await peer.ws.close(1011, "internal error")
@@ -637,6 +713,60 @@ class Relay:
         with contextlib.suppress(ConnectionClosed):
             await ws.send(wire.encode_link(Error(code, text[:200])))
             await ws.close(close, code.name.lower())
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            healthy = await self.store.healthy()
+            if healthy:
+                try:
+                    await self.bus.heartbeat(self.url, len(self._peers))
+                except StoreUnavailable:
+                    healthy = False
+            if healthy != self._healthy:
+                log.warning("store_health", extra={"fields": {"healthy": healthy}})
+            self._healthy = healthy
+            self.metrics.store_up.set(int(healthy))
+            await asyncio.sleep(HEARTBEAT_INTERVAL)
+
+    # --- news from the other relays (the cluster bus) -------------------------------------------------
+
+    def on_envelope(self, envelope: Envelope) -> None:
+        """An envelope was stored (by any relay) for a node connected here: push it."""
+        self._route(envelope)
+
+    def on_replaced(self, name: str, generation: int) -> None:
+        """`name` connected somewhere with a newer connection number: close its connection here."""
+        peer = self._peers.get(name)
+        if peer is not None and 0 < peer.generation < generation:
+            self.metrics.replaced.inc()
+            log.info("node_replaced", extra={"fields": {"node": name}})
+            self._spawn(self._replace(peer))
+
+    async def _replace(self, peer: _Peer) -> None:
+        await self._stop_peer(peer)
+        await peer.ws.close(1000, "replaced by a newer connection")
+
+    def on_crl(self) -> None:
+        """Another relay stored a newer CRL: take it into the feed here too."""
+        self._spawn(self._reload_crl())
+
+    async def _reload_crl(self) -> None:
+        with contextlib.suppress(StoreUnavailable):
+            held = await self.store.get_crl()
+            if held is not None:
+                self._adopt_crl(held[1])
+
+    def on_resync(self) -> None:
+        """Announcements may have been lost: every node's mail is read from the store again."""
+        for peer in self._peers.values():
+            peer.behind = True
+            peer.wake.set()
+        self.on_crl()
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _purge_loop(self) -> None:
         while True:

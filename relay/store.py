@@ -1,18 +1,17 @@
 """Where the relay keeps what must survive a crash: envelopes, prekey bundles, the CRL feed.
 
-`Store` is the interface (a Redis backend can implement it for a cluster); `SqliteStore` is
-the default: SQLite in WAL mode with `synchronous=FULL`, so an envelope the relay has
-acknowledged to its sender is on disk. Writes from many connections are grouped: a writer
-task runs every queued write in one transaction, on the store's own thread, in one hop,
-and each caller resumes once *its* write is committed — durability per envelope, the
-throughput of a batch. (aiosqlite hops threads per statement, which defeats batching;
-the store therefore drives the stdlib `sqlite3` on a single dedicated thread itself.)
+`Store` is the interface; `SqliteStore` is the default for one relay: SQLite in WAL mode with
+`synchronous=FULL`, so an envelope the relay has acknowledged to its sender is on disk.
+(`relay.redis_store.RedisStore` is the one for several relays.) Writes from many connections
+are grouped (`relay.batching`): every queued write runs in one transaction, on the store's own
+thread, in one hop, and each caller resumes once *its* write is committed. (aiosqlite hops
+threads per statement, which defeats batching; the store therefore drives the stdlib `sqlite3`
+on a single dedicated thread itself.)
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import sqlite3
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -21,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from relay.batching import BatchWriter, Settle
 from relay.errors import QuotaExceeded, StoreUnavailable
 
 #: Most envelopes waiting for one recipient.
@@ -31,8 +31,6 @@ DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
 DEFAULT_MAX_AGE = 7 * 24 * 3600
 #: Most one-time prekeys stored per node.
 MAX_ONETIME_STORED = 1000
-#: Most writes committed in one transaction.
-MAX_BATCH = 512
 
 T = TypeVar("T")
 
@@ -78,10 +76,14 @@ class Store(ABC):
     def put_nowait(
         self, msg_id: bytes, sender: str, recipient: str, payload: bytes, stored_at: int
     ) -> tuple[Envelope | None, asyncio.Future[None]]:
-        """Queue an envelope for storage: it gets its sequence number at once, and the future
-        completes once it is durable (only then may the sender be told). The envelope is None
-        for a retransmission of one still stored (the future is then already done). Raises
-        QuotaExceeded when the mailbox is full."""
+        """Queue an envelope for storage; the future completes once it is durable (only then may
+        the sender be told), or fails with QuotaExceeded or StoreUnavailable.
+
+        The envelope returned is the one to push to its recipient from memory at once, while it is
+        being written; None when there is nothing to push: a retransmission of one still stored
+        (the future is then already done), or a store that announces what it stored itself (Redis:
+        every relay hears of it through the cluster bus). A store that knows the quota is exceeded
+        without asking may raise QuotaExceeded at once."""
 
     @abstractmethod
     async def flush(self) -> None:
@@ -117,16 +119,21 @@ class Store(ABC):
         """Whether `name` ever published a bundle here (a routable recipient)."""
 
     @abstractmethod
-    async def put_crl(self, number: int, der: bytes) -> None:
-        """Keep the newest CRL for the feed."""
+    async def put_crl(self, number: int, der: bytes) -> bool:
+        """Keep the newest CRL for the feed; False (and nothing stored) if one with a higher
+        number is held already: the feed never goes back, whichever relay is asked."""
 
     @abstractmethod
     async def get_crl(self) -> tuple[int, bytes] | None:
         """The newest CRL held, with its number."""
 
     @abstractmethod
-    def mailbox_size(self, recipient: str) -> int:
-        """Envelopes waiting for `recipient` (cheap: no query)."""
+    async def waiting(self, recipient: str) -> int:
+        """Envelopes waiting for `recipient`."""
+
+    async def healthy(self) -> bool:
+        """Whether the store answers now (for /healthz)."""
+        return True
 
 
 _SCHEMA = """
@@ -149,9 +156,6 @@ CREATE TABLE IF NOT EXISTS crl (id INTEGER PRIMARY KEY CHECK (id = 1), number TE
 """
 
 _Op = Callable[[sqlite3.Connection], Any]
-#: Run on the event loop once a write is settled, before its future (value, error -> result): the
-#: store's own bookkeeping, done inline rather than as one more callback per write.
-_Settle = Callable[[Any, BaseException | None], Any]
 
 
 class SqliteStore(Store):
@@ -162,8 +166,7 @@ class SqliteStore(Store):
         self.limits = limits or Limits()
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="relay-store")
         self._db: sqlite3.Connection | None = None
-        self._writes: asyncio.Queue[tuple[_Op, asyncio.Future[Any], _Settle | None]] = asyncio.Queue()
-        self._writer: asyncio.Task[None] | None = None
+        self._writer: BatchWriter[_Op] = BatchWriter(self._commit, "relay-store-writer")
         # Mailbox sizes live in memory so that a quota check costs no query.
         self._count: dict[str, int] = {}
         self._bytes: dict[str, int] = {}
@@ -173,7 +176,6 @@ class SqliteStore(Store):
         # stored, to recognise a retransmission without a query.
         self._seq = 0
         self._stored: set[tuple[str, bytes]] = set()
-        self._outstanding: set[asyncio.Future[Any]] = set()
 
     async def _run(self, fn: Callable[[], T]) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._thread, fn)
@@ -200,15 +202,10 @@ class SqliteStore(Store):
             await self._run(setup)
         except (sqlite3.Error, OSError) as exc:
             raise StoreUnavailable(f"cannot open store {self.path}: {exc}") from exc
-        self._writer = asyncio.create_task(self._write_loop(), name="relay-store-writer")
+        self._writer.start()
 
     async def close(self) -> None:
-        if self._writer is not None:
-            await self._writes.join()
-            self._writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._writer
-            self._writer = None
+        await self._writer.close()
         if self._db is not None:
             db, self._db = self._db, None
             await self._run(db.close)
@@ -235,48 +232,17 @@ class SqliteStore(Store):
             raise
         return results
 
-    async def _write_loop(self) -> None:
-        while True:
-            batch = [await self._writes.get()]
-            # One turn of the event loop first: what this one made ready (deliveries) goes out before
-            # the commit's thread hop, and the writes queued meanwhile join the batch.
-            await asyncio.sleep(0)
-            while not self._writes.empty() and len(batch) < MAX_BATCH:
-                batch.append(self._writes.get_nowait())
-            ops = [op for op, _, _ in batch]
-            try:
-                results = await self._run(lambda ops=ops: self._batch(ops))  # type: ignore[misc]
-            except Exception as exc:  # noqa: BLE001 - any failure: the writer must live on and say why
-                # The batch is lost, and nobody in it was told "stored": nobody was lied to.
-                failure = StoreUnavailable(f"store write failed: {exc}")
-                results = [(None, failure)] * len(batch)
-            for (_, fut, settle), (value, error) in zip(batch, results, strict=True):
-                self._outstanding.discard(fut)
-                if settle is not None:
-                    value = settle(value, error)
-                if not fut.done():
-                    if error is None:
-                        fut.set_result(value)
-                    else:
-                        fut.set_exception(error)
-                self._writes.task_done()
+    async def _commit(self, ops: list[_Op]) -> list[tuple[Any, BaseException | None]]:
+        return await self._run(lambda: self._batch(ops))
 
-    def _queue(self, op: _Op, settle: _Settle | None = None) -> asyncio.Future[Any]:
-        if self._writer is None:
-            raise StoreUnavailable("store is not open")
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._writes.put_nowait((op, fut, settle))
-        self._outstanding.add(fut)
-        return fut
+    def _queue(self, op: _Op, settle: Settle | None = None) -> asyncio.Future[Any]:
+        return self._writer.queue(op, settle)
 
     async def _write(self, op: _Op) -> Any:
         return await self._queue(op)
 
     async def flush(self) -> None:
-        if self._outstanding:
-            # asyncio.wait, not gather: a flush that is cancelled (its connection went away) must not
-            # cancel other connections' writes along with it.
-            await asyncio.wait(set(self._outstanding))
+        await self._writer.flush()
 
     def put_nowait(
         self, msg_id: bytes, sender: str, recipient: str, payload: bytes, stored_at: int
@@ -401,12 +367,21 @@ class SqliteStore(Store):
 
         return await self._run(query)
 
-    async def put_crl(self, number: int, der: bytes) -> None:
-        def op(db: sqlite3.Connection) -> None:
-            # CRL numbers run to 2**159: kept as decimal text, since SQLite integers stop at 2**63.
-            db.execute("INSERT OR REPLACE INTO crl (id, number, der) VALUES (1, ?, ?)", (str(number), der))
+    async def put_crl(self, number: int, der: bytes) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            # CRL numbers run to 2**159: kept as decimal text, since SQLite integers stop at 2**63,
+            # and compared as such (the longer, then the greater text is the higher number).
+            stored = db.execute(
+                "INSERT INTO crl (id, number, der) VALUES (1, ?, ?) ON CONFLICT (id) DO UPDATE "
+                "SET number = excluded.number, der = excluded.der "
+                "WHERE length(excluded.number) > length(number) "
+                "OR (length(excluded.number) = length(number) AND excluded.number >= number) RETURNING id",
+                (str(number), der),
+            ).fetchall()
+            return bool(stored)
 
-        await self._write(op)
+        result: bool = await self._write(op)
+        return result
 
     async def get_crl(self) -> tuple[int, bytes] | None:
         def query() -> tuple[int, bytes] | None:
@@ -416,5 +391,9 @@ class SqliteStore(Store):
 
         return await self._run(query)
 
+    async def waiting(self, recipient: str) -> int:
+        return self.mailbox_size(recipient)
+
     def mailbox_size(self, recipient: str) -> int:
+        """Envelopes waiting for `recipient`, from memory (no query)."""
         return self._count.get(recipient, 0)
