@@ -8,6 +8,7 @@ import click
 
 from kmsnet.demo import MAX_NODES, MIN_NODES, DemoFailure, DemoOptions, run_demo
 from kmsnet.exits import EPILOG, CliFailure
+from kmsnet.options import json_flag
 
 EXAMPLES = """
 Examples:
@@ -33,7 +34,7 @@ Examples:
     metavar="DIR",
     help="Build the workspace in DIR (new or empty) and leave it there, with the commands to go on by hand.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the transcript as one JSON object per line.")
+@json_flag("Print the transcript as one JSON object per line.")
 @click.option("--no-color", is_flag=True, help="No colours (the default colours a terminal only).")
 def demo(nodes: int, keep: Path | None, as_json: bool, no_color: bool) -> None:
     """Run a CA, a relay and N nodes on 127.0.0.1 and show them at work.

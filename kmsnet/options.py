@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import click
 
-from kmsnet.exits import BAD_INPUT, TRUST, UNREACHABLE, USAGE, CliFailure
+from kmsnet.exits import BAD_INPUT, TRUST, UNREACHABLE, USAGE, CliFailure, json_errors
 from node.errors import NodeError, TrustError, Unavailable
 from node.keystore import ARGON2_PROFILES, Argon2Params
 
@@ -140,8 +140,12 @@ def json_option(command: F) -> F:
     def wrapper(*args: Any, as_json: bool, **kwargs: Any) -> Any:
         return command(*args, out=Output(as_json), **kwargs)
 
-    option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
-    return option(wrapper)  # type: ignore[return-value]
+    return json_flag()(wrapper)  # type: ignore[return-value]
+
+
+def json_flag(help: str = "Print one JSON object per line.") -> Callable[[F], F]:
+    """The `--json` flag as `as_json: bool`; from the moment it is parsed, errors are JSON too."""
+    return click.option("--json", "as_json", is_flag=True, is_eager=True, callback=json_errors, help=help)
 
 
 def read_input(value: str | None) -> bytes:

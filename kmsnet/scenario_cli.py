@@ -17,6 +17,7 @@ import click
 
 from kmsnet import logs
 from kmsnet.exits import EPILOG, SCENARIO_FAILED, CliFailure
+from kmsnet.options import json_flag
 from scenarios import registry, runner
 from scenarios.report import render
 from scenarios.timeline import Event, Kind, Sink
@@ -58,7 +59,7 @@ def scenario() -> None:
 
 
 @scenario.command("list", epilog=EPILOG)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+@json_flag()
 def list_scenarios(as_json: bool) -> None:
     """The scenarios: name, the attack or fault, the expected outcome."""
     for item in registry.all_scenarios():
@@ -81,7 +82,7 @@ def list_scenarios(as_json: bool) -> None:
 @scenario.command("run", epilog=EXAMPLES + "\n" + EPILOG)
 @click.argument("name", required=False)
 @click.option("--all", "run_all", is_flag=True, help="Run every scenario, in order.")
-@click.option("--json", "as_json", is_flag=True, help="Stream events as NDJSON; end with a verdict object.")
+@json_flag("Stream events as NDJSON; end with a verdict object.")
 @click.option("--verbose", "-v", is_flag=True, help="Also show every frame the relay routed.")
 @click.option(
     "--report",
@@ -105,6 +106,8 @@ def run(name: str | None, run_all: bool, as_json: bool, verbose: bool, report: P
             report.write_text(render(results), encoding="utf-8")
         except OSError as exc:
             raise CliFailure(f"cannot write {report}: {exc.strerror}") from exc
+        where = report.resolve()
+        click.echo(json.dumps({"type": "report", "path": str(where)}) if as_json else f"\nreport: {where}")
     failed = [r.scenario.name for r in results if not r.passed]
     if run_all:
         if as_json:
