@@ -244,12 +244,16 @@ class Transcript:
         self.as_json = options.as_json
         self.color = options.color
         self.start = time.monotonic()
+        self.shown = 0.0
         self.width = max(len(lane) for lane in [*lanes, "relay", "demo"])
         self.colours = {lane: LANE_COLOURS[i % len(LANE_COLOURS)] for i, lane in enumerate(lanes)}
 
     def elapsed(self, at: float | None = None) -> float:
-        """Seconds since the demo started (at monotonic time `at`, default now)."""
-        return (time.monotonic() if at is None else at) - self.start
+        """Seconds since the demo started (at monotonic time `at`, default now), never less than the
+        last time shown: a line a child printed before the script's own last line is shown after it
+        (the transcript is drained between steps), so it takes that line's time, not an earlier one."""
+        self.shown = max(self.shown, (time.monotonic() if at is None else at) - self.start)
+        return self.shown
 
     def _echo(self, text: str) -> None:
         click.echo(text, color=self.color)
