@@ -178,7 +178,7 @@ class ChatApp(App[None]):
 
     def _add_message(self, item: dict[str, Any]) -> None:
         contact = self._contact(item["from"])
-        contact.lines.append(Line("in", item["text"], float(item["sent_at"])))
+        contact.lines.append(Line("in", item["text"], datetime.fromisoformat(item["sent_at"]).timestamp()))
         if self.selected is None:
             self.selected = contact.name
         if contact.name != self.selected:

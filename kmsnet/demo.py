@@ -21,7 +21,6 @@ import itertools
 import json
 import os
 import queue
-import re
 import secrets
 import shlex
 import signal
@@ -59,7 +58,6 @@ LANE_COLOURS = ("cyan", "magenta", "yellow", "blue", "green", "bright_cyan", "br
 #: The relay's log events worth a line in the transcript (connections come and go with every command).
 RELAY_SHOWN = {"crl_published", "auth_refused", "frame_refused"}
 LOG_KEYS = ("time", "level", "event")
-SAFETY = re.compile(r"safety number ([0-9 ]+)$")
 
 
 def node_names(count: int) -> list[str]:
@@ -754,14 +752,14 @@ class Demo:
         kind = "secure" if event == "session_established" else "alert"
         about = f" {peer}" if peer else ""
         self.out.line(name, kind, f"{event}{about}: {item.get('reason')}", at=at, data=item)
-        match = SAFETY.search(str(item.get("reason", "")))
-        if event != "session_established" or peer is None or match is None:
+        number = item.get("safety_number")
+        if event != "session_established" or peer is None or number is None:
             return
         self.unreported.discard((name, peer))
-        self.safety[(name, peer)] = match[1]
+        self.safety[(name, peer)] = number
         theirs = self.safety.get((peer, name))
         if theirs is not None:
-            same = theirs == match[1]
+            same = theirs == number
             verdict = "the same safety number: compare it out of band" if same else "DIFFERENT safety numbers"
             self.out.line(name, "note" if same else "alert", f"{name} and {peer} see {verdict}", at=at)
 

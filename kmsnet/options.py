@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import click
 
 from kmsnet.exits import BAD_INPUT, TRUST, UNREACHABLE, USAGE, CliFailure, json_errors
-from node.errors import NodeError, TrustError, Unavailable
+from node.errors import NodeError, TrustError, Unavailable, code_of, network_words
 from node.keystore import ARGON2_PROFILES, Argon2Params
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -179,10 +179,11 @@ def node_failures() -> Iterator[None]:
     try:
         yield
     except TrustError as exc:
-        raise CliFailure(str(exc), TRUST) from exc
+        raise CliFailure(str(exc), TRUST, name=code_of(exc)) from exc
     except Unavailable as exc:
-        raise CliFailure(str(exc), UNREACHABLE) from exc
+        raise CliFailure(str(exc), UNREACHABLE, name=code_of(exc)) from exc
     except NodeError as exc:
-        raise CliFailure(str(exc), BAD_INPUT) from exc
+        raise CliFailure(str(exc), BAD_INPUT, name=code_of(exc)) from exc
     except OSError as exc:
-        raise CliFailure(f"{exc.filename or 'I/O'}: {exc.strerror or exc}", UNREACHABLE) from exc
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise CliFailure(f"{where}{network_words(exc)}", UNREACHABLE, name="io_error") from exc

@@ -33,7 +33,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from node.enrol import renew_certificate, renewal_time
-from node.errors import NodeError, PeerUnavailable, RelayUnreachable
+from node.errors import NodeError, PeerUnavailable, RelayUnreachable, code_of
 from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
 from node.keystore import Keystore
@@ -216,7 +216,7 @@ class Node:
         try:
             await asyncio.to_thread(renew_certificate, self.keystore, clock=self.clock)
         except NodeError as exc:
-            self._emit(SecurityEvent("renewal_failed", None, f"{type(exc).__name__}: {exc}"))
+            self._emit(SecurityEvent("renewal_failed", None, str(exc), code_of(exc)))
             return False
         self._load_identity()
         self._replace_onetime = True  # the old ones are signed over the old certificate
@@ -548,13 +548,15 @@ class Node:
         assert self._link is not None
         reply = await self._link.fetch_bundle(peer)
         if reply.bundle is None:
-            raise PeerUnavailable(f"the relay has no prekey bundle for {peer!r}")
+            raise PeerUnavailable(
+                f"the relay knows no node named {peer!r}: check the name (it must have enrolled and been online once)"
+            )
         try:
             frame = wire.decode(reply.bundle)
             if not isinstance(frame, PrekeyBundle):
                 raise DecodeError("relay answered with something else than a bundle")
         except ProtocolError as exc:
-            self._emit(SecurityEvent("session_refused", peer, f"{type(exc).__name__}: {exc}"))
+            self._emit(SecurityEvent("session_refused", peer, str(exc), code_of(exc)))
             raise
         if self._ocsp is not None:
             await self._ocsp.ensure(frame.certificate, self.clock())
@@ -574,21 +576,17 @@ class Node:
                 suite=self.options.suite,
             )
         except ProtocolError as exc:
-            self._emit(SecurityEvent("session_refused", peer, f"{type(exc).__name__}: {exc}"))
+            self._emit(SecurityEvent("session_refused", peer, str(exc), code_of(exc)))
             raise
         puts: dict[Key, bytes] = {}
         self._note_peer(started.peer, "initiated", puts)
         self._initiated_at[peer] = self.clock()
         self._stage_session(peer, started.session, puts)
         durable = self._journal.commit(puts)
-        self._emit(
-            SecurityEvent(
-                "session_established",
-                peer,
-                f"initiated ({Suite(started.session.suite).name}); safety number "
-                f"{safety_number(self.identity.public_bytes, started.peer.public_key.public_bytes_raw())}",
-            )
-        )
+        number = safety_number(self.identity.public_bytes, started.peer.public_key.public_bytes_raw())
+        suite = Suite(started.session.suite).name
+        initiated = f"initiated ({suite}); safety number {number}"
+        self._emit(SecurityEvent("session_established", peer, initiated, safety_number=number))
         return started.frame, durable
 
     def _stage_session(self, peer: str, session: Session, puts: dict[Key, bytes]) -> None:
@@ -723,7 +721,7 @@ class Node:
             else:
                 raise DecodeError(f"a {kind.name} frame is not a message")
         except ProtocolError as exc:
-            return self._emit(SecurityEvent(_event_name(exc), peer, f"{type(exc).__name__}: {exc}")), None
+            return self._emit(SecurityEvent(_event_name(exc), peer, str(exc), code_of(exc))), None
         message: Message | None = None
         if received.kind is Kind.DATA:
             try:
@@ -775,12 +773,11 @@ class Node:
         puts[(NS_NODE, "prekeys")] = self.prekeys.to_bytes()
         number = safety_number(self.identity.public_bytes, new_identity)
         if previous is not None and previous.identity != new_identity:
-            self._emit(SecurityEvent("identity_changed", peer, f"new identity key; new safety number {number}"))
-        self._emit(
-            SecurityEvent(
-                "session_established", peer, f"accepted ({Suite(result.session.suite).name}); safety number {number}"
-            )
-        )
+            changed = f"new identity key; new safety number {number}"
+            self._emit(SecurityEvent("identity_changed", peer, changed, safety_number=number))
+        suite = Suite(result.session.suite).name
+        established = f"accepted ({suite}); safety number {number}"
+        self._emit(SecurityEvent("session_established", peer, established, safety_number=number))
         return result.first
 
     def _bundle_for(self, init: InitMessage) -> PrekeyBundle:
@@ -836,10 +833,10 @@ class Node:
             before = self.revocation.highest_number
             crl = self.revocation.accept(der, self.root, now)
         except RevocationError as exc:
-            self._emit(SecurityEvent(_event_name(exc), None, f"CRL refused: {type(exc).__name__}: {exc}"))
+            self._emit(SecurityEvent(_event_name(exc), None, f"CRL refused: {exc}", code_of(exc)))
             return
         except ProtocolError as exc:
-            self._emit(SecurityEvent("crl_refused", None, f"CRL refused: {type(exc).__name__}: {exc}"))
+            self._emit(SecurityEvent("crl_refused", None, f"CRL refused: {exc}", code_of(exc)))
             return
         if crl.number == before:
             return
@@ -953,8 +950,7 @@ def _event_name(exc: ProtocolError) -> str:
         return "replay_refused"
     if isinstance(exc, SessionClosed):
         return "frame_refused"
-    name = type(exc).__name__
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+    return code_of(exc)
 
 
 def _last_seq(names: list[str]) -> int:
