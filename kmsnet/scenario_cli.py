@@ -16,11 +16,12 @@ from pathlib import Path
 import click
 
 from kmsnet import logs
+from kmsnet.colour import color
 from kmsnet.exits import EPILOG, SCENARIO_FAILED, CliFailure
 from kmsnet.options import json_flag
 from scenarios import registry, runner
 from scenarios.report import render
-from scenarios.timeline import Event, Kind, Sink
+from scenarios.timeline import Event, Kind, Sink, in_words
 
 EXAMPLES = """
 Examples:
@@ -142,8 +143,12 @@ async def _run_all(selected: list[registry.Scenario], *, as_json: bool, verbose:
             click.echo(json.dumps(result.verdict_json()))
         else:
             for check in result.checks:
-                click.echo(f"   {'ok  ' if check.ok else 'FAIL'} {check.name}")
-            click.echo(f"   {'PASS' if result.passed else 'FAIL'} in {result.seconds:.2f} s: {result.headline}")
+                mark = click.style("ok  ", fg="green") if check.ok else click.style("FAIL", fg="red", bold=True)
+                values = f"expected {in_words(check.expected)}, got {in_words(check.actual)}"
+                click.echo(f"   {mark} {check.name}: {click.style(values, dim=check.ok)}", color=color())
+            word, hue = ("PASS", "green") if result.passed else ("FAIL", "red")
+            verdict = click.style(word, fg=hue, bold=True)
+            click.echo(f"   {verdict} in {result.seconds:.2f} s: {result.headline}", color=color())
         results.append(result)
     return results
 
