@@ -12,6 +12,7 @@ from click.shell_completion import get_completion_class
 
 from kmsnet import __version__
 from kmsnet.ca_cli import ca
+from kmsnet.cert_cli import cert
 from kmsnet.chat_cli import chat
 from kmsnet.demo_cli import demo
 from kmsnet.exits import BAD_INPUT, EPILOG, INTERRUPTED, OK, USAGE, CliFailure, Invocation
@@ -76,6 +77,7 @@ def completion(shell: str) -> None:
 cli.add_command(kms)
 cli.add_command(ca)
 cli.add_command(node)
+cli.add_command(cert)
 cli.add_command(relay)
 cli.add_command(chat)
 cli.add_command(demo)
