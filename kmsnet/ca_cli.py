@@ -33,6 +33,7 @@ from kmsnet.options import (
     node_failures,
     store_options,
 )
+from kmsnet.passphrases import CA_ROOT
 from node.ca import DEFAULT_PORT, AdminSession, CertificateAuthority
 from node.ca import serve as serve_ca
 from node.ca.admin import ROLES
@@ -87,7 +88,7 @@ def _open(store: StoreOptions) -> Iterator[CertificateAuthority]:
     with node_failures():
         # Before the passphrase prompt: no passphrase can help a home without a CA.
         require_ca(store.home)
-        authority = CertificateAuthority.open(store.home, store.passphrase())
+        authority = store.open_with(functools.partial(CertificateAuthority.open, store.home))
         try:
             yield authority
         finally:
@@ -218,7 +219,7 @@ def init(name: str, crl_lifetime: timedelta, cert_validity: timedelta, store: St
         require_no_ca(store.home)
         policy = CaPolicy(crl_lifetime=crl_lifetime, certificate_validity=cert_validity)
         created = CertificateAuthority.init(
-            store.home, store.passphrase(confirm=True), name=name, argon2=store.argon2, policy=policy
+            store.home, store.passphrase(confirm=True, policy=CA_ROOT), name=name, argon2=store.argon2, policy=policy
         )
     admin = created.admin
     if not out.as_json:
@@ -294,10 +295,11 @@ def login(admin: str, otp: str | None, store: StoreOptions, out: Output) -> None
     a new login replaces it. Each code opens one session only, and five wrong codes within
     five minutes lock the administrator out for five minutes. Every attempt is audited.
     """
-    code = otp if otp is not None else _prompt_code(admin)
-    if code is None:
-        raise CliFailure(f"no TOTP code: give --otp, set {OTP_ENV}, or run in a terminal", USAGE)
     with _open(store) as authority, node_failures():
+        # The passphrase first, then the code: a code asked first could expire while the passphrase is typed.
+        code = otp if otp is not None else _prompt_code(admin)
+        if code is None:
+            raise CliFailure(f"no TOTP code: give --otp, set {OTP_ENV}, or run in a terminal", USAGE)
         session = authority.login(admin, code, remember=True)
     expires = session.expires_at.isoformat(timespec="seconds")
     record: dict[str, object] = {"admin": session.admin, "role": session.role, "expires_at": expires}

@@ -46,7 +46,7 @@ def show(pem: bool, store: StoreOptions, out: Output) -> None:
     path = store.home / KEYSTORE_FILE
     if not path.exists():
         raise CliFailure(f"no node in {store.home} (run `kmsnet node init` first)", BAD_INPUT)
-    with node_failures(), Keystore.open(path, passphrase=store.passphrase()) as keystore:
+    with node_failures(), store.open_with(lambda p: Keystore.open(path, passphrase=p)) as keystore:
         der, root_der = keystore.get(NS_NODE, "certificate"), keystore.get(NS_NODE, "root")
     if der is None or root_der is None:
         raise CliFailure(f"the keystore in {store.home} holds no node certificate (run `kmsnet node init`)")

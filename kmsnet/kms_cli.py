@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 from datetime import timedelta
@@ -42,13 +43,8 @@ def _open(store: StoreOptions, *, create: bool = False) -> Iterator[KeyManagemen
         # Say so before asking for a passphrase that could not help.
         raise CliFailure(f"no keystore at {path} (create a key first: kmsnet kms create NAME)", BAD_INPUT)
     with node_failures():
-        kms = KeyManagementSystem(
-            store.home,
-            store.passphrase(confirm=not path.exists()),
-            create=create,
-            argon2=store.argon2,
-            actor=ACTOR,
-        )
+        make = functools.partial(KeyManagementSystem, store.home, create=create, argon2=store.argon2, actor=ACTOR)
+        kms = store.open_with(make) if path.exists() else make(store.passphrase(confirm=True))
         try:
             yield kms
         finally:

@@ -119,7 +119,8 @@ def renew(ca_url: str | None, store: StoreOptions, out: Output) -> None:
     or expired certificate: then the node needs a new token (`kmsnet node rekey`).
     """
     _require_keystore(store)
-    with node_failures(), Keystore.open(store.home / KEYSTORE_FILE, passphrase=store.passphrase()) as keystore:
+    path = store.home / KEYSTORE_FILE
+    with node_failures(), store.open_with(lambda p: Keystore.open(path, passphrase=p)) as keystore:
         renewal = renew_certificate(keystore, ca_url=ca_url)
     record = _renewal_record(renewal)
     out.emit(record, f"renewed {renewal.name}: certificate {record['serial']} valid until {record['not_after']}")

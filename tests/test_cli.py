@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import signal
 import subprocess
@@ -13,6 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from kmsnet import passphrases
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,31 +66,115 @@ def test_a_closed_pipe_ends_quietly_with_exit_0() -> None:
     proc.stderr.close()
 
 
+class Terminal:
+    """`kmsnet ARGS` on a terminal of its own (a pty), to answer its prompts as a person would."""
+
+    def __init__(self, *args: str, **extra: str) -> None:
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # the child
+            os.chdir(ROOT)
+            os.execve(sys.executable, [sys.executable, "-m", "kmsnet", *args], env(**extra))
+        self.seen = b""
+
+    def expect(self, text: str, timeout: float = 60) -> None:
+        """Read until `text` (case-insensitive) has appeared since the last expect."""
+        deadline = time.monotonic() + timeout
+        while text.lower().encode() not in self.seen.lower():
+            assert time.monotonic() < deadline, self.seen
+            if select.select([self.fd], [], [], 1)[0]:
+                self.seen += os.read(self.fd, 1024)
+        self.seen = self.seen[self.seen.lower().index(text.lower().encode()) + len(text) :]
+
+    def send(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def end(self) -> tuple[int, bytes]:
+        """Wait for the exit code; return it with what was printed after the last expect."""
+        while select.select([self.fd], [], [], 5)[0]:
+            try:
+                chunk = os.read(self.fd, 1024)
+            except OSError:  # the child closed the terminal
+                break
+            if not chunk:
+                break
+            self.seen += chunk
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        return os.waitstatus_to_exitcode(status), self.seen
+
+
 def test_ctrl_c_at_a_passphrase_prompt_exits_130(tmp_path: Path) -> None:
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: a terminal session of its own, asked for a new keystore's passphrase
-        os.chdir(ROOT)
-        argv = [sys.executable, "-m", "kmsnet", "kms", "create", "k", "--home", str(tmp_path)]
-        os.execve(sys.executable, argv, env())
-    seen = b""
-    deadline = time.monotonic() + 60
-    while b"passphrase" not in seen.lower():
-        assert time.monotonic() < deadline, seen
-        if select.select([fd], [], [], 1)[0]:
-            seen += os.read(fd, 1024)
-    os.write(fd, b"\x03")  # Ctrl-C, as the terminal sends it
-    while select.select([fd], [], [], 5)[0]:
-        try:
-            chunk = os.read(fd, 1024)
-        except OSError:  # the child closed the terminal
-            break
-        if not chunk:
-            break
-        seen += chunk
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    assert os.waitstatus_to_exitcode(status) == 130, seen
+    term = Terminal("kms", "create", "k", "--home", str(tmp_path))
+    term.expect("passphrase")
+    term.send(b"\x03")  # Ctrl-C, as the terminal sends it
+    code, seen = term.end()
+    assert code == 130, seen
     assert b"Traceback" not in seen and b"interrupted" in seen
+
+
+def test_a_new_passphrase_must_be_strong_and_typed_twice_three_tries_in_all(tmp_path: Path) -> None:
+    term = Terminal("kms", "create", "k", "--home", str(tmp_path))
+    term.expect("New keystore passphrase")
+    term.send(b"abc\n")
+    term.expect("needs 12 or more")
+    term.expect("2 more tries")
+    term.expect("New keystore passphrase")  # getpass drops what is typed before its prompt
+    term.send(b"aaaaaaaaaaaaaaaa\n")
+    term.expect("too easy to guess")
+    term.expect("New keystore passphrase")
+    term.send(b"four unrelated words here\n")
+    term.expect("Repeat it")
+    term.send(b"four unrelated words hear\n")
+    term.expect("the two entries differ")
+    code, seen = term.end()
+    assert code == 1 and b"no acceptable keystore passphrase after 3 tries" in seen, seen
+    assert not (tmp_path / "keystore.db").exists()
+
+
+def test_an_empty_new_passphrase_takes_a_generated_one_that_then_opens_the_keystore(tmp_path: Path) -> None:
+    term = Terminal("kms", "create", "k", "--home", str(tmp_path))
+    term.expect("New keystore passphrase")
+    term.send(b"\n")
+    term.expect("not shown again:")
+    code, seen = term.end()
+    generated = re.search(rb"([a-z2-9]{5}(?:-[a-z2-9]{5}){5})", seen)
+    assert code == 0 and generated, seen
+    listed = kmsnet("kms", "list", "--home", str(tmp_path), KMSNET_PASSPHRASE=generated[1].decode())
+    assert listed.returncode == 0 and listed.stdout.startswith("k"), listed.stderr
+
+
+def test_a_wrong_passphrase_at_the_prompt_is_asked_again(tmp_path: Path) -> None:
+    made = kmsnet("kms", "create", "k", "--home", str(tmp_path), KMSNET_PASSPHRASE="the right passphrase")
+    assert made.returncode == 0, made.stderr
+    term = Terminal("kms", "list", "--home", str(tmp_path))
+    term.expect("Keystore passphrase")
+    term.send(b"wrong one\n")
+    term.expect("Wrong passphrase, try again")
+    term.expect("Keystore passphrase")
+    term.send(b"the right passphrase\n")
+    code, seen = term.end()
+    assert code == 0 and b"aes256-gcm" in seen, seen
+
+    term = Terminal("kms", "list", "--home", str(tmp_path))
+    for _ in range(3):
+        term.expect("Keystore passphrase")
+        term.send(b"wrong one\n")
+    code, seen = term.end()
+    assert code == 1 and b"error: " in seen and b"Traceback" not in seen, seen
+
+
+def test_ca_login_asks_the_passphrase_before_the_totp_code(tmp_path: Path) -> None:
+    home = str(tmp_path / "ca")
+    made = kmsnet("ca", "init", "--home", home, KMSNET_PASSPHRASE="a long enough CA passphrase")
+    assert made.returncode == 0, made.stderr
+    term = Terminal("ca", "login", "--home", home)
+    term.expect("Keystore passphrase")
+    assert b"TOTP" not in term.seen
+    term.send(b"a long enough CA passphrase\n")
+    term.expect("TOTP code")
+    term.send(b"000000\n")
+    code, seen = term.end()
+    assert code == 4, seen  # a wrong code, refused: but only once the passphrase was in
 
 
 def test_ctrl_c_while_a_command_runs_exits_130(tmp_path: Path) -> None:
@@ -119,3 +206,38 @@ def test_completion_of_a_subcommand(tmp_path: Path) -> None:
         env=env(_KMSNET_COMPLETE="bash_complete", COMP_WORDS="kmsnet kms de", COMP_CWORD="2"),
     )  # fmt: skip
     assert result.stdout.split() == ["plain,decrypt", "plain,destroy"]
+
+
+def test_without_home_a_profile_in_the_user_data_directory_is_used(tmp_path: Path) -> None:
+    data = {"XDG_DATA_HOME": str(tmp_path), "KMSNET_PASSPHRASE": "a passphrase for profiles"}
+    profiles = tmp_path / "kmsnet" / "profiles"
+    assert kmsnet("kms", "create", "k", **data).returncode == 0
+    assert (profiles / "default" / "keystore.db").exists()
+    assert kmsnet("kms", "create", "k", "--profile", "alice", **data).returncode == 0
+    assert kmsnet("kms", "create", "k", **data, KMSNET_PROFILE="bob").returncode == 0
+    assert sorted(p.name for p in profiles.iterdir()) == ["alice", "bob", "default"]
+    # A flag beats the other's environment variable; both flags at once contradict each other.
+    assert kmsnet("kms", "list", "--profile", "alice", **data, KMSNET_HOME=str(tmp_path / "none")).returncode == 0
+    both = kmsnet("kms", "list", "--profile", "alice", "--home", str(profiles / "bob"), **data)
+    assert both.returncode == 2 and "give --home or --profile, not both" in both.stderr
+    bad = kmsnet("kms", "list", "--profile", "../etc", **data)
+    assert bad.returncode == 2 and "is not a profile name" in bad.stderr
+
+
+def test_a_weak_passphrase_from_the_environment_is_taken_with_a_warning(tmp_path: Path) -> None:
+    made = kmsnet("kms", "create", "k", "--home", str(tmp_path), KMSNET_PASSPHRASE="abc")
+    assert made.returncode == 0
+    assert "warning: a weak passphrase for a new keystore: it is 3 characters long" in made.stderr
+    ca = kmsnet("ca", "init", "--home", str(tmp_path / "ca"), KMSNET_PASSPHRASE="twelve chars")
+    assert ca.returncode == 0 and "for a new CA root key" in ca.stderr and "needs 16 or more" in ca.stderr
+
+
+@pytest.mark.parametrize(
+    ("passphrase", "weak"),
+    [("abc", True), ("password1234", True), ("aaaaaaaaaaaaaaaa", True), ("abcdefghijklmnop", True),
+     ("correct horse battery staple", False), ("Tr0ub4dor&3-xkcd-936", False)],
+)  # fmt: skip
+def test_the_strength_estimate(passphrase: str, weak: bool) -> None:
+    assert (passphrases.weakness(passphrase, passphrases.NODE) is not None) == weak
+    made = passphrases.generate()
+    assert len(made) == 35 and passphrases.weakness(made, passphrases.CA_ROOT) is None
