@@ -16,7 +16,8 @@ SCENARIO_FAILED = 5
 EPILOG = (
     "Exit codes: 0 ok, 1 bad input or state, 2 usage, 3 relay or CA unreachable / I/O, "
     "4 trust failure (revoked, stale feed, untrusted CA, bad signature, identity changed), "
-    "5 a scenario's outcome was not as asserted."
+    "5 a scenario's outcome was not as asserted, 130 interrupted (Ctrl-C). With --json an error is a JSON "
+    "object on stderr."
 )
 
 

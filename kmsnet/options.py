@@ -3,7 +3,7 @@
 Any command that opens a node's keystore takes `@store_options` and receives one `store:
 StoreOptions` argument; `@json_option` adds `--json` and an `out: Output` argument. Secrets never
 come from argv: the passphrase is read from `--passphrase-file`, else `KMSNET_PASSPHRASE`, else
-a prompt on the terminal.
+what `kmsnet unlock` keeps for the home, else a prompt on the terminal.
 """
 
 from __future__ import annotations
@@ -150,9 +150,10 @@ def store_options(command: F) -> F:
     """Add --home, --profile, --passphrase-file and --argon2-profile; pass them on as `store: StoreOptions`."""
 
     @functools.wraps(command)
-    def wrapper(*args: Any, home: Path | None, profile: str | None, passphrase_file: Path | None, **kwargs: Any) -> Any:
-        argon2_profile = kwargs.pop("argon2_profile")
-        return command(*args, store=StoreOptions(_home(home, profile), passphrase_file, argon2_profile), **kwargs)
+    def wrapper(
+        *args: Any, home: Path | None, profile: str | None, passphrase_file: Path | None, argon2_profile: str, **kw: Any
+    ) -> Any:
+        return command(*args, store=StoreOptions(_home(home, profile), passphrase_file, argon2_profile), **kw)
 
     options = [
         click.option(
