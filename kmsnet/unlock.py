@@ -60,8 +60,14 @@ def unlock(home: Path, passphrase: str, lifetime: timedelta, now: datetime) -> d
 def unlocked(home: Path, now: datetime) -> str | None:
     """The stand-in passphrase that opens HOME's keystores, while an unlock holds; else None (and
     what an expired or broken unlock left behind is removed)."""
-    sealed_path, secret_path = home / UNLOCK_FILE, _secret_path(home, create=False)
-    if secret_path is None or not sealed_path.exists() or not secret_path.exists():
+    sealed_path = home / UNLOCK_FILE
+    if not sealed_path.exists():
+        return None
+    try:
+        secret_path = _secret_path(home, create=False)
+    except UnlockError:
+        secret_path = None  # an unsafe runtime directory: treat as locked (and ask for the passphrase)
+    if secret_path is None or not secret_path.exists():
         return None
     try:
         body = json.loads(aes_gcm_open(secret_path.read_bytes(), sealed_path.read_bytes(), _aad(home)))
@@ -76,7 +82,11 @@ def unlocked(home: Path, now: datetime) -> str | None:
 def lock(home: Path) -> bool:
     """Forget HOME's unlock now; whether there was one."""
     found = False
-    for path in (home / UNLOCK_FILE, _secret_path(home, create=False)):
+    try:
+        secret_path = _secret_path(home, create=False)
+    except UnlockError:
+        secret_path = None  # not ours to touch; the sealed half alone opens nothing
+    for path in (home / UNLOCK_FILE, secret_path):
         if path is not None:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()

@@ -100,3 +100,12 @@ def test_the_commands_unlock_and_lock_a_home(home: Path) -> None:
     assert kmsnet("lock", "--home", str(home)).stdout == f"locked {home}\n"
     refused = kmsnet("kms", "list", "--home", str(home))
     assert refused.returncode == 2 and "no passphrase" in refused.stderr
+
+
+def test_a_runtime_directory_others_can_read_is_refused_and_reads_as_locked(home: Path) -> None:
+    unlock.unlock(home, PASS, timedelta(minutes=5), NOW)
+    runtime = Path(os.environ["XDG_RUNTIME_DIR"], "kmsnet")
+    runtime.chmod(0o755)
+    assert unlock.unlocked(home, NOW) is None  # no traceback, no secret taken from there
+    with pytest.raises(unlock.UnlockError, match="not a private directory"):
+        unlock.unlock(home, PASS, timedelta(minutes=5), NOW)
