@@ -101,7 +101,7 @@ def describe(payload: bytes) -> str:
         return f"INIT suite={suite}"
     if isinstance(frame, RatchetMessage):
         return f"MESSAGE dh={frame.dh.hex()[:8]} pn={frame.pn} n={frame.n} ({len(frame.ciphertext)} B)"
-    return type(frame).__name__
+    return str(frame.TYPE.name)
 
 
 # --- tactics ----------------------------------------------------------------------------------------------------
@@ -684,7 +684,7 @@ class StateReader:
         try:
             plaintext = AESGCM(key).decrypt(message_nonce(message.n), message.ciphertext, aad)
         except InvalidTag:
-            return None, "AuthenticationFailed: the derived key does not open it"
+            return None, "authentication failed: the derived key does not open it"
         return plaintext[1:], "decrypted with the copy's sending chain"
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -94,3 +95,8 @@ def test_run_all_passes_as_in_ci(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "15 of 15 scenarios passed" in done.stdout
+    # Every story, check and timeline line reads as words: no Python booleans, no class names.
+    page = re.sub(r"<[^>]+>", " ", (tmp_path / "all.html").read_text())
+    for text in (done.stdout, page):
+        assert not re.findall(r"\b(?:True|False|None)\b", text)
+        assert not re.findall(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)+\b", text)

@@ -35,7 +35,8 @@ async def stale_feed(ctx: Context) -> None:
         await lab.publish_crl(valid_for=HOUR)
         lab.advance(timedelta(minutes=40))
         feed = alice.node.status()["feed"]
-        ctx.story(f"70 minutes in: Alice's CRL #{feed['crl_number']} is past its nextUpdate (stale: {feed['stale']})")
+        state = "stale" if feed["stale"] else "still fresh"
+        ctx.story(f"70 minutes in: Alice's CRL #{feed['crl_number']} is past its nextUpdate ({state})")
 
         await lab.say(alice, "carol", "hi carol")
         await lab.say(dave, "alice", "hi alice, it's dave")
