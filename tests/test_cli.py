@@ -54,13 +54,16 @@ def test_without_json_an_error_is_one_plain_line() -> None:
     assert "{" not in result.stderr
 
 
-def test_a_closed_pipe_ends_quietly_with_exit_0() -> None:
+@pytest.mark.parametrize("command", [["completion", "bash"], ["kms", "audit"]])
+def test_a_closed_pipe_ends_quietly_with_exit_0(command: list[str], tmp_path: Path) -> None:
+    secret = {"KMSNET_HOME": str(tmp_path), "KMSNET_PASSPHRASE": "a passphrase for the pipe"}
+    assert kmsnet("kms", "create", "k", **secret).returncode == 0  # something for `kms audit` to print
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kmsnet", "completion", "bash"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        cwd=ROOT, env=env(), start_new_session=True,
+        [sys.executable, "-m", "kmsnet", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        cwd=ROOT, env=env(**secret), start_new_session=True,
     )  # fmt: skip
     assert proc.stdout is not None and proc.stderr is not None
-    proc.stdout.close()  # the reader is gone before the command writes a byte
+    proc.stdout.close()  # the reader is gone before the command writes a byte (`| head` that has had enough)
     assert proc.wait(timeout=60) == 0
     assert proc.stderr.read() == b""
     proc.stderr.close()
