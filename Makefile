@@ -7,12 +7,16 @@ STAMP := $(VENV)/.installed
 .PHONY: test lint bench demo clean
 
 $(BIN)/python:
+	@echo "==> [1/3] creating $(VENV) (first run only)"
 	$(PY) -m venv $(VENV)
 
-# Reinstall only when pyproject.toml changes.
+# Reinstall only when pyproject.toml changes. A first run takes half a minute: say what it is doing,
+# one line per step and pip's own lines and progress bars, rather than sit silent.
 $(STAMP): pyproject.toml | $(BIN)/python
+	@echo "==> [2/3] updating pip"
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	@echo "==> [3/3] installing kmsnet and its dependencies into $(VENV) (from pyproject.toml)"
+	$(BIN)/python -m pip install --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
 lint: $(STAMP)

@@ -33,6 +33,7 @@ from kmsnet.options import (
     node_failures,
     store_options,
 )
+from kmsnet.passphrases import CA_ROOT
 from kmsnet.pkcs11_options import PKCS11_ENVIRONMENT_HELP, PinSource, token_options
 from node.ca import DEFAULT_PORT, AdminSession, CertificateAuthority
 from node.ca import serve as serve_ca
@@ -92,7 +93,7 @@ def _open(store: StoreOptions) -> Iterator[CertificateAuthority]:
     with node_failures():
         # Before the passphrase prompt: no passphrase can help a home without a CA.
         require_ca(store.home)
-        authority = CertificateAuthority.open(store.home, store.passphrase(), pin=PinSource())
+        authority = store.open_with(functools.partial(CertificateAuthority.open, store.home, pin=PinSource()))
         try:
             yield authority
         finally:
@@ -238,7 +239,7 @@ def init(
         policy = CaPolicy(crl_lifetime=crl_lifetime, certificate_validity=cert_validity)
         created = CertificateAuthority.init(
             store.home,
-            store.passphrase(confirm=True),
+            store.passphrase(confirm=True, policy=CA_ROOT),
             name=name,
             argon2=store.argon2,
             policy=policy,
@@ -321,10 +322,11 @@ def login(admin: str, otp: str | None, store: StoreOptions, out: Output) -> None
     a new login replaces it. Each code opens one session only, and five wrong codes within
     five minutes lock the administrator out for five minutes. Every attempt is audited.
     """
-    code = otp if otp is not None else _prompt_code(admin)
-    if code is None:
-        raise CliFailure(f"no TOTP code: give --otp, set {OTP_ENV}, or run in a terminal", USAGE)
     with _open(store) as authority, node_failures():
+        # The passphrase first, then the code: a code asked first could expire while the passphrase is typed.
+        code = otp if otp is not None else _prompt_code(admin)
+        if code is None:
+            raise CliFailure(f"no TOTP code: give --otp, set {OTP_ENV}, or run in a terminal", USAGE)
         session = authority.login(admin, code, remember=True)
     expires = session.expires_at.isoformat(timespec="seconds")
     record: dict[str, object] = {"admin": session.admin, "role": session.role, "expires_at": expires}

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar, Literal
 
+from cryptography import x509
 from rich.text import Text
 from textual import work
 from textual.app import App, ComposeResult
@@ -26,7 +27,7 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from node.errors import NodeError
+from node.errors import NodeError, PeerUnavailable
 from node.node import Node
 from protocol.errors import ProtocolError
 
@@ -34,8 +35,11 @@ from protocol.errors import ProtocolError
 CONNECT_GRACE = 3.0
 #: Seconds between two looks at the node's local state (connection, feed, outbox, sessions).
 REFRESH_INTERVAL = 1.0
-#: Our own certificate is flagged "expiring" this many seconds before it runs out.
-EXPIRING_SOON = 7 * 24 * 3600
+#: Our own certificate is flagged "expiring" in the last third of its life (the node renews itself
+#: at two thirds: before that, there is nothing to warn about).
+EXPIRING_FRACTION = 1 / 3
+#: Below this many columns the contact list folds away (Ctrl+Up/Down still switch contacts).
+NARROW_WIDTH = 70
 #: Security banners kept on screen (newest last) until dismissed with Escape.
 MAX_BANNERS = 4
 
@@ -56,17 +60,20 @@ EVENT_TITLES = {
     "crl_rollback": "old revocation list refused (rollback)",
 }
 
+#: Our own name in the conversation: a calm steel blue, whatever the terminal's palette (red is for failures).
+YOU_STYLE = "bold #5f9fd7"
+
 #: Contact badges and their colours. "new": no session yet; "closed": torn down for another reason.
 BADGE_STYLES = {"valid": "green", "revoked": "bold red", "closed": "yellow", "new": "dim"}
 
 HELP = """\
 Type a message and press Enter to send it to the selected contact.
-/msg NAME [TEXT]   select (or add) contact NAME, and send TEXT if given
+/msg NAME [TEXT]   select contact NAME, and send TEXT if given (a new NAME joins with its first message)
 /verify [NAME]     show the safety number shared with NAME: compare it out of band
 /status            certificate, relay, revocation feed freshness, outbox
 /help              this help        /quit   leave (also Ctrl+Q)
 //TEXT             send TEXT starting with a slash
-Escape dismisses banners and this panel; click a contact to select it."""
+Ctrl+Up/Down: previous/next contact (Tab reaches the list too). Escape dismisses banners and this panel."""
 
 
 @dataclass
@@ -101,6 +108,7 @@ class ChatApp(App[None]):
     CSS = """
     #main { height: 1fr; }
     #contacts { width: 28; height: 1fr; border: round $primary; }
+    ChatApp.-narrow #contacts { display: none; }
     #conversation { width: 1fr; height: 1fr; border: round $primary; }
     #banner { height: auto; max-height: 6; background: $error 30%; color: $text; padding: 0 1; }
     #notice { height: auto; max-height: 12; border: round $secondary; padding: 0 1; }
@@ -108,6 +116,8 @@ class ChatApp(App[None]):
     """
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("escape", "dismiss", "Dismiss banners", show=False),
+        Binding("ctrl+down", "next_contact(1)", "Next contact", show=False, priority=True),
+        Binding("ctrl+up", "next_contact(-1)", "Previous contact", show=False, priority=True),
     ]
 
     def __init__(
@@ -184,11 +194,14 @@ class ChatApp(App[None]):
             else:
                 self._add_event(item)
         if items:
-            self._render_all()
+            # Status bar, badges and banners from one look at the node's state, at once: a banner
+            # never shows a revocation that the status bar and contact list do not yet.
+            self._refresh()
+            self._render_conversation()
 
     def _add_message(self, item: dict[str, Any]) -> None:
         contact = self._contact(item["from"])
-        contact.lines.append(Line("in", item["text"], float(item["sent_at"])))
+        contact.lines.append(Line("in", item["text"], datetime.fromisoformat(item["sent_at"]).timestamp()))
         if self.selected is None:
             self.selected = contact.name
         if contact.name != self.selected:
@@ -267,13 +280,25 @@ class ChatApp(App[None]):
         left = status["certificate"]["expires_in_seconds"]
         if left <= 0:
             cert: tuple[str, str] = ("certificate EXPIRED", "bold red")
-        elif left < EXPIRING_SOON:
+        elif left < self._lifetime() * EXPIRING_FRACTION:
             cert = (f"certificate expiring in {_duration(left)}", "yellow")
         else:
             cert = ("certificate valid", "green")
         name: tuple[str, str] = (status["name"], "bold")
-        outbox = f" · outbox {status['outbox']}"
-        return Text.assemble(name, " · ", self._connection(), " · feed ", freshness, " · ", cert, outbox)
+        connection = self._connection()
+        if not self.has_class("-narrow"):
+            outbox = f" · outbox {status['outbox']}"
+            return Text.assemble(name, " · ", connection, " · feed ", freshness, " · ", cert, outbox)
+        # A narrow terminal: the essentials in short words, and the rest only when something is wrong.
+        word = connection[0].split(" (")[0].split(":")[0]
+        short = ("online" if word == "connected" else word, connection[1])
+        feed_short = (freshness[0].removesuffix(" fresh"), freshness[1])
+        parts: list[str | tuple[str, str]] = [name, " · ", short, " · ", feed_short]
+        if cert[1] != "green":
+            parts += [" · ", cert]
+        if status["outbox"]:
+            parts.append(f" · {status['outbox']} queued")
+        return Text.assemble(*parts)
 
     # --- rendering ------------------------------------------------------------------------------------
 
@@ -315,7 +340,11 @@ class ChatApp(App[None]):
             pane.border_title = "Conversation"
             messages.update(Text("No contact selected: /msg NAME to start, /help for commands.", style="dim"))
             return
-        contact = self.contacts[self.selected]
+        contact = self.contacts.get(self.selected)
+        if contact is None:
+            pane.border_title = f"Conversation with {self.selected} (new)"
+            messages.update(Text(f"No messages yet: the first one adds {self.selected} to your contacts.", style="dim"))
+            return
         contact.unread = 0
         pane.border_title = f"Conversation with {contact.name}"
         lines = [_render_line(contact.name, line) for line in contact.lines]
@@ -370,7 +399,8 @@ class ChatApp(App[None]):
             self._show_notice(f"unknown command /{command}: /help lists the commands")
 
     def _select(self, name: str) -> None:
-        self._contact(name)
+        # A new name is only selected: it joins the contacts with a first message the relay can route,
+        # so that a typo leaves no contact behind.
         self.selected = name
         self._render_all()
 
@@ -415,7 +445,7 @@ class ChatApp(App[None]):
             self._show_notice("no contact selected: /msg NAME first")
             return
         line = Line("out", text, time.time(), SENDING)
-        self.contacts[self.selected].lines.append(line)
+        self._contact(self.selected).lines.append(line)
         self._render_conversation()
         self._send(self.selected, line)
 
@@ -424,12 +454,41 @@ class ChatApp(App[None]):
         # One worker per message: a slow relay holds this message, never the screen or the next one.
         try:
             await self.node.send(peer, line.text)
+        except PeerUnavailable as exc:
+            line.state = f"✗ not sent: {exc}"
+            contact = self.contacts.get(peer)
+            only_failed = contact is not None and all(o.state.startswith("✗") for o in contact.lines)
+            if only_failed:
+                # A name nobody answers to (a typo): no contact is left behind for it.
+                del self.contacts[peer]
+                self.selected = next(iter(sorted(self.contacts)), None)
+                self._show_notice(str(exc))
         except (NodeError, ProtocolError) as exc:
             line.state = f"✗ not sent: {exc}"
         else:
             # `send` returns queued when the relay did not confirm in time; the outbox tells which.
             line.state = QUEUED if self.node.outbox_size() else STORED
         self._render_all()
+
+    def on_resize(self) -> None:
+        """Fold the contact list away on a narrow terminal, so the conversation keeps its width."""
+        self.set_class(self.size.width < NARROW_WIDTH, "-narrow")
+        if self._started_at:  # mounted: the status bar too takes the new width
+            self._refresh()
+        self._render_conversation()
+
+    def action_next_contact(self, step: int) -> None:
+        """Select the next (1) or previous (-1) contact, from the keyboard, whatever has the focus."""
+        names = sorted(self.contacts)
+        if not names:
+            return
+        at = names.index(self.selected) if self.selected in names else -1 if step > 0 else 0
+        self._select(names[(at + step) % len(names)])
+
+    def _lifetime(self) -> float:
+        """Seconds from our certificate's notBefore to its notAfter."""
+        cert = x509.load_der_x509_certificate(self.node.certificate)
+        return (cert.not_valid_after_utc - cert.not_valid_before_utc).total_seconds()
 
     def action_dismiss(self) -> None:
         """Hide the security banners and the notice panel."""
@@ -445,7 +504,8 @@ def _render_line(peer: str, line: Line) -> Text:
     if line.kind == "in":
         return Text.assemble((f"{stamp} ", "dim"), (f"{peer}: ", "bold cyan"), line.text)
     style = "green" if line.state == STORED else "red" if line.state.startswith("✗") else "yellow"
-    return Text.assemble((f"{stamp} ", "dim"), ("you: ", "bold magenta"), line.text, "  ", (line.state, style))
+    # Our own name in a calm colour: red is kept for what went wrong.
+    return Text.assemble((f"{stamp} ", "dim"), ("you: ", YOU_STYLE), line.text, "  ", (line.state, style))
 
 
 def _duration(seconds: int) -> str:

@@ -6,12 +6,10 @@ Orchestration only. Every step is a `kmsnet` command in a child process, run as 
 and the relay's structured log on stderr) and shows it. It decides nothing a node decides: each
 session, safety number and refusal in the transcript was reported by a node.
 
-One home, one process at a time. The relay keeps one connection per node (the newest wins) and a
-running node keeps its ratchet states in memory, so a `kmsnet send` next to the same node's
-`kmsnet receive --follow` would fight it for the connection and the session. The demo therefore
-pauses a node's receiving process while that node sends, and resumes it when the script wants the
-node listening again: what a person with one terminal per command would do (`kmsnet chat` sends and
-receives in one process).
+One home, one writer (kmsnet.writer). A `kmsnet send` next to the same node's `kmsnet receive
+--follow` goes out through that follower; the demo still pauses a node's receiving process while
+that node sends, and resumes it when the script wants the node listening again, so that the
+transcript shows the offline and catch-up cases of store-and-forward as well.
 """
 
 from __future__ import annotations
@@ -21,7 +19,6 @@ import itertools
 import json
 import os
 import queue
-import re
 import secrets
 import shlex
 import signal
@@ -59,7 +56,6 @@ LANE_COLOURS = ("cyan", "magenta", "yellow", "blue", "green", "bright_cyan", "br
 #: The relay's log events worth a line in the transcript (connections come and go with every command).
 RELAY_SHOWN = {"crl_published", "auth_refused", "frame_refused"}
 LOG_KEYS = ("time", "level", "event")
-SAFETY = re.compile(r"safety number ([0-9 ]+)$")
 
 
 def node_names(count: int) -> list[str]:
@@ -244,12 +240,16 @@ class Transcript:
         self.as_json = options.as_json
         self.color = options.color
         self.start = time.monotonic()
+        self.shown = 0.0
         self.width = max(len(lane) for lane in [*lanes, "relay", "demo"])
         self.colours = {lane: LANE_COLOURS[i % len(LANE_COLOURS)] for i, lane in enumerate(lanes)}
 
     def elapsed(self, at: float | None = None) -> float:
-        """Seconds since the demo started (at monotonic time `at`, default now)."""
-        return (time.monotonic() if at is None else at) - self.start
+        """Seconds since the demo started (at monotonic time `at`, default now), never less than the
+        last time shown: a line a child printed before the script's own last line is shown after it
+        (the transcript is drained between steps), so it takes that line's time, not an earlier one."""
+        self.shown = max(self.shown, (time.monotonic() if at is None else at) - self.start)
+        return self.shown
 
     def _echo(self, text: str) -> None:
         click.echo(text, color=self.color)
@@ -750,14 +750,14 @@ class Demo:
         kind = "secure" if event == "session_established" else "alert"
         about = f" {peer}" if peer else ""
         self.out.line(name, kind, f"{event}{about}: {item.get('reason')}", at=at, data=item)
-        match = SAFETY.search(str(item.get("reason", "")))
-        if event != "session_established" or peer is None or match is None:
+        number = item.get("safety_number")
+        if event != "session_established" or peer is None or number is None:
             return
         self.unreported.discard((name, peer))
-        self.safety[(name, peer)] = match[1]
+        self.safety[(name, peer)] = number
         theirs = self.safety.get((peer, name))
         if theirs is not None:
-            same = theirs == match[1]
+            same = theirs == number
             verdict = "the same safety number: compare it out of band" if same else "DIFFERENT safety numbers"
             self.out.line(name, "note" if same else "alert", f"{name} and {peer} see {verdict}", at=at)
 

@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
+from kmsnet.colour import color
 from kmsnet.demo import MAX_NODES, MIN_NODES, DemoFailure, DemoOptions, run_demo
 from kmsnet.exits import EPILOG, CliFailure
+from kmsnet.options import json_flag
 
 EXAMPLES = """
 Examples:
@@ -33,8 +35,8 @@ Examples:
     metavar="DIR",
     help="Build the workspace in DIR (new or empty) and leave it there, with the commands to go on by hand.",
 )
-@click.option("--json", "as_json", is_flag=True, help="Print the transcript as one JSON object per line.")
-@click.option("--no-color", is_flag=True, help="No colours (the default colours a terminal only).")
+@json_flag("Print the transcript as one JSON object per line.")
+@click.option("--no-color", is_flag=True, help="No colours (by default a terminal has them, unless NO_COLOR is set).")
 def demo(nodes: int, keep: Path | None, as_json: bool, no_color: bool) -> None:
     """Run a CA, a relay and N nodes on 127.0.0.1 and show them at work.
 
@@ -44,7 +46,7 @@ def demo(nodes: int, keep: Path | None, as_json: bool, no_color: bool) -> None:
     shows each message and security event as the nodes report it. Every process is stopped at
     the end, also after a failure or Ctrl-C; the workspace is removed unless --keep.
     """
-    options = DemoOptions(nodes=nodes, keep=keep, as_json=as_json, color=False if no_color else None)
+    options = DemoOptions(nodes=nodes, keep=keep, as_json=as_json, color=color(False if no_color else None))
     try:
         run_demo(options)
     except DemoFailure as exc:

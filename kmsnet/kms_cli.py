@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
+import sys
 from collections.abc import Iterator
 from datetime import timedelta
 
@@ -50,15 +52,21 @@ def _open(
         raise CliFailure(f"no keystore at {path} (create a key first: kmsnet kms create NAME)", BAD_INPUT)
     with exclusive(store), node_failures():
         by_token = Keystore.unlocked_by(path) == "pkcs11" if path.exists() else keystore_token is not None
-        kms = KeyManagementSystem(
+        make = functools.partial(
+            KeyManagementSystem,
             store.home,
-            None if by_token else store.passphrase(confirm=not path.exists()),
             create=create,
             argon2=store.argon2,
             actor=ACTOR,
             pin=pin or PinSource(),
             keystore_token=keystore_token,
         )
+        if by_token:
+            kms = make(None)
+        elif path.exists():
+            kms = store.open_with(make)
+        else:
+            kms = make(store.passphrase(confirm=True))
         try:
             yield kms
         finally:
@@ -184,8 +192,8 @@ def decrypt(name: str, ciphertext: str | None, allow_compromised: bool, store: S
     """Decrypt a ciphertext.
 
     Decrypts CIPHERTEXT (or stdin) with key NAME and prints the plaintext exactly as it was
-    encrypted. A tampered ciphertext exits 4, as does one under a compromised version unless
-    --allow-compromised is given; one older than the key's minimum version exits 1.
+    encrypted (plus a newline on a terminal). A tampered ciphertext exits 4, as does one under a
+    compromised version unless --allow-compromised is given; one older than the key's minimum version exits 1.
     """
     token = read_input(ciphertext).strip()
     with _open(store) as k:
@@ -193,8 +201,10 @@ def decrypt(name: str, ciphertext: str | None, allow_compromised: bool, store: S
     if result.compromised:
         out.warn(f"version {result.version} of {name} is compromised: rewrap this ciphertext")
     if not out.as_json:
-        # The bytes exactly as encrypted: no newline added, no decoding.
-        click.echo(result.plaintext, nl=False)
+        # The bytes exactly as encrypted into a pipe or file; on a terminal, a newline so that the
+        # shell's prompt does not run on after the text.
+        end = sys.stdout.isatty() and not result.plaintext.endswith(b"\n")
+        click.echo(result.plaintext, nl=end)
         return
     try:
         text: str | None = result.plaintext.decode("utf-8")

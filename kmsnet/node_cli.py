@@ -147,10 +147,11 @@ def renew(ca_url: str | None, store: StoreOptions, out: Output) -> None:
     or expired certificate: then the node needs a new token (`kmsnet node rekey`).
     """
     require_node(store)
+    path = store.home / KEYSTORE_FILE
     with (
         exclusive(store),
         node_failures(),
-        Keystore.open(store.home / KEYSTORE_FILE, passphrase=store.passphrase()) as keystore,
+        store.open_with(lambda p: Keystore.open(path, passphrase=p)) as keystore,
     ):
         renewal = renew_certificate(keystore, ca_url=ca_url)
     record = _renewal_record(renewal)

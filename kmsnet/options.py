@@ -3,7 +3,7 @@
 Any command that opens a node's keystore takes `@store_options` and receives one `store:
 StoreOptions` argument; `@json_option` adds `--json` and an `out: Output` argument. Secrets never
 come from argv: the passphrase is read from `--passphrase-file`, else `KMSNET_PASSPHRASE`, else
-a prompt on the terminal.
+what `kmsnet unlock` keeps for the home, else a prompt on the terminal.
 """
 
 from __future__ import annotations
@@ -16,22 +16,26 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+import platformdirs
 
-from kmsnet.exits import BAD_INPUT, TRUST, UNREACHABLE, USAGE, CliFailure
-from node.errors import NodeError, TrustError, Unavailable
+from kmsnet import passphrases, unlock
+from kmsnet.exits import BAD_INPUT, TRUST, UNREACHABLE, USAGE, CliFailure, json_errors
+from node.errors import NodeError, TrustError, Unavailable, WrongPassphrase, code_of, network_words
 from node.keystore import ARGON2_PROFILES, Argon2Params
 
 F = TypeVar("F", bound=Callable[..., Any])
+T = TypeVar("T")
 
 PASSPHRASE_ENV = "KMSNET_PASSPHRASE"  # noqa: S105 - the variable's name, not a passphrase
 
 ENVIRONMENT_HELP = (
-    "Environment: KMSNET_HOME (instead of --home), KMSNET_PASSPHRASE (the keystore passphrase), "
+    "Environment: KMSNET_HOME (instead of --home), KMSNET_PROFILE (instead of --profile), "
+    "KMSNET_PASSPHRASE (the keystore passphrase), "
     "KMSNET_PASSPHRASE_FILE, KMSNET_ARGON2_PROFILE=test (cheap key derivation for new keystores in test "
     "suites; never for real keys)."
 )
@@ -50,8 +54,13 @@ class StoreOptions:
         """Argon2id cost for a keystore created now (existing keystores keep their own)."""
         return ARGON2_PROFILES[self.argon2_profile]
 
-    def passphrase(self, *, confirm: bool = False) -> str:
-        """The passphrase from --passphrase-file, KMSNET_PASSPHRASE or a prompt (twice when `confirm`)."""
+    def passphrase(self, *, confirm: bool = False, policy: passphrases.Policy = passphrases.NODE) -> str:
+        """The passphrase from --passphrase-file, KMSNET_PASSPHRASE or a prompt.
+
+        `confirm` is for a new keystore: at a prompt it is asked twice and must meet `policy` (an
+        empty answer takes a generated passphrase), three tries in all; from a file or the
+        environment a weak one is taken with a warning (scripts and test suites choose their own).
+        """
         if self.passphrase_file is not None:
             try:
                 text = self.passphrase_file.read_text(encoding="utf-8")
@@ -61,15 +70,41 @@ class StoreOptions:
             passphrase = text.removesuffix("\n").removesuffix("\r")
         elif PASSPHRASE_ENV in os.environ:
             passphrase = os.environ[PASSPHRASE_ENV]
+        elif not confirm and (held := unlock.unlocked(self.home, datetime.now(UTC))) is not None:
+            return held  # `kmsnet unlock` holds this home's keys: no prompt
         elif _have_terminal():
-            passphrase = click.prompt("Keystore passphrase", hide_input=True, confirmation_prompt=confirm, err=True)
+            if not confirm:
+                return str(click.prompt("Keystore passphrase", hide_input=True, err=True))
+            try:
+                return passphrases.ask_new(policy)
+            except passphrases.PassphraseRefused as exc:
+                raise CliFailure(str(exc), BAD_INPUT) from exc
         else:
             raise CliFailure(
                 f"no passphrase: set {PASSPHRASE_ENV}, pass --passphrase-file, or run in a terminal", USAGE
             )
         if not passphrase:
             raise CliFailure("the passphrase is empty", BAD_INPUT)
+        weak = passphrases.weakness(passphrase, policy) if confirm else None
+        if weak is not None:
+            Output.warn(f"a weak passphrase for a new {policy.what}: {weak}")
         return passphrase
+
+    def open_with(self, opener: Callable[[str], T]) -> T:
+        """`opener(passphrase)`, asking again when a passphrase typed at the prompt is wrong (three
+        tries in all; a wrong one from a file or the environment fails at once)."""
+        prompted = self.passphrase_file is None and PASSPHRASE_ENV not in os.environ
+        tries = 1
+        while True:
+            try:
+                return opener(self.passphrase())
+            except WrongPassphrase:
+                if prompted and unlock.lock(self.home):
+                    continue  # the keystore changed since `kmsnet unlock`: forget it, ask for the passphrase
+                if not prompted or tries == passphrases.TRIES:
+                    raise
+                tries += 1
+                click.echo("Wrong passphrase, try again.", err=True)
 
 
 def _have_terminal() -> bool:
@@ -82,20 +117,57 @@ def _have_terminal() -> bool:
     return True
 
 
+DEFAULT_PROFILE = "default"
+_PROFILE_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+
+
+def profile_home(profile: str) -> Path:
+    """A named profile's home: the per-user data directory (platformdirs; on Linux
+    $XDG_DATA_HOME/kmsnet, by default ~/.local/share/kmsnet), then profiles/NAME."""
+    return platformdirs.user_data_path("kmsnet", appauthor=False) / "profiles" / profile
+
+
+def _home(home: Path | None, profile: str | None) -> Path:
+    """--home if given, else --profile's home; a --home and a --profile both on the command line
+    contradict each other, but a flag beats the other one's environment variable."""
+    ctx = click.get_current_context()
+    given = {name: ctx.get_parameter_source(name) for name in ("home", "profile")}
+    on_line = click.core.ParameterSource.COMMANDLINE
+    if home is not None and profile is not None:
+        if given["home"] == on_line == given["profile"]:
+            raise click.UsageError("give --home or --profile, not both")
+        if given["profile"] == on_line:
+            home = None
+    if home is not None:
+        return home
+    name = profile or DEFAULT_PROFILE
+    if not _PROFILE_NAME.fullmatch(name):
+        raise click.BadParameter(f"{name!r} is not a profile name (1-64 of a-z 0-9 . _ -)", ctx, param_hint="--profile")
+    return profile_home(name)
+
+
 def store_options(command: F) -> F:
-    """Add --home, --passphrase-file and --argon2-profile; pass them on as `store: StoreOptions`."""
+    """Add --home, --profile, --passphrase-file and --argon2-profile; pass them on as `store: StoreOptions`."""
 
     @functools.wraps(command)
-    def wrapper(*args: Any, home: Path, passphrase_file: Path | None, argon2_profile: str, **kwargs: Any) -> Any:
-        return command(*args, store=StoreOptions(home, passphrase_file, argon2_profile), **kwargs)
+    def wrapper(
+        *args: Any, home: Path | None, profile: str | None, passphrase_file: Path | None, argon2_profile: str, **kw: Any
+    ) -> Any:
+        return command(*args, store=StoreOptions(_home(home, profile), passphrase_file, argon2_profile), **kw)
 
     options = [
         click.option(
             "--home",
             envvar="KMSNET_HOME",
-            required=True,
             type=click.Path(file_okay=False, path_type=Path),
-            help="State directory (the keystore is HOME/keystore.db). Env: KMSNET_HOME.",
+            help="State directory (the keystore is HOME/keystore.db). Env: KMSNET_HOME. Default: the profile's.",
+        ),
+        click.option(
+            "--profile",
+            envvar="KMSNET_PROFILE",
+            metavar="NAME",
+            help=f"Use the named profile's home in your user data directory ({DEFAULT_PROFILE!r} when neither "
+            "--home nor --profile is given; `kmsnet profiles` lists them). Env: KMSNET_PROFILE.",
         ),
         click.option(
             "--passphrase-file",
@@ -140,8 +212,12 @@ def json_option(command: F) -> F:
     def wrapper(*args: Any, as_json: bool, **kwargs: Any) -> Any:
         return command(*args, out=Output(as_json), **kwargs)
 
-    option = click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
-    return option(wrapper)  # type: ignore[return-value]
+    return json_flag()(wrapper)  # type: ignore[return-value]
+
+
+def json_flag(help: str = "Print one JSON object per line.") -> Callable[[F], F]:
+    """The `--json` flag as `as_json: bool`; from the moment it is parsed, errors are JSON too."""
+    return click.option("--json", "as_json", is_flag=True, is_eager=True, callback=json_errors, help=help)
 
 
 def read_input(value: str | None) -> bytes:
@@ -175,10 +251,11 @@ def node_failures() -> Iterator[None]:
     try:
         yield
     except TrustError as exc:
-        raise CliFailure(str(exc), TRUST) from exc
+        raise CliFailure(str(exc), TRUST, name=code_of(exc)) from exc
     except Unavailable as exc:
-        raise CliFailure(str(exc), UNREACHABLE) from exc
+        raise CliFailure(str(exc), UNREACHABLE, name=code_of(exc)) from exc
     except NodeError as exc:
-        raise CliFailure(str(exc), BAD_INPUT) from exc
+        raise CliFailure(str(exc), BAD_INPUT, name=code_of(exc)) from exc
     except OSError as exc:
-        raise CliFailure(f"{exc.filename or 'I/O'}: {exc.strerror or exc}", UNREACHABLE) from exc
+        where = f"{exc.filename}: " if exc.filename else ""
+        raise CliFailure(f"{where}{network_words(exc)}", UNREACHABLE, name="io_error") from exc

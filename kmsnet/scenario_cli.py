@@ -16,10 +16,12 @@ from pathlib import Path
 import click
 
 from kmsnet import logs
+from kmsnet.colour import color
 from kmsnet.exits import EPILOG, SCENARIO_FAILED, CliFailure
+from kmsnet.options import json_flag
 from scenarios import registry, runner
 from scenarios.report import render
-from scenarios.timeline import Event, Kind, Sink
+from scenarios.timeline import Event, Kind, Sink, in_words
 
 EXAMPLES = """
 Examples:
@@ -58,7 +60,7 @@ def scenario() -> None:
 
 
 @scenario.command("list", epilog=EPILOG)
-@click.option("--json", "as_json", is_flag=True, help="Print one JSON object per line.")
+@json_flag()
 def list_scenarios(as_json: bool) -> None:
     """The scenarios: name, the attack or fault, the expected outcome."""
     for item in registry.all_scenarios():
@@ -81,7 +83,7 @@ def list_scenarios(as_json: bool) -> None:
 @scenario.command("run", epilog=EXAMPLES + "\n" + EPILOG)
 @click.argument("name", required=False)
 @click.option("--all", "run_all", is_flag=True, help="Run every scenario, in order.")
-@click.option("--json", "as_json", is_flag=True, help="Stream events as NDJSON; end with a verdict object.")
+@json_flag("Stream events as NDJSON; end with a verdict object.")
 @click.option("--verbose", "-v", is_flag=True, help="Also show every frame the relay routed.")
 @click.option(
     "--report",
@@ -105,6 +107,8 @@ def run(name: str | None, run_all: bool, as_json: bool, verbose: bool, report: P
             report.write_text(render(results), encoding="utf-8")
         except OSError as exc:
             raise CliFailure(f"cannot write {report}: {exc.strerror}") from exc
+        where = report.resolve()
+        click.echo(json.dumps({"type": "report", "path": str(where)}) if as_json else f"\nreport: {where}")
     failed = [r.scenario.name for r in results if not r.passed]
     if run_all:
         if as_json:
@@ -139,8 +143,12 @@ async def _run_all(selected: list[registry.Scenario], *, as_json: bool, verbose:
             click.echo(json.dumps(result.verdict_json()))
         else:
             for check in result.checks:
-                click.echo(f"   {'ok  ' if check.ok else 'FAIL'} {check.name}")
-            click.echo(f"   {'PASS' if result.passed else 'FAIL'} in {result.seconds:.2f} s: {result.headline}")
+                mark = click.style("ok  ", fg="green") if check.ok else click.style("FAIL", fg="red", bold=True)
+                values = f"expected {in_words(check.expected)}, got {in_words(check.actual)}"
+                click.echo(f"   {mark} {check.name}: {click.style(values, dim=check.ok)}", color=color())
+            word, hue = ("PASS", "green") if result.passed else ("FAIL", "red")
+            verdict = click.style(word, fg=hue, bold=True)
+            click.echo(f"   {verdict} in {result.seconds:.2f} s: {result.headline}", color=color())
         results.append(result)
     return results
 

@@ -104,15 +104,15 @@ def open_node(store: StoreOptions, relay_url: str | None, passphrase: str) -> It
         keystore.close()
 
 
-def classify(error: BaseException) -> tuple[int, str] | None:
-    """For the control socket: a handler's failure as (exit code, message), the way this terminal shows it."""
+def classify(error: BaseException) -> tuple[int, str, str | None] | None:
+    """For the control socket: a handler's failure as (exit code, message, code), as this terminal shows it."""
     if isinstance(error, CliFailure):
-        return error.exit_code, error.format_message()
+        return error.exit_code, error.format_message(), error.name
     try:
         with node_failures():
             raise error
     except CliFailure as failure:
-        return failure.exit_code, failure.format_message()
+        return failure.exit_code, failure.format_message(), failure.name
     except BaseException:  # noqa: BLE001 - not one of ours: the server logs it and answers in general words
         return None
 
@@ -179,7 +179,8 @@ def dispatch(
                 outcome = _through_holder(store, key, command, args, out)
             if outcome is not None and not outcome.handover:
                 if outcome.exit != 0:
-                    raise CliFailure(outcome.message or "the running kmsnet process refused the request", outcome.exit)
+                    refused = outcome.message or "the running kmsnet process refused the request"
+                    raise CliFailure(refused, outcome.exit, name=outcome.code)
                 return
             if outcome is None and read_only:
                 # A description left by a holder that is gone: read the keystore ourselves.

@@ -14,7 +14,7 @@ The conversation is JSON, one object per line:
                       {"type": "emit", "record": {...}, "text": STR}     a result, for --json or for people
                       {"type": "warn", "message": STR}
                       {"type": "handover"}                the holder is leaving: take the lock, run it yourself
-                      {"type": "end", "exit": INT, "message": STR | null}
+                      {"type": "end", "exit": INT, "message": STR | null, "code": STR | null}
 
 `proof` is HMAC-SHA256 under `Keystore.derived_key(CONTROL_PURPOSE)` over the nonce and the request:
 a client proves it unlocked the keystore (knows its passphrase) as the command would have to if it
@@ -77,8 +77,9 @@ class Reply:
 
 
 Handler = Callable[[dict[str, Any], Reply], Coroutine[Any, Any, None]]
-#: Maps a handler's exception to (exit code, message for people), or None for an unexpected one.
-Classifier = Callable[[BaseException], tuple[int, str] | None]
+#: Maps a handler's exception to (exit code, message for people, stable error code or None), or None
+#: for an unexpected one.
+Classifier = Callable[[BaseException], tuple[int, str, str | None] | None]
 
 
 def _mac(key: bytes, nonce: bytes, command: str, args: dict[str, Any]) -> hmac.HMAC:
@@ -262,8 +263,8 @@ class ControlServer:
             known = self._classify(error)
             if known is None:
                 log.error("control_request_failed", extra={"fields": {"error": repr(error)}})
-                known = (1, "the running kmsnet process could not handle this request")
-            end = {"type": "end", "exit": known[0], "message": known[1]}
+                known = (1, "the running kmsnet process could not handle this request", None)
+            end = {"type": "end", "exit": known[0], "message": known[1], "code": known[2]}
         _write(writer, end)
         await writer.drain()
 
@@ -276,6 +277,8 @@ class Outcome:
     message: str | None
     #: The holder left before the request was done: take the lock and run it here.
     handover: bool = False
+    #: The failure's stable code (`--json` errors carry it), when the holder named one.
+    code: str | None = None
 
 
 class NotStarted(ControlError):
@@ -324,9 +327,12 @@ async def request(
             elif kind == "handover":
                 return Outcome(0, None, handover=True)
             elif kind == "end":
-                exit_code = message.get("exit")
-                text = message.get("message")
-                return Outcome(exit_code if isinstance(exit_code, int) else 1, str(text) if text else None)
+                exit_code, text, code = message.get("exit"), message.get("message"), message.get("code")
+                return Outcome(
+                    exit_code if isinstance(exit_code, int) else 1,
+                    str(text) if text else None,
+                    code=str(code) if code else None,
+                )
     except (ConnectionError, TimeoutError, ValueError) as exc:
         if started:
             return Outcome(3, "lost the running kmsnet process before it finished; the outcome is unknown")

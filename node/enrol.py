@@ -64,7 +64,7 @@ from node.ca.errors import (
     InvalidRequest,
     RenewalRefused,
 )
-from node.errors import NodeError
+from node.errors import NodeError, network_words
 from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
 from node.kms import KEYSTORE_FILE
 from node.layout import NS_NODE, NS_SESSION
@@ -339,8 +339,9 @@ def _exchange(url: str, body: bytes | None, timeout: float) -> tuple[int, bytes]
         with exc:
             return exc.code, _read_bounded(exc)
     except (urllib.error.URLError, http.client.HTTPException, OSError) as exc:
-        reason = getattr(exc, "reason", None) or exc
-        raise CaUnreachable(f"cannot reach the CA at {url}: {reason}") from exc
+        reason = network_words(getattr(exc, "reason", None) or exc)
+        hint = f"is `kmsnet ca serve` running on {urlsplit(url).netloc}?"
+        raise CaUnreachable(f"cannot reach the CA at {url} ({reason}): {hint}") from exc
 
 
 def _read_bounded(response: http.client.HTTPResponse | urllib.error.HTTPError) -> bytes:

@@ -15,9 +15,39 @@ Messages never contain key material or plaintext.
 
 from __future__ import annotations
 
+import socket
+
 
 class NodeError(Exception):
     """Base of every error raised on purpose by `node`."""
+
+
+def code_of(error: BaseException | type[BaseException]) -> str:
+    """The stable, snake_case code of an error class (`BadSignature` -> `bad_signature`): what
+    scripts and tests match on (`--json` errors, security events), so that no message a person
+    reads has to carry a class name."""
+    name = (error if isinstance(error, type) else type(error)).__name__
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+
+
+def network_words(error: BaseException | str) -> str:
+    """Why a connection failed, in words for people: never an errno or a class name."""
+    if isinstance(error, str):
+        return error
+    if isinstance(error, ConnectionRefusedError):
+        return "nothing is listening there"
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
+    if isinstance(error, socket.gaierror):
+        return "the host name is unknown"
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror[0].lower() + error.strerror[1:]
+    return str(error) or "the connection failed"
+
+
+def words_of(error: BaseException | type[BaseException]) -> str:
+    """The error's code in words, for a timeline or a check's name (`bad_signature` -> "bad signature")."""
+    return code_of(error).replace("_", " ")
 
 
 class TrustError(NodeError):

@@ -3,7 +3,48 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
+
+#: Every security event a node reports, and what it means (the `event` of `receive --json`).
+EVENTS = {
+    "session_established": "a session with the peer started; compare the safety number out of band",
+    "identity_changed": "the peer's identity key changed: verify the new safety number before trusting it",
+    "session_refused": "a session could not start: the peer's certificate, bundle or handshake was refused",
+    "peer_revoked": "the CA revoked the peer's certificate: its session is closed",
+    "replay_refused": "a message arrived a second time and was refused",
+    "frame_refused": "a message for a session that was closed was refused",
+    "malformed_message": "a message authenticated but its content could not be read",
+    "send_refused": "the relay refused a message this node sent",
+    "renewal_failed": "this node's certificate could not be renewed (it is tried again)",
+    "crl_refused": "a revocation list from the relay was refused",
+    "crl_rollback": "the relay offered an older revocation list than one already held: refused",
+    "crl_invalid": "a revocation list did not verify under the CA root: refused",
+    "stale_feed": "the newest revocation list is out of date: new sessions are refused until a fresh one comes",
+    "no_revocation_data": "no revocation list is held yet: new sessions are refused until one comes",
+    "certificate_revoked": "a certificate was refused as revoked",
+    "authentication_failed": "a message did not authenticate (tampered, or not for this session): refused",
+    "too_many_skipped": "a message claimed to skip too many earlier ones: refused, with bounded work",
+    "decode_error": "a frame could not be decoded: refused",
+    "unknown_frame_type": "a frame of a type this version does not know: refused",
+    "unexpected_frame": "a frame came that the session's state does not accept: refused",
+    "unknown_prekey": "a session start named a prekey this node does not hold: refused",
+    "replayed_initial_message": "a session start was replayed: refused",
+    "bad_signature": "a signature did not verify: refused",
+    "suite_error": "a session start asked for a suite that is not accepted here (a downgrade?): refused",
+    "weak_key": "a session start used a weak key: refused",
+    "untrusted_issuer": "a certificate was not issued by the pinned CA: refused",
+    "certificate_expired": "a certificate was past its validity: refused",
+    "certificate_not_yet_valid": "a certificate was not valid yet: refused",
+    "certificate_constraint_error": "a certificate's key usage or constraints were wrong: refused",
+    "name_mismatch": "a certificate named another node than expected: refused",
+    "ocsp_error": "an OCSP answer did not verify or did not answer the question: refused",
+}
+
+
+def iso(seconds: float) -> str:
+    """Seconds since the epoch as ISO 8601 in UTC, to the millisecond: `2026-12-01T17:19:15.462Z`."""
+    return datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)
@@ -17,7 +58,7 @@ class Message:
 
     def to_json(self) -> dict[str, Any]:
         """The `receive --json` shape."""
-        return {"type": "message", "id": self.id, "from": self.sender, "text": self.text, "sent_at": self.sent_at}
+        return {"type": "message", "id": self.id, "from": self.sender, "text": self.text, "sent_at": iso(self.sent_at)}
 
     def __repr__(self) -> str:
         return f"Message(id={self.id[:8]}, from={self.sender!r}, {len(self.text)} chars)"
@@ -25,15 +66,27 @@ class Message:
 
 @dataclass(frozen=True, slots=True)
 class SecurityEvent:
-    """Something a check refused or noticed: a tampered, replayed, revoked or stale input, a new session."""
+    """Something a check refused or noticed: a tampered, replayed, revoked or stale input, a new session.
+
+    `event` is one of EVENTS; `reason` is a sentence for people; `error` the code of the check
+    that refused (`bad_signature`, see node.errors.code_of); `safety_number` is set on
+    `session_established` and `identity_changed`.
+    """
 
     event: str
     peer: str | None
     reason: str
+    error: str | None = None
+    safety_number: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        """The `receive --json` shape."""
-        return {"type": "event", "event": self.event, "peer": self.peer, "reason": self.reason}
+        """The `receive --json` shape (`error` and `safety_number` only when set)."""
+        record: dict[str, Any] = {"type": "event", "event": self.event, "peer": self.peer, "reason": self.reason}
+        if self.error is not None:
+            record["error"] = self.error
+        if self.safety_number is not None:
+            record["safety_number"] = self.safety_number
+        return record
 
 
 Delivered = Message | SecurityEvent

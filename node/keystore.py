@@ -147,7 +147,22 @@ ARGON2_TEST = Argon2Params(memory_cost=32, iterations=1, lanes=4)
 ARGON2_PROFILES = {"interactive": ARGON2_INTERACTIVE, "test": ARGON2_TEST}
 
 
+#: A stand-in for a passphrase that carries the keys `kmsnet unlock` derived from the real one, by
+#: keystore salt (kmsnet/unlock.py): it opens those keystores without Argon2, and creates none.
+UNLOCKED_PREFIX = "kmsnet-unlocked:v1:"
+
+
+def unlocked_passphrase(keys: dict[bytes, bytes]) -> str:
+    """The stand-in passphrase for these {salt: key-encryption key} pairs (see UNLOCKED_PREFIX)."""
+    return UNLOCKED_PREFIX + ",".join(f"{salt.hex()}.{kek.hex()}" for salt, kek in keys.items())
+
+
 def _passphrase_kek(passphrase: str, salt: bytes, params: Argon2Params) -> bytes:
+    if passphrase.startswith(UNLOCKED_PREFIX):
+        keys = dict(pair.split(".", 1) for pair in passphrase.removeprefix(UNLOCKED_PREFIX).split(",") if "." in pair)
+        if salt.hex() not in keys:
+            raise WrongPassphrase("the unlocked key is not this keystore's: give its passphrase")
+        return bytes.fromhex(keys[salt.hex()])
     # NFC so that the same passphrase typed on two keyboards derives the same key.
     secret = unicodedata.normalize("NFC", passphrase).encode("utf-8")
     kdf = Argon2id(
@@ -370,6 +385,18 @@ class Keystore:
             db.close()
             raise
         return cls(db, data_key, path)
+
+    @classmethod
+    def passphrase_key(cls, path: Path | str, passphrase: str) -> tuple[bytes, bytes]:
+        """(salt, key-encryption key) that `passphrase` derives for the keystore at `path`, checked to
+        unwrap its data key: what `kmsnet unlock` keeps for a while instead of the passphrase.
+        Raises what `open` raises (`WrongPassphrase`...)."""
+        with cls.open(path, passphrase=passphrase) as keystore:
+            header, _ = cls._read_meta(keystore._db, Path(path))
+        params = json.loads(header)["params"]
+        salt = bytes.fromhex(params["salt"])
+        cost = Argon2Params(params["memory_cost"], params["iterations"], params["lanes"])
+        return salt, _passphrase_kek(passphrase, salt, cost)
 
     @staticmethod
     def _read_meta(db: sqlite3.Connection, path: Path) -> tuple[bytes, bytes]:

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from node.errors import LinkError, RelayRefused, RelayUnreachable
+from node.errors import LinkError, RelayRefused, RelayUnreachable, network_words
 from protocol import wire
 from protocol.errors import DecodeError
 from protocol.identity import IdentityKey
@@ -153,11 +153,15 @@ class RelayLink:
             except Exception as exc:  # whatever broke this connection, the link must come back
                 if not isinstance(exc, _EXPECTED):
                     log.exception("relay_link_error", extra={"fields": {"url": self.url}})
-                self.last_error = _describe(exc)
-                log.info("relay_link_down", extra={"fields": {"url": self.url, "reason": self.last_error}})
+                reason = _describe(exc)
+                if reason != self.last_error:  # one line while it keeps failing alike, not one per retry
+                    log.info("relay_link_down", extra={"fields": {"url": self.url, "reason": reason}})
+                self.last_error = reason
                 failures += 1
                 if first_attempt is not None and not first_attempt.done() and failures >= len(self.urls):
-                    error = exc if isinstance(exc, LinkError) else RelayUnreachable(f"{self.url}: {self.last_error}")
+                    hint = f"is `kmsnet relay` running on {urlsplit(self.url).netloc}?"
+                    unreachable = f"cannot reach the relay at {self.url} ({reason}): {hint}"
+                    error = exc if isinstance(exc, LinkError) else RelayUnreachable(unreachable)
                     first_attempt.set_exception(error)
             finally:
                 self._ws = None
@@ -309,7 +313,13 @@ def _decode_one(raw: object) -> LinkFrame:
 
 
 def _describe(exc: BaseException) -> str:
+    """Why a connection failed, in words for people (never a class name or an errno)."""
     if isinstance(exc, ssl.SSLCertVerificationError):
         return f"TLS certificate refused: {exc.verify_message}"
-    text = str(exc) or type(exc).__name__
-    return text
+    if isinstance(exc, ssl.SSLError):
+        return "the TLS handshake failed (is it a wss:// relay, with a certificate from this CA?)"
+    if isinstance(exc, ConnectionClosed):
+        return "the relay closed the connection"
+    if isinstance(exc, InvalidHandshake):
+        return "it did not answer as a WebSocket relay does (is it a kmsnet relay, and ws:// or wss:// as it should?)"
+    return network_words(exc)

@@ -34,7 +34,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from node.enrol import load_identity, renew_certificate, renewal_time
-from node.errors import NodeError, PeerUnavailable, RelayUnreachable
+from node.errors import NodeError, PeerUnavailable, RelayUnreachable, code_of
 from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
 from node.keystore import Keystore
@@ -227,7 +227,7 @@ class Node:
         try:
             await asyncio.to_thread(renew_certificate, self.keystore, clock=self.clock, pin=self.options.pin)
         except NodeError as exc:
-            self._emit(SecurityEvent("renewal_failed", None, f"{type(exc).__name__}: {exc}"))
+            self._emit(SecurityEvent("renewal_failed", None, str(exc), code_of(exc)))
             return False
         self._load_identity()
         if self._link is not None:
@@ -572,13 +572,15 @@ class Node:
         assert self._link is not None
         reply = await self._link.fetch_bundle(peer)
         if reply.bundle is None:
-            raise PeerUnavailable(f"the relay has no prekey bundle for {peer!r}")
+            raise PeerUnavailable(
+                f"the relay knows no node named {peer!r}: check the name (it must have enrolled and been online once)"
+            )
         try:
             frame = wire.decode(reply.bundle)
             if not isinstance(frame, PrekeyBundle):
                 raise DecodeError("relay answered with something else than a bundle")
         except ProtocolError as exc:
-            self._emit(SecurityEvent("session_refused", peer, f"{type(exc).__name__}: {exc}"))
+            self._emit(SecurityEvent("session_refused", peer, str(exc), code_of(exc)))
             raise
         if self._ocsp is not None:
             await self._ocsp.ensure(frame.certificate, self.clock())
@@ -598,7 +600,7 @@ class Node:
                 suite=self.options.suite,
             )
         except ProtocolError as exc:
-            self._emit(SecurityEvent("session_refused", peer, f"{type(exc).__name__}: {exc}"))
+            self._emit(SecurityEvent("session_refused", peer, str(exc), code_of(exc)))
             raise
         puts: dict[Key, bytes] = {}
         previous = self.peer(peer)
@@ -616,8 +618,9 @@ class Node:
         new_identity = verified.public_key.public_bytes_raw()
         number = safety_number(self.identity.public_bytes, new_identity)
         if previous is not None and previous.identity != new_identity:
-            self._emit(SecurityEvent("identity_changed", peer, f"new identity key; new safety number {number}"))
-        self._emit(SecurityEvent("session_established", peer, f"{how}; safety number {number}"))
+            changed = f"new identity key; new safety number {number}"
+            self._emit(SecurityEvent("identity_changed", peer, changed, safety_number=number))
+        self._emit(SecurityEvent("session_established", peer, f"{how}; safety number {number}", safety_number=number))
 
     def _stage_session(self, peer: str, session: Session, puts: dict[Key, bytes]) -> None:
         """Add a session's state to a commit being prepared."""
@@ -768,7 +771,7 @@ class Node:
             else:
                 raise DecodeError(f"a {kind.name} frame is not a message")
         except ProtocolError as exc:
-            return self._emit(SecurityEvent(_event_name(exc), peer, f"{type(exc).__name__}: {exc}")), None
+            return self._emit(SecurityEvent(_event_name(exc), peer, str(exc), code_of(exc))), None
         message: Message | None = None
         if received.kind is Kind.DATA:
             try:
@@ -877,10 +880,10 @@ class Node:
             before = self.revocation.highest_number
             crl = self.revocation.accept(der, self.root, now)
         except RevocationError as exc:
-            self._emit(SecurityEvent(_event_name(exc), None, f"CRL refused: {type(exc).__name__}: {exc}"))
+            self._emit(SecurityEvent(_event_name(exc), None, f"CRL refused: {exc}", code_of(exc)))
             return
         except ProtocolError as exc:
-            self._emit(SecurityEvent("crl_refused", None, f"CRL refused: {type(exc).__name__}: {exc}"))
+            self._emit(SecurityEvent("crl_refused", None, f"CRL refused: {exc}", code_of(exc)))
             return
         if crl.number == before:
             return
@@ -1001,8 +1004,7 @@ def _event_name(exc: ProtocolError) -> str:
         return "replay_refused"
     if isinstance(exc, SessionClosed):
         return "frame_refused"
-    name = type(exc).__name__
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in name).lstrip("_")
+    return code_of(exc)
 
 
 def _last_seq(names: list[str]) -> int:

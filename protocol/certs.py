@@ -23,7 +23,7 @@ from typing import Protocol
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, rsa
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
@@ -36,6 +36,7 @@ from protocol.errors import (
     LocalError,
     NameMismatch,
     UntrustedIssuer,
+    library_detail,
 )
 
 __all__ = [
@@ -154,6 +155,18 @@ def certificate_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
+def key_kind(public_key: object) -> str:
+    """What kind of public key this is, in words for a message ("an RSA key"), never a class name."""
+    kinds = (
+        (Ed25519PublicKey, "an Ed25519 key"),
+        (ec.EllipticCurvePublicKey, "an EC key"),
+        (rsa.RSAPublicKey, "an RSA key"),
+        (ed448.Ed448PublicKey, "an Ed448 key"),
+        (dsa.DSAPublicKey, "a DSA key"),
+    )
+    return next((words for cls, words in kinds if isinstance(public_key, cls)), "another kind of key")
+
+
 def load_certificate(data: bytes) -> x509.Certificate:
     """Parse one certificate from PEM or DER; anything else raises `DecodeError`."""
     try:
@@ -161,7 +174,7 @@ def load_certificate(data: bytes) -> x509.Certificate:
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
     except _MALFORMED as exc:
-        raise DecodeError(f"not a certificate: {exc}") from exc
+        raise DecodeError(f"not an X.509 certificate in PEM or DER{library_detail(exc)}") from exc
 
 
 def _require_aware(when: datetime, what: str) -> None:
@@ -404,7 +417,7 @@ def _check_root(root: x509.Certificate) -> None:
         bc = root.extensions.get_extension_for_class(x509.BasicConstraints).value
         ku = root.extensions.get_extension_for_class(x509.KeyUsage).value
     except _MALFORMED_OR_MISSING as exc:
-        raise UntrustedIssuer(f"the pinned root is not a CA certificate: {exc}") from exc
+        raise UntrustedIssuer(f"the pinned root is not a CA certificate{library_detail(exc)}") from exc
     if not bc.ca or not ku.key_cert_sign:
         raise UntrustedIssuer("the pinned root is not a CA certificate (cA false or no keyCertSign)")
 
@@ -446,7 +459,7 @@ def verify(
             # Trailing bytes are refused by the parser, so `der` is exactly the certificate.
             cert = x509.load_der_x509_certificate(der)
         except _MALFORMED as exc:
-            raise DecodeError(f"certificate does not parse as DER: {exc}") from exc
+            raise DecodeError(f"certificate does not parse as DER{library_detail(exc)}") from exc
 
     check_root(root)
     if now > root.not_valid_after_utc + CLOCK_SKEW:
@@ -460,10 +473,10 @@ def verify(
         try:
             issuer = cert.issuer
         except _MALFORMED as bad:
-            raise DecodeError(f"certificate issuer does not parse: {bad}") from bad
+            raise DecodeError(f"certificate issuer does not parse{library_detail(bad)}") from bad
         if issuer != root.subject:
             raise UntrustedIssuer(f"issued by {issuer.rfc4514_string()!r}, not the pinned root") from exc
-        raise UntrustedIssuer(f"signature does not verify under the pinned root: {exc!r}") from exc
+        raise UntrustedIssuer(f"signature does not verify under the pinned root{library_detail(exc)}") from exc
 
     if known is not None:
         verified = known[1]
@@ -481,7 +494,7 @@ def verify(
     try:
         subject = cert.subject
     except _MALFORMED as exc:
-        raise NameMismatch(f"subject does not parse: {exc}") from exc
+        raise NameMismatch(f"subject does not parse{library_detail(exc)}") from exc
     name = _common_name(subject)
     if name is None or NODE_NAME_RE.fullmatch(name) is None:
         raise NameMismatch(f"subject {subject.rfc4514_string()!r} does not name a node")
@@ -528,7 +541,7 @@ def _check_constraints(cert: x509.Certificate) -> Ed25519PublicKey:
         extensions = cert.extensions
     except _MALFORMED as exc:
         # Signed by our CA yet malformed (e.g. a duplicated extension): refuse the role, not the bytes.
-        raise CertificateConstraintError(f"extensions do not parse: {exc}") from exc
+        raise CertificateConstraintError(f"extensions do not parse{library_detail(exc)}") from exc
     # One pass over a handful of extensions beats three get_extension_for_class scans.
     for ext in extensions:
         oid = ext.oid
@@ -549,7 +562,7 @@ def _check_constraints(cert: x509.Certificate) -> Ed25519PublicKey:
     try:
         public_key = cert.public_key()
     except (UnsupportedAlgorithm, ValueError) as exc:
-        raise CertificateConstraintError(f"unusable public key: {exc}") from exc
+        raise CertificateConstraintError(f"unusable public key{library_detail(exc)}") from exc
     if not isinstance(public_key, Ed25519PublicKey):
-        raise CertificateConstraintError(f"identity key must be Ed25519, got {type(public_key).__name__}")
+        raise CertificateConstraintError(f"identity key must be Ed25519, got {key_kind(public_key)}")
     return public_key

@@ -8,6 +8,19 @@ an attacker) and were refused; `LocalError` means the caller misused the API.
 
 from __future__ import annotations
 
+import re
+
+# A Rust struct dump (`ParseError { kind: ShortData }`), an object repr (`<ObjectIdentifier(...)>`) or
+# a class name: what a library's message may hold that is no sentence for people.
+_DEBUG_TEXT = re.compile(r"[{}<>]|\b[A-Z][a-z0-9]+[A-Z]\w*")
+
+
+def library_detail(exc: BaseException) -> str:
+    """`": " + str(exc)` when a library's message reads as words, else "" (the chained exception
+    keeps it for a debugger)."""
+    text = str(exc)
+    return "" if not text or _DEBUG_TEXT.search(text) else f": {text}"
+
 
 class ProtocolError(Exception):
     """Base of every error raised by `protocol`."""

@@ -45,6 +45,7 @@ from protocol.errors import (
     OcspError,
     StaleFeed,
     UntrustedIssuer,
+    library_detail,
 )
 
 __all__ = [
@@ -280,14 +281,14 @@ def verify_crl(der: bytes, root: x509.Certificate, now: datetime) -> VerifiedCrl
         # cryptography parses names lazily: garbage in the issuer only surfaces here.
         issuer = crl.issuer
     except _MALFORMED as exc:
-        raise CrlInvalid(f"CRL does not parse as DER: {exc}") from exc
+        raise CrlInvalid(f"CRL does not parse as DER{library_detail(exc)}") from exc
     if issuer != root.subject:
         raise CrlInvalid(f"CRL issued by {issuer.rfc4514_string()!r}, not the pinned root")
     try:
         # The ignore: root.public_key() may be a key type that cannot sign (X25519); that TypeError is caught.
         signed = crl.is_signature_valid(root.public_key())  # type: ignore[arg-type]
     except (TypeError, ValueError, UnsupportedAlgorithm) as exc:
-        raise CrlInvalid(f"CRL signature cannot be checked: {exc!r}") from exc
+        raise CrlInvalid(f"CRL signature cannot be checked with the pinned root's key{library_detail(exc)}") from exc
     if not signed:
         raise CrlInvalid("CRL signature does not verify under the pinned root")
     if not der.endswith(_signature_bit_string(crl.signature)):
@@ -303,7 +304,7 @@ def verify_crl(der: bytes, root: x509.Certificate, now: datetime) -> VerifiedCrl
             elif ext.critical and not isinstance(ext.value, x509.AuthorityKeyIdentifier):
                 raise CrlInvalid(f"CRL has an unsupported critical extension {ext.oid.dotted_string}")
     except _MALFORMED as exc:
-        raise CrlInvalid(f"CRL extensions do not parse: {exc}") from exc
+        raise CrlInvalid(f"CRL extensions do not parse{library_detail(exc)}") from exc
     if number is None:
         raise CrlInvalid("CRL has no CRLNumber, so rollbacks could not be detected")
     if number >= _MAX_NUMBER:  # pragma: no cover - issue_crl cannot make one; a hand-made CRL could
@@ -356,7 +357,7 @@ def _read_entries(crl: x509.CertificateRevocationList) -> dict[int, RevokedEntry
                     raise CrlInvalid(f"CRL entry {serial:x} has a critical extension {ext.oid.dotted_string}")
             entries[serial] = RevokedEntry(serial, revoked.revocation_date_utc, reason)
     except _MALFORMED as exc:
-        raise CrlInvalid(f"CRL entries do not parse: {exc}") from exc
+        raise CrlInvalid(f"CRL entries do not parse{library_detail(exc)}") from exc
     return entries
 
 
@@ -464,7 +465,7 @@ class RevocationState:
         try:
             obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True)
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
-            raise DecodeError(f"revocation state is not msgpack: {exc}") from exc
+            raise DecodeError(f"revocation state is not msgpack{library_detail(exc)}") from exc
         if not isinstance(obj, dict) or set(obj) != {"v", "highest", "crl"}:
             raise DecodeError("revocation state must be a map with exactly v, highest, crl")
         version, highest, der = obj["v"], obj["highest"], obj["crl"]
@@ -619,7 +620,7 @@ def verify_ocsp_response(
     try:
         response = ocsp.load_der_ocsp_response(der)
     except _MALFORMED as exc:
-        raise OcspError(f"OCSP response does not parse: {exc}") from exc
+        raise OcspError(f"OCSP response does not parse{library_detail(exc)}") from exc
     if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
         raise OcspError(f"OCSP responder said {response.response_status.name}")
     # The algorithm identifier sits outside the signed bytes: without this check it could be anything.
@@ -639,7 +640,7 @@ def verify_ocsp_response(
         got_nonce = _response_nonce(response.extensions)
         _refuse_critical(response.single_extensions)
     except _MALFORMED_OR_UNSUPPORTED as exc:
-        raise OcspError(f"OCSP response content does not parse: {exc}") from exc
+        raise OcspError(f"OCSP response content does not parse{library_detail(exc)}") from exc
 
     if cert.issuer != root.subject or single.serial_number != cert.serial_number:
         raise OcspError("OCSP response is about another certificate")

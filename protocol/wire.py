@@ -91,8 +91,10 @@ def _unpack(data: bytes, limit: int = MAX_FRAME) -> list[Any]:
     try:
         # msgpack bounds every length by the input's size, and the size is bounded above.
         obj = msgpack.unpackb(data)
+    except msgpack.ExtraData as exc:
+        raise DecodeError("not a msgpack frame: bytes after its end") from exc
     except Exception as exc:
-        raise DecodeError(f"not a msgpack frame: {type(exc).__name__}") from exc
+        raise DecodeError("not a msgpack frame") from exc
     if type(obj) is not list or len(obj) < 2:
         raise DecodeError("a frame is an array [version, type, ...]")
     if obj[0] != VERSION or type(obj[0]) is not int:
@@ -181,7 +183,7 @@ def _decode(obj: list[Any], classes: Mapping[int, Any]) -> Any:
         raise UnknownFrameType(f"unknown frame type {obj[1]!r}")
     fields = obj[2:]
     if len(fields) != len(cls.SCHEMA):
-        raise DecodeError(f"{cls.__name__} has {len(cls.SCHEMA)} fields, got {len(fields)}")
+        raise DecodeError(f"a {cls.TYPE.name} frame has {len(cls.SCHEMA)} fields, got {len(fields)}")
     for value, field in zip(fields, cls.SCHEMA, strict=True):
         _check(value, field)
     return cls(*fields)

@@ -384,7 +384,7 @@ class Relay:
             cert = certs.verify(frame.certificate, self.config.ca_root, now)
             verify_signature(cert.public_key, frame.signature, auth_signed_bytes(nonce, self.config.name))
         except ProtocolError as exc:
-            raise _AuthRefused(f"{type(exc).__name__}: {exc}") from exc
+            raise _AuthRefused(str(exc)) from exc
         self._refuse_if_revoked(cert.serial, now)
         return _Peer(cert.name, frame.certificate, ws, TokenBucket(self.config.rate, self.config.burst))
 
@@ -435,7 +435,7 @@ class Relay:
         elif isinstance(frame, PublishCrl):
             await self._on_crl(peer, frame)
         else:
-            raise _Fatal(ErrorCode.UNKNOWN_TYPE, f"{type(frame).__name__} is not a frame a node sends")
+            raise _Fatal(ErrorCode.UNKNOWN_TYPE, f"a {frame.TYPE.name} frame is not one a node sends")
 
     async def _on_send(self, peer: _Peer, send: Send) -> None:
         if not await self.store.known(send.to):
@@ -558,7 +558,7 @@ class Relay:
             before = self._feed.highest_number
             crl = self._feed.accept(publish.crl, self.config.ca_root, self.config.clock())
         except ProtocolError as exc:
-            self._queue(peer, Error(ErrorCode.MALFORMED, f"CRL refused: {type(exc).__name__}: {exc}"))
+            self._queue(peer, Error(ErrorCode.MALFORMED, f"CRL refused: {exc}"))
             return
         if crl.number == before:
             return

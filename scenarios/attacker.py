@@ -32,6 +32,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
 
+from node.errors import words_of
 from node.layout import NS_NODE, NS_SESSION
 from protocol import handshake, wire
 from protocol.errors import DecodeError, ProtocolError
@@ -100,7 +101,7 @@ def describe(payload: bytes) -> str:
         return f"INIT suite={suite}"
     if isinstance(frame, RatchetMessage):
         return f"MESSAGE dh={frame.dh.hex()[:8]} pn={frame.pn} n={frame.n} ({len(frame.ciphertext)} B)"
-    return type(frame).__name__
+    return str(frame.TYPE.name)
 
 
 # --- tactics ----------------------------------------------------------------------------------------------------
@@ -524,7 +525,7 @@ class Mitm(Tactic):
         except ProtocolError as exc:
             # Not on the attacker's session after all (the victim refused it): pass it on unread.
             relay.act(
-                f"could not open {envelope.sender}'s message ({type(exc).__name__}); passes it on", peer=envelope.to
+                f"could not open {envelope.sender}'s message ({words_of(exc)}); passes it on", peer=envelope.to
             )
             return payloads
         if got.kind is ContentKind.DATA:
@@ -549,7 +550,7 @@ class Mitm(Tactic):
                 suite=self.suite,
             )  # fmt: skip
         except ProtocolError as exc:
-            relay.act(f"could not start a session with {to}: {type(exc).__name__}", peer=to)
+            relay.act(f"could not start a session with {to}: {words_of(exc)}", peer=to)
             return [envelope.payload]
         self.legs[to] = started.session
         if self.keep_original:
@@ -571,7 +572,7 @@ class Mitm(Tactic):
                 root=self.root, revocation=AnyRevocation(), now=self.clock.now(), allowed_suites=(self.suite,),
             )  # fmt: skip
         except ProtocolError as exc:
-            relay.act(f"could not answer {sender}'s INIT: {type(exc).__name__}", peer=sender)
+            relay.act(f"could not answer {sender}'s INIT: {words_of(exc)}", peer=sender)
             return None
         self.legs[sender] = answered.session
         relay.act(f"answered {sender}'s INIT as {to}: it was made for the attacker's prekeys", peer=sender)
@@ -666,7 +667,7 @@ class StateReader:
             try:
                 got = self.session.decrypt_message(message)
             except ProtocolError as exc:
-                return None, f"{type(exc).__name__}: {exc}"
+                return None, str(exc)
             return got.data, "decrypted with the copy's receiving chain"
         state = RatchetState.of(self.session)
         if self._live is not None and self._live.dhs == state.dhs:
@@ -683,7 +684,7 @@ class StateReader:
         try:
             plaintext = AESGCM(key).decrypt(message_nonce(message.n), message.ciphertext, aad)
         except InvalidTag:
-            return None, "AuthenticationFailed: the derived key does not open it"
+            return None, "authentication failed: the derived key does not open it"
         return plaintext[1:], "decrypted with the copy's sending chain"
 
 

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from node.errors import words_of
 from scenarios.lab import LabClock
 from scenarios.registry import Context, Scenario
 from scenarios.timeline import LAB, Check, Event, Kind, ReadRow, Sink, Timeline
@@ -69,7 +70,7 @@ async def run(scenario: Scenario, *, sinks: tuple[Sink, ...] = (), deadline: flo
         except TimeoutError:
             error = f"did not finish within {deadline:g} s"
         except Exception as exc:  # noqa: BLE001 - a scenario that breaks fails its verdict; the run goes on
-            error = f"{type(exc).__name__}: {exc}"
+            error = f"an unexpected error ({words_of(exc)}): {exc}"
     passed = error is None and bool(timeline.checks) and all(c.ok for c in timeline.checks)
     headline = ctx.headline or scenario.expected
     if error is not None:

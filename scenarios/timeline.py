@@ -184,7 +184,7 @@ class Timeline:
         self.add(
             Kind.CHECK,
             LAB,
-            f"{mark}: {name}: expected {_short(expected)}, got {_short(actual)}",
+            f"{mark}: {name}: expected {in_words(expected)}, got {in_words(actual)}",
             ok=result.ok,
             expected=_plain(expected),
             actual=_plain(actual),
@@ -196,12 +196,25 @@ class Timeline:
         self.figures[name] = value
 
 
-def _short(value: Any) -> str:
-    """A check's operand in one short line (long lists elided in the middle)."""
-    if isinstance(value, list | tuple) and len(value) > 6:
-        head = ", ".join(repr(v) for v in value[:2])
-        return f"[{head}, …, {value[-1]!r}] ({len(value)} items)"
-    return repr(value) if isinstance(value, str) else str(value)
+def count(n: int, noun: str) -> str:
+    """A number with its noun, singular or plural: `1 message`, `3 messages`."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
+def in_words(value: Any) -> str:
+    """A check's operand or a figure in one short line for people: yes/no, none, lists without
+    brackets (long ones elided in the middle), never a Python repr."""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if value is None:
+        return "none"
+    if isinstance(value, list | tuple):
+        if not value:
+            return "none"
+        if len(value) > 8:
+            return f"{', '.join(in_words(v) for v in value[:3])}, … {in_words(value[-1])} ({len(value)} items)"
+        return ", ".join(in_words(v) for v in value)
+    return str(value)
 
 
 def _plain(value: Any) -> Any:

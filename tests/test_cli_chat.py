@@ -105,7 +105,7 @@ def test_ca_relay_and_two_nodes_chat_from_the_command_line(tmp_path: Path) -> No
             assert bob_status["sessions"][0]["safety_number"] == status["sessions"][0]["safety_number"]
 
             # The first mistakes a user makes: one line each, the documented exit code.
-            fails(kmsnet("send", "--home", str(alice), "--to", "carol", "hi"), 1, "no prekey bundle for 'carol'")
+            fails(kmsnet("send", "--home", str(alice), "--to", "carol", "hi"), 1, "knows no node named 'carol'")
             before = (alice / "keystore.db").read_bytes()
             fails(kmsnet("status", "--home", str(alice), passphrase="wrong"), 1, "wrong passphrase")
             assert (alice / "keystore.db").read_bytes() == before

@@ -38,8 +38,8 @@ async def crash(args: dict[str, Any], reply: Reply) -> None:
     raise RuntimeError("internal detail that must not reach the user")
 
 
-def classify(error: BaseException) -> tuple[int, str] | None:
-    return (3, str(error)) if isinstance(error, StorageError) else None
+def classify(error: BaseException) -> tuple[int, str, str | None] | None:
+    return (3, str(error), "storage") if isinstance(error, StorageError) else None
 
 
 def server(home: Path, **handlers: Any) -> ControlServer:
@@ -53,7 +53,7 @@ async def test_a_request_runs_and_its_results_come_back_in_order(tmp_path: Path)
         assert await seen.ask(tmp_path, "echo", {"x": 1}) == Outcome(0, None)
         assert seen.emitted == [({"type": "echo", "x": 1}, "echo {'x': 1}")]
         assert seen.warned == ["careful"]
-        assert await seen.ask(tmp_path, "refuse", {}) == Outcome(3, "the disk is full")
+        assert await seen.ask(tmp_path, "refuse", {}) == Outcome(3, "the disk is full", code="storage")
         # Not one of ours: general words for the user, never the exception's text.
         assert await seen.ask(tmp_path, "crash", {}) == Outcome(
             1, "the running kmsnet process could not handle this request"
@@ -97,7 +97,7 @@ async def test_malformed_requests_are_answered_or_dropped_never_run(tmp_path: Pa
         writer.close()
         assert b'"started"' not in rest
         # The server is still there for the next client.
-        assert await Seen().ask(tmp_path, "refuse", {}) == Outcome(3, "the disk is full")
+        assert await Seen().ask(tmp_path, "refuse", {}) == Outcome(3, "the disk is full", code="storage")
     assert ran == []
 
 

@@ -9,7 +9,12 @@ import re
 import stat
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
+
+from kmsnet.demo import DemoOptions, Transcript
 
 ROOT = Path(__file__).resolve().parent.parent
 #: One transcript line: "  12.34s  alice  ◆ session_established bob: ...".
@@ -47,6 +52,8 @@ def test_the_demo_shows_enrolment_chat_catch_up_revocation_and_a_clean_shutdown(
     assert result.stderr == ""
     by = lanes(result.stdout)
     alice, bob, carol = by["alice"], by["bob"], by["carol"]
+    times = [float(m[1]) for m in re.finditer(r"^\s*(\d+\.\d\d)s  ", result.stdout, re.MULTILINE)]
+    assert len(times) > 30 and times == sorted(times), "the transcript's times go backwards"
     assert "fast key derivation" in result.stdout
     assert [s for s in ("[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]") if s in result.stdout] == [
         "[1/6]", "[2/6]", "[3/6]", "[4/6]", "[5/6]", "[6/6]",
@@ -120,3 +127,12 @@ def test_bad_options_are_one_line_errors(tmp_path: Path) -> None:
     assert result.stderr.startswith("error: demo: workspace: ") and "not empty" in result.stderr
     result = demo("--nodes", "21")
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+def test_a_line_read_before_the_last_one_shown_never_shows_an_earlier_time(capsys: pytest.CaptureFixture[str]) -> None:
+    out = Transcript(DemoOptions(nodes=3, keep=None, as_json=True, color=False), ["alice", "bob"])
+    now = time.monotonic()
+    out.line("alice", "send", "later", at=now + 2)
+    out.line("bob", "message", "read earlier, drained after", at=now + 1)
+    first, second = (json.loads(line)["t"] for line in capsys.readouterr().out.splitlines())
+    assert second == first >= 2

@@ -325,8 +325,10 @@ async def test_other_commands_fail_at_once_naming_the_holder_and_status_asks_it(
         wrong = await send(w.alice, "bob", "hi", passphrase="wrong")
         assert wrong.code == 1 and "wrong passphrase" in wrong.err and "Traceback" not in wrong.err
         # Failures come back with the code they would have had here.
-        unknown = await send(w.alice, "zed", "hi")
-        assert unknown.code == 1 and unknown.err.startswith("error: ") and "zed" in unknown.err, unknown
+        unknown = await send(w.alice, "zed", "hi")  # with --json: the error as JSON, its code kept
+        error = json.loads(unknown.err)
+        assert unknown.code == 1 and (error["type"], error["code"], error["exit"]) == ("error", "peer_unavailable", 1)
+        assert "zed" in error["message"]
         assert await follower.stop() == 0
     assert follower.texts("bob") == []
 

@@ -147,7 +147,7 @@ def test_usage_errors_exit_2(home: Path) -> None:
     fails(run(home, "encrypt"), 2, "Missing argument")
     fails(run(home, "create", "k", "--type", "des"), 2, "Invalid value")
     fails(run(home, "create", "k", "--rotation-period", "soon"), 2, "not a duration")
-    fails(run(None, "list"), 2, "--home")
+    fails(run(None, "list", "--profile", "no/such"), 2, "--profile")
     fails(run(home, "list", "--passphrase", PASS), 2, "No such option")  # never on argv
     fails(run(home, "list", passphrase=None), 2, "no passphrase")
 

@@ -83,4 +83,4 @@ async def test_an_unreachable_responder_fails_closed(tmp_path: Path) -> None:
             with pytest.raises(NoRevocationData):
                 await alice.send("bob", "nobody vouches for bob")
             event = await next_event(alice, "session_refused")
-            assert "NoRevocationData" in event.reason
+            assert event.error == "no_revocation_data"

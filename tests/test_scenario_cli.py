@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
+import click
 import pytest
+from click.testing import CliRunner
 from softhsm import require_softhsm
 from test_scenarios import without_transcript_signature_check
 
-from kmsnet.cli import main
+from kmsnet.cli import cli, main
 from kmsnet.exits import SCENARIO_FAILED, USAGE
 from protocol import handshake
 from scenarios import registry
@@ -63,11 +66,27 @@ def test_breaking_the_transcript_signature_check_makes_mitm_signed_exit_5(
     assert "outcome not as asserted: mitm-signed" in captured.err
 
 
-def test_report_is_written(tmp_path: Path) -> None:
+def test_report_is_written_and_its_path_printed(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     report = tmp_path / "report.html"
     assert main(["scenario", "run", "reorder-drop", "--report", str(report)]) == 0
     page = report.read_text()
     assert "<svg" in page and "reorder-drop" in page and "PASS" in page
+    assert capsys.readouterr().out.rstrip().endswith(f"report: {report.resolve()}")
+    assert main(["scenario", "run", "reorder-drop", "--report", str(report), "--json"]) == 0
+    last = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert last == {"type": "report", "path": str(report.resolve())}
+
+
+@pytest.mark.parametrize("no_color", ["", "1"])
+def test_checks_show_expected_and_actual_in_colour_unless_no_color(
+    no_color: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NO_COLOR", no_color)
+    result = CliRunner().invoke(cli, ["scenario", "run", "tamper"], color=True)  # as on a terminal
+    assert result.exit_code == 0
+    assert "tampered messages refused: expected 5, got 5" in click.unstyle(result.output)
+    assert "the session survives (Bob's reply arrives): expected yes, got yes" in click.unstyle(result.output)
+    assert ("\x1b[32m" in result.output) == (not no_color)
 
 
 def test_run_all_passes_as_in_ci(tmp_path: Path) -> None:
@@ -78,3 +97,8 @@ def test_run_all_passes_as_in_ci(tmp_path: Path) -> None:
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
     assert "16 of 16 scenarios passed" in done.stdout
+    # Every story, check and timeline line reads as words: no Python booleans, no class names.
+    page = re.sub(r"<[^>]+>", " ", (tmp_path / "all.html").read_text())
+    for text in (done.stdout, page):
+        assert not re.findall(r"\b(?:True|False|None)\b", text)
+        assert not re.findall(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)+\b", text)

@@ -65,7 +65,7 @@ async def test_a_scenario_that_breaks_fails_its_verdict_with_the_reason() -> Non
 
     result = await runner.run(Scenario("broken", "a bug", "nothing", "It breaks.", broken))
     assert not result.passed
-    assert result.error == "RuntimeError: the lab caught fire"
+    assert result.error == "an unexpected error (runtime error): the lab caught fire"
     assert "broke off" in result.headline
 
 

@@ -447,7 +447,7 @@ def _csr_subject(csr_pem: str | bytes) -> tuple[str, Ed25519PublicKey]:
     if not valid:
         raise CsrSignatureInvalid("the CSR's signature does not verify under the key it names")
     if not isinstance(public_key, Ed25519PublicKey):
-        raise EnrolmentError(f"node identity keys are Ed25519, the CSR holds {type(public_key).__name__}")
+        raise EnrolmentError(f"node identity keys are Ed25519, the CSR holds {certs.key_kind(public_key)}")
     attributes = list(subject)
     if len(attributes) != 1 or attributes[0].oid != NameOID.COMMON_NAME:
         raise EnrolmentError("the CSR subject must be exactly one common name (CN=<node name>)")

@@ -7,6 +7,7 @@ from protocol.messages import Suite
 from scenarios.attacker import Credentials, MaliciousRelay, Mitm
 from scenarios.lab import Lab, LabNode
 from scenarios.registry import Context
+from scenarios.timeline import count
 
 
 async def attempt_middle(
@@ -46,17 +47,18 @@ async def attempt_middle(
 
 def check_middle_failed(ctx: Context, lab: Lab, evil: MaliciousRelay, alice: LabNode, bob: LabNode, why: str) -> None:
     """The outcome both scenarios assert: refused at session start, nothing leaked or forged."""
-    refused_by_alice = [e for e in alice.refusals("session_refused") if why in e.reason]
-    refused_by_bob = [e for e in bob.events if why in e.reason]
+    refused_by_alice = [e for e in alice.refusals("session_refused") if e.error == why]
+    refused_by_bob = [e for e in bob.events if e.error == why]
     forged = lab.forged(alice) + lab.forged(bob)
     sent = len([s for s in lab.sent if s.ok])
-    ctx.check(f"Alice refused the substituted bundle at session start ({why})", 1, len(refused_by_alice))
-    ctx.check(f"Bob refused the forged INIT at session start ({why})", 1, len(refused_by_bob))
+    because = why.replace("_", " ")
+    ctx.check(f"Alice refused the substituted bundle at session start ({because})", 1, len(refused_by_alice))
+    ctx.check(f"Bob refused the forged INIT at session start ({because})", 1, len(refused_by_bob))
     ctx.check("plaintexts the attacker read", 0, len(evil.leaks))
     ctx.check("messages accepted that the claimed sender never wrote", 0, len(forged))
     ctx.check("Alice and Bob talk once the relay is honest", True, "yes, that was me" in bob.texts("alice"))
     refused = min(1, len(refused_by_alice)) + min(1, len(refused_by_bob))
     ctx.conclude(
-        f"{refused} of 2 session starts refused ({why}); the attacker read {len(evil.leaks)} of {sent} messages "
-        f"and got {len(forged)} forged message(s) accepted"
+        f"{refused} of 2 session starts refused ({because}); the attacker read {len(evil.leaks)} of "
+        f"{count(sent, 'message')} and got {count(len(forged), 'forged message')} accepted"
     )

@@ -59,11 +59,11 @@ async def downgrade(ctx: Context) -> None:
         await lab.chat(bob, alice, "hi alice")
         await lab.settle()
 
-        alice_refused = [e for e in alice.refusals("session_refused") if "BadSignature" in e.reason]
-        bob_refused = [e for e in bob.refusals() if "SuiteError" in e.reason and "downgrade" in e.reason]
+        alice_refused = [e for e in alice.refusals("session_refused") if e.error == "bad_signature"]
+        bob_refused = [e for e in bob.refusals() if e.error == "suite_error" and "downgrade" in e.reason]
         suites = [e.reason.split("(")[1].split(")")[0] for n in (alice, bob) for e in n.notices("session_established")]
-        ctx.check("stripped bundle refused by Alice (BadSignature)", 1, len(alice_refused))
-        ctx.check("classic INIT refused by Bob as a downgrade (SuiteError)", 1, len(bob_refused))
+        ctx.check("stripped bundle refused by Alice (bad signature)", 1, len(alice_refused))
+        ctx.check("classic INIT refused by Bob as a downgrade (suite error)", 1, len(bob_refused))
         ctx.check("sessions established below the hybrid suite", 0, len([s for s in suites if s != "HYBRID"]))
         ctx.check("the hybrid session works (Bob's answer arrives)", True, "hi alice" in alice.texts("bob"))
         ctx.figure("suites of established sessions", suites)

@@ -66,7 +66,7 @@ async def identity_compromise(ctx: Context) -> None:
                   len(alice.notices("peer_revoked")) + len(carol.notices("peer_revoked")))  # fmt: skip
         ctx.check("thief's messages accepted after revocation", 0, len([t for t in accepted if t in after]))
         ctx.check("new sessions with bob refused (Alice starting one, Dave offered one)", 2,
-                  len([e for n in (alice, dave) for e in n.events if "CertificateRevoked" in e.reason]))  # fmt: skip
+                  len([e for n in (alice, dave) for e in n.events if e.error == "certificate_revoked"]))  # fmt: skip
         ctx.check("messages the thief read after revocation", 0, len(thief.texts()) - len(read_before))
         ctx.conclude(
             f"before revocation {len(before)} of {len(before)} impersonations accepted and 1 answer read; "

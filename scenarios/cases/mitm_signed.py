@@ -28,4 +28,4 @@ async def mitm_signed(ctx: Context) -> None:
             "bob": Credentials.claimed(bob.enrolled.certificate),
         }
         await attempt_middle(ctx, lab, evil, alice, bob, pose_as)
-        check_middle_failed(ctx, lab, evil, alice, bob, "BadSignature")
+        check_middle_failed(ctx, lab, evil, alice, bob, "bad_signature")

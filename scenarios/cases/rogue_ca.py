@@ -27,4 +27,4 @@ async def rogue_ca(ctx: Context) -> None:
         ctx.story("the attacker's own CA, named like the real one, issues it certificates for alice and bob")
         pose_as = {"alice": Credentials.rogue(rogue.enroll("alice")), "bob": Credentials.rogue(rogue.enroll("bob"))}
         await attempt_middle(ctx, lab, evil, alice, bob, pose_as)
-        check_middle_failed(ctx, lab, evil, alice, bob, "UntrustedIssuer")
+        check_middle_failed(ctx, lab, evil, alice, bob, "untrusted_issuer")
