@@ -12,7 +12,8 @@ queued or the node stops (see `_queue_outbox`).
 Keystore layout (namespace / name → sealed value):
     node/identity, node/certificate, node/root, node/relay, node/prekeys, node/revocation,
     node/next_prekey_rotation, node/onetime_certificate (the certificate the relay's one-time prekeys
-    are signed over), bundle/<spk id>, session/<peer>, peer/<peer>,
+    are signed over), bundle/<spk id>, session/<peer> (the current session), archive/<peer> (the
+    sessions it replaced, protocol/peer.py), peer/<peer>,
     outbox/<seq 20 digits>, inbox/<seq 20 digits>, seen/<peer>:<msg id hex>
 """
 
@@ -38,7 +39,7 @@ from node.errors import NodeError, PeerUnavailable, RelayUnreachable, code_of
 from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
 from node.keystore import Keystore
-from node.layout import NS_BUNDLE, NS_INBOX, NS_NODE, NS_OUTBOX, NS_PEER, NS_SEEN, NS_SESSION
+from node.layout import NS_ARCHIVE, NS_BUNDLE, NS_INBOX, NS_NODE, NS_OUTBOX, NS_PEER, NS_SEEN, NS_SESSION
 from node.link import RelayLink, split_urls
 from node.ocsp import OcspChecker
 from node.pkcs11 import Pin, TokenIdentityKey
@@ -50,13 +51,13 @@ from protocol.errors import (
     ProtocolError,
     RevocationError,
     SessionClosed,
-    UnexpectedFrame,
     UnknownPrekey,
 )
 from protocol.handshake import PrekeySecrets
 from protocol.identity import KemKeyPair, X25519KeyPair
 from protocol.link import Accepted, Ack, CrlFeed, Deliver, Error, ErrorCode, LinkFrame, PublishBundle, Send, Welcome
 from protocol.messages import FrameType, InitMessage, PrekeyBundle, Suite
+from protocol.peer import Conversation
 from protocol.revocation import RevocationState
 from protocol.safety import safety_number
 from protocol.session import Kind, Session
@@ -71,8 +72,6 @@ ONETIME_LOW = 25
 RESERVE_AHEAD = 64
 #: Seconds between checks for a due signed-prekey rotation while connected.
 MAINTENANCE_INTERVAL = 60.0
-#: Seconds after starting a session during which a peer's crossing INIT loses the tie-break.
-SIMULTANEITY_WINDOW = 30.0
 #: Received message ids remembered per peer to tell a redelivery from a replay.
 MAX_SEEN_PER_PEER = 5000
 
@@ -172,7 +171,9 @@ class Node:
         #: Called with what each `take_inbox` took: other readers of this node (the control socket's
         #: `receive` requests) see what the application took.
         self.inbox_listeners: list[Callable[[list[dict[str, Any]]], None]] = []
-        self._sessions: dict[str, Session] = {}
+        self._conversations: dict[str, Conversation] = {}
+        # Peers a fresh handshake is being started with by itself (protocol/peer.py, reset_due).
+        self._resetting: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
         # Sends waiting for ACCEPTED: msg_id → (deadline on the loop's clock, future), oldest first.
         self._accepted: dict[bytes, tuple[float, asyncio.Future[None]]] = {}
@@ -186,7 +187,6 @@ class Node:
         self._heartbeats: set[str] = set()
         self._seen: dict[str, dict[bytes, None]] = {}
         self._peers: dict[str, PeerRecord | None] = {}
-        self._initiated_at: dict[str, datetime] = {}
         self._reservations: dict[str, asyncio.Future[None]] = {}
         self._inbox_seq = _last_seq(keystore.names(NS_INBOX))
         outbox = keystore.names(NS_OUTBOX)
@@ -348,9 +348,10 @@ class Node:
     async def _recheck_by_ocsp(self) -> None:
         """In OCSP mode the feed may never tell: ask again about every peer with an open session."""
         assert self._ocsp is not None
-        for name, session in list(self._sessions.items()):
+        for name, conversation in list(self._conversations.items()):
             record = self.peer(name)
-            if session.closed or record is None:
+            session = conversation.current
+            if session is None or session.closed or record is None:
                 continue
             try:
                 answer = await self._ocsp.refresh(record.certificate, self.clock())
@@ -358,7 +359,7 @@ class Node:
                 log.info("ocsp_recheck_failed", extra={"fields": {"peer": name, "reason": str(exc)}})
                 continue
             if answer.status == "revoked":
-                self._close_revoked(name, session, record, answer.reason or "revoked")
+                self._close_revoked(name, record, answer.reason or "revoked")
 
     def _rotation_due(self, now: datetime) -> bool:
         due = self.keystore.get(NS_NODE, "next_prekey_rotation")
@@ -441,14 +442,19 @@ class Node:
             lock = self._locks[peer] = asyncio.Lock()
         return lock
 
+    def _conversation(self, peer: str) -> Conversation:
+        conversation = self._conversations.get(peer)
+        if conversation is None:
+            current = self.keystore.get(NS_SESSION, peer)
+            archive = self.keystore.get(NS_ARCHIVE, peer)
+            conversation = self._conversations[peer] = Conversation(
+                Session.from_bytes(current) if current is not None else None,
+                Conversation.archive_from_bytes(archive) if archive is not None else [],
+            )
+        return conversation
+
     def _session(self, peer: str) -> Session | None:
-        session = self._sessions.get(peer)
-        if session is None:
-            packed = self.keystore.get(NS_SESSION, peer)
-            if packed is not None:
-                session = Session.from_bytes(packed)
-                self._sessions[peer] = session
-        return session
+        return self._conversation(peer).current
 
     def peer(self, name: str) -> PeerRecord | None:
         """What we know of `name`, if we ever had a session."""
@@ -536,7 +542,7 @@ class Node:
         it is still running, which is why the pending commit is remembered per peer.
         """
         if session.reserve(RESERVE_AHEAD):
-            durable = self._save_session(peer, session)
+            durable = self._save_session(peer)
             self._reservations[peer] = durable
             return durable
         pending = self._reservations.get(peer)
@@ -586,7 +592,9 @@ class Node:
             await self._ocsp.ensure(frame.certificate, self.clock())
         return frame
 
-    def _initiate(self, peer: str, frame: PrekeyBundle, body: bytes) -> tuple[bytes, asyncio.Future[None]]:
+    def _initiate(
+        self, peer: str, frame: PrekeyBundle, body: bytes, kind: Kind = Kind.DATA
+    ) -> tuple[bytes, asyncio.Future[None]]:
         try:
             started = handshake.initiate(
                 identity=self.identity,
@@ -597,6 +605,7 @@ class Node:
                 now=self.clock(),
                 expected_name=peer,
                 first_message=body,
+                first_kind=kind,
                 suite=self.options.suite,
             )
         except ProtocolError as exc:
@@ -605,9 +614,9 @@ class Node:
         puts: dict[Key, bytes] = {}
         previous = self.peer(peer)
         self._note_peer(started.peer, "initiated", puts)
-        self._initiated_at[peer] = self.clock()
-        self._stage_session(peer, started.session, puts)
-        durable = self._unless_durable(peer, started.session, self._journal.commit(puts))
+        self._conversation(peer).adopt(started.session)
+        self._stage_conversation(peer, puts)
+        durable = self._unless_durable(peer, self._journal.commit(puts))
         self._established(peer, previous, started.peer, f"initiated ({Suite(started.session.suite).name})")
         return started.frame, durable
 
@@ -622,25 +631,28 @@ class Node:
             self._emit(SecurityEvent("identity_changed", peer, changed, safety_number=number))
         self._emit(SecurityEvent("session_established", peer, f"{how}; safety number {number}", safety_number=number))
 
-    def _stage_session(self, peer: str, session: Session, puts: dict[Key, bytes]) -> None:
-        """Add a session's state to a commit being prepared."""
-        puts[(NS_SESSION, peer)] = session.to_bytes()
-        self._sessions[peer] = session
+    def _stage_conversation(self, peer: str, puts: dict[Key, bytes]) -> None:
+        """Add the state of every session held with `peer` to a commit being prepared."""
+        conversation = self._conversation(peer)
+        if conversation.current is not None:
+            puts[(NS_SESSION, peer)] = conversation.current.to_bytes()
+        puts[(NS_ARCHIVE, peer)] = conversation.archive_bytes()
 
-    def _save_session(self, peer: str, session: Session) -> asyncio.Future[None]:
-        """Commit a session's state, fsynced."""
+    def _save_session(self, peer: str) -> asyncio.Future[None]:
+        """Commit the sessions held with `peer`, fsynced."""
         puts: dict[Key, bytes] = {}
-        self._stage_session(peer, session, puts)
-        return self._unless_durable(peer, session, self._journal.commit(puts))
+        self._stage_conversation(peer, puts)
+        return self._unless_durable(peer, self._journal.commit(puts))
 
-    def _unless_durable(self, peer: str, session: Session, durable: asyncio.Future[None]) -> asyncio.Future[None]:
-        """Forget `session` in memory if the commit of its state fails: the next use reloads the last
-        durable state. Encrypting on from a state that never reached the disk would, after a restart,
-        send other plaintexts under message numbers that already left: the same (key, nonce)."""
+    def _unless_durable(self, peer: str, durable: asyncio.Future[None]) -> asyncio.Future[None]:
+        """Forget the sessions held with `peer` in memory if the commit of their state fails: the next
+        use reloads the last durable state. Encrypting on from a state that never reached the disk would,
+        after a restart, send other plaintexts under message numbers that already left: the same (key, nonce)."""
+        conversation = self._conversations.get(peer)
 
         def check(fut: asyncio.Future[None]) -> None:
-            if not _succeeded(fut) and self._sessions.get(peer) is session:
-                del self._sessions[peer]
+            if not _succeeded(fut) and self._conversations.get(peer) is conversation:
+                del self._conversations[peer]
                 log.error("session_not_saved", extra={"fields": {"node": self.name, "peer": peer}})
 
         durable.add_done_callback(check)
@@ -731,7 +743,7 @@ class Node:
         # Processed and on disk (or refused for good): the relay may forget it.
         with contextlib.suppress(RelayUnreachable):
             self._link_send_nowait(Ack(deliver.msg_id))
-        session = self._sessions.get(deliver.sender)
+        session = self._session(deliver.sender)
         if session is not None and session.heartbeat_due and deliver.sender not in self._heartbeats:
             self._heartbeats.add(deliver.sender)
             task = asyncio.create_task(self._heartbeat(deliver.sender, session))
@@ -758,19 +770,17 @@ class Node:
             if kind is FrameType.INIT:
                 received = self._respond(peer, deliver.payload, puts)
             elif kind is FrameType.MESSAGE:
-                session = self._session(peer)
-                if session is None:
-                    raise SessionClosed("no session with this peer")
-                if session.closed:
-                    raise SessionClosed(session.closed)
-                received = session.decrypt(deliver.payload)
+                conversation = self._conversation(peer)
+                received, session = conversation.decrypt(wire.decode_message(deliver.payload))
                 record = self.peer(peer)
-                if record is not None and record.state == "initiated":
+                if record is not None and record.state == "initiated" and session is conversation.current:
                     # The first reply: both sides hold the session now.
                     self._stage_peer(replace(record, state="established"), puts)
             else:
                 raise DecodeError(f"a {kind.name} frame is not a message")
         except ProtocolError as exc:
+            if self._conversation(peer).reset_due:
+                self._start_reset(peer)
             return self._emit(SecurityEvent(_event_name(exc), peer, str(exc), code_of(exc))), None
         message: Message | None = None
         if received.kind is Kind.DATA:
@@ -779,7 +789,7 @@ class Node:
                 message = Message(bytes(msg_id).hex(), peer, str(text), float(sent_at))
             except (ValueError, TypeError, msgpack.UnpackException):
                 self._emit(SecurityEvent("malformed_message", peer, "authentic but unreadable message body"))
-        self._stage_session(peer, self._sessions[peer], puts)
+        self._stage_conversation(peer, puts)
         puts[(NS_SEEN, f"{peer}:{deliver.msg_id.hex()}")] = b""
         seen[deliver.msg_id] = None
         if message is not None:
@@ -790,24 +800,17 @@ class Node:
         # and a power loss that forgot that would accept the same INIT again once the relay re-sends it.
         sync = kind is FrameType.INIT
         committed = self._journal.commit(puts, self._prune_seen(peer), sync=sync)
-        return self._unless_durable(peer, self._sessions[peer], committed), message
+        return self._unless_durable(peer, committed), message
 
     def _respond(self, peer: str, payload: bytes, puts: dict[Key, bytes]) -> Any:
         init = handshake.decode_init(payload)
         bundle = self._bundle_for(init)
         previous = self.peer(peer)
-        started = self._initiated_at.get(peer)
-        if (
-            previous is not None
-            and previous.state == "initiated"
-            and started is not None
-            and (self.clock() - started).total_seconds() < SIMULTANEITY_WINDOW
-            and handshake.initiation_wins(self.fingerprint, hashlib.sha256(init.certificate).digest())
-        ):
-            # Both sides started a session at once: the INIT from the lower fingerprint (ours) wins on
-            # both sides; theirs is refused here, before it consumes anything. Only for a while: an
-            # INIT of ours that never arrived (dropped by the relay) must not block the peer forever.
-            raise UnexpectedFrame("simultaneous initiation: ours wins, this INIT is refused")
+        conversation = self._conversation(peer)
+        # A held or delayed INIT is refused before it consumes a prekey; a crossing one is accepted
+        # (protocol/peer.py decides which session stays current, the same way on both sides).
+        confirmed = previous is not None and previous.state == "established"
+        conversation.check_init(init.created, hashlib.sha256(init.certificate).digest(), confirmed=confirmed)
         result = handshake.respond(
             init,
             identity=self.identity,
@@ -820,10 +823,13 @@ class Node:
             allowed_suites=self.options.accept_suites,
             expected_name=peer,
         )
-        self._sessions[peer] = result.session
-        self._note_peer(result.peer, "established", puts)
         # The consumed one-time prekey goes to disk with the session it made, in one commit.
         puts[(NS_NODE, "prekeys")] = self.prekeys.to_bytes()
+        if not conversation.adopt(result.session):
+            # A crossing INIT that our own outranks: its message is delivered, our session stays.
+            log.info("crossing_init_archived", extra={"fields": {"node": self.name, "peer": peer}})
+            return result.first
+        self._note_peer(result.peer, "established", puts)
         self._established(peer, previous, result.peer, f"accepted ({Suite(result.session.suite).name})")
         return result.first
 
@@ -872,6 +878,36 @@ class Node:
         with contextlib.suppress(RelayUnreachable):
             await self._link_send(Send(msg_id, peer, payload))
 
+    def _start_reset(self, peer: str) -> None:
+        """The peer keeps sending on a session we do not hold: start a fresh one by ourselves."""
+        if peer in self._resetting or self._link is None:
+            return
+        self._resetting.add(peer)
+        task = asyncio.create_task(self._reset(peer), name=f"node-reset-{peer}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _reset(self, peer: str) -> None:
+        """A new handshake whose message 0 is a HEARTBEAT (nothing for the peer's user to read); its
+        INIT outranks every session either side holds, so both land on it (PROTOCOL.md §8)."""
+        try:
+            self._emit(
+                SecurityEvent("session_reset", peer, "messages from this peer stopped authenticating: new handshake")
+            )
+            bundle = await self._fetch_bundle(peer)
+            async with self._lock(peer):
+                if not self._conversation(peer).reset_due:
+                    return  # something authenticated meanwhile (or a session came from the peer)
+                payload, durable = self._initiate(peer, bundle, b"", Kind.HEARTBEAT)
+            await durable
+            msg_id = os.urandom(16)
+            self._queue_outbox(msg_id, peer, payload)
+            await self._link_send(Send(msg_id, peer, payload))
+        except (ProtocolError, NodeError) as exc:
+            log.info("session_reset_failed", extra={"fields": {"node": self.name, "peer": peer, "reason": str(exc)}})
+        finally:
+            self._resetting.discard(peer)
+
     # --- revocation -----------------------------------------------------------------------------------
 
     def _on_crl(self, der: bytes) -> None:
@@ -894,13 +930,14 @@ class Node:
             if record is None or record.serial not in crl.revoked:
                 continue
             reason = crl.entries[record.serial].reason if record.serial in crl.entries else "revoked"
-            self._close_revoked(name, self._session(name), record, reason)
+            self._close_revoked(name, record, reason)
 
-    def _close_revoked(self, name: str, session: Session | None, record: PeerRecord, reason: str) -> None:
-        """Tear down the session with a revoked peer: every later frame is refused, and the user is told."""
-        if session is not None and not session.closed:
-            session.close(f"peer revoked ({reason})")
-            self._save_session(name, session).add_done_callback(_log_failure)
+    def _close_revoked(self, name: str, record: PeerRecord, reason: str) -> None:
+        """Tear down every session with a revoked peer: every later frame is refused, and the user is told."""
+        conversation = self._conversation(name)
+        if conversation.current is not None and not conversation.current.closed:
+            conversation.close(f"peer revoked ({reason})")
+            self._save_session(name).add_done_callback(_log_failure)
         self._emit(SecurityEvent("peer_revoked", name, f"certificate {record.serial:x} revoked ({reason})"))
 
     # --- events and inbox -----------------------------------------------------------------------------

@@ -135,6 +135,10 @@ class UnknownPrekey(HandshakeError):
     """An initial message names a prekey we do not hold (rotated out, or never ours)."""
 
 
+class StaleInit(HandshakeError):
+    """An initial message older than the confirmed session it would join (a delayed or held INIT)."""
+
+
 class UnexpectedFrame(RemoteError):
     """A frame type that the current state does not accept."""
 

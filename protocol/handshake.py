@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Protocol
 
@@ -60,7 +60,7 @@ from protocol.keyschedule import (
 )
 from protocol.messages import MAX_U32, VERSION, X25519_LEN, FrameType, InitMessage, OneTimePrekey, PrekeyBundle, Suite
 from protocol.ratchet import Ratchet
-from protocol.session import Received, Session
+from protocol.session import Kind, Received, Session
 
 #: Ephemeral keys remembered per signed prekey to refuse replayed initial messages that
 #: carry no one-time prekey. Past it, such messages are refused until the prekey rotates.
@@ -118,6 +118,7 @@ def _transcript(
     otpk: bytes | None,
     ephemeral: bytes,
     kem_ciphertext: bytes | None,
+    created: int,
 ) -> bytes:
     """The transcript hash both sides sign and salt with (PROTOCOL.md §5.2)."""
     return transcript_hash(
@@ -134,6 +135,7 @@ def _transcript(
         otpk or b"",
         ephemeral,
         kem_ciphertext or b"",
+        created.to_bytes(8, "big"),
     )
 
 
@@ -338,15 +340,21 @@ def initiate(
     now: datetime,
     expected_name: str,
     first_message: bytes = b"",
+    first_kind: Kind = Kind.DATA,
     suite: Suite = Suite.HYBRID,
     keygen: Callable[[], X25519KeyPair] = X25519KeyPair.generate,
     kem_encaps: Callable[[bytes], tuple[bytes, bytes]] = kem_encapsulate,
 ) -> Initiated:
-    """Start a session with the owner of `bundle`; `first_message` travels inside the INIT frame.
+    """Start a session with the owner of `bundle`; `first_message` travels inside the INIT frame
+    (a HEARTBEAT instead for a handshake the node starts by itself, PROTOCOL.md §8).
+
+    The INIT carries `now` in milliseconds, signed in the transcript: its freshness (§8).
 
     `keygen` and `kem_encaps` are the randomness seams for known-answer tests.
     """
     peer = verify_bundle(bundle, root=root, revocation=revocation, now=now, expected_name=expected_name, suite=suite)
+    created = millis(now)
+    own_fp = hashlib.sha256(certificate).digest()
     eph = keygen()
     dh1 = eph.exchange(bundle.spk)
     secrets = dh1
@@ -359,7 +367,7 @@ def initiate(
         secrets += kem_secret
     th = _transcript(
         suite,
-        hashlib.sha256(certificate).digest(),
+        own_fp,
         identity.public_bytes,
         peer.fingerprint,
         peer.public_key.public_bytes_raw(),
@@ -368,12 +376,21 @@ def initiate(
         bundle.otpk,
         eph.public,
         kem_ct,
+        created,
     )
     signature = None if suite is Suite.INSECURE_UNSIGNED else identity.sign(LABEL_INIT_SIGNATURE + th)
     rk = root_key(secrets, th, insecure=suite is Suite.INSECURE_UNSIGNED)
     ratchet = Ratchet.initiator(rk, ours=eph, theirs=bundle.spk, dh_output=dh1, keygen=keygen)
-    session = Session(ratchet, transcript=th, peer=peer.name, peer_fingerprint=peer.fingerprint, suite=suite)
-    message = wire.encode(session.encrypt_message(first_message))
+    session = Session(
+        ratchet,
+        transcript=th,
+        peer=peer.name,
+        peer_fingerprint=peer.fingerprint,
+        suite=suite,
+        created=created,
+        initiator=own_fp,
+    )
+    message = wire.encode(session.encrypt_message(first_message, kind=first_kind))
     init = InitMessage(
         suite,
         certificate,
@@ -385,6 +402,7 @@ def initiate(
         kem_ct,
         signature,
         message,
+        created,
     )
     return Initiated(session, wire.encode(init), peer)
 
@@ -432,6 +450,9 @@ def respond(
         raise HandshakeError("initial message addressed to another certificate")
     peer = certs.verify(init.certificate, root, now, expected_name=expected_name)
     revocation.check(peer.serial, now)
+    if init.created > millis(now + certs.CLOCK_SKEW):
+        # A future-dated INIT would outrank every session the initiator makes before that date (§8).
+        raise HandshakeError("initial message dated in the future")
     spk = prekeys._spk.get(init.spk_id)
     if spk is None or bundle.spk_id != init.spk_id or bundle.spk != spk.public:
         raise UnknownPrekey(f"signed prekey {init.spk_id} is not ours (rotated out?)")
@@ -466,6 +487,7 @@ def respond(
         onetime.public if onetime is not None else None,
         init.ephemeral,
         init.kem_ciphertext,
+        init.created,
     )
     if suite is not Suite.INSECURE_UNSIGNED:
         if init.signature is None:
@@ -486,7 +508,15 @@ def respond(
         secrets += kem.decapsulate(init.kem_ciphertext)
     rk = root_key(secrets, th, insecure=suite is Suite.INSECURE_UNSIGNED)
     ratchet = Ratchet.responder(rk, theirs=init.ephemeral, dh_output=dh1, keygen=keygen)
-    session = Session(ratchet, transcript=th, peer=peer.name, peer_fingerprint=peer.fingerprint, suite=suite)
+    session = Session(
+        ratchet,
+        transcript=th,
+        peer=peer.name,
+        peer_fingerprint=peer.fingerprint,
+        suite=suite,
+        created=init.created,
+        initiator=peer.fingerprint,
+    )
     first = session.decrypt_message(message0)
     # Message 0 authenticated: commit the consumption.
     if init.otpk_id is not None:
@@ -494,6 +524,19 @@ def respond(
     else:
         prekeys._seen[init.spk_id].add(init.ephemeral)
     return Responded(session, first, peer)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def millis(now: datetime) -> int:
+    """`now` as whole milliseconds since the epoch (an INIT's `created`), in exact integer arithmetic."""
+    return (now - _EPOCH) // timedelta(milliseconds=1)
+
+
+def from_millis(created: int) -> datetime:
+    """The instant an INIT's `created` names (the inverse of `millis`)."""
+    return _EPOCH + timedelta(milliseconds=created)
 
 
 def decode_init(data: bytes) -> InitMessage:
@@ -543,11 +586,3 @@ def next_state(state: PeerState, frame: FrameType) -> PeerState:
         raise UnexpectedFrame(f"{frame.name} frame not accepted in state {state.name}")
     return nxt
 
-
-def initiation_wins(ours: bytes, theirs: bytes) -> bool:
-    """Tie-break for simultaneous INITs: the one from the lower certificate fingerprint wins.
-
-    Both sides compute the same answer, so they settle on the same session; the loser
-    answers the winner's INIT and resends what it had sent in its own.
-    """
-    return ours < theirs

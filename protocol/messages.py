@@ -177,6 +177,7 @@ class InitMessage:
         Opt(Bin(MLKEM768_CIPHERTEXT_LEN)),
         Opt(Bin(SIGNATURE_LEN)),
         Bin(min=1, max=MAX_CIPHERTEXT + 256),
+        UInt(MAX_U64),
     )
 
     suite: int
@@ -189,6 +190,9 @@ class InitMessage:
     kem_ciphertext: bytes | None
     signature: bytes | None
     message: bytes
+    #: When the initiator made it (milliseconds since the epoch, its clock), signed in the transcript:
+    #: the freshness that orders two sessions with one peer (PROTOCOL.md §8).
+    created: int
 
 
 Frame = RatchetMessage | PrekeyBundle | InitMessage

@@ -44,7 +44,17 @@ class Received(NamedTuple):
 class Session:
     """One side of an established session with one peer."""
 
-    __slots__ = ("_closed", "_ratchet", "dh_step_after", "peer", "peer_fingerprint", "suite", "transcript")
+    __slots__ = (
+        "_closed",
+        "_ratchet",
+        "created",
+        "dh_step_after",
+        "initiator",
+        "peer",
+        "peer_fingerprint",
+        "suite",
+        "transcript",
+    )
 
     def __init__(
         self,
@@ -56,9 +66,13 @@ class Session:
         suite: int,
         dh_step_after: int = DEFAULT_DH_STEP_AFTER,
         closed: str | None = None,
+        created: int = 0,
+        initiator: bytes = b"",
     ) -> None:
         if len(transcript) != HASH_LEN or len(peer_fingerprint) != HASH_LEN:
             raise LocalError("transcript hash and fingerprint are 32 bytes")
+        if initiator and len(initiator) != HASH_LEN:
+            raise LocalError("the initiator's fingerprint is 32 bytes")
         if dh_step_after < 1:
             raise LocalError("dh_step_after must be at least 1")
         self._ratchet = ratchet
@@ -68,6 +82,11 @@ class Session:
         self.suite = suite
         self.dh_step_after = dh_step_after
         self._closed = closed
+        #: The INIT's signed freshness (milliseconds) and the certificate fingerprint of the side that
+        #: sent it: together they rank two sessions with one peer (PROTOCOL.md §8). 0 and b"" for a
+        #: session restored from format 1, which had neither.
+        self.created = created
+        self.initiator = initiator
 
     @property
     def ratchet(self) -> Ratchet:
@@ -128,7 +147,7 @@ class Session:
         """The whole session, for the keystore (secret: seal it)."""
         return msgpack.packb(
             [
-                1,
+                2,
                 self._ratchet.to_bytes(),
                 self.transcript,
                 self.peer,
@@ -136,6 +155,8 @@ class Session:
                 self.suite,
                 self.dh_step_after,
                 self._closed,
+                self.created,
+                self.initiator,
             ]
         )
 
@@ -143,12 +164,23 @@ class Session:
     def from_bytes(cls, data: bytes, *, keygen: KeyGen = X25519KeyPair.generate) -> Session:
         """Restore what `to_bytes` wrote. Raises DecodeError on anything malformed."""
         try:
-            fmt, ratchet, transcript, peer, fp, suite, step, closed = msgpack.unpackb(data, raw=False, max_map_len=0)
+            fields = msgpack.unpackb(data, raw=False, max_map_len=0)
+            fmt, ratchet, transcript, peer, fp, suite, step, closed, *rank = fields
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise DecodeError("malformed session state") from exc
+        # Format 1 had no rank (created, initiator): such a session ranks below any new one.
+        if type(fmt) is not int:
+            raise DecodeError("malformed session state")
+        if fmt == 2 and len(rank) == 2:
+            created, initiator = rank
+        elif fmt == 1 and not rank:
+            created, initiator = 0, b""
+        else:
+            raise DecodeError("malformed session state")
         if not (
-            type(fmt) is int
-            and fmt == 1
+            type(created) is int
+            and created >= 0
+            and type(initiator) is bytes
             and type(ratchet) is bytes
             and type(transcript) is bytes
             and type(peer) is str
@@ -167,6 +199,8 @@ class Session:
                 suite=suite,
                 dh_step_after=step,
                 closed=closed,
+                created=created,
+                initiator=initiator,
             )
         except LocalError as exc:
             raise DecodeError(str(exc)) from exc

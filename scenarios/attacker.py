@@ -608,7 +608,8 @@ class StolenSession:
 def steal_session(victim: LabNode, peer: str) -> StolenSession:
     """Copy a node's live session with `peer` (its whole ratchet state) out of its memory, as malware
     on the device would; reads the node's private in-memory objects, which is the point."""
-    session = victim.node._sessions[peer]
+    session = victim.node._session(peer)
+    assert session is not None, f"no session with {peer}"
     ratchet = session.ratchet
     return StolenSession(session.to_bytes(), ratchet._cks, ratchet._ns)
 
@@ -704,7 +705,6 @@ def rebuild_initiator(
     keys: dict[bytes, X25519KeyPair],
     later: list[bytes],
     root: x509.Certificate,
-    now: datetime,
     kem_secret: bytes | None,
 ) -> Session | None:
     """The initiator's session rebuilt from a recorded INIT, the bundle it was made from, and X25519
@@ -718,11 +718,12 @@ def rebuild_initiator(
     creds = Credentials.claimed(init.certificate)
     ciphertext = init.kem_ciphertext
     guess = kem_secret or bytes(32)
-    # `initiate` gives the transcript hash (the same bundle, identities, ephemeral and KEM ciphertext
-    # give the same hash); the root key is then derived here from what the attacker knows.
+    # `initiate` gives the transcript hash (the same bundle, identities, ephemeral, KEM ciphertext and
+    # creation time give the same hash); the root key is then derived here from what the attacker knows.
     started = handshake.initiate(
         identity=creds.identity, certificate=init.certificate, bundle=bundle, root=root, revocation=AnyRevocation(),
-        now=now, expected_name=_common_name(bundle.certificate), suite=suite, keygen=lambda: ephemeral,
+        now=handshake.from_millis(init.created), expected_name=_common_name(bundle.certificate), suite=suite,
+        keygen=lambda: ephemeral,
         kem_encaps=lambda _: (guess, ciphertext or b""),
     )  # fmt: skip
     dh1 = ephemeral.exchange(bundle.spk)

@@ -62,7 +62,6 @@ from protocol.handshake import (
     PeerState,
     PrekeySecrets,
     decode_init,
-    initiation_wins,
     next_state,
 )
 from protocol.identity import X25519KeyPair
@@ -232,10 +231,9 @@ def test_simultaneous_initiation_both_valid_and_one_wins() -> None:
     at_bob = respond(from_alice.frame, bob_prekeys)
     at_alice = respond(from_bob.frame, alice_prekeys)
     assert at_bob.first.data == at_alice.first.data == b"hello"
-    alice_wins = initiation_wins(ALICE.fingerprint, BOB.fingerprint)
-    assert alice_wins != initiation_wins(BOB.fingerprint, ALICE.fingerprint)  # both sides agree
-    assert alice_wins == (ALICE.fingerprint < BOB.fingerprint)
-    assert not initiation_wins(ALICE.fingerprint, ALICE.fingerprint)
+    # Which one both keep is protocol/peer.py's rank (tests/test_peer.py).
+    assert at_bob.session.initiator == ALICE.fingerprint and at_alice.session.initiator == BOB.fingerprint
+    assert at_bob.session.created == decode_init(from_alice.frame).created
 
 
 def test_revocation_state_checks_pass_for_unrevoked_peers(crl_state: RevocationState, bob_prekeys: Prekeys) -> None:

@@ -279,7 +279,13 @@ def _field(index: int, value: object) -> Callable[[list[object]], object]:
 
 
 MALFORMED_SESSION: dict[str, Callable[[list[object]], object]] = {
-    "format 2": _field(0, 2),
+    "format 3": _field(0, 3),
+    "format 1 with a rank": _field(0, 1),
+    "format not int": _field(0, "2"),
+    "created not int": _field(8, "now"),
+    "created negative": _field(8, -1),
+    "initiator not bytes": _field(9, "alice"),
+    "initiator short": _field(9, b"\x00" * 31),
     "ratchet not bytes": _field(1, "state"),
     "ratchet garbage": _field(1, b"\x00\x01"),
     "transcript not bytes": _field(2, None),
@@ -296,6 +302,15 @@ MALFORMED_SESSION: dict[str, Callable[[list[object]], object]] = {
     "not an array": lambda f: 5,
     "a map": lambda f: {"peer": "bob"},
 }
+
+
+def test_format_1_sessions_still_restore_and_rank_lowest(sessions: tuple[Session, Session]) -> None:
+    """A session saved before sessions carried a rank restores, ranked below any session made since."""
+    _, b = sessions
+    old = msgpack.packb([1, *msgpack.unpackb(b.to_bytes())[1:8]])
+    restored = Session.from_bytes(old)
+    assert (restored.created, restored.initiator) == (0, b"")
+    assert b.created > 0 and len(b.initiator) == 32
 
 
 @pytest.mark.parametrize("edit", MALFORMED_SESSION.values(), ids=MALFORMED_SESSION.keys())

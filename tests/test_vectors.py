@@ -385,6 +385,7 @@ INPUTS_FRAMES: dict[str, Any] = {
         "kem_ciphertext": None,
         "signature": seed("frame/init-sig", 64),
         "message": seed("frame/msg", 48),
+        "created": 1_800_000_000_123,
     },
 }
 

@@ -65,6 +65,7 @@ INIT = InitMessage(
     kem_ciphertext=b"\xaa" * MLKEM768_CIPHERTEXT_LEN,
     signature=b"\xbb" * SIGNATURE_LEN,
     message=wire.encode(MSG),
+    created=1_800_000_000_000,
 )
 INIT_UNSIGNED = dataclasses.replace(INIT, suite=0x7F, kem_id=None, otpk_id=None, kem_ciphertext=None, signature=None)
 FRAMES = [MSG, BUNDLE, BUNDLE_CLASSIC, INIT, INIT_UNSIGNED]

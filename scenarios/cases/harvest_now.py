@@ -91,7 +91,7 @@ def attempt(
     ours = [e.message.dh for e in recorded if e.sender == initiator.name and e.message is not None]
     later = list(dict.fromkeys(ours))[1:]  # the ephemeral first, then each new ratchet key, in order
     session = rebuild_initiator(
-        init, bundle, keys=keys, later=later, root=lab.ca.root, now=recorded[0].at, kem_secret=kem_secret
+        init, bundle, keys=keys, later=later, root=lab.ca.root, kem_secret=kem_secret
     )
     assert session is not None, "the ephemeral key is in the recording and was broken"
     reader = StateReader(initiator.name, session)
