@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -32,6 +33,7 @@ from typing import Any
 
 import msgpack
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from node.enrol import load_identity, renew_certificate, renewal_time
@@ -57,7 +59,7 @@ from protocol.handshake import PrekeySecrets
 from protocol.identity import KemKeyPair, X25519KeyPair
 from protocol.link import Accepted, Ack, CrlFeed, Deliver, Error, ErrorCode, LinkFrame, PublishBundle, Send, Welcome
 from protocol.messages import FrameType, InitMessage, PrekeyBundle, Suite
-from protocol.peer import Conversation
+from protocol.peer import Conversation, revoked_serial
 from protocol.revocation import RevocationState
 from protocol.safety import safety_number
 from protocol.session import Kind, Session
@@ -74,6 +76,8 @@ RESERVE_AHEAD = 64
 MAINTENANCE_INTERVAL = 60.0
 #: Received message ids remembered per peer to tell a redelivery from a replay.
 MAX_SEEN_PER_PEER = 5000
+#: Earlier certificate serials remembered per peer identity key (renewals overlap by a few).
+MAX_SERIALS = 16
 
 
 def _utcnow() -> datetime:
@@ -123,18 +127,41 @@ class PeerRecord:
     fingerprint: bytes
     identity: bytes
     state: str
-    #: The peer's certificate (DER), to ask an OCSP responder about it later.
+    #: The peer's certificate (DER) the current session was made under: it ends at its notAfter,
+    #: and an OCSP responder can be asked about it later.
     certificate: bytes
+    #: Serials of the peer's earlier certificates for the same identity key (newest first): a CRL
+    #: listing any of them ends the sessions too (PROTOCOL.md §10.5).
+    serials: tuple[int, ...] = ()
 
     def pack(self) -> bytes:
         return msgpack.packb(
-            [self.name, self.serial.to_bytes(20, "big"), self.fingerprint, self.identity, self.state, self.certificate]
+            [
+                self.name,
+                self.serial.to_bytes(20, "big"),
+                self.fingerprint,
+                self.identity,
+                self.state,
+                self.certificate,
+                [s.to_bytes(20, "big") for s in self.serials],
+            ]
         )
 
     @classmethod
     def unpack(cls, data: bytes) -> PeerRecord:
-        name, serial, fp, identity, state, certificate = msgpack.unpackb(data)
-        return cls(name, int.from_bytes(serial, "big"), fp, identity, state, certificate)
+        name, serial, fp, identity, state, certificate, *rest = msgpack.unpackb(data)
+        serials = tuple(int.from_bytes(s, "big") for s in rest[0]) if rest else ()  # none before the field existed
+        return cls(name, int.from_bytes(serial, "big"), fp, identity, state, certificate, serials)
+
+    @property
+    def not_after(self) -> datetime:
+        """When the certificate the current session was made under expires (and the session with it)."""
+        return _not_after(self.certificate)
+
+
+@functools.lru_cache(maxsize=256)
+def _not_after(certificate: bytes) -> datetime:
+    return x509.load_der_x509_certificate(certificate).not_valid_after_utc
 
 
 class Node:
@@ -570,7 +597,7 @@ class Node:
         return self._journal.commit(puts, sync=True)
 
     def _needs_session(self, peer: str) -> bool:
-        session = self._session(peer)
+        session = self._expire(peer).current
         return session is None or session.closed is not None
 
     async def _fetch_bundle(self, peer: str) -> PrekeyBundle:
@@ -596,6 +623,7 @@ class Node:
         self, peer: str, frame: PrekeyBundle, body: bytes, kind: Kind = Kind.DATA
     ) -> tuple[bytes, asyncio.Future[None]]:
         try:
+            self._refuse_revoked_identity(peer, frame.certificate)
             started = handshake.initiate(
                 identity=self.identity,
                 certificate=self.certificate,
@@ -770,7 +798,7 @@ class Node:
             if kind is FrameType.INIT:
                 received = self._respond(peer, deliver.payload, puts)
             elif kind is FrameType.MESSAGE:
-                conversation = self._conversation(peer)
+                conversation = self._expire(peer)
                 received, session = conversation.decrypt(wire.decode_message(deliver.payload))
                 record = self.peer(peer)
                 if record is not None and record.state == "initiated" and session is conversation.current:
@@ -806,6 +834,7 @@ class Node:
         init = handshake.decode_init(payload)
         bundle = self._bundle_for(init)
         previous = self.peer(peer)
+        self._refuse_revoked_identity(peer, init.certificate)
         conversation = self._conversation(peer)
         # A held or delayed INIT is refused before it consumes a prekey; a crossing one is accepted
         # (protocol/peer.py decides which session stays current, the same way on both sides).
@@ -842,10 +871,38 @@ class Node:
         return frame
 
     def _note_peer(self, cert: certs.VerifiedCertificate, state: str, puts: dict[Key, bytes]) -> None:
-        self._stage_peer(
-            PeerRecord(cert.name, cert.serial, cert.fingerprint, cert.public_key.public_bytes_raw(), state, cert.der),
-            puts,
-        )
+        identity = cert.public_key.public_bytes_raw()
+        previous = self.peer(cert.name)
+        serials: tuple[int, ...] = ()
+        if previous is not None and previous.identity == identity:
+            # A renewal: the earlier certificates of this key still count for revocation.
+            serials = tuple(s for s in dict.fromkeys((previous.serial, *previous.serials)) if s != cert.serial)
+        record = PeerRecord(cert.name, cert.serial, cert.fingerprint, identity, state, cert.der, serials[:MAX_SERIALS])
+        self._stage_peer(record, puts)
+
+    def _refuse_revoked_identity(self, peer: str, certificate: bytes) -> None:
+        """Refuse a peer certificate whose identity key an earlier, revoked certificate of the peer
+        had: a renewal does not escape a revocation (PROTOCOL.md §10.5)."""
+        record = self.peer(peer)
+        crl = self.revocation.current
+        if record is None or crl is None:
+            return
+        try:
+            key = x509.load_der_x509_certificate(certificate).public_key()
+            identity = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+        except (ValueError, TypeError):
+            return  # not a usable certificate: the handshake's own checks refuse it
+        serial = revoked_serial((record.serial, *record.serials), crl.revoked) if identity == record.identity else None
+        if serial is not None:
+            raise CertificateRevoked(serial, "an earlier certificate of the same identity key")
+
+    def _expire(self, peer: str) -> Conversation:
+        """The conversation with `peer`, its sessions ended if the certificate they were made under expired."""
+        conversation = self._conversation(peer)
+        record = self.peer(peer)
+        if record is not None and conversation.expire(self.clock(), record.not_after):
+            log.info("session_expired", extra={"fields": {"node": self.name, "peer": peer}})
+        return conversation
 
     def _stage_peer(self, record: PeerRecord, puts: dict[Key, bytes]) -> None:
         puts[(NS_PEER, record.name)] = record.pack()
@@ -927,9 +984,10 @@ class Node:
         log.info("crl_accepted", extra={"fields": {"node": self.name, "number": crl.number}})
         for name in self.keystore.names(NS_PEER):
             record = self.peer(name)
-            if record is None or record.serial not in crl.revoked:
+            serial = revoked_serial((record.serial, *record.serials), crl.revoked) if record is not None else None
+            if record is None or serial is None:
                 continue
-            reason = crl.entries[record.serial].reason if record.serial in crl.entries else "revoked"
+            reason = crl.entries[serial].reason if serial in crl.entries else "revoked"
             self._close_revoked(name, record, reason)
 
     def _close_revoked(self, name: str, record: PeerRecord, reason: str) -> None:

@@ -17,15 +17,22 @@ before and after any restart (the rank is part of the persisted session): no tim
   the archive so that what it carries is delivered.
 * After `MAX_AUTH_FAILURES` messages in a row that no held session authenticates (the peer is on
   a session we do not have: its state or ours was lost or rolled back), the node starts a fresh
-  handshake by itself (`Decrypted.reset` / `Refused.reset`), whose INIT outranks every earlier one.
+  handshake by itself (`reset_due`), whose INIT outranks every earlier one.
+* Every session ends with the peer certificate it was made under (`expire`): a new handshake,
+  which checks the renewed certificate against the current CRL, must come before more traffic; and
+  a CRL listing any certificate seen for the peer's identity key ends them (`revoked_serial`,
+  PROTOCOL.md §10.5).
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Collection, Iterable
+from datetime import datetime
 
 import msgpack
 
+from protocol.certs import CLOCK_SKEW
 from protocol.errors import AuthenticationFailed, DecodeError, DuplicateMessage, RatchetError, SessionClosed, StaleInit
 from protocol.messages import RatchetMessage
 from protocol.session import Received, Session
@@ -45,7 +52,7 @@ def outranks(a: Session, b: Session) -> bool:
 class Conversation:
     """The sessions held with one peer and the per-peer decisions over them."""
 
-    __slots__ = ("archive", "current", "failures")
+    __slots__ = ("archive", "current", "failures", "renew")
 
     def __init__(self, current: Session | None = None, archive: list[Session] | None = None) -> None:
         self.current = current
@@ -53,6 +60,9 @@ class Conversation:
         self.archive: list[Session] = list(archive or [])
         #: Messages in a row that no held session authenticated.
         self.failures = 0
+        #: The sessions ended with the peer certificate they were made under: a new handshake (which
+        #: checks the peer's current certificate against the current CRL) must come before traffic.
+        self.renew = False
 
     def check_init(self, created: int, initiator: bytes, *, confirmed: bool) -> None:
         """Before a received INIT consumes anything: refuse it if it is stale (see the module doc)."""
@@ -70,6 +80,7 @@ class Conversation:
                 self._archive(current)
             self.current = session
             self.failures = 0
+            self.renew = False
             return True
         self._archive(session)
         return False
@@ -116,8 +127,22 @@ class Conversation:
 
     @property
     def reset_due(self) -> bool:
-        """True once `MAX_AUTH_FAILURES` messages in a row authenticated under no held session."""
+        """True once `MAX_AUTH_FAILURES` messages in a row authenticated under no held session, or when
+        the sessions ended with the peer's certificate (`expire`): a new handshake should start."""
+        if self.renew:
+            return True
         return self.failures >= MAX_AUTH_FAILURES and (self.current is None or self.current.closed is None)
+
+    def expire(self, now: datetime, not_after: datetime) -> bool:
+        """End every session once the peer certificate they were made under is past its notAfter
+        (plus the allowed skew): a renewed certificate must be checked (CRL included) by a new
+        handshake before traffic continues (PROTOCOL.md §10.5). True if this call ended them."""
+        current = self.current
+        if current is None or current.closed is not None or now <= not_after + CLOCK_SKEW:
+            return False
+        self.close(f"the peer's certificate expired at {not_after.isoformat()}: a new handshake is needed")
+        self.renew = True
+        return True
 
     def close(self, reason: str) -> None:
         """End every session with this peer (revoked): later frames are refused with SessionClosed."""
@@ -144,3 +169,9 @@ class Conversation:
 def _by_rank(a: Session, b: Session) -> int:
     """Highest-ranked first."""
     return -1 if outranks(a, b) else 1 if outranks(b, a) else 0
+
+
+def revoked_serial(serials: Iterable[int], revoked: Collection[int]) -> int | None:
+    """The first of a peer's certificate serials (every one seen for its current identity key) that
+    `revoked` lists: revocation of any certificate of that key ends its sessions (PROTOCOL.md §10.5)."""
+    return next((serial for serial in serials if serial in revoked), None)

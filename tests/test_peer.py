@@ -12,7 +12,7 @@ from test_handshake import initiate, respond
 
 from protocol import handshake
 from protocol.errors import AuthenticationFailed, DecodeError, DuplicateMessage, SessionClosed, StaleInit
-from protocol.peer import MAX_ARCHIVED, MAX_AUTH_FAILURES, Conversation, outranks
+from protocol.peer import MAX_ARCHIVED, MAX_AUTH_FAILURES, Conversation, outranks, revoked_serial
 from protocol.session import Kind, Received, Session
 
 MS = timedelta(milliseconds=1)
@@ -171,3 +171,27 @@ def test_outranks_is_a_strict_order() -> None:
 def test_a_malformed_archive_is_refused(data: bytes) -> None:
     with pytest.raises(DecodeError):
         Conversation.archive_from_bytes(data)
+
+
+def test_sessions_end_with_the_peer_certificate_they_were_made_under(bob_prekeys: Prekeys) -> None:
+    from protocol.certs import CLOCK_SKEW
+
+    bob = Conversation()
+    assert not bob.expire(NOW, NOW - timedelta(days=1))  # nothing to end
+    made = initiate(bob_prekeys.fetch())
+    bob.adopt(respond(made.frame, bob_prekeys).session)
+    not_after = NOW + timedelta(days=1)
+    assert not bob.expire(not_after + CLOCK_SKEW, not_after)  # within the skew it still holds
+    assert bob.expire(not_after + CLOCK_SKEW + MS, not_after)
+    assert bob.reset_due and not bob.expire(not_after + timedelta(days=9), not_after)  # once
+    with pytest.raises(SessionClosed, match="expired"):
+        bob.decrypt(made.session.encrypt_message(b"after notAfter"))
+    # The new handshake (checking the renewed certificate) gives a session again.
+    assert bob.adopt(respond(initiate(bob_prekeys.fetch()).frame, bob_prekeys).session)
+    assert not bob.reset_due
+
+
+def test_a_revoked_serial_of_any_certificate_of_the_key_is_found() -> None:
+    assert revoked_serial([7, 5, 3], {3, 9}) == 3
+    assert revoked_serial([7, 5], {3, 9}) is None
+    assert revoked_serial([], {3}) is None
