@@ -36,6 +36,9 @@ ORDER = (
     "downgrade",
     "skip-flood",
     "relay-crash",
+    "crossed-inits",
+    "stale-init",
+    "renewal-revocation",
 )
 
 

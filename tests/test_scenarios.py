@@ -26,10 +26,10 @@ async def test_scenario_reaches_its_verdict(name: str) -> None:
     assert result.events[-1].kind is Kind.VERDICT
 
 
-def test_registry_holds_the_fifteen_of_product_md_and_hsm_theft_in_order() -> None:
+def test_registry_holds_the_fifteen_of_product_md_hsm_theft_and_the_lifecycle_ones_in_order() -> None:
     names = [s.name for s in registry.all_scenarios()]
     assert names == list(registry.ORDER)
-    assert len(names) == 16
+    assert len(names) == 19
     with pytest.raises(KeyError):
         registry.get("no-such-scenario")
 

@@ -1,0 +1,50 @@
+"""The trust-lifecycle scenarios (issue #12) exit 5 once their defence is patched out: each defence is
+what makes its scenario pass (the scenarios themselves run in tests/test_scenarios.py)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+
+import pytest
+
+from kmsnet.cli import main
+from kmsnet.exits import SCENARIO_FAILED
+from protocol import peer
+
+
+def without_archive(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replaced sessions are thrown away (what the 30 s tie-break did to the losing INIT's session)."""
+    monkeypatch.setattr(peer, "MAX_ARCHIVED", 0)
+
+
+def without_stale_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every verified INIT is answered, however old."""
+    monkeypatch.setattr(peer.Conversation, "check_init", lambda self, created, initiator, *, confirmed: None)
+
+
+def without_certificate_binding(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sessions never end with the certificate they were made under."""
+
+    def never(self: peer.Conversation, now: datetime, not_after: datetime) -> bool:
+        return False
+
+    monkeypatch.setattr(peer.Conversation, "expire", never)
+
+
+@pytest.mark.parametrize(
+    ("name", "patch", "failing"),
+    [
+        ("crossed-inits", without_archive, "Alice's messages Bob received, in order, once"),
+        ("stale-init", without_stale_check, "old INIT refused as stale"),
+        ("renewal-revocation", without_certificate_binding, "the thief's messages Bob accepted"),
+    ],
+)
+def test_a_lifecycle_scenario_exits_5_without_its_defence(
+    name: str, patch: object, failing: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    patch(monkeypatch)  # type: ignore[operator]
+    assert main(["scenario", "run", name, "--json"]) == SCENARIO_FAILED
+    verdict = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert verdict["passed"] is False and verdict["error"] is None  # an outcome failed, nothing broke
+    assert failing in {check["name"] for check in verdict["checks"] if not check["ok"]}
