@@ -13,6 +13,7 @@ EVENTS = {
     "session_refused": "a session could not start: the peer's certificate, bundle or handshake was refused",
     "peer_revoked": "the CA revoked the peer's certificate: its session is closed",
     "session_reset": "messages from the peer stopped authenticating under every session held: a new handshake started",
+    "state_rollback": "this node's keystore was older than its last durable state: sessions dropped and restarted",
     "stale_init": "a session start older than the live session arrived (delayed or held back): refused",
     "replay_refused": "a message arrived a second time and was refused",
     "frame_refused": "a message for a session that was closed was refused",

@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from node.enrol import load_identity, renew_certificate, renewal_time
+from node.epoch import EPOCH_FILE, EpochFile
 from node.errors import NodeError, PeerUnavailable, RelayUnreachable, code_of
 from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
@@ -228,6 +229,14 @@ class Node:
         # Deliveries handled since the link came up, against what the relay said was waiting.
         self._handled = 0
         self._waiting = 0
+        # The rollback detector (node/epoch.py): the keystore's counter against the file's.
+        self._epoch_file = EpochFile(keystore.path.parent / EPOCH_FILE if keystore.path is not None else None)
+        held = keystore.get(NS_NODE, "epoch")
+        self._epoch = int(held.decode()) if held is not None else 0
+        self._rolled_back = self._epoch < self._epoch_file.read()
+        self._epoch = max(self._epoch, self._epoch_file.read())
+        # Peers to start a new session with once connected (their sessions were dropped).
+        self._rehandshake: list[str] = []
 
     def _load_identity(self) -> None:
         """(Re)read our identity key and certificate: at start, and after a renewal or a re-key."""
@@ -277,6 +286,10 @@ class Node:
             reconnect=reconnect,
         )
         self._journal.start()
+        if self._rolled_back:
+            self._drop_sessions()
+        # A copy of the keystore taken before this start is recognised as older from now on.
+        await self._with_epoch({})
         self._maintenance = asyncio.create_task(self._maintain(), name=f"node-maintenance-{self.name}")
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._link_task = asyncio.create_task(self._link.run(first_attempt=first), name=f"node-link-{self.name}")
@@ -313,6 +326,7 @@ class Node:
             # Whatever the relay has not accepted is sent again on the next start.
             self._persist_outbox().add_done_callback(_log_failure)
         await self._journal.close()
+        await self._epoch_file.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -356,6 +370,9 @@ class Node:
         log.info("node_connected", extra={"fields": {"node": self.name, "pending": welcome.pending}})
         self._handled, self._waiting = 0, welcome.pending
         await self._publish_prekeys(welcome.onetime)
+        for peer in self._rehandshake:
+            self._start_reset(peer, force=True)
+        self._rehandshake.clear()
         # Resend what the relay has not accepted, in the order it was first sent.
         for msg_id, envelope in list(self._outbox.items()):
             await self._link_send(Send(msg_id, envelope.to, envelope.payload))
@@ -644,7 +661,7 @@ class Node:
         self._note_peer(started.peer, "initiated", puts)
         self._conversation(peer).adopt(started.session)
         self._stage_conversation(peer, puts)
-        durable = self._unless_durable(peer, self._journal.commit(puts))
+        durable = self._unless_durable(peer, self._with_epoch(puts))
         self._established(peer, previous, started.peer, f"initiated ({Suite(started.session.suite).name})")
         return started.frame, durable
 
@@ -667,10 +684,38 @@ class Node:
         puts[(NS_ARCHIVE, peer)] = conversation.archive_bytes()
 
     def _save_session(self, peer: str) -> asyncio.Future[None]:
-        """Commit the sessions held with `peer`, fsynced."""
+        """Commit the sessions held with `peer`, fsynced (with the next rollback epoch)."""
         puts: dict[Key, bytes] = {}
         self._stage_conversation(peer, puts)
-        return self._unless_durable(peer, self._journal.commit(puts))
+        return self._unless_durable(peer, self._with_epoch(puts))
+
+    def _with_epoch(self, puts: dict[Key, bytes], deletes: list[Key] | None = None) -> asyncio.Future[None]:
+        """Commit `puts` fsynced together with the next rollback epoch, which the epoch file then follows."""
+        self._epoch += 1
+        value = self._epoch
+        puts[(NS_NODE, "epoch")] = str(value).encode()
+        durable = self._journal.commit(puts, deletes or [], sync=True)
+        durable.add_done_callback(lambda fut: self._epoch_file.advance(value) if _succeeded(fut) else None)
+        return durable
+
+    def _drop_sessions(self) -> None:
+        """The keystore is older than its epoch (restored from a backup): no session in it may encrypt
+        again. Drop them all, tell the application, and start new ones once connected."""
+        peers = sorted(set(self.keystore.names(NS_SESSION)) | set(self.keystore.names(NS_ARCHIVE)))
+        with self.keystore.transaction():
+            for peer in peers:
+                self.keystore.delete(NS_SESSION, peer)
+                self.keystore.delete(NS_ARCHIVE, peer)
+        self._conversations.clear()
+        self._rehandshake = peers
+        self._emit(
+            SecurityEvent(
+                "state_rollback",
+                None,
+                f"this node's keystore is older than its last durable state (restored from a backup?): "
+                f"{len(peers)} session(s) dropped, new handshakes started",
+            )
+        )
 
     def _unless_durable(self, peer: str, durable: asyncio.Future[None]) -> asyncio.Future[None]:
         """Forget the sessions held with `peer` in memory if the commit of their state fails: the next
@@ -826,8 +871,10 @@ class Node:
         # key is ever reused, because every send is fsynced, and an fsync makes all of this durable too.
         # An accepted INIT is fsynced: it consumed a one-time prekey (or entered the replay cache),
         # and a power loss that forgot that would accept the same INIT again once the relay re-sends it.
-        sync = kind is FrameType.INIT
-        committed = self._journal.commit(puts, self._prune_seen(peer), sync=sync)
+        if kind is FrameType.INIT:
+            committed = self._with_epoch(puts, self._prune_seen(peer))
+        else:
+            committed = self._journal.commit(puts, self._prune_seen(peer), sync=False)
         return self._unless_durable(peer, committed), message
 
     def _respond(self, peer: str, payload: bytes, puts: dict[Key, bytes]) -> Any:
@@ -935,25 +982,25 @@ class Node:
         with contextlib.suppress(RelayUnreachable):
             await self._link_send(Send(msg_id, peer, payload))
 
-    def _start_reset(self, peer: str) -> None:
-        """The peer keeps sending on a session we do not hold: start a fresh one by ourselves."""
+    def _start_reset(self, peer: str, *, force: bool = False) -> None:
+        """The peer keeps sending on a session we do not hold (or ours were dropped): start a fresh one."""
         if peer in self._resetting or self._link is None:
             return
         self._resetting.add(peer)
-        task = asyncio.create_task(self._reset(peer), name=f"node-reset-{peer}")
+        task = asyncio.create_task(self._reset(peer, force), name=f"node-reset-{peer}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _reset(self, peer: str) -> None:
+    async def _reset(self, peer: str, force: bool = False) -> None:
         """A new handshake whose message 0 is a HEARTBEAT (nothing for the peer's user to read); its
         INIT outranks every session either side holds, so both land on it (PROTOCOL.md §8)."""
         try:
-            self._emit(
-                SecurityEvent("session_reset", peer, "messages from this peer stopped authenticating: new handshake")
-            )
+            if not force:
+                why = "messages from this peer stopped authenticating: new handshake"
+                self._emit(SecurityEvent("session_reset", peer, why))
             bundle = await self._fetch_bundle(peer)
             async with self._lock(peer):
-                if not self._conversation(peer).reset_due:
+                if not force and not self._conversation(peer).reset_due:
                     return  # something authenticated meanwhile (or a session came from the peer)
                 payload, durable = self._initiate(peer, bundle, b"", Kind.HEARTBEAT)
             await durable

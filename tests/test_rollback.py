@@ -1,0 +1,73 @@
+"""The rollback detector (node/epoch.py, PROTOCOL.md §8.2): a keystore restored from a copy older than
+its epoch file drops every session, says so, and starts new ones; real nodes, a real relay."""
+
+from __future__ import annotations
+
+import shutil
+from datetime import timedelta
+from pathlib import Path
+
+from conftest import ALICE, BOB, CA, NOW
+from lab import make_node, next_event, next_message, publish_crl, relay_config, running
+
+from node.epoch import EPOCH_FILE, EpochFile
+from node.keystore import ARGON2_PROFILES, Keystore
+from node.node import Node
+from relay.server import Relay
+
+
+def reopen(path: Path, minutes: int) -> Node:
+    """The node of the home at `path` again, `minutes` later (INITs made now are fresher than before)."""
+    later = NOW + timedelta(minutes=minutes)
+    return Node(Keystore.open(path, passphrase="test", argon2=ARGON2_PROFILES["test"]), clock=lambda: later)
+
+
+async def test_a_keystore_restored_from_an_older_copy_drops_its_sessions_and_starts_new_ones(tmp_path: Path) -> None:
+    async with Relay(relay_config(CA, tmp_path)) as relay:
+        await publish_crl(relay, CA, CA.crl())
+        home = tmp_path / "alice"
+        home.mkdir()
+        alice = make_node(CA, ALICE, relay.url, home / "keystore.db")
+        bob = make_node(CA, BOB, relay.url)
+        async with running(alice, bob):
+            await alice.send("bob", "one")
+            assert (await next_message(bob)).text == "one"
+        alice.keystore.close()
+        backup = tmp_path / "backup.db"
+        shutil.copy(home / "keystore.db", backup)  # a backup of the keystore alone
+        alice = reopen(home / "keystore.db", 1)
+        async with running(alice, bob):
+            await alice.send("bob", "two")
+            assert (await next_message(bob)).text == "two"
+        alice.keystore.close()
+        assert EpochFile(home / EPOCH_FILE).read() >= 2
+
+        shutil.copy(backup, home / "keystore.db")  # restored: its session would reuse message keys
+        alice = reopen(home / "keystore.db", 2)
+        async with running(alice, bob):
+            event = await next_event(alice, "state_rollback")
+            assert "1 session" in event.reason
+            # alice's own new handshake reaches bob (no message of the old session is sent again)
+            await next_event(bob, "session_established")
+            await alice.send("bob", "three")
+            assert (await next_message(bob)).text == "three"
+            await bob.send("alice", "back")
+            assert (await next_message(alice)).text == "back"
+        alice.keystore.close()
+        # A normal restart afterwards raises no alarm.
+        alice = reopen(home / "keystore.db", 3)
+        async with running(alice):
+            assert not alice._rolled_back
+        alice.keystore.close()
+
+
+def test_the_epoch_file_is_replaced_whole_and_reads_0_when_missing_or_unreadable(tmp_path: Path) -> None:
+    assert EpochFile(None).read() == 0
+    EpochFile(None).write(5)  # no home: nothing to write
+    path = tmp_path / EPOCH_FILE
+    epoch = EpochFile(path)
+    assert epoch.read() == 0
+    epoch.write(7)
+    assert path.read_text() == "7\n" and EpochFile(path).read() == 7
+    path.write_text("garbage")
+    assert EpochFile(path).read() == 0
