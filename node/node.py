@@ -213,6 +213,8 @@ class Node:
         self._tasks: set[asyncio.Task[None]] = set()
         # Peers a heartbeat is being sent to (one at a time is enough).
         self._heartbeats: set[str] = set()
+        # An early signed-prekey rotation is under way (one at a time).
+        self._rotating = False
         self._seen: dict[str, dict[bytes, None]] = {}
         self._peers: dict[str, PeerRecord | None] = {}
         self._reservations: dict[str, asyncio.Future[None]] = {}
@@ -377,6 +379,25 @@ class Node:
         for msg_id, envelope in list(self._outbox.items()):
             await self._link_send(Send(msg_id, envelope.to, envelope.payload))
 
+    def _rotate_early(self) -> None:
+        """The replay cache of our newest signed prekey is filling, or no one-time prekey is left
+        (protocol/prekeys.py): rotate and publish now, so that new initiators get a fresh prekey."""
+        if not self.connected:
+            return
+        self._rotating = True
+
+        async def rotate() -> None:
+            try:
+                await self._publish_prekeys(onetime_left=0, rotate=True)
+            except (RelayUnreachable, ProtocolError, NodeError) as exc:
+                log.info("early_rotation_failed", extra={"fields": {"node": self.name, "reason": str(exc)}})
+            finally:
+                self._rotating = False
+
+        task = asyncio.create_task(rotate(), name=f"node-rotate-{self.name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     async def _maintain(self) -> None:
         """While running: rotate the signed prekey when it is due (not only at connect time, so that a
         node connected for weeks never publishes a bundle initiators refuse as too old)."""
@@ -409,9 +430,9 @@ class Node:
         due = self.keystore.get(NS_NODE, "next_prekey_rotation")
         return due is None or now.timestamp() >= float(due.decode())
 
-    async def _publish_prekeys(self, onetime_left: int) -> None:
+    async def _publish_prekeys(self, onetime_left: int, *, rotate: bool = False) -> None:
         now = self.clock()
-        rotated = self._rotate_signed_prekey(now)
+        rotated = self._rotate_signed_prekey(now, force=rotate)
         new_onetime = []
         # One-time prekeys are signed over our certificate: after a renewal or a re-key (online or
         # not, in this process or another) the relay's stock verifies for nobody, and is replaced.
@@ -439,9 +460,9 @@ class Node:
         assert isinstance(frame, PrekeyBundle)
         return frame
 
-    def _rotate_signed_prekey(self, now: datetime) -> bool:
-        """Make a new signed prekey when due; destroy ones past their grace period. True if rotated."""
-        if not self._rotation_due(now):
+    def _rotate_signed_prekey(self, now: datetime, *, force: bool = False) -> bool:
+        """Make a new signed prekey when due (or `force`d); destroy ones past their grace period. True if rotated."""
+        if not force and not self._rotation_due(now):
             return False
         ids = self.prekeys.signed_ids()
         spk_id = (ids[-1] + 1) if ids else 1
@@ -812,6 +833,8 @@ class Node:
             return
         if message is not None:
             self.events.put_nowait(message)
+        if self.prekeys.rotation_wanted() and not self._rotating:
+            self._rotate_early()
         self._handled += 1
         # Processed and on disk (or refused for good): the relay may forget it.
         with contextlib.suppress(RelayUnreachable):

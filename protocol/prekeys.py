@@ -1,0 +1,146 @@
+"""The responder's prekey account (PROTOCOL.md §4.3–4.4): private signed, ML-KEM and one-time
+prekeys, the replay cache of initial messages without a one-time prekey, and when to rotate early.
+
+Pure state; the node persists it and publishes what it says. The handshake (`handshake.respond`)
+consults it and, once message 0 authenticated, consumes from it.
+"""
+
+from __future__ import annotations
+
+import msgpack
+
+from protocol.errors import DecodeError, LocalError
+from protocol.identity import KemKeyPair, X25519KeyPair
+from protocol.messages import MAX_U32, X25519_LEN
+
+#: Ephemeral keys remembered per signed prekey to refuse replayed initial messages that
+#: carry no one-time prekey. Past it, such messages are refused until the prekey rotates.
+MAX_REPLAY_CACHE = 100_000
+#: One-time prekeys a responder keeps at most (the oldest is dropped to make room).
+MAX_ONETIME_PREKEYS = 1000
+#: Replay-cache entries on the newest signed prekey past which it rotates at once (and is published):
+#: whoever drains the one-time prekeys and floods INITs without one never fills the cache of the
+#: prekey new initiators use, and the record stays small.
+ROTATE_EARLY_AT = 1000
+
+
+class PrekeySecrets:
+    """The responder's private prekeys and its replay cache. Pure state; the node persists it.
+
+    Rule for initial messages without a one-time prekey (none was left): they are accepted
+    under the signed prekey alone, and the ephemeral key of each is remembered for as long as
+    that signed prekey is held, so a replay is refused; once the prekey is destroyed, a replay
+    names an unknown prekey and is refused too.
+    """
+
+    __slots__ = ("_issued", "_kem", "_onetime", "_seen", "_spk")
+
+    def __init__(self) -> None:
+        self._spk: dict[int, X25519KeyPair] = {}
+        self._kem: dict[int, KemKeyPair] = {}
+        self._onetime: dict[int, X25519KeyPair] = {}
+        # One-time prekey ids only grow: an id below this mark that we no longer hold was consumed
+        # (or dropped unused), which needs no per-id memory to recognise.
+        self._issued = 0
+        self._seen: dict[int, set[bytes]] = {}
+
+    def add_signed(self, spk_id: int, key: X25519KeyPair) -> None:
+        """Hold a signed prekey's private key (current, or kept for a grace period)."""
+        self._spk[spk_id] = key
+        self._seen.setdefault(spk_id, set())
+
+    def add_kem(self, kem_id: int, key: KemKeyPair) -> None:
+        """Hold an ML-KEM prekey's private key."""
+        self._kem[kem_id] = key
+
+    def add_onetime(self, key_id: int, key: X25519KeyPair) -> None:
+        """Hold a one-time prekey's private key until one initial message consumes it."""
+        if key_id < self._issued:
+            raise LocalError(f"one-time prekey ids only grow: {key_id} is below {self._issued}")
+        if key_id >= MAX_U32:
+            raise LocalError("one-time prekey ids stop below 2**32 - 1")
+        if len(self._onetime) >= MAX_ONETIME_PREKEYS:
+            # The relay keeps the newest MAX_ONETIME_PREKEYS too: the oldest was handed out and never used.
+            del self._onetime[min(self._onetime)]
+        self._onetime[key_id] = key
+        self._issued = key_id + 1
+
+    def drop_signed(self, spk_id: int) -> None:
+        """Destroy a signed prekey after its grace period (with its replay cache)."""
+        self._spk.pop(spk_id, None)
+        self._seen.pop(spk_id, None)
+
+    def drop_kem(self, kem_id: int) -> None:
+        """Destroy an ML-KEM prekey after its grace period."""
+        self._kem.pop(kem_id, None)
+
+    def rotation_wanted(self) -> bool:
+        """True when the newest signed prekey should rotate now, before its schedule: its replay cache
+        passed `ROTATE_EARLY_AT`, or no one-time prekey is left (every new INIT enters the cache)."""
+        if not self._spk:
+            return False
+        newest = max(self._spk)
+        return len(self._seen.get(newest, ())) >= ROTATE_EARLY_AT or not self._onetime
+
+    @property
+    def onetime_count(self) -> int:
+        """One-time prekeys still unconsumed (the node replenishes below a threshold)."""
+        return len(self._onetime)
+
+    @property
+    def next_onetime_id(self) -> int:
+        """An id no one-time prekey has had yet."""
+        return max(self._issued, 1)
+
+    def signed_ids(self) -> list[int]:
+        """Ids of the signed prekeys held."""
+        return sorted(self._spk)
+
+    def to_bytes(self) -> bytes:
+        """Every private prekey and the replay cache, for the keystore (secret: seal it)."""
+        return msgpack.packb(
+            [
+                1,
+                [[i, k.private_bytes()] for i, k in self._spk.items()],
+                [[i, k.seed()] for i, k in self._kem.items()],
+                [[i, k.private_bytes()] for i, k in self._onetime.items()],
+                self._issued,
+                [[i, sorted(s)] for i, s in self._seen.items()],
+            ]
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> PrekeySecrets:
+        """Restore what `to_bytes` wrote. Raises DecodeError on anything malformed."""
+        out = cls()
+        try:
+            fmt, spk, kem, onetime, issued, seen = msgpack.unpackb(data, raw=False, max_map_len=0, max_str_len=0)
+            if type(fmt) is not int or fmt != 1:
+                raise DecodeError("unknown prekey state format")
+            for i, k in spk:
+                out._spk[_id(i)] = X25519KeyPair.from_private_bytes(k)
+                out._seen[_id(i)] = set()
+            for i, k in kem:
+                out._kem[_id(i)] = KemKeyPair.from_seed(k)
+            for i, k in onetime:
+                out._onetime[_id(i)] = X25519KeyPair.from_private_bytes(k)
+            out._issued = _id(issued)
+            out._seen.update({_id(i): {_ephemeral(e) for e in s} for i, s in seen})
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            raise DecodeError("malformed prekey state") from exc
+        return out
+
+    def __repr__(self) -> str:
+        return f"PrekeySecrets(signed={sorted(self._spk)}, kem={sorted(self._kem)}, onetime={len(self._onetime)})"
+
+
+def _ephemeral(value: object) -> bytes:
+    if type(value) is not bytes or len(value) != X25519_LEN:
+        raise DecodeError("replay-cache entries are 32-byte X25519 keys")
+    return value
+
+
+def _id(value: object) -> int:
+    if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
+        raise DecodeError("prekey id out of range")
+    return value

@@ -1,0 +1,56 @@
+"""protocol.prekeys: when the responder's signed prekey rotates early; and a node that is told so
+rotates and publishes at once (real nodes, a real relay)."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from conftest import ALICE, BOB, CA, make_prekeys
+from lab import make_node, next_message, publish_crl, relay_config, running
+from test_handshake import initiate, respond
+
+from protocol import prekeys, wire
+from protocol.identity import X25519KeyPair
+from protocol.messages import PrekeyBundle
+from protocol.prekeys import ROTATE_EARLY_AT, PrekeySecrets
+from relay.server import Relay
+
+
+def test_rotation_is_wanted_when_the_replay_cache_fills_or_the_one_time_prekeys_run_out() -> None:
+    assert not PrekeySecrets().rotation_wanted()  # nothing to rotate yet
+    bob = make_prekeys(BOB, onetime=1)
+    assert not bob.secrets.rotation_wanted()
+    respond(initiate(bob.fetch()).frame, bob)  # takes the last one-time prekey
+    assert bob.secrets.rotation_wanted()
+    bob.secrets.add_onetime(bob.secrets.next_onetime_id, X25519KeyPair.generate())
+    assert not bob.secrets.rotation_wanted()
+    bob.secrets._seen[1] = {i.to_bytes(32, "big") for i in range(ROTATE_EARLY_AT)}
+    assert bob.secrets.rotation_wanted()
+    bob.secrets.add_signed(2, X25519KeyPair.generate())  # the new one starts with an empty cache
+    assert not bob.secrets.rotation_wanted()
+
+
+async def published_spk(relay: Relay) -> int | None:
+    stored = await relay.store.take_bundle("bob")
+    frame = wire.decode(stored[0]) if stored is not None else None
+    return frame.spk_id if isinstance(frame, PrekeyBundle) else None
+
+
+async def test_a_node_asked_to_rotate_early_publishes_a_new_signed_prekey_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with Relay(relay_config(CA, tmp_path)) as relay:
+        await publish_crl(relay, CA, CA.crl())
+        alice = make_node(CA, ALICE, relay.url)
+        bob = make_node(CA, BOB, relay.url)
+        async with running(alice, bob):
+            assert bob.prekeys.signed_ids() == [1]
+            monkeypatch.setattr(prekeys.PrekeySecrets, "rotation_wanted", lambda self: self.signed_ids() == [1])
+            await alice.send("bob", "hello")
+            assert (await next_message(bob)).text == "hello"
+            async with asyncio.timeout(5):  # published at once: the relay hands out the new one
+                while await published_spk(relay) != 2:
+                    await asyncio.sleep(0.01)
+            assert bob.prekeys.signed_ids() == [1, 2]  # the old one stays for INITs in flight
