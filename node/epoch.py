@@ -4,7 +4,7 @@ Each sealed record authenticates on its own, so a keystore restored from a backu
 `keystore.db`) looks valid, and its sessions would encrypt again under message numbers that already
 left: the same AES-GCM (key, nonce) for other plaintexts. The node therefore keeps a counter in two
 places: the record `node/epoch` inside the keystore, committed with every fsynced session state,
-and the file `HOME/epoch` next to it, written after each such commit. A keystore whose counter is
+and the file `keystore.db.epoch` next to the keystore, written after each such commit. A keystore whose counter is
 below the file's is older than the last state the node made durable: it has been rolled back.
 
 Restoring the whole home (file included), as a VM snapshot does, is not seen here; that needs a
@@ -18,12 +18,17 @@ import contextlib
 import os
 from pathlib import Path
 
-#: The file's name in the home.
-EPOCH_FILE = "epoch"
+#: What the file's name adds to the keystore's (one counter per keystore, even in a shared directory).
+EPOCH_SUFFIX = ".epoch"
+
+
+def epoch_path(keystore_path: Path | None) -> Path | None:
+    """Where the counter of the keystore at `keystore_path` lives (None for an in-memory keystore)."""
+    return keystore_path.with_name(keystore_path.name + EPOCH_SUFFIX) if keystore_path is not None else None
 
 
 class EpochFile:
-    """`HOME/epoch`: a decimal counter, replaced atomically and fsynced. No file (or no home): 0."""
+    """`HOME/keystore.db.epoch`: a decimal counter, replaced atomically and fsynced. No file (or no home): 0."""
 
     def __init__(self, path: Path | None) -> None:
         self.path = path

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from node.enrol import load_identity, renew_certificate, renewal_time
-from node.epoch import EPOCH_FILE, EpochFile
+from node.epoch import EpochFile, epoch_path
 from node.errors import NodeError, PeerUnavailable, RelayUnreachable, code_of
 from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
@@ -232,7 +232,7 @@ class Node:
         self._handled = 0
         self._waiting = 0
         # The rollback detector (node/epoch.py): the keystore's counter against the file's.
-        self._epoch_file = EpochFile(keystore.path.parent / EPOCH_FILE if keystore.path is not None else None)
+        self._epoch_file = EpochFile(epoch_path(keystore.path))
         held = keystore.get(NS_NODE, "epoch")
         self._epoch = int(held.decode()) if held is not None else 0
         self._rolled_back = self._epoch < self._epoch_file.read()

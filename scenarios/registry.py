@@ -39,6 +39,7 @@ ORDER = (
     "crossed-inits",
     "stale-init",
     "renewal-revocation",
+    "fsync-failure",
 )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from conftest import ALICE, BOB, CA, NOW
 from lab import make_node, next_event, next_message, publish_crl, relay_config, running
 
-from node.epoch import EPOCH_FILE, EpochFile
+from node.epoch import EpochFile, epoch_path
 from node.keystore import ARGON2_PROFILES, Keystore
 from node.node import Node
 from relay.server import Relay
@@ -40,7 +40,7 @@ async def test_a_keystore_restored_from_an_older_copy_drops_its_sessions_and_sta
             await alice.send("bob", "two")
             assert (await next_message(bob)).text == "two"
         alice.keystore.close()
-        assert EpochFile(home / EPOCH_FILE).read() >= 2
+        assert EpochFile(epoch_path(home / "keystore.db")).read() >= 2
 
         shutil.copy(backup, home / "keystore.db")  # restored: its session would reuse message keys
         alice = reopen(home / "keystore.db", 2)
@@ -64,7 +64,8 @@ async def test_a_keystore_restored_from_an_older_copy_drops_its_sessions_and_sta
 def test_the_epoch_file_is_replaced_whole_and_reads_0_when_missing_or_unreadable(tmp_path: Path) -> None:
     assert EpochFile(None).read() == 0
     EpochFile(None).write(5)  # no home: nothing to write
-    path = tmp_path / EPOCH_FILE
+    path = epoch_path(tmp_path / "keystore.db")
+    assert path == tmp_path / "keystore.db.epoch"
     epoch = EpochFile(path)
     assert epoch.read() == 0
     epoch.write(7)

@@ -10,7 +10,9 @@ import pytest
 
 from kmsnet.cli import main
 from kmsnet.exits import SCENARIO_FAILED
+from node import node
 from protocol import peer
+from protocol.session import Session
 
 
 def without_archive(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -32,12 +34,23 @@ def without_certificate_binding(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(peer.Conversation, "expire", never)
 
 
+def leaky_reservations(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reservation counts as done before (and whether or not) its commit succeeded."""
+
+    def reserve(self: node.Node, peer: str, session: Session) -> None:
+        if session.reserve(node.RESERVE_AHEAD):
+            self._save_session(peer).add_done_callback(lambda fut: fut.exception())
+
+    monkeypatch.setattr(node.Node, "_reserve", reserve)
+
+
 @pytest.mark.parametrize(
     ("name", "patch", "failing"),
     [
         ("crossed-inits", without_archive, "Alice's messages Bob received, in order, once"),
         ("stale-init", without_stale_check, "old INIT refused as stale"),
         ("renewal-revocation", without_certificate_binding, "the thief's messages Bob accepted"),
+        ("fsync-failure", leaky_reservations, "(key, nonce) pairs used for two ciphertexts"),
     ],
 )
 def test_a_lifecycle_scenario_exits_5_without_its_defence(
