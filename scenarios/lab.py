@@ -353,9 +353,12 @@ class Lab:
         await self._start(lab_node)
         return lab_node
 
-    async def restart_node(self, lab_node: LabNode) -> None:
-        """Stop a node and start it again from its keystore file (what survives a restart is on disk)."""
+    async def restart_node(self, lab_node: LabNode, *, while_stopped: Callable[[], None] | None = None) -> None:
+        """Stop a node and start it again from its keystore file (what survives a restart is on disk).
+        `while_stopped` runs in between (a scenario that restores the file from a copy, say)."""
         await self.stop_node(lab_node)
+        if while_stopped is not None:
+            while_stopped()
         lab_node.keystore = Keystore.open(lab_node.path, key_file=self._key_file)
         lab_node.node = Node(lab_node.keystore, options=lab_node.options, clock=self.clock.now)
         await self._start(lab_node)

@@ -40,6 +40,7 @@ ORDER = (
     "stale-init",
     "renewal-revocation",
     "fsync-failure",
+    "state-rollback",
 )
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from kmsnet.cli import main
 from kmsnet.exits import SCENARIO_FAILED
-from node import node
+from node import epoch, node
 from protocol import peer
 from protocol.session import Session
 
@@ -44,6 +44,11 @@ def leaky_reservations(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(node.Node, "_reserve", reserve)
 
 
+def without_rollback_detector(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No epoch file is ever found: a restored keystore goes on from its old sessions."""
+    monkeypatch.setattr(epoch.EpochFile, "read", lambda self: 0)
+
+
 @pytest.mark.parametrize(
     ("name", "patch", "failing"),
     [
@@ -51,6 +56,7 @@ def leaky_reservations(monkeypatch: pytest.MonkeyPatch) -> None:
         ("stale-init", without_stale_check, "old INIT refused as stale"),
         ("renewal-revocation", without_certificate_binding, "the thief's messages Bob accepted"),
         ("fsync-failure", leaky_reservations, "(key, nonce) pairs used for two ciphertexts"),
+        ("state-rollback", without_rollback_detector, "plaintexts the attacker recovered by XOR"),
     ],
 )
 def test_a_lifecycle_scenario_exits_5_without_its_defence(
