@@ -56,7 +56,7 @@ from protocol.keyschedule import (
     root_key,
     transcript_hash,
 )
-from protocol.messages import VERSION, FrameType, InitMessage, OneTimePrekey, PrekeyBundle, Suite
+from protocol.messages import VERSION, FrameType, InitMessage, OneTimePrekey, PrekeyBundle, RatchetMessage, Suite
 
 # The account `respond` consumes from lives in protocol/prekeys.py; it is named here too, as part of
 # the handshake's API (callers build one to answer INITs).
@@ -379,10 +379,7 @@ def respond(
             raise BadSignature("initial message is not signed")
         verify_signature(peer.public_key, init.signature, LABEL_INIT_SIGNATURE + th)
     message0 = wire.decode_message(init.message)
-    if (message0.dh, message0.pn, message0.n) != (init.ephemeral, 0, 0):
-        # A later message of the same chain also decrypts, and would leave the real message 0
-        # to be refused as a replay: a relay could swap them and nobody would be told.
-        raise HandshakeError("the initial message must carry message 0 of the initiator's first chain")
+    require_message_0(message0, init.ephemeral)
     # Verified: derive.
     dh1 = spk.exchange(init.ephemeral)
     secrets = dh1
@@ -412,6 +409,16 @@ def respond(
 
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def require_message_0(message: RatchetMessage, ephemeral: bytes) -> None:
+    """An INIT carries message 0 of the initiator's first chain: header (EK, 0, 0) (PROTOCOL.md §5.5).
+
+    A later message of the same chain also decrypts, and would leave the real message 0 to be
+    refused as a replay: a relay could swap them and nobody would be told.
+    """
+    if (message.dh, message.pn, message.n) != (ephemeral, 0, 0):
+        raise HandshakeError("the initial message must carry message 0 of the initiator's first chain")
 
 
 def millis(now: datetime) -> int:

@@ -50,7 +50,7 @@ from scenarios.timeline import RELAY, Kind, Timeline
 log = logging.getLogger("kmsnet.scenarios")
 
 #: Security events that report something noticed rather than something refused.
-NOTICES = frozenset({"session_established", "identity_changed"})
+NOTICES = frozenset({"session_established", "identity_changed", "session_reset", "state_rollback"})
 #: How long a lab waits for a condition before the scenario fails as "did not happen".
 DEFAULT_WAIT = 10.0
 #: Seconds a node waits for the relay's ACCEPTED before `send` returns with the envelope queued.

@@ -41,6 +41,7 @@ ORDER = (
     "renewal-revocation",
     "fsync-failure",
     "state-rollback",
+    "init-swap",
 )
 
 

@@ -11,7 +11,7 @@ import pytest
 from kmsnet.cli import main
 from kmsnet.exits import SCENARIO_FAILED
 from node import epoch, node
-from protocol import peer
+from protocol import handshake, peer
 from protocol.session import Session
 
 
@@ -49,6 +49,11 @@ def without_rollback_detector(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(epoch.EpochFile, "read", lambda self: 0)
 
 
+def without_message_0_check(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any message of the initiator's first chain is taken as message 0."""
+    monkeypatch.setattr(handshake, "require_message_0", lambda message, ephemeral: None)
+
+
 @pytest.mark.parametrize(
     ("name", "patch", "failing"),
     [
@@ -57,6 +62,7 @@ def without_rollback_detector(monkeypatch: pytest.MonkeyPatch) -> None:
         ("renewal-revocation", without_certificate_binding, "the thief's messages Bob accepted"),
         ("fsync-failure", leaky_reservations, "(key, nonce) pairs used for two ciphertexts"),
         ("state-rollback", without_rollback_detector, "plaintexts the attacker recovered by XOR"),
+        ("init-swap", without_message_0_check, "the swapped-in message shown to Bob as the first"),
     ],
 )
 def test_a_lifecycle_scenario_exits_5_without_its_defence(
