@@ -42,6 +42,7 @@ ORDER = (
     "fsync-failure",
     "state-rollback",
     "init-swap",
+    "replay-cache-fill",
 )
 
 

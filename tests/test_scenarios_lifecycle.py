@@ -11,7 +11,7 @@ import pytest
 from kmsnet.cli import main
 from kmsnet.exits import SCENARIO_FAILED
 from node import epoch, node
-from protocol import handshake, peer
+from protocol import handshake, peer, prekeys
 from protocol.session import Session
 
 
@@ -54,6 +54,11 @@ def without_message_0_check(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(handshake, "require_message_0", lambda message, ephemeral: None)
 
 
+def without_early_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The signed prekey rotates on its weekly schedule only, however full its replay cache."""
+    monkeypatch.setattr(prekeys.PrekeySecrets, "rotation_wanted", lambda self: False)
+
+
 @pytest.mark.parametrize(
     ("name", "patch", "failing"),
     [
@@ -63,6 +68,7 @@ def without_message_0_check(monkeypatch: pytest.MonkeyPatch) -> None:
         ("fsync-failure", leaky_reservations, "(key, nonce) pairs used for two ciphertexts"),
         ("state-rollback", without_rollback_detector, "plaintexts the attacker recovered by XOR"),
         ("init-swap", without_message_0_check, "the swapped-in message shown to Bob as the first"),
+        ("replay-cache-fill", without_early_rotation, "Bob's signed prekey rotated early"),
     ],
 )
 def test_a_lifecycle_scenario_exits_5_without_its_defence(

@@ -1,0 +1,76 @@
+"""replay-cache-fill: an enrolled node drains Bob's one-time prekeys and floods him with INITs that
+carry none, to fill his replay cache and lock new sessions out."""
+
+from __future__ import annotations
+
+from protocol import handshake
+from protocol.prekeys import ROTATE_EARLY_AT
+from protocol.session import Kind
+from scenarios.attacker import AnyRevocation, MaliciousRelay
+from scenarios.registry import Context, scenario
+
+#: INITs Mallory sends without a one-time prekey: just past the early-rotation threshold.
+FLOOD = ROTATE_EARLY_AT + 20
+
+
+@scenario(
+    "replay-cache-fill",
+    attack="an enrolled node drains Bob's one-time prekeys and floods him with INITs that carry none",
+    expected="Bob's signed prekey rotates early and is published at once; a newcomer's session still starts",
+    story="""An INIT without a one-time prekey is accepted under the signed prekey alone, and its
+    ephemeral key is remembered to refuse a replay, up to 100 000 per signed prekey; past that,
+    every such INIT was refused until the weekly rotation, and the whole cache (3.4 MB) was
+    rewritten on every INIT. Mallory, enrolled like anyone, takes every one-time prekey the relay
+    holds for Bob and sends him INIT after INIT without one. Now Bob's newest signed prekey rotates
+    as soon as its cache holds 1 000 keys, and the new bundle is published at once: the flood fills
+    a cache nobody new uses, and Carol, arriving afterwards, starts her session.""",
+)
+async def replay_cache_fill(ctx: Context) -> None:
+    evil = MaliciousRelay(ctx.timeline)  # Mallory's access to the relay (she is enrolled: no forgery)
+    async with ctx.lab(interceptor=evil) as lab:
+        await lab.publish_crl()
+        bob, mallory = await lab.add_node("bob"), await lab.add_node("mallory")
+        before = bob.node.prekeys.signed_ids()
+        ctx.story("Mallory fetches Bob's bundle until no one-time prekey is left")
+        drained = 0
+        while (bundle := await evil.fetch_bundle("bob")) is not None and bundle.otpk is not None:
+            drained += 1
+        assert bundle is not None
+        await lab.chat(mallory, bob, "knock knock")
+        ctx.story(f"Mallory sends Bob {FLOOD} INITs without a one-time prekey")
+        for _ in range(FLOOD):
+            flood = handshake.initiate(
+                identity=mallory.enrolled.identity,
+                certificate=mallory.enrolled.certificate,
+                bundle=bundle,
+                root=lab.ca.root,
+                revocation=AnyRevocation(),
+                now=lab.clock.now(),
+                expected_name="bob",
+                first_kind=Kind.HEARTBEAT,
+            )
+            evil.inject("bob", "mallory", flood.frame)
+        await lab.say(mallory, "bob", "knock knock again")  # the next delivery carries the flood behind it
+        flooded = max(before)
+
+        def settled() -> bool:  # rotated, or every INIT of the flood is in the cache (read from the node)
+            prekeys = bob.node.prekeys
+            return len(prekeys.signed_ids()) > len(before) or len(prekeys._seen.get(flooded, ())) >= FLOOD
+
+        await lab.until(settled, "Bob has taken the flood", timeout=30)
+        ctx.story("Carol, new, starts a session with Bob")
+        carol = await lab.add_node("carol")
+        await lab.chat(carol, bob, "hello Bob, I am new here")
+        await lab.settle()
+
+        newest = max(bob.node.prekeys.signed_ids())
+        ctx.check("one-time prekeys Mallory drained", True, drained > 0)
+        ctx.check("Bob's signed prekey rotated early", True, newest > max(before))
+        ctx.check("the bundle the relay hands out is the new one", newest, bob.node._current_bundle().spk_id)
+        ctx.check("Carol's session started and her message arrived", ["hello Bob, I am new here"], bob.texts("carol"))
+        ctx.check("Bob's refusals of honest nodes", 0, len([e for e in bob.refusals() if e.peer == "carol"]))
+        ctx.figure("INITs without a one-time prekey", FLOOD)
+        rotated = f"Bob rotated early (prekey {newest})" if newest > max(before) else "Bob did not rotate"
+        ctx.conclude(
+            f"{drained} one-time prekeys drained, {FLOOD} INITs without one; {rotated}; Carol's session started"
+        )
