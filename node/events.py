@@ -32,6 +32,7 @@ EVENTS = {
     "unknown_frame_type": "a frame of a type this version does not know: refused",
     "unexpected_frame": "a frame came that the session's state does not accept: refused",
     "handshake_error": "a session start was malformed or inconsistent (a bad bundle or initial message): refused",
+    "replay_cache_quota": "a peer sent more session starts without a one-time prekey than its share: refused",
     "unknown_prekey": "a session start named a prekey this node does not hold: refused",
     "replayed_initial_message": "a session start was replayed: refused",
     "bad_signature": "a signature did not verify: refused",

@@ -178,6 +178,12 @@ class ReplayedInitialMessage(HandshakeError):
     code: ClassVar[str] = "replayed_initial_message"
 
 
+class ReplayCacheQuota(HandshakeError):
+    """An initial message without a one-time prekey from an initiator whose share of the replay cache is used up."""
+
+    code: ClassVar[str] = "replay_cache_quota"
+
+
 class UnknownPrekey(HandshakeError):
     """An initial message names a prekey we do not hold (rotated out, or never ours)."""
 

@@ -36,6 +36,7 @@ from protocol.errors import (
     BadSignature,
     DecodeError,
     HandshakeError,
+    ReplayCacheQuota,
     ReplayedInitialMessage,
     SessionClosed,
     SuiteError,
@@ -361,6 +362,10 @@ def respond(
         raise ReplayedInitialMessage("initial message replayed (ephemeral key seen before)")
     elif len(prekeys._seen.get(init.spk_id, ())) >= MAX_REPLAY_CACHE:
         raise ReplayedInitialMessage("replay cache full for this signed prekey: refusing until it rotates")
+    elif not prekeys.quota_left(init.spk_id, peer.public_key.public_bytes_raw()):
+        raise ReplayCacheQuota(
+            "this initiator's share of the replay cache is used up: refusing until the prekey rotates"
+        )
     th = _transcript(
         suite,
         peer.fingerprint,
@@ -404,7 +409,7 @@ def respond(
     if init.otpk_id is not None:
         del prekeys._onetime[init.otpk_id]
     else:
-        prekeys._seen[init.spk_id].add(init.ephemeral)
+        prekeys.remember(init.spk_id, init.ephemeral, peer.public_key.public_bytes_raw())
     return Responded(session, first, peer)
 
 
@@ -477,4 +482,3 @@ def next_state(state: PeerState, frame: FrameType) -> PeerState:
     if nxt is None:
         raise UnexpectedFrame(f"{frame.name} frame not accepted in state {state.name}")
     return nxt
-

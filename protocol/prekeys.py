@@ -18,6 +18,9 @@ from protocol.messages import MAX_U32, X25519_LEN
 MAX_REPLAY_CACHE = 100_000
 #: One-time prekeys a responder keeps at most (the oldest is dropped to make room).
 MAX_ONETIME_PREKEYS = 1000
+#: Replay-cache entries one initiator (identity key) may add per signed prekey: one enrolled node
+#: cannot fill a cache, nor make the prekey rotate early, by itself.
+MAX_REPLAY_PER_INITIATOR = 100
 #: Replay-cache entries on the newest signed prekey past which it rotates at once (and is published):
 #: whoever drains the one-time prekeys and floods INITs without one never fills the cache of the
 #: prekey new initiators use, and the record stays small.
@@ -33,7 +36,7 @@ class PrekeySecrets:
     names an unknown prekey and is refused too.
     """
 
-    __slots__ = ("_issued", "_kem", "_onetime", "_seen", "_spk")
+    __slots__ = ("_issued", "_kem", "_onetime", "_quota", "_seen", "_spk")
 
     def __init__(self) -> None:
         self._spk: dict[int, X25519KeyPair] = {}
@@ -43,6 +46,8 @@ class PrekeySecrets:
         # (or dropped unused), which needs no per-id memory to recognise.
         self._issued = 0
         self._seen: dict[int, set[bytes]] = {}
+        # Replay-cache entries per signed prekey and initiator identity key.
+        self._quota: dict[int, dict[bytes, int]] = {}
 
     def add_signed(self, spk_id: int, key: X25519KeyPair) -> None:
         """Hold a signed prekey's private key (current, or kept for a grace period)."""
@@ -69,10 +74,21 @@ class PrekeySecrets:
         """Destroy a signed prekey after its grace period (with its replay cache)."""
         self._spk.pop(spk_id, None)
         self._seen.pop(spk_id, None)
+        self._quota.pop(spk_id, None)
 
     def drop_kem(self, kem_id: int) -> None:
         """Destroy an ML-KEM prekey after its grace period."""
         self._kem.pop(kem_id, None)
+
+    def quota_left(self, spk_id: int, initiator: bytes) -> bool:
+        """True while `initiator` (an identity key) may add to the replay cache of `spk_id`."""
+        return self._quota.get(spk_id, {}).get(initiator, 0) < MAX_REPLAY_PER_INITIATOR
+
+    def remember(self, spk_id: int, ephemeral: bytes, initiator: bytes) -> None:
+        """Enter an accepted INIT without a one-time prekey into the replay cache, on its initiator's quota."""
+        self._seen[spk_id].add(ephemeral)
+        quota = self._quota.setdefault(spk_id, {})
+        quota[initiator] = quota.get(initiator, 0) + 1
 
     def rotation_wanted(self) -> bool:
         """True when the newest signed prekey should rotate now, before its schedule: its replay cache
@@ -105,7 +121,7 @@ class PrekeySecrets:
                 [[i, k.seed()] for i, k in self._kem.items()],
                 [[i, k.private_bytes()] for i, k in self._onetime.items()],
                 self._issued,
-                [[i, sorted(s)] for i, s in self._seen.items()],
+                [[i, sorted(s), sorted(self._quota.get(i, {}).items())] for i, s in self._seen.items()],
             ]
         )
 
@@ -125,7 +141,11 @@ class PrekeySecrets:
             for i, k in onetime:
                 out._onetime[_id(i)] = X25519KeyPair.from_private_bytes(k)
             out._issued = _id(issued)
-            out._seen.update({_id(i): {_ephemeral(e) for e in s} for i, s in seen})
+            for i, s, *quota in seen:  # entries written before the quota existed have none
+                out._seen[_id(i)] = {_ephemeral(e) for e in s}
+                if quota:
+                    (counts,) = quota
+                    out._quota[_id(i)] = {_ephemeral(k): _id(n) for k, n in counts}
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise DecodeError("malformed prekey state") from exc
         return out

@@ -6,15 +6,17 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+import msgpack
 import pytest
-from conftest import ALICE, BOB, CA, make_prekeys
+from conftest import ALICE, BOB, CA, MALLORY, make_prekeys
 from lab import make_node, next_message, publish_crl, relay_config, running
-from test_handshake import initiate, respond
+from test_handshake import initiate, refused_by_responder, respond
 
 from protocol import prekeys, wire
+from protocol.errors import ReplayCacheQuota
 from protocol.identity import X25519KeyPair
 from protocol.messages import PrekeyBundle
-from protocol.prekeys import ROTATE_EARLY_AT, PrekeySecrets
+from protocol.prekeys import MAX_REPLAY_PER_INITIATOR, ROTATE_EARLY_AT, PrekeySecrets
 from relay.server import Relay
 
 
@@ -30,6 +32,22 @@ def test_rotation_is_wanted_when_the_replay_cache_fills_or_the_one_time_prekeys_
     assert bob.secrets.rotation_wanted()
     bob.secrets.add_signed(2, X25519KeyPair.generate())  # the new one starts with an empty cache
     assert not bob.secrets.rotation_wanted()
+
+
+def test_each_initiator_has_a_share_of_the_replay_cache_kept_across_a_restart() -> None:
+    bob = make_prekeys(BOB, onetime=0)
+    for _ in range(MAX_REPLAY_PER_INITIATOR):
+        respond(initiate(bob.fetch()).frame, bob)
+    refused_by_responder(initiate(bob.fetch()).frame, bob, ReplayCacheQuota)
+    restored = PrekeySecrets.from_bytes(bob.secrets.to_bytes())
+    assert not restored.quota_left(1, ALICE.identity.public_bytes)
+    assert restored.quota_left(1, MALLORY.identity.public_bytes)
+    # Mallory has her own share.
+    respond(initiate(bob.fetch(), initiator=MALLORY, expected="bob").frame, bob)
+    # A state written before the quota existed (cache entries of two fields) restores with none used.
+    fmt, spk, kem, onetime, issued, seen = msgpack.unpackb(bob.secrets.to_bytes())
+    old = PrekeySecrets.from_bytes(msgpack.packb([fmt, spk, kem, onetime, issued, [e[:2] for e in seen]]))
+    assert old.quota_left(1, ALICE.identity.public_bytes) and len(old._seen[1]) == MAX_REPLAY_PER_INITIATOR + 1
 
 
 async def published_spk(relay: Relay) -> int | None:

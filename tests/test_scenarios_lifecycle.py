@@ -54,8 +54,9 @@ def without_message_0_check(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(handshake, "require_message_0", lambda message, ephemeral: None)
 
 
-def without_early_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The signed prekey rotates on its weekly schedule only, however full its replay cache."""
+def without_quota_or_early_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any initiator may fill the replay cache, and the prekey rotates on its weekly schedule only."""
+    monkeypatch.setattr(prekeys.PrekeySecrets, "quota_left", lambda self, spk_id, initiator: True)
     monkeypatch.setattr(prekeys.PrekeySecrets, "rotation_wanted", lambda self: False)
 
 
@@ -68,7 +69,7 @@ def without_early_rotation(monkeypatch: pytest.MonkeyPatch) -> None:
         ("fsync-failure", leaky_reservations, "(key, nonce) pairs used for two ciphertexts"),
         ("state-rollback", without_rollback_detector, "plaintexts the attacker recovered by XOR"),
         ("init-swap", without_message_0_check, "the swapped-in message shown to Bob as the first"),
-        ("replay-cache-fill", without_early_rotation, "Bob's signed prekey rotated early"),
+        ("replay-cache-fill", without_quota_or_early_rotation, "keys Mallory put in the replay cache"),
     ],
 )
 def test_a_lifecycle_scenario_exits_5_without_its_defence(

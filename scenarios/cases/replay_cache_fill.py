@@ -4,7 +4,7 @@ carry none, to fill his replay cache and lock new sessions out."""
 from __future__ import annotations
 
 from protocol import handshake
-from protocol.prekeys import ROTATE_EARLY_AT
+from protocol.prekeys import MAX_REPLAY_PER_INITIATOR, ROTATE_EARLY_AT
 from protocol.session import Kind
 from scenarios.attacker import AnyRevocation, MaliciousRelay
 from scenarios.registry import Context, scenario
@@ -16,14 +16,16 @@ FLOOD = ROTATE_EARLY_AT + 20
 @scenario(
     "replay-cache-fill",
     attack="an enrolled node drains Bob's one-time prekeys and floods him with INITs that carry none",
-    expected="Bob's signed prekey rotates early and is published at once; a newcomer's session still starts",
+    expected="Mallory gets her share of the replay cache and no more; a newcomer's session still starts",
     story="""An INIT without a one-time prekey is accepted under the signed prekey alone, and its
     ephemeral key is remembered to refuse a replay, up to 100 000 per signed prekey; past that,
     every such INIT was refused until the weekly rotation, and the whole cache (3.4 MB) was
     rewritten on every INIT. Mallory, enrolled like anyone, takes every one-time prekey the relay
-    holds for Bob and sends him INIT after INIT without one. Now Bob's newest signed prekey rotates
-    as soon as its cache holds 1 000 keys, and the new bundle is published at once: the flood fills
-    a cache nobody new uses, and Carol, arriving afterwards, starts her session.""",
+    holds for Bob and sends him INIT after INIT without one. Now each initiator may put only 100
+    keys in the cache of a signed prekey (the rest of her INITs are refused), and should enough
+    initiators together put 1 000 there, Bob's prekey rotates at once and the new bundle is
+    published: a flood never fills the cache new initiators use. Carol, arriving afterwards,
+    starts her session.""",
 )
 async def replay_cache_fill(ctx: Context) -> None:
     evil = MaliciousRelay(ctx.timeline)  # Mallory's access to the relay (she is enrolled: no forgery)
@@ -53,9 +55,9 @@ async def replay_cache_fill(ctx: Context) -> None:
         await lab.say(mallory, "bob", "knock knock again")  # the next delivery carries the flood behind it
         flooded = max(before)
 
-        def settled() -> bool:  # rotated, or every INIT of the flood is in the cache (read from the node)
-            prekeys = bob.node.prekeys
-            return len(prekeys.signed_ids()) > len(before) or len(prekeys._seen.get(flooded, ())) >= FLOOD
+        def settled() -> bool:  # every INIT of the flood taken or refused (the cache read from the node)
+            taken = len(bob.node.prekeys._seen.get(flooded, ()))
+            return taken + len(bob.refusals("replay_cache_quota")) >= FLOOD or len(bob.node.prekeys.signed_ids()) > 1
 
         await lab.until(settled, "Bob has taken the flood", timeout=30)
         ctx.story("Carol, new, starts a session with Bob")
@@ -64,13 +66,25 @@ async def replay_cache_fill(ctx: Context) -> None:
         await lab.settle()
 
         newest = max(bob.node.prekeys.signed_ids())
+        mallorys = bob.node.prekeys._quota.get(flooded, {}).get(mallory.enrolled.identity.public_bytes, 0)
         ctx.check("one-time prekeys Mallory drained", True, drained > 0)
-        ctx.check("Bob's signed prekey rotated early", True, newest > max(before))
-        ctx.check("the bundle the relay hands out is the new one", newest, bob.node._current_bundle().spk_id)
+        # Her first INIT (the knock) and the flood: all without a one-time prekey.
+        ctx.check(
+            "Mallory's INITs refused beyond her share",
+            FLOOD + 1 - MAX_REPLAY_PER_INITIATOR,
+            len(bob.refusals("replay_cache_quota")),
+        )
+        ctx.check(
+            "keys Mallory put in the replay cache",
+            f"at most {MAX_REPLAY_PER_INITIATOR}",
+            mallorys,
+            mallorys <= MAX_REPLAY_PER_INITIATOR,
+        )
+        ctx.check("the bundle the relay hands out is Bob's newest", newest, bob.node._current_bundle().spk_id)
         ctx.check("Carol's session started and her message arrived", ["hello Bob, I am new here"], bob.texts("carol"))
         ctx.check("Bob's refusals of honest nodes", 0, len([e for e in bob.refusals() if e.peer == "carol"]))
         ctx.figure("INITs without a one-time prekey", FLOOD)
-        rotated = f"Bob rotated early (prekey {newest})" if newest > max(before) else "Bob did not rotate"
         ctx.conclude(
-            f"{drained} one-time prekeys drained, {FLOOD} INITs without one; {rotated}; Carol's session started"
+            f"{drained} one-time prekeys drained, {FLOOD} INITs without one: {mallorys} entered the replay cache, "
+            f"{len(bob.refusals('replay_cache_quota'))} refused; Carol's session started"
         )
