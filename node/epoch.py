@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger("kmsnet.node")
 
 #: What the file's name adds to the keystore's (one counter per keystore, even in a shared directory).
 EPOCH_SUFFIX = ".epoch"
@@ -71,7 +74,13 @@ class EpochFile:
 
     async def _write_pending(self) -> None:
         while self._written < self._wanted:
-            await asyncio.to_thread(self.write, self._wanted)
+            try:
+                await asyncio.to_thread(self.write, self._wanted)
+            except OSError as exc:
+                # The file stays behind the keystore: a later rollback may go unseen, but no false
+                # alarm is possible; the next commit tries again.
+                log.error("epoch_not_written", extra={"fields": {"path": str(self.path), "error": exc.strerror}})
+                return
 
     async def close(self) -> None:
         """Finish the pending write."""

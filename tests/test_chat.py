@@ -57,9 +57,10 @@ async def test_simultaneous_initiation_settles_on_one_session(tmp_path: Path) ->
         bob = make_node(CA, BOB, relay.url)
         async with running(alice, bob):
             await asyncio.gather(alice.send("bob", "hi from alice"), bob.send("alice", "hi from bob"))
-            # If the two INITs crossed, the one from the lower fingerprint won on both sides (and the
-            # other side's first message was refused, with an event); if not, one side simply used
-            # the session the other had started. Either way the winner's first message arrives...
+            # If the two INITs crossed, both sides kept the same one (protocol/peer.py's rank: the
+            # fresher, here the lower fingerprint, as the test clock stands still) and archived the
+            # other; if not, one side simply used the session the other had started. Either way the
+            # winner's first message arrives (tests/test_crossing.py shows that the other's does too)...
             winner, other = (alice, bob) if ALICE.fingerprint < BOB.fingerprint else (bob, alice)
             assert (await next_message(other)).text == f"hi from {winner.name}"
             # ...and from then on there is one session, both ways.

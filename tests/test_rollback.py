@@ -72,3 +72,10 @@ def test_the_epoch_file_is_replaced_whole_and_reads_0_when_missing_or_unreadable
     assert path.read_text() == "7\n" and EpochFile(path).read() == 7
     path.write_text("garbage")
     assert EpochFile(path).read() == 0
+
+
+async def test_an_epoch_file_that_cannot_be_written_is_logged_and_never_stops_the_node(tmp_path: Path) -> None:
+    epoch = EpochFile(tmp_path / "missing-dir" / "keystore.db.epoch")
+    epoch.advance(3)
+    await epoch.close()  # the directory does not exist: logged, not raised
+    assert epoch.read() == 0
