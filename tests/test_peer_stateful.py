@@ -1,12 +1,14 @@
 """A hypothesis state machine over two peers' engines (protocol/peer.py with real handshakes) and a
 hostile network: either side sends (starting a session when it holds none, as a node does), the
 network delivers any frame in flight (so INITs cross and arrive late), drops and duplicates; either
-side restarts from what it persisted, or loses every session (a detected rollback).
+side restarts from what it persisted, or loses every session (a detected rollback); and the CA may
+revoke one side, which the other learns from a CRL.
 
 Invariants: every delivered plaintext was sent by the other side and is delivered at most once; no
-(session, ratchet key, message number) ever encrypts twice (no AES-GCM key and nonce reuse); and
-once the network is honest again the conversation recovers by itself within a bounded number of
-messages, both ways.
+(session, ratchet key, message number) ever encrypts twice (no AES-GCM key and nonce reuse); nothing
+a revoked peer sends is delivered once the CRL listing it is held; and once the network is honest
+again the conversation recovers by itself within a bounded number of messages, both ways (unless a
+side was revoked).
 """
 
 from __future__ import annotations
@@ -53,6 +55,10 @@ class TwoEngines(RuleBasedStateMachine):
         self.nonces: set[tuple[bytes, bytes, int]] = set()
         self.counter = 0
         self.ms = 0
+        #: Sides the CA revoked (the other side holds the CRL that lists them), and what each
+        #: receiver had delivered when it learned of it.
+        self.revoked: set[str] = set()
+        self.delivered_before_revocation: dict[str, int] = {}
 
     @initialize()
     def start(self) -> None:
@@ -71,14 +77,19 @@ class TwoEngines(RuleBasedStateMachine):
         assert key not in self.nonces, "a (key, nonce) pair was used twice"
         self.nonces.add(key)
 
+    def _crl(self) -> object:
+        return CA.revocation([WHO[s].serial for s in self.revoked])
+
     def _initiate(self, side: str, body: bytes, kind: Kind = Kind.DATA) -> None:
         me, peer = self.peers[side], self.peers[OTHER[side]]
+        if OTHER[side] in self.revoked:
+            return  # our own check refuses a revoked peer's bundle (a revoked thief still tries: the peer refuses)
         started = handshake.initiate(
             identity=WHO[side].identity,
             certificate=WHO[side].cert,
             bundle=peer.prekeys.fetch(),
             root=CA.root,
-            revocation=CA.revocation(),
+            revocation=self._crl(),  # type: ignore[arg-type]
             now=self.now(),  # type: ignore[arg-type]
             expected_name=NAME[OTHER[side]],
             first_message=body,
@@ -117,7 +128,7 @@ class TwoEngines(RuleBasedStateMachine):
                     bundle=me.prekeys.bundle,
                     prekeys=me.prekeys.secrets,
                     root=CA.root,
-                    revocation=CA.revocation(),
+                    revocation=self._crl(),  # type: ignore[arg-type]
                     now=NOW + timedelta(milliseconds=self.ms + 1),
                 )
                 if me.conversation.adopt(responded.session):
@@ -175,6 +186,16 @@ class TwoEngines(RuleBasedStateMachine):
         self.peers[side].confirmed = False
         self._initiate(side, b"", Kind.HEARTBEAT)
 
+    @rule(side=SIDES)
+    def revoke(self, side: str) -> None:
+        """The CA revokes `side`; the other side accepts the CRL and closes every session with it."""
+        if self.revoked:
+            return
+        self.revoked.add(side)
+        receiver = OTHER[side]
+        self.peers[receiver].conversation.close("peer revoked")
+        self.delivered_before_revocation[receiver] = len(self.delivered[receiver])
+
     @rule()
     def network_turns_honest(self) -> None:
         """Everything in flight arrives in order; then the two talk with each message delivered at once:
@@ -182,6 +203,8 @@ class TwoEngines(RuleBasedStateMachine):
         for side in ("a", "b"):
             while self.in_flight[side]:
                 self._receive(side, self.in_flight[side].pop(0))
+        if self.revoked:
+            return  # nothing recovers with a revoked peer (checked by the invariant below)
         for _ in range(RECOVERY_ROUNDS):
             through = []
             for side in ("a", "b"):
@@ -196,6 +219,11 @@ class TwoEngines(RuleBasedStateMachine):
         raise AssertionError("the conversation did not recover once the network was honest")
 
     # --- invariants ------------------------------------------------------------------------------------
+
+    @invariant()
+    def nothing_from_a_revoked_peer_once_the_crl_is_held(self) -> None:
+        for receiver, count in self.delivered_before_revocation.items():
+            assert len(self.delivered[receiver]) == count, "a revoked peer's message was delivered"
 
     @invariant()
     def delivered_once_and_only_what_was_sent(self) -> None:
