@@ -10,10 +10,10 @@ relay has not accepted yet is kept in memory, and written to disk once `send` re
 queued or the node stops (see `_queue_outbox`).
 
 Keystore layout (namespace / name → sealed value):
-    node/identity, node/certificate, node/root, node/relay, node/prekeys, node/revocation,
-    node/next_prekey_rotation, node/onetime_certificate (the certificate the relay's one-time prekeys
-    are signed over), bundle/<spk id>, session/<peer> (the current session), archive/<peer> (the
-    sessions it replaced, protocol/peer.py), peer/<peer>,
+    node/identity, node/certificate, node/root, node/relay, node/prekeys (the prekey account, its
+    rotation schedule included), node/revocation, node/epoch, node/onetime_certificate (the
+    certificate the relay's one-time prekeys are signed over), bundle/<spk id>, session/<peer> (the
+    current session), archive/<peer> (the sessions it replaced, protocol/peer.py), peer/<peer>,
     outbox/<seq 20 digits>, inbox/<seq 20 digits>, seen/<peer>:<msg id hex>
 """
 
@@ -427,8 +427,11 @@ class Node:
                 self._close_revoked(name, record, answer.reason or "revoked")
 
     def _rotation_due(self, now: datetime) -> bool:
-        due = self.keystore.get(NS_NODE, "next_prekey_rotation")
-        return due is None or now.timestamp() >= float(due.decode())
+        """Due by the prekey account's schedule, or our newest bundle is signed over another
+        certificate than ours (after a renewal or a re-key: it verifies for nobody)."""
+        if self.prekeys.rotation_due(now.timestamp()) or not self.keystore.names(NS_BUNDLE):
+            return True
+        return self._current_bundle().certificate != self.certificate
 
     async def _publish_prekeys(self, onetime_left: int, *, rotate: bool = False) -> None:
         now = self.clock()
@@ -480,22 +483,22 @@ class Node:
         self.prekeys.add_signed(spk_id, spk)
         if kem is not None:
             self.prekeys.add_kem(spk_id, kem)
-        grace_end = (now + self.options.prekey_grace).timestamp()
+        # The schedule lives in the prekey account (protocol/prekeys.py); old prekeys stay for the
+        # grace period after the rotation that replaced them.
+        destroyed = self.prekeys.rotated(
+            spk_id,
+            now.timestamp(),
+            every=self.options.prekey_rotation.total_seconds(),
+            grace=self.options.prekey_grace.total_seconds(),
+        )
         with self.keystore.transaction():
-            for old in ids:
-                # Old prekeys stay for the grace period after the rotation that replaced them.
-                expiry = self.keystore.get(NS_NODE, f"spk_expiry/{old}")
-                if expiry is None:
-                    self.keystore.put(NS_NODE, f"spk_expiry/{old}", str(grace_end).encode())
-                elif now.timestamp() >= float(expiry.decode()):
-                    self.prekeys.drop_signed(old)
-                    self.prekeys.drop_kem(old)
-                    self.keystore.delete(NS_BUNDLE, str(old))
-                    self.keystore.delete(NS_NODE, f"spk_expiry/{old}")
+            for old in destroyed:
+                self.keystore.delete(NS_BUNDLE, str(old))
+            # Records of the schedule kept outside the account by earlier versions.
+            for name in ("next_prekey_rotation", *self.keystore.names(NS_NODE, "spk_expiry/")):
+                self.keystore.delete(NS_NODE, name)
             self.keystore.put(NS_BUNDLE, str(spk_id), wire.encode(bundle))
             self.keystore.put(NS_NODE, "prekeys", self.prekeys.to_bytes())
-            next_due = (now + self.options.prekey_rotation).timestamp()
-            self.keystore.put(NS_NODE, "next_prekey_rotation", str(next_due).encode())
         log.info("signed_prekey_rotated", extra={"fields": {"node": self.name, "spk_id": spk_id}})
         return True
 

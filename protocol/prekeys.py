@@ -36,7 +36,7 @@ class PrekeySecrets:
     names an unknown prekey and is refused too.
     """
 
-    __slots__ = ("_issued", "_kem", "_onetime", "_quota", "_seen", "_spk")
+    __slots__ = ("_issued", "_kem", "_next_rotation", "_onetime", "_quota", "_retire", "_seen", "_spk")
 
     def __init__(self) -> None:
         self._spk: dict[int, X25519KeyPair] = {}
@@ -48,6 +48,10 @@ class PrekeySecrets:
         self._seen: dict[int, set[bytes]] = {}
         # Replay-cache entries per signed prekey and initiator identity key.
         self._quota: dict[int, dict[bytes, int]] = {}
+        # The schedule (seconds since the epoch): when the next rotation is due (None: now), and when
+        # each replaced signed prekey may be destroyed.
+        self._next_rotation: float | None = None
+        self._retire: dict[int, float] = {}
 
     def add_signed(self, spk_id: int, key: X25519KeyPair) -> None:
         """Hold a signed prekey's private key (current, or kept for a grace period)."""
@@ -75,6 +79,7 @@ class PrekeySecrets:
         self._spk.pop(spk_id, None)
         self._seen.pop(spk_id, None)
         self._quota.pop(spk_id, None)
+        self._retire.pop(spk_id, None)
 
     def drop_kem(self, kem_id: int) -> None:
         """Destroy an ML-KEM prekey after its grace period."""
@@ -97,6 +102,26 @@ class PrekeySecrets:
             return False
         newest = max(self._spk)
         return len(self._seen.get(newest, ())) >= ROTATE_EARLY_AT or not self._onetime
+
+    def rotation_due(self, now: float) -> bool:
+        """True when the scheduled rotation is due at `now` (seconds since the epoch), or none was ever made."""
+        return self._next_rotation is None or now >= self._next_rotation
+
+    def rotated(self, spk_id: int, now: float, *, every: float, grace: float) -> list[int]:
+        """Record a rotation to `spk_id` at `now`: the next one is due `every` seconds later; each
+        older signed prekey is kept `grace` seconds after the first rotation past it (INITs in
+        flight still open) and destroyed, with its ML-KEM prekey, at the first rotation after that.
+        Returns the ids destroyed (their published bundles go too)."""
+        self._next_rotation = now + every
+        destroyed = []
+        for old in self.signed_ids():
+            if old == spk_id:
+                continue
+            if now >= self._retire.setdefault(old, now + grace):
+                self.drop_signed(old)
+                self.drop_kem(old)
+                destroyed.append(old)
+        return destroyed
 
     @property
     def onetime_count(self) -> int:
@@ -122,6 +147,7 @@ class PrekeySecrets:
                 [[i, k.private_bytes()] for i, k in self._onetime.items()],
                 self._issued,
                 [[i, sorted(s), sorted(self._quota.get(i, {}).items())] for i, s in self._seen.items()],
+                [self._next_rotation, sorted(self._retire.items())],
             ]
         )
 
@@ -130,7 +156,11 @@ class PrekeySecrets:
         """Restore what `to_bytes` wrote. Raises DecodeError on anything malformed."""
         out = cls()
         try:
-            fmt, spk, kem, onetime, issued, seen = msgpack.unpackb(data, raw=False, max_map_len=0, max_str_len=0)
+            fields = msgpack.unpackb(data, raw=False, max_map_len=0, max_str_len=0)
+            # A state written before the schedule moved in here has none: a rotation is due at once.
+            fmt, spk, kem, onetime, issued, seen, *schedule = fields
+            if len(schedule) > 1:
+                raise DecodeError("malformed prekey state")
             if type(fmt) is not int or fmt != 1:
                 raise DecodeError("unknown prekey state format")
             for i, k in spk:
@@ -146,6 +176,10 @@ class PrekeySecrets:
                 if quota:
                     (counts,) = quota
                     out._quota[_id(i)] = {_ephemeral(k): _id(n) for k, n in counts}
+            if schedule:
+                ((due, retire),) = schedule
+                out._next_rotation = None if due is None else _time(due)
+                out._retire = {_id(i): _time(t) for i, t in retire}
         except (ValueError, TypeError, msgpack.UnpackException) as exc:
             raise DecodeError("malformed prekey state") from exc
         return out
@@ -164,3 +198,9 @@ def _id(value: object) -> int:
     if type(value) is not int or not 0 <= value <= 0xFFFFFFFF:
         raise DecodeError("prekey id out of range")
     return value
+
+
+def _time(value: object) -> float:
+    if type(value) not in (int, float) or not 0 <= value < 2**63:  # type: ignore[operator]
+        raise DecodeError("prekey schedule time out of range")
+    return float(value)  # type: ignore[arg-type]

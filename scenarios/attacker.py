@@ -619,7 +619,8 @@ def x25519_keys(victim: LabNode) -> dict[bytes, X25519KeyPair]:
     keys: dict[bytes, X25519KeyPair] = {}
     raw = victim.keystore.get(NS_NODE, "prekeys")
     if raw is not None:
-        _, signed, _, onetime, _, _ = msgpack.unpackb(raw)
+        fields = msgpack.unpackb(raw)
+        signed, onetime = fields[1], fields[3]
         for _, private in (*signed, *onetime):
             pair = X25519KeyPair.from_private_bytes(private)
             keys[pair.public] = pair

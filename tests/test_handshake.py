@@ -680,7 +680,12 @@ MALFORMED_PREKEYS = {
     "seen entry short": _set(5, [[1]]),
     "seen negative entry": _set(5, [[1, [-1]]]),
     "seen id str": _set(5, [["1", []]]),
-    "one field short": lambda f: f[:-1],
+    "two fields short": lambda f: f[:-2],
+    "schedule not a pair": _set(6, [None]),
+    "schedule time a string": _set(6, [b"soon", []]),
+    "schedule time negative": _set(6, [-1.0, []]),
+    "retire entry short": _set(6, [None, [[1]]]),
+    "retire time bool": _set(6, [None, [[1, True]]]),
     "one field more": lambda f: [*f, []],
     "not an array": lambda f: 7,
     "a string": lambda f: "state",
@@ -785,7 +790,7 @@ def test_onetime_prekey_ids_stop_below_the_u32_limit() -> None:
 
 
 def test_a_restored_signed_prekey_without_a_replay_cache_still_accepts(bob_prekeys: Prekeys) -> None:
-    fmt, spk, kem, onetime, issued, _seen = msgpack.unpackb(bob_prekeys.secrets.to_bytes())
+    fmt, spk, kem, onetime, issued, _seen, _schedule = msgpack.unpackb(bob_prekeys.secrets.to_bytes())
     bob_prekeys.secrets = handshake.PrekeySecrets.from_bytes(msgpack.packb([fmt, spk, kem, onetime, issued, []]))
     _, responded = establish(CA, ALICE, bob_prekeys, with_onetime=False)
     assert responded.first.data == b"hello"

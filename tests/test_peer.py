@@ -195,3 +195,9 @@ def test_a_revoked_serial_of_any_certificate_of_the_key_is_found() -> None:
     assert revoked_serial([7, 5, 3], {3, 9}) == 3
     assert revoked_serial([7, 5], {3, 9}) is None
     assert revoked_serial([], {3}) is None
+
+
+def test_an_inits_created_is_whole_milliseconds_both_ways() -> None:
+    instant = NOW + timedelta(microseconds=123_456)
+    assert handshake.millis(instant) == handshake.millis(NOW) + 123
+    assert handshake.from_millis(handshake.millis(instant)) == NOW + timedelta(milliseconds=123)

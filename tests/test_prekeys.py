@@ -45,9 +45,26 @@ def test_each_initiator_has_a_share_of_the_replay_cache_kept_across_a_restart() 
     # Mallory has her own share.
     respond(initiate(bob.fetch(), initiator=MALLORY, expected="bob").frame, bob)
     # A state written before the quota existed (cache entries of two fields) restores with none used.
-    fmt, spk, kem, onetime, issued, seen = msgpack.unpackb(bob.secrets.to_bytes())
+    fmt, spk, kem, onetime, issued, seen, _schedule = msgpack.unpackb(bob.secrets.to_bytes())
     old = PrekeySecrets.from_bytes(msgpack.packb([fmt, spk, kem, onetime, issued, [e[:2] for e in seen]]))
     assert old.quota_left(1, ALICE.identity.public_bytes) and len(old._seen[1]) == MAX_REPLAY_PER_INITIATOR + 1
+
+
+def test_the_rotation_schedule_lives_in_the_account_and_survives_a_restart() -> None:
+    account = PrekeySecrets()
+    assert account.rotation_due(0)  # never rotated
+    account.add_signed(1, X25519KeyPair.generate())
+    assert account.rotated(1, 1000.0, every=700.0, grace=200.0) == []
+    assert not account.rotation_due(1699) and account.rotation_due(1700)
+    account.add_signed(2, X25519KeyPair.generate())
+    assert account.rotated(2, 1700.0, every=700.0, grace=200.0) == []  # 1 is kept for its grace period
+    account = PrekeySecrets.from_bytes(account.to_bytes())
+    account.add_signed(3, X25519KeyPair.generate())
+    assert account.rotated(3, 2400.0, every=700.0, grace=200.0) == [1]  # past its grace: destroyed
+    assert account.signed_ids() == [2, 3]
+    # A state written before the schedule moved in (six fields) is due for a rotation at once.
+    legacy = msgpack.unpackb(account.to_bytes())[:6]
+    assert PrekeySecrets.from_bytes(msgpack.packb(legacy)).rotation_due(2401)
 
 
 async def published_spk(relay: Relay) -> int | None:

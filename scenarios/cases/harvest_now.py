@@ -132,6 +132,6 @@ def kem_secret_of(responder: LabNode, init: InitMessage) -> bytes:
     control: what the attacker would need and cannot get from any X25519 key)."""
     raw = responder.keystore.get("node", "prekeys")
     assert raw is not None and init.kem_id is not None and init.kem_ciphertext is not None
-    _, _, kems, _, _, _ = msgpack.unpackb(raw)
+    kems = msgpack.unpackb(raw)[2]
     seed = dict((i, k) for i, k in kems)[init.kem_id]
     return KemKeyPair.from_seed(seed).decapsulate(init.kem_ciphertext)
