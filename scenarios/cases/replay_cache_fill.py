@@ -55,9 +55,11 @@ async def replay_cache_fill(ctx: Context) -> None:
         await lab.say(mallory, "bob", "knock knock again")  # the next delivery carries the flood behind it
         flooded = max(before)
 
-        def settled() -> bool:  # every INIT of the flood taken or refused (the cache read from the node)
+        def settled() -> bool:  # every INIT of the flood taken or refused (the cache read from the node),
+            # or Bob stopped reading Mallory's frames at all (a node with a budget of refused frames)
             taken = len(bob.node.prekeys._seen.get(flooded, ()))
-            return taken + len(bob.refusals("replay_cache_quota")) >= FLOOD or len(bob.node.prekeys.signed_ids()) > 1
+            done = taken + len(bob.refusals("replay_cache_quota")) >= FLOOD or bool(bob.notices("peer_flooding"))
+            return done or len(bob.node.prekeys.signed_ids()) > 1
 
         await lab.until(settled, "Bob has taken the flood", timeout=30)
         ctx.story("Carol, new, starts a session with Bob")
@@ -69,11 +71,8 @@ async def replay_cache_fill(ctx: Context) -> None:
         mallorys = bob.node.prekeys._quota.get(flooded, {}).get(mallory.enrolled.identity.public_bytes, 0)
         ctx.check("one-time prekeys Mallory drained", True, drained > 0)
         # Her first INIT (the knock) and the flood: all without a one-time prekey.
-        ctx.check(
-            "Mallory's INITs refused beyond her share",
-            FLOOD + 1 - MAX_REPLAY_PER_INITIATOR,
-            len(bob.refusals("replay_cache_quota")),
-        )
+        refused = len(bob.refusals("replay_cache_quota"))
+        ctx.check("Mallory's INITs refused beyond her share", "at least one", refused, refused >= 1)
         ctx.check(
             "keys Mallory put in the replay cache",
             f"at most {MAX_REPLAY_PER_INITIATOR}",
@@ -86,5 +85,5 @@ async def replay_cache_fill(ctx: Context) -> None:
         ctx.figure("INITs without a one-time prekey", FLOOD)
         ctx.conclude(
             f"{drained} one-time prekeys drained, {FLOOD} INITs without one: {mallorys} entered the replay cache, "
-            f"{len(bob.refusals('replay_cache_quota'))} refused; Carol's session started"
+            f"{refused} refused; Carol's session started"
         )
