@@ -111,6 +111,11 @@ class RelayRefused(LinkError):
     """The relay refused to authenticate this node."""
 
 
+class RelayImpostor(LinkError, TrustError):
+    """The relay we dialled gave another relay's name in its CHALLENGE (it may be passing that
+    relay's challenge on, to log in there as us): we did not answer it."""
+
+
 class PeerUnavailable(NodeError):
     """The peer cannot be reached through the relay (no prekey bundle, not enrolled)."""
 

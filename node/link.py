@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from node.errors import LinkError, RelayRefused, RelayUnreachable, network_words
+from node.errors import LinkError, RelayImpostor, RelayRefused, RelayUnreachable, network_words
 from protocol import wire
 from protocol.errors import DecodeError
 from protocol.identity import IdentityKey
@@ -42,6 +42,7 @@ from protocol.link import (
     LinkFrame,
     Welcome,
     auth_signed_bytes,
+    relay_name_of,
 )
 
 log = logging.getLogger("kmsnet.node.link")
@@ -111,6 +112,7 @@ class RelayLink:
         on_frame: Callable[[LinkFrame], Awaitable[None]],
         on_connected: Callable[[Welcome], Awaitable[None]],
         reconnect: bool = True,
+        check_relay_name: bool = True,
     ) -> None:
         self.urls = [check_url(url) for url in ([urls] if isinstance(urls, str) else urls)]
         if not self.urls:
@@ -122,6 +124,9 @@ class RelayLink:
         self._on_frame = on_frame
         self._on_connected = on_connected
         self._reconnect = reconnect
+        #: INSECURE when False (the relay-forwarding scenario's "before"): sign whichever relay name a
+        #: CHALLENGE gives, so that a relay we dialled can pass an honest relay's CHALLENGE on.
+        self._check_relay_name = check_relay_name
         self._ws: ClientConnection | None = None
         self._closing = False
         self.connected = asyncio.Event()
@@ -235,7 +240,7 @@ class RelayLink:
             challenge = _decode_one(await ws.recv())
             if not isinstance(challenge, Challenge):
                 raise LinkError("relay did not start with a challenge")
-            signature = self._identity.sign(auth_signed_bytes(challenge.nonce, challenge.relay))
+            signature = self._identity.sign(self._answer(challenge))
             await ws.send(wire.encode_link(Auth(self._certificate, signature)))
             answer = _decode_one(await ws.recv())
         if isinstance(answer, Error):
@@ -243,6 +248,23 @@ class RelayLink:
         if not isinstance(answer, Welcome):
             raise LinkError("relay answered AUTH with something else than WELCOME")
         return answer
+
+    def _answer(self, challenge: Challenge) -> bytes:
+        """What we sign for `challenge`: only a CHALLENGE from the relay we dialled (for wss://, the
+        one whose certificate TLS verified for that host), bound to its name and our URL. A CHALLENGE
+        naming another relay is one passed on by whoever we reached: signing it would let them log
+        in there as us."""
+        expected = relay_name_of(self.url)
+        if challenge.relay != expected:
+            if self._check_relay_name:
+                raise RelayImpostor(
+                    f"the relay at {self.url} answered as {challenge.relay!r}, not as {expected!r}: "
+                    "refused (another relay may be passing its challenge on; if it was renamed, dial it by its name)"
+                )
+            return auth_signed_bytes(
+                challenge.nonce, challenge.relay, f"{urlsplit(self.url).scheme}://{challenge.relay}"
+            )
+        return auth_signed_bytes(challenge.nonce, expected, self.url)
 
     def send_nowait(self, frame: LinkFrame) -> None:
         """Queue one frame for the writer; RelayUnreachable if the link is down."""

@@ -103,6 +103,9 @@ class NodeOptions:
     #: The PIN of the PKCS#11 token holding a token-backed node's identity key (None: from the
     #: environment, `node.pkcs11.environment_pin`). Never stored.
     pin: Pin | None = field(default=None, repr=False)
+    #: INSECURE when False (only for the relay-forwarding scenario's "before"): answer a CHALLENGE
+    #: naming another relay than the one dialled (node/link.py).
+    check_relay_name: bool = True
 
 
 @dataclass(slots=True)
@@ -248,6 +251,7 @@ class Node:
             on_frame=self._on_frame,
             on_connected=self._on_connected,
             reconnect=reconnect,
+            check_relay_name=self.options.check_relay_name,
         )
         self._journal.start()
         self._maintenance = asyncio.create_task(self._maintain(), name=f"node-maintenance-{self.name}")

@@ -55,6 +55,7 @@ from protocol.link import (
     Send,
     Welcome,
     auth_signed_bytes,
+    relay_name_of,
 )
 from protocol.messages import OneTimePrekey, PrekeyBundle
 from relay.backends import make_store
@@ -100,7 +101,12 @@ class RelayConfig:
     port: int = 8765
     #: A SQLite file (':memory:' keeps nothing) or a Redis URL, redis://HOST:PORT/DB or rediss://…
     store_path: str = ":memory:"
-    name: str = "kmsnet-relay"
+    #: The relay's name, `host:port` as nodes dial it (PROTOCOL.md §16.3); None: `public_host` (or
+    #: `host`) and the port bound. Each relay of a cluster has its own.
+    name: str | None = None
+    #: The host nodes reach this relay at, when it is not `host` (a wildcard address, or the DNS or
+    #: IP name of the TLS certificate).
+    public_host: str | None = None
     tls: ssl.SSLContext | None = None
     rate: float = 1000.0
     burst: float = 2000.0
@@ -110,6 +116,22 @@ class RelayConfig:
     crl_publisher: str = "ca"
     ping_interval: float | None = 20.0
     clock: Callable[[], datetime] = _utcnow
+
+
+def check_name(name: str) -> str:
+    """`name` if it is a relay name, `host:port` in the form nodes compare (host in lower case,
+    IPv6 in brackets); ValueError otherwise."""
+    try:
+        canonical = relay_name_of(f"ws://{name}")
+    except ValueError:
+        canonical = ""
+    if canonical != name or not name.rsplit(":", 1)[-1].isdigit():
+        raise ValueError(f"a relay name is HOST:PORT as nodes dial it (host in lower case), not {name!r}")
+    return name
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
 
 
 class _AuthRefused(Exception):
@@ -198,7 +220,9 @@ class Relay:
         self.config = config
         self.store = store or make_store(config.store_path, config.limits)
         #: The other relays sharing the store (none for SQLite).
-        self.bus = bus or make_bus(self.store, config.name)
+        self.bus = bus or make_bus(self.store)
+        if config.name is not None:
+            check_name(config.name)
         self._healthy = True
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -275,8 +299,18 @@ class Relay:
     @property
     def url(self) -> str:
         """ws:// or wss:// URL of this relay."""
-        scheme = "wss" if self.config.tls else "ws"
-        return f"{scheme}://{self.config.host}:{self.port}"
+        return f"{self._scheme}://{self.config.host}:{self.port}"
+
+    @property
+    def _scheme(self) -> str:
+        return "wss" if self.config.tls else "ws"
+
+    @property
+    def name(self) -> str:
+        """This relay's name, `host:port` as nodes dial it: what its CHALLENGE carries."""
+        if self.config.name is not None:
+            return self.config.name
+        return relay_name_of(f"{self._scheme}://{_bracketed(self.config.public_host or self.config.host)}:{self.port}")
 
     def connected(self) -> list[str]:
         """Names of the nodes connected now."""
@@ -369,7 +403,8 @@ class Relay:
 
     async def _authenticate(self, ws: ServerConnection) -> _Peer:
         nonce = os.urandom(CHALLENGE_LEN)
-        await ws.send(wire.encode_link(Challenge(nonce, self.config.name)))
+        name = self.name
+        await ws.send(wire.encode_link(Challenge(nonce, name)))
         raw = await asyncio.wait_for(ws.recv(), self.config.auth_timeout)
         if not isinstance(raw, bytes):
             raise _AuthRefused("expected a binary AUTH frame")
@@ -382,7 +417,10 @@ class Relay:
         now = self.config.clock()
         try:
             cert = certs.verify(frame.certificate, self.config.ca_root, now)
-            verify_signature(cert.public_key, frame.signature, auth_signed_bytes(nonce, self.config.name))
+            # Signed for this relay's name and URL: an answer to our CHALLENGE relayed through
+            # another relay the node dialled names that one, and does not verify here.
+            signed = auth_signed_bytes(nonce, name, f"{self._scheme}://{name}")
+            verify_signature(cert.public_key, frame.signature, signed)
         except ProtocolError as exc:
             raise _AuthRefused(str(exc)) from exc
         self._refuse_if_revoked(cert.serial, now)
@@ -719,7 +757,7 @@ class Relay:
             healthy = await self.store.healthy()
             if healthy:
                 try:
-                    await self.bus.heartbeat(self.url, len(self._peers))
+                    await self.bus.heartbeat(self.name, self.url, len(self._peers))
                 except StoreUnavailable:
                     healthy = False
             if healthy != self._healthy:

@@ -36,6 +36,7 @@ ORDER = (
     "downgrade",
     "skip-flood",
     "relay-crash",
+    "relay-forwarding",
 )
 
 

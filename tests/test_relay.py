@@ -84,14 +84,15 @@ async def test_nobody_connects_as_another_node(attack: str) -> None:
         async with ws:
             challenge = wire.decode_link(await ws.recv())
             assert isinstance(challenge, Challenge)
-            signed = auth_signed_bytes(challenge.nonce, challenge.relay)
+            signed = auth_signed_bytes(challenge.nonce, challenge.relay, relay.url)
             if attack == "wrong-key":  # mallory presents bob's certificate, signs with her key
                 frame = wire.encode_link(Auth(BOB.cert, MALLORY.identity.sign(signed)))
             elif attack == "rogue-ca":  # a lookalike CA's certificate for bob
                 rogue = ROGUE_CA.enroll("bob", 0x1002)
                 frame = wire.encode_link(Auth(rogue.cert, rogue.identity.sign(signed)))
             elif attack == "other-nonce":  # a signature over another challenge (a replayed AUTH)
-                frame = wire.encode_link(Auth(BOB.cert, BOB.identity.sign(auth_signed_bytes(bytes(32), "x"))))
+                replayed = auth_signed_bytes(bytes(32), "x", relay.url)
+                frame = wire.encode_link(Auth(BOB.cert, BOB.identity.sign(replayed)))
             elif attack == "not-auth":
                 frame = wire.encode_link(FetchBundle(1, "bob"))
             else:
