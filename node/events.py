@@ -12,6 +12,7 @@ EVENTS = {
     "identity_changed": "the peer's identity key changed: verify the new safety number before trusting it",
     "session_refused": "a session could not start: the peer's certificate, bundle or handshake was refused",
     "peer_revoked": "the CA revoked the peer's certificate: its session is closed",
+    "revoked": "the CA revoked this node's own certificate: the relay refuses it, and it cannot send",
     "replay_refused": "a message arrived a second time and was refused",
     "frame_refused": "a message for a session that was closed was refused",
     "malformed_message": "a message authenticated but its content could not be read",

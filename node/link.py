@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from node.errors import LinkError, RelayImpostor, RelayRefused, RelayUnreachable, network_words
+from node.errors import LinkError, NodeRevoked, RelayImpostor, RelayRefused, RelayUnreachable, network_words
 from protocol import wire
 from protocol.errors import DecodeError
 from protocol.identity import IdentityKey
@@ -37,7 +37,9 @@ from protocol.link import (
     Batch,
     BundleReply,
     Challenge,
+    CrlFeed,
     Error,
+    ErrorCode,
     FetchBundle,
     LinkFrame,
     Welcome,
@@ -163,6 +165,11 @@ class RelayLink:
                     log.info("relay_link_down", extra={"fields": {"url": self.url, "reason": reason}})
                 self.last_error = reason
                 failures += 1
+                if isinstance(exc, NodeRevoked):
+                    # Revoked: no relay will take us again, and retrying would only hammer them.
+                    self._closing = True
+                    if first_attempt is not None and not first_attempt.done():
+                        first_attempt.set_exception(exc)
                 if first_attempt is not None and not first_attempt.done() and failures >= len(self.urls):
                     hint = f"is `kmsnet relay` running on {urlsplit(self.url).netloc}?"
                     unreachable = f"cannot reach the relay at {self.url} ({reason}): {hint}"
@@ -216,6 +223,8 @@ class RelayLink:
                                 fut.set_result(frame)
                             continue
                         await self._on_frame(frame)
+                        if isinstance(frame, Error):
+                            _raise_if_revoked(frame)  # the relay cuts a node a new CRL revokes
             finally:
                 writer.cancel()
                 # The writer ends with the connection (ConnectionClosed): that is this loop's to report.
@@ -243,7 +252,13 @@ class RelayLink:
             signature = self._identity.sign(self._answer(challenge))
             await ws.send(wire.encode_link(Auth(self._certificate, signature)))
             answer = _decode_one(await ws.recv())
+            if isinstance(answer, CrlFeed):
+                # A relay refusing a revoked node first sends the CRL that revokes it: the node
+                # verifies it itself, and so knows why (and for sure), not on the relay's word.
+                await self._on_frame(answer)
+                answer = _decode_one(await ws.recv())
         if isinstance(answer, Error):
+            _raise_if_revoked(answer)
             raise RelayRefused(f"relay refused us: {answer.text}")
         if not isinstance(answer, Welcome):
             raise LinkError("relay answered AUTH with something else than WELCOME")
@@ -310,6 +325,11 @@ class RelayLink:
             with contextlib.suppress(ConnectionClosed):
                 await self._flush(self._ws)
                 await self._ws.close()
+
+
+def _raise_if_revoked(error: Error) -> None:
+    if error.code == ErrorCode.REVOKED:
+        raise NodeRevoked(f"the relay refuses this node: its certificate is {error.text}")
 
 
 def _parse(raw: object, decoder: Callable[[bytes], T]) -> T:

@@ -34,7 +34,7 @@ from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from node.enrol import load_identity, renew_certificate, renewal_time
-from node.errors import NodeError, PeerUnavailable, RelayUnreachable, code_of
+from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachable, code_of
 from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
 from node.keystore import Keystore
@@ -42,6 +42,7 @@ from node.layout import NS_BUNDLE, NS_INBOX, NS_NODE, NS_OUTBOX, NS_PEER, NS_SEE
 from node.link import RelayLink, split_urls
 from node.ocsp import OcspChecker
 from node.pkcs11 import Pin, TokenIdentityKey
+from node.selfrevoked import Revoked, own_revocation
 from protocol import certs, handshake, wire
 from protocol.errors import (
     CertificateRevoked,
@@ -243,6 +244,8 @@ class Node:
     async def start(self, *, wait: bool = True, reconnect: bool = True) -> None:
         """Connect to the relay (and keep reconnecting). With `wait`, raise RelayUnreachable if the
         first attempt fails."""
+        if self.revoked is not None:  # (issue #13) a revoked node is told, not sent to the relay
+            raise NodeRevoked(f"this node's certificate is {self.revoked.words()}")
         self._link = RelayLink(
             self.relay_urls,
             identity=self.identity,
@@ -260,8 +263,10 @@ class Node:
         if wait:
             try:
                 await first
-            except BaseException:
+            except BaseException as exc:
                 await self.stop()
+                if isinstance(exc, NodeRevoked) and self.revoked is not None:  # the CRL it verified says why
+                    raise NodeRevoked(f"this node's certificate is {self.revoked.words()}") from exc
                 raise
         else:
             first.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
@@ -878,8 +883,15 @@ class Node:
 
     # --- revocation -----------------------------------------------------------------------------------
 
+    @property
+    def revoked(self) -> Revoked | None:
+        """Whether our own certificate is revoked, by the newest CRL we verified (issue #13)."""
+        serial = x509.load_der_x509_certificate(self.certificate).serial_number
+        return own_revocation(self.revocation.current, serial)
+
     def _on_crl(self, der: bytes) -> None:
         now = self.clock()
+        previous = self.revocation.current
         try:
             before = self.revocation.highest_number
             crl = self.revocation.accept(der, self.root, now)
@@ -893,10 +905,15 @@ class Node:
             return
         self._journal.commit({(NS_NODE, "revocation"): self.revocation.to_bytes()}).add_done_callback(_log_failure)
         log.info("crl_accepted", extra={"fields": {"node": self.name, "number": crl.number}})
+        own = self.revoked
+        if own is not None and (previous is None or own.serial not in previous.revoked):
+            self._emit(SecurityEvent("revoked", None, f"this node's certificate is {own.words()}", "node_revoked"))
         for name in self.keystore.names(NS_PEER):
             record = self.peer(name)
             if record is None or record.serial not in crl.revoked:
                 continue
+            if previous is not None and record.serial in previous.revoked:
+                continue  # told once, on the CRL that revoked it (issue #13), not on each later one
             reason = crl.entries[record.serial].reason if record.serial in crl.entries else "revoked"
             self._close_revoked(name, self._session(name), record, reason)
 
@@ -985,6 +1002,7 @@ class Node:
             },
             "relay": self.relay_url,
             "connected": self.connected,
+            "revoked": self.revoked.to_json() if self.revoked is not None else None,
             "feed": feed,
             "outbox": self.outbox_size(),
             "sessions": sessions,

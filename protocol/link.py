@@ -111,6 +111,8 @@ class ErrorCode(IntEnum):
     UNKNOWN_RECIPIENT = 7
     NOT_ALLOWED = 8
     UNAVAILABLE = 9
+    #: The node's certificate is revoked (at login, or by a CRL just published); preceded by that CRL.
+    REVOKED = 10
 
 
 @dataclass(frozen=True, slots=True)

@@ -138,6 +138,10 @@ class _AuthRefused(Exception):
     """The node did not prove who it is."""
 
 
+class _Revoked(Exception):
+    """The node proved who it is, and the CRL revokes it."""
+
+
 class _Fatal(Exception):
     """The node sent something that ends its connection."""
 
@@ -151,6 +155,8 @@ class _Fatal(Exception):
 class _Peer:
     name: str
     certificate: bytes
+    #: Its certificate's serial: a CRL that lists it ends the connection.
+    serial: int
     ws: ServerConnection
     bucket: TokenBucket
     #: Set when there is something for the writer: a queued item, a CRL due, a failure.
@@ -177,6 +183,8 @@ class _Peer:
     closing: bool = False
     #: An unexpected error in an answer's commit: the writer raises it, which ends the connection.
     failure: BaseException | None = None
+    #: A CRL just published revokes it: nothing more is read from it, and it is closed.
+    revoked: bool = False
 
 
 class _Metrics:
@@ -336,6 +344,11 @@ class Relay:
     async def _handle(self, ws: ServerConnection) -> None:
         try:
             peer = await self._authenticate(ws)
+        except _Revoked as exc:
+            self.metrics.refused.labels("revoked").inc()
+            log.info("revoked_refused", extra={"fields": {"remote": str(ws.remote_address), "reason": str(exc)}})
+            await self._refuse_revoked(ws, str(exc))
+            return
         except _AuthRefused as exc:
             self.metrics.refused.labels("auth").inc()
             log.info("auth_refused", extra={"fields": {"remote": str(ws.remote_address), "reason": str(exc)}})
@@ -367,8 +380,8 @@ class Relay:
             async for raw in ws:
                 if len(peer.outbox) + len(peer.commits) >= MAX_QUEUED:
                     await self._room(peer)
-                if peer.closing:
-                    break  # replaced by a newer connection, or its writer is gone
+                if peer.closing or peer.revoked:
+                    break  # replaced by a newer connection, revoked, or its writer is gone
                 await self._receive(peer, raw)
         except _Fatal as exc:
             self.metrics.refused.labels(exc.code.name.lower()).inc()
@@ -423,16 +436,52 @@ class Relay:
             verify_signature(cert.public_key, frame.signature, signed)
         except ProtocolError as exc:
             raise _AuthRefused(str(exc)) from exc
-        self._refuse_if_revoked(cert.serial, now)
-        return _Peer(cert.name, frame.certificate, ws, TokenBucket(self.config.rate, self.config.burst))
+        self._refuse_if_revoked(cert.name, cert.serial, now)
+        return _Peer(cert.name, frame.certificate, cert.serial, ws, TokenBucket(self.config.rate, self.config.burst))
 
-    def _refuse_if_revoked(self, serial: int, now: datetime) -> None:
+    def _refuse_if_revoked(self, name: str, serial: int, now: datetime) -> None:
         try:
             self._feed.check(serial, now)
         except CertificateRevoked as exc:
-            raise _AuthRefused(str(exc)) from exc
+            words = self._revoked_words(serial)
+            if words is not None and not self.interceptor.admits_revoked(name):
+                raise _Revoked(words) from exc
         except ProtocolError:
             return  # no CRL, or a stale one: the nodes decide, not the relay
+
+    def _revoked_words(self, serial: int) -> str | None:
+        """ "revoked (CRL #n, reason, time)" if our CRL lists `serial` (what the REVOKED error says)."""
+        crl = self._feed.current
+        if crl is None or serial not in crl.revoked:
+            return None
+        entry = crl.entries.get(serial)
+        reason, at = (entry.reason, entry.revoked_at) if entry is not None else ("unspecified", crl.this_update)
+        return f"revoked (CRL #{crl.number}, {reason}, {at:%Y-%m-%d %H:%M} UTC)"
+
+    async def _refuse_revoked(self, ws: ServerConnection, words: str) -> None:
+        """At login: the CRL that revokes the node (so that it verifies why itself), then REVOKED."""
+        if self._crl is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(wire.encode_link(CrlFeed(self._crl)))
+        await self._fatal(ws, ErrorCode.REVOKED, words, CLOSE_POLICY)
+
+    def _cut_revoked(self) -> None:
+        """A new CRL is held: end the connection of every node it revokes, with the CRL (pushed as to
+        everyone) and then a REVOKED error; nothing more it sends is read."""
+        for peer in list(self._peers.values()):
+            words = self._revoked_words(peer.serial)
+            if words is None or peer.revoked or self.interceptor.admits_revoked(peer.name):
+                continue
+            peer.revoked = True
+            self.metrics.refused.labels("revoked").inc()
+            log.info("node_revoked", extra={"fields": {"node": peer.name, "reason": words}})
+            self._queue(peer, Error(ErrorCode.REVOKED, words))
+            self._spawn(self._evict(peer))
+
+    async def _evict(self, peer: _Peer) -> None:
+        await self._stop_peer(peer)  # its writer sends the CRL and the REVOKED error first
+        with contextlib.suppress(ConnectionClosed):
+            await peer.ws.close(CLOSE_POLICY, "revoked")
 
     async def _receive(self, peer: _Peer, raw: Any) -> None:
         if not isinstance(raw, bytes):
@@ -446,6 +495,8 @@ class Relay:
         except DecodeError as exc:
             raise _Fatal(ErrorCode.MALFORMED, str(exc)) from exc
         for frame in frames:
+            if peer.revoked:
+                return  # a CRL revoked it while this BATCH was being handled: the rest is not read
             # Each frame of a BATCH counts against the limit as if it had come alone.
             if not peer.bucket.take():
                 self._rate_limited(peer, frame.msg_id if isinstance(frame, Send) else None)
@@ -610,6 +661,7 @@ class Relay:
         self._crl = publish.crl
         log.info("crl_published", extra={"fields": {"number": crl.number, "revoked": len(crl.revoked)}})
         self._push_crl()
+        self._cut_revoked()
 
     def _adopt_crl(self, der: bytes) -> None:
         """Take a CRL from the store (held at start, or stored by another relay) into the feed, and
@@ -622,6 +674,7 @@ class Relay:
         self._crl = der
         if crl.number != before:
             self._push_crl()
+            self._cut_revoked()
 
     def _push_crl(self) -> None:
         for other in self._peers.values():
