@@ -32,7 +32,7 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
 from relay.batching import BatchWriter
-from relay.errors import QuotaExceeded, StoreUnavailable
+from relay.errors import QuotaExceeded, StoreUnavailable, StoreWriteRefused
 from relay.store import MAX_ONETIME_STORED, Envelope, Limits, Store
 
 log = logging.getLogger("kmsnet.relay.redis")
@@ -278,10 +278,7 @@ class RedisStore(Store):
             pipe.eval(script, len(keys), *keys, *args)
         async with asyncio.timeout(COMMAND_TIMEOUT):
             answers = await pipe.execute(raise_on_error=False)
-        return [
-            (None, StoreUnavailable(f"Redis refused a write: {describe(a)}")) if isinstance(a, Exception) else (a, None)
-            for a in answers
-        ]
+        return [(None, _refusal(a)) if isinstance(a, Exception) else (a, None) for a in answers]
 
     async def _write(self, script: str, keys: list[str], args: list[Any]) -> Any:
         return await self._writer.queue((script, keys, args))
@@ -374,6 +371,19 @@ class RedisStore(Store):
                 return await command()
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis read failed: {describe(exc)}") from exc
+
+
+#: How Redis says it answers but will not write: out of memory (maxmemory, noeviction), a read-only
+#: replica, or a failed background save that stops writes.
+_WRITE_REFUSALS = ("OOM", "READONLY", "MISCONF")
+
+
+def _refusal(exc: BaseException) -> StoreUnavailable:
+    """A write Redis answered with an error: refused for want of room or permission, or failed."""
+    words = f"Redis refused a write: {describe(exc)}"
+    if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(_WRITE_REFUSALS):
+        return StoreWriteRefused(words)
+    return StoreUnavailable(words)
 
 
 def describe(exc: BaseException) -> str:

@@ -60,7 +60,7 @@ from protocol.link import (
 from protocol.messages import OneTimePrekey, PrekeyBundle
 from relay.backends import make_store
 from relay.cluster import Bus, make_bus
-from relay.errors import QuotaExceeded, StoreUnavailable
+from relay.errors import QuotaExceeded, StoreUnavailable, StoreWriteRefused
 from relay.interceptor import Interceptor
 from relay.ratelimit import TokenBucket
 from relay.store import Envelope, Limits, Store
@@ -198,6 +198,14 @@ class _Metrics:
         self.delivered = Counter("kmsnet_relay_envelopes_delivered_total", "Envelopes pushed to nodes", registry=r)
         self.acked = Counter("kmsnet_relay_envelopes_acked_total", "Envelopes acknowledged and deleted", registry=r)
         self.store_up = Gauge("kmsnet_relay_store_up", "1 while the store answers (Redis reachable)", registry=r)
+        self.write_refused = Counter(
+            "kmsnet_relay_store_write_refused_total",
+            "Writes the store refused (full, read-only), by what was to be written",
+            ["what"],
+            registry=r,
+        )
+        self.writable = Gauge("kmsnet_relay_store_writable", "0 since the store last refused a write", registry=r)
+        self.writable.set(1)
         self.replaced = Counter(
             "kmsnet_relay_replaced_total", "Connections closed for a newer one of the same node", registry=r
         )
@@ -243,6 +251,8 @@ class Relay:
         # regress its own feed; nodes verify every CRL themselves.
         self._feed = revocation.RevocationState()
         self._crl: bytes | None = None
+        #: A CRL taken into the feed (and pushed) that the store refused: written again each heartbeat.
+        self._unsaved_crl: tuple[int, bytes] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -578,11 +588,14 @@ class Relay:
         if isinstance(failed, QuotaExceeded):
             self._queue(peer, Error(ErrorCode.QUOTA_EXCEEDED, str(failed), msg_id))
         elif isinstance(failed, StoreUnavailable):
+            if isinstance(failed, StoreWriteRefused):
+                self._write_refused("envelope", failed)
             self._queue(peer, Error(ErrorCode.UNAVAILABLE, str(failed), msg_id))
         elif failed is not None:
             self._fail(peer, failed)
         else:
             self.metrics.stored.inc(len(writes))
+            self.metrics.writable.set(1)
             # Durable (or a retransmission of something durable): tell the sender it may forget it.
             self._queue(peer, Accepted(msg_id))
 
@@ -602,13 +615,25 @@ class Relay:
             self._fail(peer, failed)
         # Not deleted for want of a store: the envelope is delivered again, and the node knows it.
 
+    def _write_refused(self, what: str, error: StoreWriteRefused) -> None:
+        """Count and log a write the store refused (full, read-only): the relay goes on without it."""
+        self.metrics.write_refused.labels(what).inc()
+        self.metrics.writable.set(0)
+        log.warning("store_write_refused", extra={"fields": {"what": what, "reason": str(error)}})
+
     def _fail(self, peer: _Peer, failure: BaseException) -> None:
         """End the connection over a failed commit that is a bug of ours (the writer raises it)."""
         peer.failure = failure
         peer.wake.set()
 
     async def _on_fetch(self, peer: _Peer, fetch: FetchBundle) -> None:
-        found = await self.store.take_bundle(fetch.name)
+        try:
+            found = await self.store.take_bundle(fetch.name)
+        except StoreWriteRefused as exc:
+            # Handing out a one-time prekey is a write: refused, said, and the connection goes on.
+            self._write_refused("onetime", exc)
+            self._queue(peer, Error(ErrorCode.UNAVAILABLE, f"cannot hand out {fetch.name}'s bundle now: {exc}"))
+            return
         bundle: bytes | None = None
         left = 0
         if found is not None:
@@ -635,7 +660,13 @@ class Relay:
             return
         signed = wire.encode(frame.with_onetime(None))
         onetime = [msgpack.packb(item) for item in publish.onetime]
-        await self.store.put_bundle(peer.name, signed, onetime, bool(publish.replace))
+        try:
+            await self.store.put_bundle(peer.name, signed, onetime, bool(publish.replace))
+        except StoreWriteRefused as exc:
+            self._write_refused("bundle", exc)
+            self._queue(peer, Error(ErrorCode.UNAVAILABLE, f"bundle not stored: {exc}"))
+            return
+        self.metrics.writable.set(1)
         log.info("bundle_published", extra={"fields": {"node": peer.name, "onetime": len(onetime)}})
 
     async def _on_crl(self, peer: _Peer, publish: PublishCrl) -> None:
@@ -651,7 +682,17 @@ class Relay:
             return
         if crl.number == before:
             return
-        if not await self.store.put_crl(crl.number, publish.crl):
+        try:
+            stored = await self.store.put_crl(crl.number, publish.crl)
+        except StoreUnavailable as exc:
+            # A revocation is never lost to the store: the feed takes it in memory and pushes it now,
+            # and the heartbeat writes it once the store takes writes again. The CA hears of it.
+            if isinstance(exc, StoreWriteRefused):
+                self._write_refused("crl", exc)
+            self._unsaved_crl = (crl.number, publish.crl)
+            self._queue(peer, Error(ErrorCode.UNAVAILABLE, f"CRL #{crl.number} is pushed but not stored yet: {exc}"))
+            stored = True
+        if not stored:
             # Another relay of the cluster holds a newer one: the feed never goes back, here either.
             held = await self.store.get_crl()
             if held is not None:
@@ -805,8 +846,24 @@ class Relay:
             await ws.send(wire.encode_link(Error(code, text[:200])))
             await ws.close(close, code.name.lower())
 
+    async def _save_crl(self) -> None:
+        """Write a CRL the store refused before (each heartbeat, until it takes it)."""
+        if self._unsaved_crl is None:
+            return
+        number, der = self._unsaved_crl
+        try:
+            stored = await self.store.put_crl(number, der)
+        except StoreUnavailable:
+            return
+        self._unsaved_crl = None
+        self.metrics.writable.set(1)
+        log.info("crl_stored", extra={"fields": {"number": number, "late": True}})
+        if not stored:
+            await self._reload_crl()  # another relay of the cluster stored a newer one meanwhile
+
     async def _heartbeat_loop(self) -> None:
         while True:
+            await self._save_crl()
             healthy = await self.store.healthy()
             if healthy:
                 try:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.batching import BatchWriter, Settle
-from relay.errors import QuotaExceeded, StoreUnavailable
+from relay.errors import QuotaExceeded, StoreUnavailable, StoreWriteRefused
 
 #: Most envelopes waiting for one recipient.
 DEFAULT_MAX_PENDING = 10_000
@@ -216,8 +216,8 @@ class SqliteStore(Store):
         db = self._db
         assert db is not None
         results: list[tuple[Any, BaseException | None]] = []
-        db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute("BEGIN IMMEDIATE")
             for op in ops:
                 try:
                     results.append((op(db), None))
@@ -226,9 +226,13 @@ class SqliteStore(Store):
                     # msg_id is refused without sinking the rest of the batch.
                     results.append((None, exc))
             db.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError):
+                # Disk or database full, file read-only: SQLite's own words ("database or disk is
+                # full"), for the sender's ERROR and the log; the next write tries again.
+                raise StoreWriteRefused(f"the relay's store refuses writes ({exc})") from exc
             raise
         return results
 
