@@ -63,7 +63,8 @@ Examples:
     default=1000.0,
     show_default=True,
     type=click.FloatRange(min=1, min_open=False),
-    help="Frames per second each connection may send; more are refused with RATE_LIMITED.",
+    help="Frames per second each connection may send; more are refused with RATE_LIMITED "
+    "(acknowledgements have a budget of their own).",
 )
 @click.option(
     "--burst",

@@ -110,6 +110,10 @@ class RelayConfig:
     tls: ssl.SSLContext | None = None
     rate: float = 1000.0
     burst: float = 2000.0
+    #: The budget of ACKs and feed frames (PUBLISH_CRL), apart from `rate`: a node draining its
+    #: mailbox acknowledges as fast as it is delivered to, and must never be cut off for it.
+    ack_rate: float = 10_000.0
+    ack_burst: float = 20_000.0
     auth_timeout: float = 10.0
     limits: Limits = field(default_factory=Limits)
     #: The node name allowed to publish CRLs (the CA node).
@@ -159,6 +163,8 @@ class _Peer:
     serial: int
     ws: ServerConnection
     bucket: TokenBucket
+    #: The separate budget of its ACKs and feed frames.
+    acks: TokenBucket
     #: Set when there is something for the writer: a queued item, a CRL due, a failure.
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set when the writer sent a batch or a commit settled: the reader may go on.
@@ -447,7 +453,14 @@ class Relay:
         except ProtocolError as exc:
             raise _AuthRefused(str(exc)) from exc
         self._refuse_if_revoked(cert.name, cert.serial, now)
-        return _Peer(cert.name, frame.certificate, cert.serial, ws, TokenBucket(self.config.rate, self.config.burst))
+        return _Peer(
+            cert.name,
+            frame.certificate,
+            cert.serial,
+            ws,
+            TokenBucket(self.config.rate, self.config.burst),
+            TokenBucket(self.config.ack_rate, self.config.ack_burst),
+        )
 
     def _refuse_if_revoked(self, name: str, serial: int, now: datetime) -> None:
         try:
@@ -507,8 +520,10 @@ class Relay:
         for frame in frames:
             if peer.revoked:
                 return  # a CRL revoked it while this BATCH was being handled: the rest is not read
-            # Each frame of a BATCH counts against the limit as if it had come alone.
-            if not peer.bucket.take():
+            # Each frame of a BATCH counts against the limit as if it had come alone; ACKs and the
+            # feed against their own.
+            bucket = peer.acks if isinstance(frame, Ack | PublishCrl) else peer.bucket
+            if not bucket.take():
                 self._rate_limited(peer, frame.msg_id if isinstance(frame, Send) else None)
                 continue
             peer.strikes = 0

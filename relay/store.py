@@ -27,6 +27,10 @@ from relay.errors import QuotaExceeded, StoreUnavailable, StoreWriteRefused
 DEFAULT_MAX_PENDING = 10_000
 #: Most bytes waiting for one recipient.
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
+#: Most envelopes, and bytes, one sender may have waiting for one recipient: its share of the
+#: mailbox, so that no one sender can fill it and lock the others out.
+DEFAULT_MAX_PENDING_PER_SENDER = 2_500
+DEFAULT_MAX_PENDING_BYTES_PER_SENDER = 16 * 1024 * 1024
 #: Envelopes older than this are purged undelivered (seconds).
 DEFAULT_MAX_AGE = 7 * 24 * 3600
 #: Most one-time prekeys stored per node.
@@ -52,11 +56,18 @@ class Envelope:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per-recipient mailbox bounds."""
+    """Per-recipient mailbox bounds, and each sender's share of a mailbox."""
 
     max_pending: int = DEFAULT_MAX_PENDING
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
+    max_pending_per_sender: int = DEFAULT_MAX_PENDING_PER_SENDER
+    max_pending_bytes_per_sender: int = DEFAULT_MAX_PENDING_BYTES_PER_SENDER
     max_age: float = DEFAULT_MAX_AGE
+
+
+def share_full(sender: str, recipient: str, limit: str) -> str:
+    """The words of a QuotaExceeded for a sender's full share of a mailbox (both stores say it)."""
+    return f"{sender}'s share of the mailbox of {recipient} is full ({limit}): others may still write"
 
 
 class Store(ABC):
@@ -170,6 +181,8 @@ class SqliteStore(Store):
         # Mailbox sizes live in memory so that a quota check costs no query.
         self._count: dict[str, int] = {}
         self._bytes: dict[str, int] = {}
+        #: The same per (recipient, sender): each sender's share.
+        self._share: dict[tuple[str, str], list[int]] = {}
         self._known: set[str] = set()
         # Sequence numbers are handed out here, before the commit, so that an online recipient
         # can be sent an envelope while it is still being written; (sender, msg_id) of what is
@@ -186,11 +199,12 @@ class SqliteStore(Store):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
-            for recipient, count, size in db.execute(
-                "SELECT recipient, COUNT(*), SUM(LENGTH(payload)) FROM envelopes GROUP BY recipient"
+            for recipient, sender, count, size in db.execute(
+                "SELECT recipient, sender, COUNT(*), SUM(LENGTH(payload)) FROM envelopes GROUP BY recipient, sender"
             ):
-                self._count[recipient] = count
-                self._bytes[recipient] = size or 0
+                self._count[recipient] = self._count.get(recipient, 0) + count
+                self._bytes[recipient] = self._bytes.get(recipient, 0) + (size or 0)
+                self._share[(recipient, sender)] = [count, size or 0]
             self._known.update(name for (name,) in db.execute("SELECT name FROM bundles"))
             self._stored.update(db.execute("SELECT sender, msg_id FROM envelopes"))
             (top,) = db.execute("SELECT MAX(seq) FROM envelopes").fetchone()
@@ -259,6 +273,11 @@ class SqliteStore(Store):
             raise QuotaExceeded(f"mailbox of {recipient} holds {self.limits.max_pending} envelopes")
         if self._bytes.get(recipient, 0) + len(payload) > self.limits.max_pending_bytes:
             raise QuotaExceeded(f"mailbox of {recipient} is over {self.limits.max_pending_bytes} bytes")
+        share = self._share.setdefault((recipient, sender), [0, 0])
+        if share[0] >= self.limits.max_pending_per_sender:
+            raise QuotaExceeded(share_full(sender, recipient, f"{self.limits.max_pending_per_sender} envelopes"))
+        if share[1] + len(payload) > self.limits.max_pending_bytes_per_sender:
+            raise QuotaExceeded(share_full(sender, recipient, f"{self.limits.max_pending_bytes_per_sender} bytes"))
         self._seq += 1
         envelope = Envelope(self._seq, msg_id, sender, recipient, payload, stored_at)
 
@@ -271,6 +290,8 @@ class SqliteStore(Store):
         self._stored.add((sender, msg_id))
         self._count[recipient] = self._count.get(recipient, 0) + 1
         self._bytes[recipient] = self._bytes.get(recipient, 0) + len(payload)
+        share[0] += 1
+        share[1] += len(payload)
 
         def undo(value: None, error: BaseException | None) -> None:
             # Not stored after all: forget it, so that the sender's retransmission is taken afresh.
@@ -278,6 +299,8 @@ class SqliteStore(Store):
                 self._stored.discard((sender, msg_id))
                 self._count[recipient] -= 1
                 self._bytes[recipient] -= len(payload)
+                share[0] -= 1
+                share[1] -= len(payload)
 
         return envelope, self._queue(op, undo)
 
@@ -298,6 +321,12 @@ class SqliteStore(Store):
             self._count[recipient] -= 1
             self._bytes[recipient] -= size
             self._stored.discard((sender, msg_id))
+            share = self._share.get((recipient, sender))
+            if share is not None:
+                share[0] -= 1
+                share[1] -= size
+                if share[0] <= 0:
+                    del self._share[(recipient, sender)]
 
     def delete_nowait(self, recipient: str, msg_id: bytes) -> asyncio.Future[bool]:
         def op(db: sqlite3.Connection) -> list[tuple[str, str, bytes, int]]:
