@@ -33,6 +33,7 @@ import msgpack
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
+from node import crlfetch
 from node.enrol import load_identity, renew_certificate, renewal_time
 from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachable, code_of
 from node.events import Delivered, Message, SecurityEvent
@@ -107,6 +108,8 @@ class NodeOptions:
     #: INSECURE when False (only for the relay-forwarding scenario's "before"): answer a CHALLENGE
     #: naming another relay than the one dialled (node/link.py).
     check_relay_name: bool = True
+    #: Fetch the CRL from the CA directly when the newest one held is older than this (node/crlfetch.py).
+    crl_max_age: timedelta = crlfetch.DEFAULT_MAX_AGE
 
 
 @dataclass(slots=True)
@@ -348,6 +351,7 @@ class Node:
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
             await self.renew_if_due()
+            await self.refresh_crl()
             if self.connected and self._rotation_due(self.clock()):
                 with contextlib.suppress(RelayUnreachable):
                     await self._publish_prekeys(onetime_left=ONETIME_LOW)
@@ -882,6 +886,20 @@ class Node:
             await self._link_send(Send(msg_id, peer, payload))
 
     # --- revocation -----------------------------------------------------------------------------------
+
+    async def refresh_crl(self) -> bool:
+        """Fetch the CA's /crl directly if the newest CRL held is older than `options.crl_max_age`
+        (a relay may withhold the feed: issue #13); True if a newer CRL was accepted."""
+        ca_url = self.keystore.get(NS_NODE, "ca_url")
+        if ca_url is None or not crlfetch.due(self.revocation.current, self.clock(), self.options.crl_max_age):
+            return False
+        before = self.revocation.highest_number
+        try:
+            self._on_crl(await crlfetch.fetch(ca_url.decode()))
+        except crlfetch.CrlFetchFailed as exc:
+            log.info("crl_fetch_failed", extra={"fields": {"node": self.name, "reason": str(exc)}})
+            return False
+        return self.revocation.highest_number != before
 
     @property
     def revoked(self) -> Revoked | None:

@@ -73,7 +73,7 @@ def test_revoking_a_node_lists_all_its_valid_certificates_on_a_new_crl_at_once(
     assert {c.serial for c in revocation.certificates} == {mallory.serial_number, again.serial_number}
     crl = verify_crl(authority.current_crl(), authority.root, clock())
     assert crl.number == revocation.crl_number == first.number + 1
-    assert crl.this_update == clock() and crl.next_update == clock() + timedelta(hours=24)
+    assert crl.this_update == clock() and crl.next_update == clock() + timedelta(hours=1)
     assert crl.revoked == {mallory.serial_number, again.serial_number}
     assert crl.entries[mallory.serial_number].reason == "key-compromise"
     assert crl.entries[mallory.serial_number].revoked_at == clock()
