@@ -167,6 +167,16 @@ end
 )
 
 # KEYS: bundle, otpk. ARGV: bundle, replace (0/1), max kept, prekeys...
+# KEYS: identity, otpk. ARGV: identity key. Records it; drops the one-time prekeys if another key was
+# recorded. Returns 1 if it dropped some.
+_NOTE_IDENTITY = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+if not held then return 0 end
+return redis.call('DEL', KEYS[2])
+"""
+
 _PUT_BUNDLE = """
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then redis.call('DEL', KEYS[2]) end
@@ -344,6 +354,9 @@ class RedisStore(Store):
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis purge failed: {describe(exc)}") from exc
         return dropped
+
+    async def note_identity(self, name: str, identity: bytes) -> bool:
+        return bool(await self._write(_NOTE_IDENTITY, [key(name, "identity"), key(name, "otpk")], [identity]))
 
     async def put_bundle(self, name: str, bundle: bytes, onetime: list[bytes], replace: bool) -> None:
         keys = [key(name, "bundle"), key(name, "otpk")]

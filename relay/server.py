@@ -161,6 +161,8 @@ class _Peer:
     certificate: bytes
     #: Its certificate's serial: a CRL that lists it ends the connection.
     serial: int
+    #: Its identity key (raw public bytes): another one than last time drops its one-time prekeys.
+    identity: bytes
     ws: ServerConnection
     bucket: TokenBucket
     #: The separate budget of its ACKs and feed frames.
@@ -390,6 +392,7 @@ class Relay:
                 raise _Fatal(ErrorCode.UNAVAILABLE, f"relay cannot serve now: {exc}", CLOSE_TRY_AGAIN) from exc
             if self.bus.newest(peer.name) > peer.generation:
                 return  # a newer connection of this node came up elsewhere meanwhile
+            await self._note_identity(peer)
             welcome = Welcome(peer.name, await self.store.waiting(peer.name), await self.store.onetime_left(peer.name))
             await ws.send(wire.encode_link(welcome))
             peer.writer = asyncio.create_task(self._writer(peer), name=f"relay-writer-{peer.name}")
@@ -422,6 +425,17 @@ class Relay:
                     await self.bus.leave(peer.name)
             self.metrics.connected.set(len(self._peers))
             log.info("node_disconnected", extra={"fields": {"node": peer.name}})
+
+    async def _note_identity(self, peer: _Peer) -> None:
+        """A node back with another identity key (re-keyed, or renewed offline) has one-time prekeys
+        stored under the old one: they are dropped, and WELCOME says none are left (it uploads anew)."""
+        try:
+            dropped = await self.store.note_identity(peer.name, peer.identity)
+        except StoreWriteRefused as exc:
+            self._write_refused("identity", exc)
+            return
+        if dropped:
+            log.info("onetime_dropped", extra={"fields": {"node": peer.name, "reason": "identity key changed"}})
 
     async def _room(self, peer: _Peer) -> None:
         """Wait until the node has read enough of what is queued for it: a node that does not read
@@ -457,6 +471,7 @@ class Relay:
             cert.name,
             frame.certificate,
             cert.serial,
+            cert.public_key.public_bytes_raw(),
             ws,
             TokenBucket(self.config.rate, self.config.burst),
             TokenBucket(self.config.ack_rate, self.config.ack_burst),

@@ -118,6 +118,12 @@ class Store(ABC):
         """Store a node's signed bundle and (add or replace) its one-time prekeys (each encoded)."""
 
     @abstractmethod
+    async def note_identity(self, name: str, identity: bytes) -> bool:
+        """Record the identity key `name` logged in with; if another one was recorded, drop the
+        one-time prekeys stored for it (signed under the old key, useless to initiators). True if
+        that happened."""
+
+    @abstractmethod
     async def take_bundle(self, name: str) -> tuple[bytes, bytes | None, int] | None:
         """The bundle of `name`, one one-time prekey (removed as it is handed out), and how many are left."""
 
@@ -163,6 +169,7 @@ CREATE TABLE IF NOT EXISTS onetime (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, prekey BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS onetime_by_name ON onetime (name, seq);
+CREATE TABLE IF NOT EXISTS identities (name TEXT PRIMARY KEY, identity BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS crl (id INTEGER PRIMARY KEY CHECK (id = 1), number TEXT NOT NULL, der BLOB NOT NULL);
 """
 
@@ -372,6 +379,19 @@ class SqliteStore(Store):
 
         await self._write(op)
         self._known.add(name)
+
+    async def note_identity(self, name: str, identity: bytes) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT identity FROM identities WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] == identity:
+                return False
+            db.execute("INSERT OR REPLACE INTO identities (name, identity) VALUES (?, ?)", (name, identity))
+            if row is None:
+                return False
+            return db.execute("DELETE FROM onetime WHERE name = ?", (name,)).rowcount > 0
+
+        changed: bool = await self._write(op)
+        return changed
 
     async def take_bundle(self, name: str) -> tuple[bytes, bytes | None, int] | None:
         def op(db: sqlite3.Connection) -> tuple[bytes, bytes | None, int] | None:
