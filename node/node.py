@@ -36,6 +36,7 @@ from cryptography.x509.oid import NameOID
 from node import crlfetch
 from node.enrol import load_identity, renew_certificate, renewal_time
 from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachable, code_of
+from node.eventbudget import MAX_STORED_EVENTS, EventBudget
 from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
 from node.keystore import Keystore
@@ -196,6 +197,9 @@ class Node:
         self._initiated_at: dict[str, datetime] = {}
         self._reservations: dict[str, asyncio.Future[None]] = {}
         self._inbox_seq = _last_seq(keystore.names(NS_INBOX))
+        #: Security events coalesced per peer, and how many the stored inbox holds (issue #13).
+        self.event_budget = EventBudget()
+        self._stored_events: int | None = None
         outbox = keystore.names(NS_OUTBOX)
         self._outbox_seq = _last_seq(outbox)
         # msg_id → envelope, in the order they were sent (records left on disk by an earlier run first).
@@ -953,6 +957,10 @@ class Node:
         """Record a security event in the inbox; the application sees it once it is on disk."""
         log.info("security_event", extra={"fields": event.to_json()})
         record: dict[Key, bytes] = {}
+        admitted = self.event_budget.admit(event, self.clock())
+        if admitted is None or self._inbox_full():
+            return self._journal.commit(record, sync=False)  # logged only; still in commit order
+        event = admitted
         self._to_inbox(event.to_json(), record)
         durable = self._journal.commit(record, sync=False)
 
@@ -965,6 +973,13 @@ class Node:
         durable.add_done_callback(show)
         return durable
 
+    def _inbox_full(self) -> bool:
+        """Whether the stored inbox holds MAX_STORED_EVENTS security events (counted once, then kept)."""
+        if self._stored_events is None:
+            self._stored_events = len(self.keystore.names(NS_INBOX))
+        self._stored_events += 1
+        return self._stored_events > MAX_STORED_EVENTS
+
     def take_inbox(self) -> list[dict[str, Any]]:
         """Every message and event received and not yet taken, oldest first; they are removed."""
         out = []
@@ -974,6 +989,7 @@ class Node:
                 if packed is not None:
                     out.append(msgpack.unpackb(packed))
                 self.keystore.delete(NS_INBOX, name)
+        self._stored_events = 0
         if out:
             for listener in list(self.inbox_listeners):
                 listener(out)
