@@ -13,8 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import ALICE, BOB, CA
 from lab import make_node, next_message, publish_crl, raw_client, recv_frame, relay_config, running
+from test_chat_ui import SIZE, shown, type_line
+from test_chat_ui import until as ui_until
 from test_cli_chat import CA_PASS, fails, kmsnet, ok, serving
 
+from kmsnet.chat_app import ChatApp
 from node.ca import CRL_CHECK_INTERVAL
 from node.ca.admin import code_at, secret_from_uri
 from node.errors import NodeRevoked
@@ -131,3 +134,23 @@ def test_a_revoked_node_is_told_by_every_command_with_exit_4(tmp_path: Path) -> 
             assert json.loads(status.stderr)["code"] == "node_revoked"
             fails(kmsnet("status", "--home", str(bob)), 4, "revoked (CRL #2, key-compromise")
             assert "REVOKED" in kmsnet("status", "--home", str(bob)).stdout
+
+
+async def test_the_revoked_nodes_chat_says_so_within_2_s_and_sends_nothing(tmp_path: Path) -> None:
+    """Acceptance of #13: revoke a node while it chats; its chat shows a banner and the status bar
+    says revoked (CRL #n, …), and what is typed is not sent."""
+    async with Relay(relay_config(CA, tmp_path)) as relay:
+        await publish_crl(relay, CA, CA.crl())
+        alice = make_node(CA, ALICE, relay.url)
+        app = ChatApp(make_node(CA, BOB, relay.url))
+        async with running(alice), app.run_test(size=SIZE) as pilot:
+            await ui_until(pilot, lambda: "connected" in shown(app, "#statusbar"), "bob to connect")
+            await type_line(pilot, "/msg alice hello")
+            await next_message(alice)
+            await publish_crl(relay, CA, CA.crl([0x1002], number=2))
+            await ui_until(pilot, lambda: "YOUR certificate is revoked" in shown(app, "#banner"), "the banner", 2.0)
+            await ui_until(pilot, lambda: "revoked (CRL #2" in shown(app, "#statusbar"), "the status bar", 2.0)
+            await type_line(pilot, "still me")
+            await pilot.pause(0.3)
+            assert "still me" not in shown(app, "#messages")
+            assert "not sent: this node's certificate is revoked (CRL #2" in shown(app, "#notice")
