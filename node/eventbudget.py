@@ -21,7 +21,9 @@ WINDOW = timedelta(minutes=1)
 #: Security events kept in the stored inbox until taken; beyond, they are logged only.
 MAX_STORED_EVENTS = 1000
 #: Never coalesced: what a person must see each time.
-ALWAYS = frozenset({"session_established", "identity_changed", "peer_revoked", "revoked", "renewal_failed"})
+ALWAYS = frozenset(
+    {"session_established", "identity_changed", "peer_revoked", "revoked", "renewal_failed", "peer_flooding"}
+)
 
 
 @dataclass
@@ -62,3 +64,49 @@ class EventBudget:
             return None
         current.recorded += 1
         return event
+
+
+#: Frames refused from one peer per REFUSAL_WINDOW before its frames are dropped unprocessed.
+REFUSALS = 200
+REFUSAL_WINDOW = timedelta(minutes=1)
+#: How long a peer over its budget has its frames dropped unprocessed.
+QUARANTINE = timedelta(minutes=1)
+
+
+class RefusalBudget:
+    """A per-peer budget of refused frames (each may have cost skipped-key derivation before its tag
+    check failed): beyond `REFUSALS` a window, that peer's frames are dropped unprocessed for
+    `QUARANTINE` (acknowledged, so the relay forgets them), and the node says so once."""
+
+    def __init__(self, *, refusals: int = REFUSALS, window: timedelta = REFUSAL_WINDOW) -> None:
+        self.refusals = refusals
+        self.window = window
+        self._counts: dict[str, _Window] = {}
+        self._quarantined: dict[str, datetime] = {}
+        #: Frames dropped unprocessed since the node started.
+        self.dropped = 0
+
+    def drops(self, peer: str, now: datetime) -> bool:
+        """Whether a frame from `peer` is to be dropped unprocessed now (counted)."""
+        until = self._quarantined.get(peer)
+        if until is None:
+            return False
+        if now >= until:
+            del self._quarantined[peer]
+            return False
+        self.dropped += 1
+        return True
+
+    def refused(self, peer: str, now: datetime) -> bool:
+        """Count a refused frame from `peer`; True once it goes over its budget (quarantined from now)."""
+        current = self._counts.get(peer)
+        if current is None or now - current.start >= self.window:
+            if len(self._counts) >= MAX_STORED_EVENTS:  # old windows hold nothing back
+                self._counts = {p: w for p, w in self._counts.items() if now - w.start < self.window}
+            current = self._counts[peer] = _Window(now)
+        current.recorded += 1
+        if current.recorded <= self.refusals:
+            return False
+        del self._counts[peer]
+        self._quarantined[peer] = now + QUARANTINE
+        return True

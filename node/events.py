@@ -14,6 +14,7 @@ EVENTS = {
     "peer_revoked": "the CA revoked the peer's certificate: its session is closed",
     "revoked": "the CA revoked this node's own certificate: the relay refuses it, and it cannot send",
     "replay_refused": "a message arrived a second time and was refused",
+    "peer_flooding": "a peer sent too many refused frames: its frames are dropped unread for a while",
     "frame_refused": "a message for a session that was closed was refused",
     "malformed_message": "a message authenticated but its content could not be read",
     "send_refused": "the relay refused a message this node sent",

@@ -36,7 +36,7 @@ from cryptography.x509.oid import NameOID
 from node import crlfetch
 from node.enrol import load_identity, renew_certificate, renewal_time
 from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachable, code_of
-from node.eventbudget import MAX_STORED_EVENTS, EventBudget
+from node.eventbudget import MAX_STORED_EVENTS, QUARANTINE, EventBudget, RefusalBudget
 from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
 from node.keystore import Keystore
@@ -199,6 +199,7 @@ class Node:
         self._inbox_seq = _last_seq(keystore.names(NS_INBOX))
         #: Security events coalesced per peer, and how many the stored inbox holds (issue #13).
         self.event_budget = EventBudget()
+        self.refusal_budget = RefusalBudget()
         self._stored_events: int | None = None
         outbox = keystore.names(NS_OUTBOX)
         self._outbox_seq = _last_seq(outbox)
@@ -765,6 +766,8 @@ class Node:
     def _receive(self, deliver: Deliver) -> tuple[asyncio.Future[None], Message | None]:
         """Decrypt a delivery (state changes in memory) and queue its commit; nothing blocks."""
         peer = deliver.sender
+        if self.refusal_budget.drops(peer, self.clock()):  # a flooding peer (issue #13): not even decoded
+            return self._journal.commit({}, sync=False), None
         seen = self._seen_ids(peer)
         if deliver.msg_id in seen:
             # A redelivery of something already processed: acknowledge, say nothing.
@@ -788,6 +791,10 @@ class Node:
             else:
                 raise DecodeError(f"a {kind.name} frame is not a message")
         except ProtocolError as exc:
+            if self.refusal_budget.refused(peer, self.clock()):
+                minutes = int(QUARANTINE.total_seconds() // 60)
+                flood = f"too many refused frames: {peer}'s frames are dropped unread for {minutes} min"
+                self._emit(SecurityEvent("peer_flooding", peer, flood, code_of(exc)))
             return self._emit(SecurityEvent(_event_name(exc), peer, str(exc), code_of(exc))), None
         message: Message | None = None
         if received.kind is Kind.DATA:

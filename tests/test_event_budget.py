@@ -10,7 +10,7 @@ from datetime import timedelta
 from conftest import ALICE, BOB, CA, NOW
 from lab import make_node, publish_crl, raw_client, recv_frame, relay_config, running
 
-from node.eventbudget import BURST, WINDOW, EventBudget
+from node.eventbudget import BURST, QUARANTINE, REFUSALS, WINDOW, EventBudget, RefusalBudget
 from node.events import SecurityEvent
 from protocol import wire
 from protocol.link import Accepted, Batch, Send
@@ -33,6 +33,14 @@ def test_events_are_coalesced_per_peer_and_event_and_notices_never() -> None:
     assert budget.admit(refused, NOW + WINDOW + timedelta(seconds=1)) is not None
 
 
+def test_a_peer_over_its_refusal_budget_is_dropped_unread_for_a_while() -> None:
+    budget = RefusalBudget(refusals=3)
+    assert [budget.refused("mallory", NOW) for _ in range(4)] == [False, False, False, True]
+    assert budget.drops("mallory", NOW) and not budget.drops("alice", NOW)
+    assert not budget.drops("mallory", NOW + QUARANTINE)  # over: read again
+    assert budget.dropped == 1
+
+
 async def test_a_flood_of_forged_frames_costs_a_bounded_number_of_records() -> None:
     async with Relay(relay_config(CA, rate=100_000, burst=100_000)) as relay:
         await publish_crl(relay, CA, CA.crl())
@@ -51,6 +59,10 @@ async def test_a_flood_of_forged_frames_costs_a_bounded_number_of_records() -> N
             async with asyncio.timeout(60):
                 while await relay.store.waiting("alice"):  # alice has refused (and ACKed) every one
                     await asyncio.sleep(0.05)
+            # The first REFUSALS were read and refused (a few recorded, the rest counted); then bob
+            # was over his budget, said once, and the rest dropped unread.
             records = [item for item in alice.take_inbox() if item["type"] == "event"]
-            assert 1 <= len(records) <= BURST
-            assert alice.event_budget.left_out == FORGED - len(records)
+            assert [r["event"] for r in records].count("peer_flooding") == 1
+            assert len(records) <= BURST + 1
+            assert alice.refusal_budget.dropped == FORGED - REFUSALS - 1
+            assert alice.event_budget.left_out == REFUSALS + 1 - (len(records) - 1)
