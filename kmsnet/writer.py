@@ -29,12 +29,13 @@ import click
 
 from kmsnet.exits import CliFailure
 from kmsnet.options import Output, StoreOptions, node_failures
+from kmsnet.pkcs11_options import PinSource
 from node.control import CONTROL_PURPOSE, ControlServer, Handler, NotStarted, Outcome, request
 from node.errors import ControlError
 from node.homelock import HomeLock, in_use, read_holder
 from node.keystore import Keystore
 from node.kms import KEYSTORE_FILE
-from node.node import Node
+from node.node import Node, NodeOptions
 
 #: Seconds a command waits for a holder that is starting up (not listening yet) or leaving.
 WAIT_FOR_HOLDER = 15.0
@@ -99,7 +100,8 @@ def open_node(store: StoreOptions, relay_url: str | None, passphrase: str) -> It
         keystore = Keystore.open(store.home / KEYSTORE_FILE, passphrase=passphrase)
     try:
         with node_failures():
-            yield Node(keystore, relay_url=relay_url)
+            # A token-backed identity asks for its PIN (file, environment or prompt) only when used.
+            yield Node(keystore, relay_url=relay_url, options=NodeOptions(pin=PinSource()))
     finally:
         keystore.close()
 
