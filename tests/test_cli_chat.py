@@ -118,5 +118,9 @@ def test_ca_relay_and_two_nodes_chat_from_the_command_line(tmp_path: Path) -> No
                            "--relay", "ws://127.0.0.1:9", "--ca-fingerprint", fingerprint)  # fmt: skip
             assert carol.returncode == 0, carol.stderr
             assert "nobody can write to carol until it first goes online" in carol.stderr
-    # The relay is gone: sending says so (exit 3) instead of hanging.
-    fails(kmsnet("send", "--home", str(alice), "--to", "bob", "are you there"), 3, relay_url)
+    # The relay is gone: sending says so (exit 3) instead of hanging, and keeps the message.
+    gone = kmsnet("send", "--home", str(alice), "--to", "bob", "are you there")
+    fails(gone, 3, "waits in the outbox and goes out when any kmsnet command or the chat for this home next connects")
+    assert gone.stdout.startswith("queued ") and gone.stdout.endswith(" for bob (relay unreachable)\n")
+    # A first message cannot be queued: it needs the peer's prekeys from the relay.
+    fails(kmsnet("send", "--home", str(alice), "--to", "carol", "hi"), 3, relay_url)
