@@ -22,6 +22,8 @@ from protocol.errors import ProtocolError
 
 #: Seconds `receive` waits after the last delivery before deciding the mailbox is empty.
 QUIET = 0.5
+#: Seconds between looks at the connection while `receive --follow` reports it.
+CONNECTION_POLL = 0.2
 
 SEND_EXAMPLES = """
 Examples:
@@ -114,6 +116,7 @@ async def _receive_work(node: Node, args: dict[str, Any], sink: Sink, *, take: b
     follow, timeout = bool(args.get("follow")), args.get("timeout")
     taken: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
     node.inbox_listeners.append(taken.put_nowait)
+    notes = asyncio.create_task(_connection_notes(node, sink)) if follow else None
     try:
         # --timeout ends the wait; what arrived until then was printed.
         with contextlib.suppress(TimeoutError):
@@ -142,8 +145,26 @@ async def _receive_work(node: Node, args: dict[str, Any], sink: Sink, *, take: b
         _print_all(_drain(taken), sink)
     finally:
         node.inbox_listeners.remove(taken.put_nowait)
+        if notes is not None:
+            notes.cancel()
     if sink.closing.is_set() and not isinstance(sink, LocalSink):
         raise Handover
+
+
+async def _connection_notes(node: Node, sink: Sink) -> None:
+    """While following: say on stderr when the node connects, loses its relay, and is back."""
+    was: bool | None = None
+    while True:
+        connected = node.connected
+        if connected != was:
+            if connected:
+                sink.note(f"connected to {node.relay_url} as {node.name}")
+            elif was is None:
+                sink.note(f"cannot reach the relay at {node.relay_url} yet: trying again, and again")
+            else:
+                sink.note(f"lost the relay at {node.relay_url}: reconnecting")
+            was = connected
+        await asyncio.sleep(CONNECTION_POLL)
 
 
 def _print_all(items: list[dict[str, Any]], sink: Sink) -> None:
@@ -273,7 +294,9 @@ def receive(follow: bool, timeout: float | None, relay_url: str | None, out: Out
     """Print messages and security events addressed to this node.
 
     A refused input (tampered, replayed, revoked, stale) is printed as an event, never as a
-    message. Without --follow, exits once the mailbox is empty. While another kmsnet process
+    message. Without --follow, exits once the mailbox is empty. With --follow, the state of the
+    connection (connected, lost, reconnecting) goes to stderr, and a relay that is down is waited
+    for. While another kmsnet process
     uses this home, prints what that process receives from now on.
     """
     logs.configure("WARNING")
@@ -282,7 +305,8 @@ def receive(follow: bool, timeout: float | None, relay_url: str | None, out: Out
     async def work(node: Node, args: dict[str, Any], sink: Sink) -> None:
         await _receive_work(node, args, sink, take=True)
 
-    run_here = _run_online(store, relay_url, out, work, args, reads_inbox=True)
+    # Following, a relay that is down at the start is waited for, as one that goes down later is.
+    run_here = _run_online(store, relay_url, out, work, args, reads_inbox=True, or_offline=follow)
     dispatch(store, out, "receive", args, run_here, extra=("--follow",) if follow else ())
 
 

@@ -51,6 +51,8 @@ class Sink(Protocol):
 
     def warn(self, message: str) -> None: ...
 
+    def note(self, message: str) -> None: ...
+
 
 class LocalSink:
     """Results printed here; `closing` is set by SIGINT/SIGTERM."""
@@ -64,6 +66,14 @@ class LocalSink:
 
     def warn(self, message: str) -> None:
         self.out.warn(message)
+
+    def note(self, message: str) -> None:
+        self.note_line(message)
+
+    @staticmethod
+    def note_line(message: str) -> None:
+        """A state line ("connected to ...") on stderr: stdout is for results, which scripts read."""
+        click.echo(message, err=True)
 
 
 #: A command's work on a running node: (node, arguments, where results go).
@@ -213,7 +223,7 @@ def _through_holder(store: StoreOptions, key: bytes, command: str, args: dict[st
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
         try:
-            return await request(store.home, key, command, args, out.emit, out.warn)
+            return await request(store.home, key, command, args, out.emit, out.warn, LocalSink.note_line)
         except asyncio.CancelledError:
             return Outcome(0, None)
 

@@ -400,3 +400,37 @@ async def test_a_send_with_the_relay_down_waits_in_the_outbox_and_goes_out_later
         got = await kmsnet("receive", "--home", str(bob), "--json", "--timeout", "5")
     texts = [json.loads(line).get("text") for line in got.out.splitlines()]
     assert [t for t in texts if t] == ["before", "while down"]
+
+
+async def test_a_follower_says_when_it_connects_loses_the_relay_and_is_back(tmp_path: Path) -> None:
+    """`receive --follow` started while the relay is down waits for it, and says on stderr what the
+    connection does; stdout stays for messages."""
+    async with Relay(relay_config(CA, tmp_path, clock=now)) as relay:
+        alice, bob = await provision_homes(relay, tmp_path)
+        assert (await kmsnet("receive", "--home", str(alice), "--timeout", "5")).code == 0
+        port = relay.port
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kmsnet", "receive", "--home", str(alice), "--follow", "--json",
+        cwd=ROOT, env=env(), start_new_session=True,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+
+    async def line(stream: asyncio.StreamReader) -> str:
+        async with asyncio.timeout(30):
+            return (await stream.readline()).decode()
+
+    try:
+        assert (await line(proc.stderr)).startswith("cannot reach the relay at ws://127.0.0.1:")
+        for round in range(2):
+            async with Relay(relay_config(CA, tmp_path, clock=now, port=port)):
+                assert (await line(proc.stderr)) == f"connected to ws://127.0.0.1:{port} as alice\n"
+                assert (await send(bob, "alice", f"while it follows {round}")).code == 0
+                while (got := json.loads(await line(proc.stdout)))["type"] != "message":
+                    assert got["event"] == "session_established"
+                assert got["text"] == f"while it follows {round}"
+            assert (await line(proc.stderr)) == f"lost the relay at ws://127.0.0.1:{port}: reconnecting\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0
