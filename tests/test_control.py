@@ -23,8 +23,10 @@ class Seen:
         self.noted: list[str] = []
 
     async def ask(self, home: Path, command: str, args: dict[str, Any], key: bytes = KEY) -> Outcome:
-        emitted = self.emitted.append
-        return await request(home, key, command, args, lambda r, t: emitted((r, t)), self.warned.append, self.noted.append)
+        def emitted(record: dict[str, Any], text: str) -> None:
+            self.emitted.append((record, text))
+
+        return await request(home, key, command, args, emitted, self.warned.append, self.noted.append)
 
 
 async def echo(args: dict[str, Any], reply: Reply) -> None:
