@@ -300,8 +300,8 @@ class RelayLink:
         request = next(self._ids)
         fut: asyncio.Future[BundleReply] = asyncio.get_running_loop().create_future()
         self._requests[request] = fut
-        await self.send(FetchBundle(request, name))
         try:
+            await self.send(FetchBundle(request, name))
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 return await fut
         except TimeoutError as exc:

@@ -331,8 +331,18 @@ async def test_without_redis_a_relay_says_so_on_healthz_and_turns_nodes_away_unt
             assert ws.close_code == 1013
             await asyncio.to_thread(redis.start)
             await until(lambda: _status_is(status, 200))
-            bob, _ = await raw_client(relay, BOB)
-            await bob.close()
+
+            async def welcomed() -> bool:
+                # /healthz is green once the store answers; the bus's subscriber comes back on its own
+                # backoff, and until then a node is told to try again (1013), as real nodes do.
+                try:
+                    bob, _ = await raw_client(relay, BOB)
+                except (AssertionError, ConnectionClosed):
+                    return False
+                await bob.close()
+                return True
+
+            await until(welcomed, timeout=20)
 
 
 async def _status_is(status, code: int) -> bool:  # type: ignore[no-untyped-def]
