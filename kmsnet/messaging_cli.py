@@ -192,10 +192,12 @@ async def _status_work(node: Node, args: dict[str, Any], sink: Sink) -> None:
         if feed["crl_number"] is None
         else f"CRL #{feed['crl_number']}, next update {feed['next_update']}" + (" (STALE)" if feed["stale"] else "")
     )
+    revoked = info.get("revoked")
+    validity = f"REVOKED: {revoked['text']}" if revoked else f"valid until {info['certificate']['not_after']}"
     lines = [
         f"node        {info['name']}",
         f"fingerprint {info['fingerprint']}",
-        f"certificate serial {info['certificate']['serial']}, valid until {info['certificate']['not_after']}",
+        f"certificate serial {info['certificate']['serial']}, {validity}",
         f"relay       {info['relay']}",
         f"feed        {freshness}",
         f"outbox      {info['outbox']} waiting",
@@ -204,6 +206,8 @@ async def _status_work(node: Node, args: dict[str, Any], sink: Sink) -> None:
         state = s["state"] + (f" ({s['closed_reason']})" if s["closed_reason"] else "")
         lines.append(f"session     {s['peer']}: {state}; safety number {s['safety_number']}")
     sink.emit(info, "\n".join(lines))
+    if revoked:  # issue #13: a revoked node is told, and exits 4
+        raise CliFailure(f"this node's certificate is {revoked['text']}", TRUST, name="node_revoked")
 
 
 def control_handlers(node: Node, *, reads_inbox: bool) -> dict[str, Handler]:

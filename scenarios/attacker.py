@@ -280,6 +280,10 @@ class MaliciousRelay(Interceptor):
         """The relay this interceptor sits in (the lab calls it once the relay runs)."""
         self.relay = relay
 
+    def admits_revoked(self, name: str) -> bool:
+        """A malicious relay lets revoked nodes in (they may be its accomplices): the nodes refuse them."""
+        return True
+
     def use(self, *tactics: Tactic) -> None:
         """Put tactics in force (in addition to those already in force)."""
         self.tactics.extend(tactics)

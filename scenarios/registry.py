@@ -28,6 +28,7 @@ ORDER = (
     "reorder-drop",
     "revoked-peer",
     "stale-feed",
+    "crl-withholding",
     "feed-rollback",
     "session-compromise",
     "identity-compromise",
@@ -36,6 +37,7 @@ ORDER = (
     "downgrade",
     "skip-flood",
     "relay-crash",
+    "relay-forwarding",
 )
 
 

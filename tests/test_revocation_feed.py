@@ -50,9 +50,16 @@ async def push(relay: Relay, crl: bytes) -> None:
     await publish_crl(relay, CA, crl)
 
 
+class Colluding(Interceptor):
+    """A relay that lets revoked nodes stay (an honest one cuts them): alice must refuse bob herself."""
+
+    def admits_revoked(self, name: str) -> bool:
+        return True
+
+
 async def test_revoking_bob_cuts_a_live_session_within_one_feed_update(tmp_path: Path) -> None:
     clock = Clock()
-    async with Relay(relay_config(CA, tmp_path, clock=clock)) as relay:
+    async with Relay(relay_config(CA, tmp_path, clock=clock), interceptor=Colluding()) as relay:
         await push(relay, CA.crl(number=1))
         alice, bob = node(ALICE, relay, clock), node(BOB, relay, clock)
         async with running(alice, bob):
