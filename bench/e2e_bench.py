@@ -159,7 +159,7 @@ class World:
         ws = await connect(url, compression=None, max_size=None)
         challenge = wire.decode_link(await ws.recv())  # type: ignore[arg-type]
         assert isinstance(challenge, Challenge)
-        await ws.send(wire.encode_link(Auth(cert, key.sign(auth_signed_bytes(challenge.nonce, challenge.relay)))))
+        await ws.send(wire.encode_link(Auth(cert, key.sign(auth_signed_bytes(challenge.nonce, challenge.relay, url)))))
         assert isinstance(wire.decode_link(await ws.recv()), Welcome)  # type: ignore[arg-type]
         return ws
 

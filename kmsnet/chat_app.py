@@ -49,6 +49,7 @@ QUEUED = "queued (relay unreachable)"
 
 #: How the banner names a node's security events; others are shown by their event name.
 EVENT_TITLES = {
+    "revoked": "YOUR certificate is revoked: sending is disabled",
     "peer_revoked": "certificate revoked",
     "identity_changed": "identity key changed (check it with /verify)",
     "authentication_failed": "tampered message refused",
@@ -278,8 +279,10 @@ class ChatApp(App[None]):
         else:
             freshness = (f"CRL #{feed['crl_number']} fresh", "green")
         left = status["certificate"]["expires_in_seconds"]
-        if left <= 0:
-            cert: tuple[str, str] = ("certificate EXPIRED", "bold red")
+        if status.get("revoked"):
+            cert: tuple[str, str] = (f"certificate {status['revoked']['text']}", "bold red")
+        elif left <= 0:
+            cert = ("certificate EXPIRED", "bold red")
         elif left < self._lifetime() * EXPIRING_FRACTION:
             cert = (f"certificate expiring in {_duration(left)}", "yellow")
         else:
@@ -443,6 +446,9 @@ class ChatApp(App[None]):
     def _send_text(self, text: str) -> None:
         if self.selected is None:
             self._show_notice("no contact selected: /msg NAME first")
+            return
+        if self.node.revoked is not None:  # issue #13: a revoked node sends nothing
+            self._show_notice(f"not sent: this node's certificate is {self.node.revoked.words()}")
             return
         line = Line("out", text, time.time(), SENDING)
         self._contact(self.selected).lines.append(line)

@@ -11,16 +11,19 @@ from typing import Any
 import click
 
 from kmsnet import logs
-from kmsnet.exits import EPILOG, TRUST, CliFailure
+from kmsnet.exits import EPILOG, TRUST, UNREACHABLE, CliFailure
 from kmsnet.options import Output, StoreOptions, json_option, node_failures, read_input, store_options
 from kmsnet.writer import LocalSink, Sink, Work, dispatch, open_node, serving
 from node.control import Handler, Handover, Reply
+from node.errors import RelayUnreachable
 from node.homelock import HomeLock
 from node.node import Node
 from protocol.errors import ProtocolError
 
 #: Seconds `receive` waits after the last delivery before deciding the mailbox is empty.
 QUIET = 0.5
+#: Seconds between looks at the connection while `receive --follow` reports it.
+CONNECTION_POLL = 0.2
 
 SEND_EXAMPLES = """
 Examples:
@@ -49,10 +52,16 @@ def relay_option(command: Any) -> Any:
 
 
 @contextlib.asynccontextmanager
-async def online(node: Node) -> AsyncIterator[Node]:
-    """The node connected to its relay (exit 3 if it cannot be reached)."""
-    with node_failures():
-        await node.start()
+async def online(node: Node, *, or_offline: bool = False) -> AsyncIterator[Node]:
+    """The node connected to its relay (exit 3 if it cannot be reached). With `or_offline`, an
+    unreachable relay is no failure here: the node runs, and keeps trying to connect."""
+    try:
+        with node_failures():
+            await node.start()
+    except CliFailure as failure:
+        if not (or_offline and failure.exit_code == UNREACHABLE):
+            raise
+        await node.start(wait=False)
     try:
         yield node
     finally:
@@ -69,7 +78,28 @@ async def _send_work(node: Node, args: dict[str, Any], sink: Sink) -> None:
             msg_id = await node.send(peer, args["text"])
         except ProtocolError as exc:
             raise CliFailure(f"cannot start a session with {peer}: {exc}", TRUST) from exc
+        except RelayUnreachable as exc:
+            if node.connected:
+                raise
+            raise CliFailure(
+                f"cannot reach the relay at {node.relay_url}: nothing was sent or queued (a first message to "
+                f"{peer} needs {peer}'s prekeys from the relay)",
+                UNREACHABLE,
+                name="relay_unreachable",
+            ) from exc
     queued = node.is_queued(msg_id)
+    if queued and not node.connected:
+        # Sealed and kept in the outbox (on disk): it leaves by itself once this home is online again.
+        sink.emit(
+            {"type": "sent", "id": msg_id, "to": peer, "queued": True, "relay_reachable": False},
+            f"queued {msg_id} for {peer} (relay unreachable)",
+        )
+        raise CliFailure(
+            f"the relay cannot be reached: message {msg_id} waits in the outbox and goes out when any kmsnet "
+            "command or the chat for this home next connects",
+            UNREACHABLE,
+            name="queued_relay_unreachable",
+        )
     sink.emit(
         {"type": "sent", "id": msg_id, "to": peer, "queued": queued},
         f"sent {msg_id} to {peer}" + (" (queued: the relay has not confirmed it yet)" if queued else ""),
@@ -86,6 +116,7 @@ async def _receive_work(node: Node, args: dict[str, Any], sink: Sink, *, take: b
     follow, timeout = bool(args.get("follow")), args.get("timeout")
     taken: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
     node.inbox_listeners.append(taken.put_nowait)
+    notes = asyncio.create_task(_connection_notes(node, sink)) if follow else None
     try:
         # --timeout ends the wait; what arrived until then was printed.
         with contextlib.suppress(TimeoutError):
@@ -114,8 +145,26 @@ async def _receive_work(node: Node, args: dict[str, Any], sink: Sink, *, take: b
         _print_all(_drain(taken), sink)
     finally:
         node.inbox_listeners.remove(taken.put_nowait)
+        if notes is not None:
+            notes.cancel()
     if sink.closing.is_set() and not isinstance(sink, LocalSink):
         raise Handover
+
+
+async def _connection_notes(node: Node, sink: Sink) -> None:
+    """While following: say on stderr when the node connects, loses its relay, and is back."""
+    was: bool | None = None
+    while True:
+        connected = node.connected
+        if connected != was:
+            if connected:
+                sink.note(f"connected to {node.relay_url} as {node.name}")
+            elif was is None:
+                sink.note(f"cannot reach the relay at {node.relay_url} yet: trying again, and again")
+            else:
+                sink.note(f"lost the relay at {node.relay_url}: reconnecting")
+            was = connected
+        await asyncio.sleep(CONNECTION_POLL)
 
 
 def _print_all(items: list[dict[str, Any]], sink: Sink) -> None:
@@ -143,10 +192,12 @@ async def _status_work(node: Node, args: dict[str, Any], sink: Sink) -> None:
         if feed["crl_number"] is None
         else f"CRL #{feed['crl_number']}, next update {feed['next_update']}" + (" (STALE)" if feed["stale"] else "")
     )
+    revoked = info.get("revoked")
+    validity = f"REVOKED: {revoked['text']}" if revoked else f"valid until {info['certificate']['not_after']}"
     lines = [
         f"node        {info['name']}",
         f"fingerprint {info['fingerprint']}",
-        f"certificate serial {info['certificate']['serial']}, valid until {info['certificate']['not_after']}",
+        f"certificate serial {info['certificate']['serial']}, {validity}",
         f"relay       {info['relay']}",
         f"feed        {freshness}",
         f"outbox      {info['outbox']} waiting",
@@ -155,6 +206,8 @@ async def _status_work(node: Node, args: dict[str, Any], sink: Sink) -> None:
         state = s["state"] + (f" ({s['closed_reason']})" if s["closed_reason"] else "")
         lines.append(f"session     {s['peer']}: {state}; safety number {s['safety_number']}")
     sink.emit(info, "\n".join(lines))
+    if revoked:  # issue #13: a revoked node is told, and exits 4
+        raise CliFailure(f"this node's certificate is {revoked['text']}", TRUST, name="node_revoked")
 
 
 def control_handlers(node: Node, *, reads_inbox: bool) -> dict[str, Handler]:
@@ -177,26 +230,37 @@ def control_handlers(node: Node, *, reads_inbox: bool) -> dict[str, Handler]:
 
 
 def _run_online(
-    store: StoreOptions, relay_url: str | None, out: Output, work: Work, args: dict[str, Any], *, reads_inbox: bool
+    store: StoreOptions,
+    relay_url: str | None,
+    out: Output,
+    work: Work,
+    args: dict[str, Any],
+    *,
+    reads_inbox: bool,
+    or_offline: bool = False,
 ) -> Callable[[HomeLock | None, str], None]:
-    """`run_here` for `dispatch`: the node online, answering on the control socket, doing `work`."""
+    """`run_here` for `dispatch`: the node online, answering on the control socket, doing `work`.
+
+    `or_offline`: work with the relay unreachable too (a send seals its message into the outbox).
+    """
 
     def run_here(lock: HomeLock | None, passphrase: str) -> None:
         assert lock is not None
         with open_node(store, relay_url, passphrase) as node:
-            asyncio.run(_online_work(node, lock, work, args, out, reads_inbox=reads_inbox))
+            asyncio.run(_online_work(node, lock, work, args, out, reads_inbox=reads_inbox, or_offline=or_offline))
 
     return run_here
 
 
 async def _online_work(
-    node: Node, lock: HomeLock, work: Work, args: dict[str, Any], out: Output, *, reads_inbox: bool
+    node: Node, lock: HomeLock, work: Work, args: dict[str, Any], out: Output, *, reads_inbox: bool, or_offline: bool
 ) -> None:
     sink = LocalSink(out)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, sink.closing.set)
-    async with online(node), serving(node, lock, control_handlers(node, reads_inbox=reads_inbox)):
+    handlers = control_handlers(node, reads_inbox=reads_inbox)
+    async with online(node, or_offline=or_offline), serving(node, lock, handlers):
         await work(node, args, sink)
 
 
@@ -209,15 +273,19 @@ async def _online_work(
 def send(peer: str, text: str, relay_url: str | None, out: Output, store: StoreOptions) -> None:
     """Send TEXT ('-' reads stdin) to node --to, end to end encrypted.
 
-    Returns once the relay has stored the message; if the relay stops answering, the message
-    stays in the outbox and goes out with the next send or receive. While another kmsnet
-    process uses this home (`receive --follow`, `chat`), the message goes out through it.
+    Returns once the relay has stored the message. If the relay stops answering, the message
+    stays in the outbox (sealed, on disk) and goes out when this home next connects; if the relay
+    cannot be reached at all, the message is queued the same way ("queued ... (relay
+    unreachable)") and the command exits 3, unless this is a first message to NODE (that needs
+    NODE's prekeys from the relay: nothing is queued). While another kmsnet process uses this
+    home (`receive --follow`, `chat`), the message goes out through it.
     """
     if text == "-":
         text = read_input("-").decode("utf-8", errors="replace")
     logs.configure("WARNING")
     args = {"peer": peer, "text": text}
-    dispatch(store, out, "send", args, _run_online(store, relay_url, out, _send_work, args, reads_inbox=False))
+    run_here = _run_online(store, relay_url, out, _send_work, args, reads_inbox=False, or_offline=True)
+    dispatch(store, out, "send", args, run_here)
 
 
 @click.command(epilog=RECEIVE_EXAMPLES + "\n" + EPILOG)
@@ -230,7 +298,9 @@ def receive(follow: bool, timeout: float | None, relay_url: str | None, out: Out
     """Print messages and security events addressed to this node.
 
     A refused input (tampered, replayed, revoked, stale) is printed as an event, never as a
-    message. Without --follow, exits once the mailbox is empty. While another kmsnet process
+    message. Without --follow, exits once the mailbox is empty. With --follow, the state of the
+    connection (connected, lost, reconnecting) goes to stderr, and a relay that is down is waited
+    for. While another kmsnet process
     uses this home, prints what that process receives from now on.
     """
     logs.configure("WARNING")
@@ -239,7 +309,8 @@ def receive(follow: bool, timeout: float | None, relay_url: str | None, out: Out
     async def work(node: Node, args: dict[str, Any], sink: Sink) -> None:
         await _receive_work(node, args, sink, take=True)
 
-    run_here = _run_online(store, relay_url, out, work, args, reads_inbox=True)
+    # Following, a relay that is down at the start is waited for, as one that goes down later is.
+    run_here = _run_online(store, relay_url, out, work, args, reads_inbox=True, or_offline=follow)
     dispatch(store, out, "receive", args, run_here, extra=("--follow",) if follow else ())
 
 

@@ -5,6 +5,7 @@ Parsing and printing only: every decision is node.enrol's.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 
 import click
@@ -14,8 +15,10 @@ from kmsnet.options import ENVIRONMENT_HELP, Output, StoreOptions, json_option, 
 from kmsnet.pkcs11_options import PinSource, token_options
 from kmsnet.writer import exclusive, require_node
 from node.enrol import Renewal, enrol_node, rekey_node, relays_of, renew_certificate, set_relays
+from node.errors import NodeError
 from node.keystore import Keystore
 from node.kms import KEYSTORE_FILE
+from node.node import Node, NodeOptions
 from node.pkcs11 import TokenSlot
 
 
@@ -87,20 +90,32 @@ def init(
 
     With --pkcs11 and --pkcs11-token the identity key is generated in that PKCS#11 token and
     never leaves it (its X25519, ML-KEM and ratchet keys stay in the keystore); every later
-    command on this node needs the token's PIN in KMSNET_PKCS11_PIN_FILE or KMSNET_PKCS11_PIN.
+    command on this node needs the token's PIN (KMSNET_PKCS11_PIN_FILE, KMSNET_PKCS11_PIN or a prompt).
+
+    Once enrolled, the node goes online once to publish its prekeys, so that others can write to
+    it at once; if the relay cannot be reached it says so, and the node publishes them the first
+    time it connects.
     """
-    with exclusive(store), node_failures():
-        enrolment = enrol_node(
-            store.home,
-            name,
-            ca_url,
-            token,
-            list(relay_urls),
-            store.passphrase(confirm=True),
-            ca_fingerprint=ca_fingerprint,
-            argon2=store.argon2,
-            key_token=key_token,
-            pin=pin if key_token else None,
+    with exclusive(store):
+        passphrase = store.passphrase(confirm=True)
+        with node_failures():
+            enrolment = enrol_node(
+                store.home,
+                name,
+                ca_url,
+                token,
+                list(relay_urls),
+                passphrase,
+                ca_fingerprint=ca_fingerprint,
+                argon2=store.argon2,
+                key_token=key_token,
+                pin=pin if key_token else None,
+            )
+        introduced = _introduce(store, passphrase, pin)
+    if introduced is not None:
+        out.warn(
+            f"{name} is enrolled, but {introduced}: nobody can write to {name} until it first goes online "
+            "(any `kmsnet receive`, `send` or `chat` for this home)"
         )
     if not enrolment.fingerprint_checked:
         out.warn(
@@ -119,6 +134,23 @@ def init(
     out.emit(
         record, f"enrolled {enrolment.name}: certificate valid until {record['not_after']}, in {enrolment.keystore}"
     )
+
+
+def _introduce(store: StoreOptions, passphrase: str, pin: PinSource) -> str | None:
+    """Go online once, so that the relay has this node's prekey bundle and one-time prekeys: others
+    can start a session with it before it ever runs another command. None, or why it could not."""
+    with node_failures(), Keystore.open(store.home / KEYSTORE_FILE, passphrase=passphrase) as keystore:
+        node = Node(keystore, options=NodeOptions(pin=pin))
+
+        async def online_once() -> None:
+            await node.start(reconnect=False)  # publishes the bundle before it returns
+            await node.stop()
+
+        try:
+            asyncio.run(online_once())
+        except NodeError as exc:  # enrolled all the same: the first connection publishes them
+            return str(exc)
+    return None
 
 
 def _renewal_record(renewal: Renewal) -> dict[str, object]:

@@ -9,14 +9,18 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 import click
+from cryptography import x509
 
 from kmsnet import logs
-from kmsnet.exits import BAD_INPUT, EPILOG, UNREACHABLE, CliFailure
+from kmsnet.exits import BAD_INPUT, EPILOG, UNREACHABLE, USAGE, CliFailure
 from protocol import certs
 from protocol.errors import ProtocolError
 from relay.backends import is_redis
 from relay.errors import RelayError
-from relay.server import Relay, RelayConfig
+from relay.server import Relay, RelayConfig, check_name
+
+#: Listen addresses that name no host a node could dial.
+_WILDCARDS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - recognised, not bound
 
 EXAMPLES = """
 Examples:
@@ -25,7 +29,7 @@ Examples:
   kmsnet relay --ca-cert ca/ca.pem                      # ws://127.0.0.1:8765, store relay.db
   kmsnet relay --ca-cert ca/ca.pem --port 0             # any free port (printed on stdout)
   kmsnet relay --ca-cert ca/ca.pem --tls-cert relay.pem --tls-key relay.key   # wss://
-  kmsnet relay --ca-cert ca/ca.pem --store redis://127.0.0.1:6379/0 --name relay-a   # one of a cluster
+  kmsnet relay --ca-cert ca/ca.pem --store redis://127.0.0.1:6379/0   # one of a cluster
 """
 
 
@@ -48,13 +52,19 @@ Examples:
 )
 @click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Serve wss://.")
 @click.option("--tls-key", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="Key of --tls-cert.")
-@click.option("--name", default="kmsnet-relay", show_default=True, help="Name nodes sign in their challenge answer.")
+@click.option(
+    "--name",
+    help="This relay's name, HOST:PORT as nodes dial it; nodes refuse a relay that gives another name "
+    "than the one they dialled. Default: the host (or, with --tls-cert, the certificate's first DNS or IP "
+    "name) and the port it listens on. Each relay of a cluster has its own.",
+)
 @click.option(
     "--rate",
     default=1000.0,
     show_default=True,
     type=click.FloatRange(min=1, min_open=False),
-    help="Frames per second each connection may send; more are refused with RATE_LIMITED.",
+    help="Frames per second each connection may send; more are refused with RATE_LIMITED "
+    "(acknowledgements have a budget of their own).",
 )
 @click.option(
     "--burst",
@@ -70,7 +80,7 @@ def relay(
     ca_cert: Path,
     tls_cert: Path | None,
     tls_key: Path | None,
-    name: str,
+    name: str | None,
     rate: float,
     burst: int,
 ) -> None:
@@ -98,14 +108,42 @@ def relay(
             tls.load_cert_chain(tls_cert, tls_key)
         except (OSError, ssl.SSLError) as exc:
             raise CliFailure(f"cannot load the TLS certificate or key: {exc}", BAD_INPUT) from exc
+    if name is not None:
+        try:
+            check_name(name)
+        except ValueError as exc:
+            raise CliFailure(f"--name: {exc}", BAD_INPUT) from exc
+    public_host = _certificate_host(tls_cert) if tls_cert is not None else None
+    if name is None and public_host is None and host in _WILDCARDS:
+        raise CliFailure(f"--host {host or '(all)'} listens everywhere: give --name HOST:PORT as nodes dial it", USAGE)
     logs.configure()
     config = RelayConfig(
-        ca_root=root, host=host, port=port, store_path=store, tls=tls, name=name, rate=rate, burst=burst
+        ca_root=root,
+        host=host,
+        port=port,
+        store_path=store,
+        tls=tls,
+        name=name,
+        public_host=public_host,
+        rate=rate,
+        burst=burst,
     )
     try:
         asyncio.run(_serve(config))
     except (OSError, RelayError) as exc:
         raise CliFailure(f"relay: {exc}", UNREACHABLE) from exc
+
+
+def _certificate_host(path: Path) -> str | None:
+    """The first DNS (else IP) name of the relay's TLS certificate: the host nodes verify it for."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return None
+    dns = names.get_values_for_type(x509.DNSName)
+    ips = names.get_values_for_type(x509.IPAddress)
+    return dns[0].lower() if dns else (str(ips[0]) if ips else None)
 
 
 async def _serve(config: RelayConfig) -> None:

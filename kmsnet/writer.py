@@ -29,12 +29,13 @@ import click
 
 from kmsnet.exits import CliFailure
 from kmsnet.options import Output, StoreOptions, node_failures
+from kmsnet.pkcs11_options import PinSource
 from node.control import CONTROL_PURPOSE, ControlServer, Handler, NotStarted, Outcome, request
 from node.errors import ControlError
 from node.homelock import HomeLock, in_use, read_holder
 from node.keystore import Keystore
 from node.kms import KEYSTORE_FILE
-from node.node import Node
+from node.node import Node, NodeOptions
 
 #: Seconds a command waits for a holder that is starting up (not listening yet) or leaving.
 WAIT_FOR_HOLDER = 15.0
@@ -50,6 +51,8 @@ class Sink(Protocol):
 
     def warn(self, message: str) -> None: ...
 
+    def note(self, message: str) -> None: ...
+
 
 class LocalSink:
     """Results printed here; `closing` is set by SIGINT/SIGTERM."""
@@ -63,6 +66,14 @@ class LocalSink:
 
     def warn(self, message: str) -> None:
         self.out.warn(message)
+
+    def note(self, message: str) -> None:
+        self.note_line(message)
+
+    @staticmethod
+    def note_line(message: str) -> None:
+        """A state line ("connected to ...") on stderr: stdout is for results, which scripts read."""
+        click.echo(message, err=True)
 
 
 #: A command's work on a running node: (node, arguments, where results go).
@@ -99,7 +110,8 @@ def open_node(store: StoreOptions, relay_url: str | None, passphrase: str) -> It
         keystore = Keystore.open(store.home / KEYSTORE_FILE, passphrase=passphrase)
     try:
         with node_failures():
-            yield Node(keystore, relay_url=relay_url)
+            # A token-backed identity asks for its PIN (file, environment or prompt) only when used.
+            yield Node(keystore, relay_url=relay_url, options=NodeOptions(pin=PinSource()))
     finally:
         keystore.close()
 
@@ -211,7 +223,7 @@ def _through_holder(store: StoreOptions, key: bytes, command: str, args: dict[st
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
         try:
-            return await request(store.home, key, command, args, out.emit, out.warn)
+            return await request(store.home, key, command, args, out.emit, out.warn, LocalSink.note_line)
         except asyncio.CancelledError:
             return Outcome(0, None)
 

@@ -12,7 +12,8 @@ The conversation is JSON, one object per line:
     client → holder   {"type": "request", "command": NAME, "args": {...}, "proof": HEX}
     holder → client   {"type": "started"}                 the request was authenticated and runs
                       {"type": "emit", "record": {...}, "text": STR}     a result, for --json or for people
-                      {"type": "warn", "message": STR}
+                      {"type": "warn", "message": STR}        a warning, for the client's stderr
+                      {"type": "note", "message": STR}        a state line (connected, lost), for its stderr
                       {"type": "handover"}                the holder is leaving: take the lock, run it yourself
                       {"type": "end", "exit": INT, "message": STR | null, "code": STR | null}
 
@@ -74,6 +75,10 @@ class Reply:
     def warn(self, message: str) -> None:
         """One warning line for the client's stderr."""
         _write(self._writer, {"type": "warn", "message": message})
+
+    def note(self, message: str) -> None:
+        """One state line for the client's stderr (not a warning: "connected to ...")."""
+        _write(self._writer, {"type": "note", "message": message})
 
 
 Handler = Callable[[dict[str, Any], Reply], Coroutine[Any, Any, None]]
@@ -292,8 +297,9 @@ async def request(
     args: dict[str, Any],
     on_emit: Callable[[dict[str, Any], str], None],
     on_warn: Callable[[str], None],
+    on_note: Callable[[str], None] | None = None,
 ) -> Outcome:
-    """Hand `command` to the holder of `home`; results go to `on_emit`/`on_warn` as they come."""
+    """Hand `command` to the holder of `home`; results go to `on_emit`, `on_warn`, `on_note` as they come."""
     _require_unix_sockets()
     path = Path(home) / SOCKET_NAME
     try:
@@ -324,6 +330,8 @@ async def request(
                 on_emit(message.get("record") or {}, str(message.get("text", "")))
             elif kind == "warn":
                 on_warn(str(message.get("message", "")))
+            elif kind == "note" and on_note is not None:
+                on_note(str(message.get("message", "")))
             elif kind == "handover":
                 return Outcome(0, None, handover=True)
             elif kind == "end":

@@ -114,6 +114,15 @@ class RelayRefused(LinkError):
     """The relay refused to authenticate this node."""
 
 
+class NodeRevoked(LinkError, TrustError):
+    """This node's own certificate is revoked: the relay refuses it, and it must not go on as if not."""
+
+
+class RelayImpostor(LinkError, TrustError):
+    """The relay we dialled gave another relay's name in its CHALLENGE (it may be passing that
+    relay's challenge on, to log in there as us): we did not answer it."""
+
+
 class PeerUnavailable(NodeError):
     """The peer cannot be reached through the relay (no prekey bundle, not enrolled)."""
 

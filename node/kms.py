@@ -111,6 +111,7 @@ from node.errors import (
     VersionNotFound,
     VersionTooOld,
     WeakPeerKey,
+    code_of,
 )
 from node.keystore import ARGON2_INTERACTIVE, NONCE_SIZE, Argon2Params, Keystore, aes_gcm_open, aes_gcm_seal
 from node.pkcs11 import Pin, TokenKeyRef, TokenSession, TokenSlot, environment_pin
@@ -783,7 +784,7 @@ class KeyManagementSystem:
                 yield fields
                 self._audit.append(actor, str(action), {**fields, "outcome": "ok"})
         except KmsError as exc:
-            self._audit.append(actor, str(action), {**fields, "outcome": "refused", "error": type(exc).__name__})
+            self._audit.append(actor, str(action), {**fields, "outcome": "refused", "error": code_of(exc)})
             raise
         if action == Transition.DESTROY:
             self._store.scrub()

@@ -27,7 +27,7 @@ from urllib.parse import urlsplit
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
 
-from node.errors import LinkError, RelayRefused, RelayUnreachable, network_words
+from node.errors import LinkError, NodeRevoked, RelayImpostor, RelayRefused, RelayUnreachable, network_words
 from protocol import wire
 from protocol.errors import DecodeError
 from protocol.identity import IdentityKey
@@ -37,11 +37,14 @@ from protocol.link import (
     Batch,
     BundleReply,
     Challenge,
+    CrlFeed,
     Error,
+    ErrorCode,
     FetchBundle,
     LinkFrame,
     Welcome,
     auth_signed_bytes,
+    relay_name_of,
 )
 
 log = logging.getLogger("kmsnet.node.link")
@@ -111,6 +114,7 @@ class RelayLink:
         on_frame: Callable[[LinkFrame], Awaitable[None]],
         on_connected: Callable[[Welcome], Awaitable[None]],
         reconnect: bool = True,
+        check_relay_name: bool = True,
     ) -> None:
         self.urls = [check_url(url) for url in ([urls] if isinstance(urls, str) else urls)]
         if not self.urls:
@@ -122,6 +126,9 @@ class RelayLink:
         self._on_frame = on_frame
         self._on_connected = on_connected
         self._reconnect = reconnect
+        #: INSECURE when False (the relay-forwarding scenario's "before"): sign whichever relay name a
+        #: CHALLENGE gives, so that a relay we dialled can pass an honest relay's CHALLENGE on.
+        self._check_relay_name = check_relay_name
         self._ws: ClientConnection | None = None
         self._closing = False
         self.connected = asyncio.Event()
@@ -158,6 +165,11 @@ class RelayLink:
                     log.info("relay_link_down", extra={"fields": {"url": self.url, "reason": reason}})
                 self.last_error = reason
                 failures += 1
+                if isinstance(exc, NodeRevoked):
+                    # Revoked: no relay will take us again, and retrying would only hammer them.
+                    self._closing = True
+                    if first_attempt is not None and not first_attempt.done():
+                        first_attempt.set_exception(exc)
                 if first_attempt is not None and not first_attempt.done() and failures >= len(self.urls):
                     hint = f"is `kmsnet relay` running on {urlsplit(self.url).netloc}?"
                     unreachable = f"cannot reach the relay at {self.url} ({reason}): {hint}"
@@ -211,6 +223,8 @@ class RelayLink:
                                 fut.set_result(frame)
                             continue
                         await self._on_frame(frame)
+                        if isinstance(frame, Error):
+                            _raise_if_revoked(frame)  # the relay cuts a node a new CRL revokes
             finally:
                 writer.cancel()
                 # The writer ends with the connection (ConnectionClosed): that is this loop's to report.
@@ -235,14 +249,37 @@ class RelayLink:
             challenge = _decode_one(await ws.recv())
             if not isinstance(challenge, Challenge):
                 raise LinkError("relay did not start with a challenge")
-            signature = self._identity.sign(auth_signed_bytes(challenge.nonce, challenge.relay))
+            signature = self._identity.sign(self._answer(challenge))
             await ws.send(wire.encode_link(Auth(self._certificate, signature)))
             answer = _decode_one(await ws.recv())
+            if isinstance(answer, CrlFeed):
+                # A relay refusing a revoked node first sends the CRL that revokes it: the node
+                # verifies it itself, and so knows why (and for sure), not on the relay's word.
+                await self._on_frame(answer)
+                answer = _decode_one(await ws.recv())
         if isinstance(answer, Error):
+            _raise_if_revoked(answer)
             raise RelayRefused(f"relay refused us: {answer.text}")
         if not isinstance(answer, Welcome):
             raise LinkError("relay answered AUTH with something else than WELCOME")
         return answer
+
+    def _answer(self, challenge: Challenge) -> bytes:
+        """What we sign for `challenge`: only a CHALLENGE from the relay we dialled (for wss://, the
+        one whose certificate TLS verified for that host), bound to its name and our URL. A CHALLENGE
+        naming another relay is one passed on by whoever we reached: signing it would let them log
+        in there as us."""
+        expected = relay_name_of(self.url)
+        if challenge.relay != expected:
+            if self._check_relay_name:
+                raise RelayImpostor(
+                    f"the relay at {self.url} answered as {challenge.relay!r}, not as {expected!r}: "
+                    "refused (another relay may be passing its challenge on; if it was renamed, dial it by its name)"
+                )
+            return auth_signed_bytes(
+                challenge.nonce, challenge.relay, f"{urlsplit(self.url).scheme}://{challenge.relay}"
+            )
+        return auth_signed_bytes(challenge.nonce, expected, self.url)
 
     def send_nowait(self, frame: LinkFrame) -> None:
         """Queue one frame for the writer; RelayUnreachable if the link is down."""
@@ -263,8 +300,8 @@ class RelayLink:
         request = next(self._ids)
         fut: asyncio.Future[BundleReply] = asyncio.get_running_loop().create_future()
         self._requests[request] = fut
-        await self.send(FetchBundle(request, name))
         try:
+            await self.send(FetchBundle(request, name))
             async with asyncio.timeout(REQUEST_TIMEOUT):
                 return await fut
         except TimeoutError as exc:
@@ -288,6 +325,11 @@ class RelayLink:
             with contextlib.suppress(ConnectionClosed):
                 await self._flush(self._ws)
                 await self._ws.close()
+
+
+def _raise_if_revoked(error: Error) -> None:
+    if error.code == ErrorCode.REVOKED:
+        raise NodeRevoked(f"the relay refuses this node: its certificate is {error.text}")
 
 
 def _parse(raw: object, decoder: Callable[[bytes], T]) -> T:

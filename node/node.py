@@ -36,9 +36,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
+from node import crlfetch
 from node.enrol import load_identity, renew_certificate, renewal_time
 from node.epoch import EpochFile, epoch_path
-from node.errors import NodeError, PeerUnavailable, RelayUnreachable, code_of
+from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachable, code_of
+from node.eventbudget import MAX_STORED_EVENTS, QUARANTINE, EventBudget, RefusalBudget
 from node.events import Delivered, Message, SecurityEvent
 from node.journal import Journal, Key
 from node.keystore import Keystore
@@ -46,6 +48,7 @@ from node.layout import NS_ARCHIVE, NS_BUNDLE, NS_INBOX, NS_NODE, NS_OUTBOX, NS_
 from node.link import RelayLink, split_urls
 from node.ocsp import OcspChecker
 from node.pkcs11 import Pin, TokenIdentityKey
+from node.selfrevoked import Revoked, own_revocation
 from protocol import certs, handshake, wire
 from protocol.errors import (
     CertificateRevoked,
@@ -107,6 +110,11 @@ class NodeOptions:
     #: The PIN of the PKCS#11 token holding a token-backed node's identity key (None: from the
     #: environment, `node.pkcs11.environment_pin`). Never stored.
     pin: Pin | None = field(default=None, repr=False)
+    #: INSECURE when False (only for the relay-forwarding scenario's "before"): answer a CHALLENGE
+    #: naming another relay than the one dialled (node/link.py).
+    check_relay_name: bool = True
+    #: Fetch the CRL from the CA directly when the newest one held is older than this (node/crlfetch.py).
+    crl_max_age: timedelta = crlfetch.DEFAULT_MAX_AGE
 
 
 @dataclass(slots=True)
@@ -219,6 +227,10 @@ class Node:
         self._peers: dict[str, PeerRecord | None] = {}
         self._reservations: dict[str, asyncio.Future[None]] = {}
         self._inbox_seq = _last_seq(keystore.names(NS_INBOX))
+        #: Security events coalesced per peer, and how many the stored inbox holds (issue #13).
+        self.event_budget = EventBudget()
+        self.refusal_budget = RefusalBudget()
+        self._stored_events: int | None = None
         outbox = keystore.names(NS_OUTBOX)
         self._outbox_seq = _last_seq(outbox)
         # msg_id → envelope, in the order they were sent (records left on disk by an earlier run first).
@@ -278,6 +290,8 @@ class Node:
     async def start(self, *, wait: bool = True, reconnect: bool = True) -> None:
         """Connect to the relay (and keep reconnecting). With `wait`, raise RelayUnreachable if the
         first attempt fails."""
+        if self.revoked is not None:  # (issue #13) a revoked node is told, not sent to the relay
+            raise NodeRevoked(f"this node's certificate is {self.revoked.words()}")
         self._link = RelayLink(
             self.relay_urls,
             identity=self.identity,
@@ -286,6 +300,7 @@ class Node:
             on_frame=self._on_frame,
             on_connected=self._on_connected,
             reconnect=reconnect,
+            check_relay_name=self.options.check_relay_name,
         )
         self._journal.start()
         if self._rolled_back:
@@ -298,8 +313,10 @@ class Node:
         if wait:
             try:
                 await first
-            except BaseException:
+            except BaseException as exc:
                 await self.stop()
+                if isinstance(exc, NodeRevoked) and self.revoked is not None:  # the CRL it verified says why
+                    raise NodeRevoked(f"this node's certificate is {self.revoked.words()}") from exc
                 raise
         else:
             first.add_done_callback(lambda f: f.exception() if not f.cancelled() else None)
@@ -404,6 +421,7 @@ class Node:
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
             await self.renew_if_due()
+            await self.refresh_crl()
             if self.connected and self._rotation_due(self.clock()):
                 with contextlib.suppress(RelayUnreachable):
                     await self._publish_prekeys(onetime_left=ONETIME_LOW)
@@ -859,6 +877,8 @@ class Node:
     def _receive(self, deliver: Deliver) -> tuple[asyncio.Future[None], Message | None]:
         """Decrypt a delivery (state changes in memory) and queue its commit; nothing blocks."""
         peer = deliver.sender
+        if self.refusal_budget.drops(peer, self.clock()):  # a flooding peer (issue #13): not even decoded
+            return self._journal.commit({}, sync=False), None
         seen = self._seen_ids(peer)
         if deliver.msg_id in seen:
             # A redelivery of something already processed: acknowledge, say nothing.
@@ -880,6 +900,10 @@ class Node:
         except ProtocolError as exc:
             if self._conversation(peer).reset_due:
                 self._start_reset(peer)
+            if self.refusal_budget.refused(peer, self.clock()):
+                minutes = int(QUARANTINE.total_seconds() // 60)
+                flood = f"too many refused frames: {peer}'s frames are dropped unread for {minutes} min"
+                self._emit(SecurityEvent("peer_flooding", peer, flood, code_of(exc)))
             return self._emit(SecurityEvent(_event_name(exc), peer, str(exc), code_of(exc))), None
         message: Message | None = None
         if received.kind is Kind.DATA:
@@ -1040,8 +1064,29 @@ class Node:
 
     # --- revocation -----------------------------------------------------------------------------------
 
+    async def refresh_crl(self) -> bool:
+        """Fetch the CA's /crl directly if the newest CRL held is older than `options.crl_max_age`
+        (a relay may withhold the feed: issue #13); True if a newer CRL was accepted."""
+        ca_url = self.keystore.get(NS_NODE, "ca_url")
+        if ca_url is None or not crlfetch.due(self.revocation.current, self.clock(), self.options.crl_max_age):
+            return False
+        before = self.revocation.highest_number
+        try:
+            self._on_crl(await crlfetch.fetch(ca_url.decode()))
+        except crlfetch.CrlFetchFailed as exc:
+            log.info("crl_fetch_failed", extra={"fields": {"node": self.name, "reason": str(exc)}})
+            return False
+        return self.revocation.highest_number != before
+
+    @property
+    def revoked(self) -> Revoked | None:
+        """Whether our own certificate is revoked, by the newest CRL we verified (issue #13)."""
+        serial = x509.load_der_x509_certificate(self.certificate).serial_number
+        return own_revocation(self.revocation.current, serial)
+
     def _on_crl(self, der: bytes) -> None:
         now = self.clock()
+        previous = self.revocation.current
         try:
             before = self.revocation.highest_number
             crl = self.revocation.accept(der, self.root, now)
@@ -1055,11 +1100,16 @@ class Node:
             return
         self._journal.commit({(NS_NODE, "revocation"): self.revocation.to_bytes()}).add_done_callback(_log_failure)
         log.info("crl_accepted", extra={"fields": {"node": self.name, "number": crl.number}})
+        own = self.revoked
+        if own is not None and (previous is None or own.serial not in previous.revoked):
+            self._emit(SecurityEvent("revoked", None, f"this node's certificate is {own.words()}", "node_revoked"))
         for name in self.keystore.names(NS_PEER):
             record = self.peer(name)
             serial = revoked_serial((record.serial, *record.serials), crl.revoked) if record is not None else None
             if record is None or serial is None:
                 continue
+            if previous is not None and serial in previous.revoked:
+                continue  # told once, on the CRL that revoked it (issue #13), not on each later one
             reason = crl.entries[serial].reason if serial in crl.entries else "revoked"
             self._close_revoked(name, record, reason)
 
@@ -1082,6 +1132,10 @@ class Node:
         """Record a security event in the inbox; the application sees it once it is on disk."""
         log.info("security_event", extra={"fields": event.to_json()})
         record: dict[Key, bytes] = {}
+        admitted = self.event_budget.admit(event, self.clock())
+        if admitted is None or self._inbox_full():
+            return self._journal.commit(record, sync=False)  # logged only; still in commit order
+        event = admitted
         self._to_inbox(event.to_json(), record)
         durable = self._journal.commit(record, sync=False)
 
@@ -1094,6 +1148,13 @@ class Node:
         durable.add_done_callback(show)
         return durable
 
+    def _inbox_full(self) -> bool:
+        """Whether the stored inbox holds MAX_STORED_EVENTS security events (counted once, then kept)."""
+        if self._stored_events is None:
+            self._stored_events = len(self.keystore.names(NS_INBOX))
+        self._stored_events += 1
+        return self._stored_events > MAX_STORED_EVENTS
+
     def take_inbox(self) -> list[dict[str, Any]]:
         """Every message and event received and not yet taken, oldest first; they are removed."""
         out = []
@@ -1103,6 +1164,7 @@ class Node:
                 if packed is not None:
                     out.append(msgpack.unpackb(packed))
                 self.keystore.delete(NS_INBOX, name)
+        self._stored_events = 0
         if out:
             for listener in list(self.inbox_listeners):
                 listener(out)
@@ -1149,6 +1211,7 @@ class Node:
             },
             "relay": self.relay_url,
             "connected": self.connected,
+            "revoked": self.revoked.to_json() if self.revoked is not None else None,
             "feed": feed,
             "outbox": self.outbox_size(),
             "sessions": sessions,

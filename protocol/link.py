@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import ClassVar
+from urllib.parse import urlsplit
 
 from protocol.keyschedule import LABEL_RELAY_AUTH
 from protocol.messages import (
@@ -110,6 +111,8 @@ class ErrorCode(IntEnum):
     UNKNOWN_RECIPIENT = 7
     NOT_ALLOWED = 8
     UNAVAILABLE = 9
+    #: The node's certificate is revoked (at login, or by a CRL just published); preceded by that CRL.
+    REVOKED = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,7 +127,8 @@ class Challenge:
 
 @dataclass(frozen=True, slots=True)
 class Auth:
-    """node → relay: certificate and Ed25519 signature over LABEL_RELAY_AUTH || nonce || relay name."""
+    """node → relay: certificate and Ed25519 signature over `auth_signed_bytes` (the nonce, the
+    relay's name and the URL the node dialled)."""
 
     TYPE: ClassVar[LinkType] = LinkType.AUTH
     SCHEMA: ClassVar[tuple[LinkField, ...]] = (Bin(min=1, max=MAX_CERTIFICATE), Bin(SIGNATURE_LEN))
@@ -308,6 +312,30 @@ LINK_CLASSES: dict[int, type[LinkFrame]] = {
 }
 
 
-def auth_signed_bytes(nonce: bytes, relay: str) -> bytes:
-    """What a node signs to authenticate to a relay: bound to this relay and this challenge."""
-    return LABEL_RELAY_AUTH + nonce + relay.encode()
+def auth_signed_bytes(nonce: bytes, relay: str, url: str) -> bytes:
+    """What a node signs to authenticate to a relay: bound to this challenge, this relay's name and
+    the URL dialled (canonical, `canonical_url`), each length-prefixed so no two pairs collide."""
+    name, where = relay.encode(), canonical_url(url).encode()
+    return LABEL_RELAY_AUTH + nonce + len(name).to_bytes(2, "big") + name + len(where).to_bytes(2, "big") + where
+
+
+#: The port a ws:// or wss:// URL means when it names none.
+_DEFAULT_PORTS = {"ws": 80, "wss": 443}
+
+
+def relay_name_of(url: str) -> str:
+    """The name a relay dialled at `url` must give in its CHALLENGE: `host:port` as dialled, the host
+    in lower case, the port explicit (IPv6 literals in brackets). ValueError for a URL without a
+    host or with a scheme other than ws/wss."""
+    parts = urlsplit(url)
+    if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+        raise ValueError(f"not a relay URL: {url!r}")
+    host = parts.hostname.lower()
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{host}:{parts.port or _DEFAULT_PORTS[parts.scheme]}"
+
+
+def canonical_url(url: str) -> str:
+    """`scheme://host:port` of a relay URL (path dropped, defaults made explicit): what AUTH signs."""
+    return f"{urlsplit(url).scheme}://{relay_name_of(url)}"

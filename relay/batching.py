@@ -77,7 +77,7 @@ class BatchWriter(Generic[Op]):
                 results = await self._commit([op for op, _, _ in batch])
             except Exception as exc:  # noqa: BLE001 - any failure: the writer must live on and say why
                 # The group is lost, and nobody in it was told "stored": nobody was lied to.
-                failure = StoreUnavailable(f"store write failed: {exc}")
+                failure = exc if isinstance(exc, StoreUnavailable) else StoreUnavailable(f"store write failed: {exc}")
                 results = [(None, failure)] * len(batch)
             for (_, fut, settle), (value, error) in zip(batch, results, strict=True):
                 self._outstanding.discard(fut)

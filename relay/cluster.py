@@ -58,8 +58,8 @@ class Bus(ABC):
         """The highest connection number of `name` heard of (0: none)."""
 
     @abstractmethod
-    async def heartbeat(self, url: str, connected: int) -> None:
-        """Announce this relay as alive (StoreUnavailable if that fails)."""
+    async def heartbeat(self, name: str, url: str, connected: int) -> None:
+        """Announce relay `name` as alive (StoreUnavailable if that fails)."""
 
 
 class Solo(Bus):
@@ -84,16 +84,16 @@ class Solo(Bus):
     def newest(self, name: str) -> int:
         return 0
 
-    async def heartbeat(self, url: str, connected: int) -> None:
+    async def heartbeat(self, name: str, url: str, connected: int) -> None:
         return None
 
 
-def make_bus(store: Store, relay_name: str) -> Bus:
+def make_bus(store: Store) -> Bus:
     """The bus that goes with `store`: Redis for a Redis store, else none."""
     from relay.redis_store import RedisStore
 
     if isinstance(store, RedisStore):
         from relay.redis_bus import RedisBus
 
-        return RedisBus(store, relay_name)
+        return RedisBus(store)
     return Solo()

@@ -13,3 +13,8 @@ class QuotaExceeded(RelayError):
 
 class StoreUnavailable(RelayError):
     """The store cannot be opened or written."""
+
+
+class StoreWriteRefused(StoreUnavailable):
+    """The store answers but refuses writes (full, read-only): the relay refuses what it cannot
+    store, and goes on serving what needs no write."""

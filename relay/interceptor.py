@@ -25,6 +25,11 @@ class Interceptor:
         """A prekey bundle of `name` about to be handed to `requester`."""
         return bundle
 
+    def admits_revoked(self, name: str) -> bool:
+        """Whether to let a node the CRL revokes log in and stay (an honest relay never does; a relay
+        colluding with whoever holds a revoked key does, and the nodes must refuse that key themselves)."""
+        return False
+
     async def on_crl(self, recipient: str, crl: bytes) -> bytes | None:
         """The CRL about to be pushed to `recipient` (None: withhold it)."""
         return crl

@@ -166,9 +166,10 @@ class _Shard:
 class RedisBus(Bus):
     """The bus of one relay of a cluster sharing `store`'s Redis."""
 
-    def __init__(self, store: RedisStore, relay_name: str) -> None:
+    def __init__(self, store: RedisStore) -> None:
         self.store = store
-        self.relay_name = relay_name
+        #: The relay's name, known once it listens (its first heartbeat).
+        self.relay_name = ""
         #: This process among relays that may share a name (its heartbeat key).
         self.instance = os.urandom(6).hex()
         self._listener: Listener | None = None
@@ -244,7 +245,8 @@ class RedisBus(Bus):
     def _heartbeat_key(self) -> str:
         return f"kmsnet:relay:{self.relay_name}:{self.instance}"
 
-    async def heartbeat(self, url: str, connected: int) -> None:
+    async def heartbeat(self, name: str, url: str, connected: int) -> None:
+        self.relay_name = name
         info = msgpack.packb({"name": self.relay_name, "url": url, "connected": connected, "at": int(time.time())})
         await self.store.call(lambda: self.store.client.set(self._heartbeat_key, info, ex=HEARTBEAT_TTL))
 

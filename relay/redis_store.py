@@ -32,8 +32,8 @@ from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
 from relay.batching import BatchWriter
-from relay.errors import QuotaExceeded, StoreUnavailable
-from relay.store import MAX_ONETIME_STORED, Envelope, Limits, Store
+from relay.errors import QuotaExceeded, StoreUnavailable, StoreWriteRefused
+from relay.store import MAX_ONETIME_STORED, Envelope, Limits, Store, share_full
 
 log = logging.getLogger("kmsnet.relay.redis")
 
@@ -91,10 +91,16 @@ local function field(entry, name)
   end
 end
 
-local function remove(mail, ids, bytes, id, msg_id)
+local function remove(mail, ids, bytes, shares, id, msg_id)
   local entry = redis.call('XRANGE', mail, id, id)[1]
   if not entry then return 0 end
   redis.call('XDEL', mail, id)
+  local sender = field(entry, 's')
+  if redis.call('HINCRBY', shares, 'c:' .. sender, -1) <= 0 then
+    redis.call('HDEL', shares, 'c:' .. sender, 'b:' .. sender)
+  else
+    redis.call('HINCRBY', shares, 'b:' .. sender, -tonumber(field(entry, 'n')))
+  end
   local left = {}
   for other in string.gmatch(redis.call('HGET', ids, msg_id) or '', '%S+') do
     if other ~= id then left[#left + 1] = other end
@@ -105,9 +111,9 @@ local function remove(mail, ids, bytes, id, msg_id)
 end
 """
 
-# KEYS: mail, ids, bytes. ARGV: msg_id, envelope, payload size, stored_at, max count, max bytes,
-# channel, sender. Returns [0, id] for a retransmission, [1, id] once stored, [-1] / [-2] over the
-# count / bytes quota.
+# KEYS: mail, ids, bytes, shares. ARGV: msg_id, envelope, payload size, stored_at, max count, max
+# bytes, channel, sender, max count and max bytes per sender. Returns [0, id] for a retransmission,
+# [1, id] once stored, [-1] / [-2] over the count / bytes quota, [-3] / [-4] over the sender's share.
 _PUT = (
     _MAILBOX
     + """
@@ -119,7 +125,12 @@ end
 if redis.call('XLEN', KEYS[1]) >= tonumber(ARGV[5]) then return {-1} end
 local size = tonumber(redis.call('GET', KEYS[3]) or '0')
 if size + tonumber(ARGV[3]) > tonumber(ARGV[6]) then return {-2} end
+local share = redis.call('HMGET', KEYS[4], 'c:' .. ARGV[8], 'b:' .. ARGV[8])
+if tonumber(share[1] or '0') >= tonumber(ARGV[9]) then return {-3} end
+if tonumber(share[2] or '0') + tonumber(ARGV[3]) > tonumber(ARGV[10]) then return {-4} end
 local id = redis.call('XADD', KEYS[1], '*', 'e', ARGV[2], 'n', ARGV[3], 't', ARGV[4], 'm', ARGV[1], 's', ARGV[8])
+redis.call('HINCRBY', KEYS[4], 'c:' .. ARGV[8], 1)
+redis.call('HINCRBY', KEYS[4], 'b:' .. ARGV[8], ARGV[3])
 redis.call('HSET', KEYS[2], ARGV[1], held and (held .. ' ' .. id) or id)
 redis.call('INCRBY', KEYS[3], ARGV[3])
 redis.call('SPUBLISH', ARGV[7], 'E' .. id .. ' ' .. ARGV[2])
@@ -127,19 +138,19 @@ return {1, id}
 """
 )
 
-# KEYS: mail, ids, bytes. ARGV: msg_id. Returns how many envelopes were deleted.
+# KEYS: mail, ids, bytes, shares. ARGV: msg_id. Returns how many envelopes were deleted.
 _DELETE = (
     _MAILBOX
     + """
 local deleted = 0
 for id in string.gmatch(redis.call('HGET', KEYS[2], ARGV[1]) or '', '%S+') do
-  deleted = deleted + remove(KEYS[1], KEYS[2], KEYS[3], id, ARGV[1])
+  deleted = deleted + remove(KEYS[1], KEYS[2], KEYS[3], KEYS[4], id, ARGV[1])
 end
 return deleted
 """
 )
 
-# KEYS: mail, ids, bytes. ARGV: cutoff (ms). Drops the oldest entries stored before the cutoff
+# KEYS: mail, ids, bytes, shares. ARGV: cutoff (ms). Drops the oldest entries stored before the cutoff
 # (entries are in arrival order, so it stops at the first younger one); returns how many.
 _PURGE = (
     _MAILBOX
@@ -149,13 +160,23 @@ while true do
   local first = redis.call('XRANGE', KEYS[1], '-', '+', 'COUNT', 1)[1]
   if not first then return dropped end
   if tonumber(field(first, 't')) >= tonumber(ARGV[1]) then return dropped end
-  remove(KEYS[1], KEYS[2], KEYS[3], first[1], field(first, 'm'))
+  remove(KEYS[1], KEYS[2], KEYS[3], KEYS[4], first[1], field(first, 'm'))
   dropped = dropped + 1
 end
 """
 )
 
 # KEYS: bundle, otpk. ARGV: bundle, replace (0/1), max kept, prekeys...
+# KEYS: identity, otpk. ARGV: identity key. Records it; drops the one-time prekeys if another key was
+# recorded. Returns 1 if it dropped some.
+_NOTE_IDENTITY = """
+local held = redis.call('GET', KEYS[1])
+if held == ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1])
+if not held then return 0 end
+return redis.call('DEL', KEYS[2])
+"""
+
 _PUT_BUNDLE = """
 redis.call('SET', KEYS[1], ARGV[1])
 if ARGV[2] == '1' then redis.call('DEL', KEYS[2]) end
@@ -278,10 +299,7 @@ class RedisStore(Store):
             pipe.eval(script, len(keys), *keys, *args)
         async with asyncio.timeout(COMMAND_TIMEOUT):
             answers = await pipe.execute(raise_on_error=False)
-        return [
-            (None, StoreUnavailable(f"Redis refused a write: {describe(a)}")) if isinstance(a, Exception) else (a, None)
-            for a in answers
-        ]
+        return [(None, _refusal(a)) if isinstance(a, Exception) else (a, None) for a in answers]
 
     async def _write(self, script: str, keys: list[str], args: list[Any]) -> Any:
         return await self._writer.queue((script, keys, args))
@@ -293,10 +311,11 @@ class RedisStore(Store):
         self, msg_id: bytes, sender: str, recipient: str, payload: bytes, stored_at: int
     ) -> tuple[Envelope | None, asyncio.Future[None]]:
         blob = pack_envelope(msg_id, sender, payload, stored_at)
-        keys = [key(recipient, "mail"), key(recipient, "ids"), key(recipient, "bytes")]
+        keys = _mailbox_keys(recipient)
         args = [
             msg_id, blob, len(payload), stored_at,
             self.limits.max_pending, self.limits.max_pending_bytes, key(recipient, "live"), sender,
+            self.limits.max_pending_per_sender, self.limits.max_pending_bytes_per_sender,
         ]
 
         def settle(answer: list[Any] | None, error: BaseException | None) -> None:
@@ -306,6 +325,11 @@ class RedisStore(Store):
                 raise QuotaExceeded(f"mailbox of {recipient} holds {self.limits.max_pending} envelopes")
             if answer[0] == -2:
                 raise QuotaExceeded(f"mailbox of {recipient} is over {self.limits.max_pending_bytes} bytes")
+            if answer[0] == -3:
+                raise QuotaExceeded(share_full(sender, recipient, f"{self.limits.max_pending_per_sender} envelopes"))
+            if answer[0] == -4:
+                limit = f"{self.limits.max_pending_bytes_per_sender} bytes"
+                raise QuotaExceeded(share_full(sender, recipient, limit))
 
         return None, self._writer.queue((_PUT, keys, args), settle)
 
@@ -315,7 +339,7 @@ class RedisStore(Store):
         return [unpack_envelope(seq_of(sid), recipient, fields[b"e"]) for sid, fields in entries]
 
     def delete_nowait(self, recipient: str, msg_id: bytes) -> asyncio.Future[bool]:
-        keys = [key(recipient, "mail"), key(recipient, "ids"), key(recipient, "bytes")]
+        keys = _mailbox_keys(recipient)
         return self._writer.queue((_DELETE, keys, [msg_id]), lambda n, error: error is None and bool(n))
 
     async def purge_expired(self, now_ms: int) -> int:
@@ -325,11 +349,14 @@ class RedisStore(Store):
             # Every relay purges: the script is idempotent, and a mailbox is purged by whoever comes first.
             async for mail in self.client.scan_iter(match="kmsnet:{*}:mail", count=1000, _type="stream"):
                 name = _name_of(mail)
-                keys = [key(name, "mail"), key(name, "ids"), key(name, "bytes")]
+                keys = _mailbox_keys(name)
                 dropped += int(await self.client.eval(_PURGE, len(keys), *keys, cutoff))
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis purge failed: {describe(exc)}") from exc
         return dropped
+
+    async def note_identity(self, name: str, identity: bytes) -> bool:
+        return bool(await self._write(_NOTE_IDENTITY, [key(name, "identity"), key(name, "otpk")], [identity]))
 
     async def put_bundle(self, name: str, bundle: bytes, onetime: list[bytes], replace: bool) -> None:
         keys = [key(name, "bundle"), key(name, "otpk")]
@@ -374,6 +401,24 @@ class RedisStore(Store):
                 return await command()
         except REDIS_ERRORS as exc:
             raise StoreUnavailable(f"Redis read failed: {describe(exc)}") from exc
+
+
+#: How Redis says it answers but will not write: out of memory (maxmemory, noeviction), a read-only
+#: replica, or a failed background save that stops writes.
+_WRITE_REFUSALS = ("OOM", "READONLY", "MISCONF")
+
+
+def _refusal(exc: BaseException) -> StoreUnavailable:
+    """A write Redis answered with an error: refused for want of room or permission, or failed."""
+    words = f"Redis refused a write: {describe(exc)}"
+    if isinstance(exc, redis_errors.ResponseError) and str(exc).startswith(_WRITE_REFUSALS):
+        return StoreWriteRefused(words)
+    return StoreUnavailable(words)
+
+
+def _mailbox_keys(recipient: str) -> list[str]:
+    """KEYS of the mailbox scripts: the stream, the msg_id index, the byte count, the senders' shares."""
+    return [key(recipient, "mail"), key(recipient, "ids"), key(recipient, "bytes"), key(recipient, "shares")]
 
 
 def describe(exc: BaseException) -> str:

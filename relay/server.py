@@ -55,11 +55,12 @@ from protocol.link import (
     Send,
     Welcome,
     auth_signed_bytes,
+    relay_name_of,
 )
 from protocol.messages import OneTimePrekey, PrekeyBundle
 from relay.backends import make_store
 from relay.cluster import Bus, make_bus
-from relay.errors import QuotaExceeded, StoreUnavailable
+from relay.errors import QuotaExceeded, StoreUnavailable, StoreWriteRefused
 from relay.interceptor import Interceptor
 from relay.ratelimit import TokenBucket
 from relay.store import Envelope, Limits, Store
@@ -100,10 +101,19 @@ class RelayConfig:
     port: int = 8765
     #: A SQLite file (':memory:' keeps nothing) or a Redis URL, redis://HOST:PORT/DB or rediss://…
     store_path: str = ":memory:"
-    name: str = "kmsnet-relay"
+    #: The relay's name, `host:port` as nodes dial it (PROTOCOL.md §16.3); None: `public_host` (or
+    #: `host`) and the port bound. Each relay of a cluster has its own.
+    name: str | None = None
+    #: The host nodes reach this relay at, when it is not `host` (a wildcard address, or the DNS or
+    #: IP name of the TLS certificate).
+    public_host: str | None = None
     tls: ssl.SSLContext | None = None
     rate: float = 1000.0
     burst: float = 2000.0
+    #: The budget of ACKs and feed frames (PUBLISH_CRL), apart from `rate`: a node draining its
+    #: mailbox acknowledges as fast as it is delivered to, and must never be cut off for it.
+    ack_rate: float = 10_000.0
+    ack_burst: float = 20_000.0
     auth_timeout: float = 10.0
     limits: Limits = field(default_factory=Limits)
     #: The node name allowed to publish CRLs (the CA node).
@@ -112,8 +122,28 @@ class RelayConfig:
     clock: Callable[[], datetime] = _utcnow
 
 
+def check_name(name: str) -> str:
+    """`name` if it is a relay name, `host:port` in the form nodes compare (host in lower case,
+    IPv6 in brackets); ValueError otherwise."""
+    try:
+        canonical = relay_name_of(f"ws://{name}")
+    except ValueError:
+        canonical = ""
+    if canonical != name or not name.rsplit(":", 1)[-1].isdigit():
+        raise ValueError(f"a relay name is HOST:PORT as nodes dial it (host in lower case), not {name!r}")
+    return name
+
+
+def _bracketed(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 class _AuthRefused(Exception):
     """The node did not prove who it is."""
+
+
+class _Revoked(Exception):
+    """The node proved who it is, and the CRL revokes it."""
 
 
 class _Fatal(Exception):
@@ -129,8 +159,14 @@ class _Fatal(Exception):
 class _Peer:
     name: str
     certificate: bytes
+    #: Its certificate's serial: a CRL that lists it ends the connection.
+    serial: int
+    #: Its identity key (raw public bytes): another one than last time drops its one-time prekeys.
+    identity: bytes
     ws: ServerConnection
     bucket: TokenBucket
+    #: The separate budget of its ACKs and feed frames.
+    acks: TokenBucket
     #: Set when there is something for the writer: a queued item, a CRL due, a failure.
     wake: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set when the writer sent a batch or a commit settled: the reader may go on.
@@ -155,6 +191,8 @@ class _Peer:
     closing: bool = False
     #: An unexpected error in an answer's commit: the writer raises it, which ends the connection.
     failure: BaseException | None = None
+    #: A CRL just published revokes it: nothing more is read from it, and it is closed.
+    revoked: bool = False
 
 
 class _Metrics:
@@ -168,6 +206,14 @@ class _Metrics:
         self.delivered = Counter("kmsnet_relay_envelopes_delivered_total", "Envelopes pushed to nodes", registry=r)
         self.acked = Counter("kmsnet_relay_envelopes_acked_total", "Envelopes acknowledged and deleted", registry=r)
         self.store_up = Gauge("kmsnet_relay_store_up", "1 while the store answers (Redis reachable)", registry=r)
+        self.write_refused = Counter(
+            "kmsnet_relay_store_write_refused_total",
+            "Writes the store refused (full, read-only), by what was to be written",
+            ["what"],
+            registry=r,
+        )
+        self.writable = Gauge("kmsnet_relay_store_writable", "0 since the store last refused a write", registry=r)
+        self.writable.set(1)
         self.replaced = Counter(
             "kmsnet_relay_replaced_total", "Connections closed for a newer one of the same node", registry=r
         )
@@ -198,7 +244,9 @@ class Relay:
         self.config = config
         self.store = store or make_store(config.store_path, config.limits)
         #: The other relays sharing the store (none for SQLite).
-        self.bus = bus or make_bus(self.store, config.name)
+        self.bus = bus or make_bus(self.store)
+        if config.name is not None:
+            check_name(config.name)
         self._healthy = True
         self._heartbeat: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -211,6 +259,8 @@ class Relay:
         # regress its own feed; nodes verify every CRL themselves.
         self._feed = revocation.RevocationState()
         self._crl: bytes | None = None
+        #: A CRL taken into the feed (and pushed) that the store refused: written again each heartbeat.
+        self._unsaved_crl: tuple[int, bytes] | None = None
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -275,8 +325,18 @@ class Relay:
     @property
     def url(self) -> str:
         """ws:// or wss:// URL of this relay."""
-        scheme = "wss" if self.config.tls else "ws"
-        return f"{scheme}://{self.config.host}:{self.port}"
+        return f"{self._scheme}://{self.config.host}:{self.port}"
+
+    @property
+    def _scheme(self) -> str:
+        return "wss" if self.config.tls else "ws"
+
+    @property
+    def name(self) -> str:
+        """This relay's name, `host:port` as nodes dial it: what its CHALLENGE carries."""
+        if self.config.name is not None:
+            return self.config.name
+        return relay_name_of(f"{self._scheme}://{_bracketed(self.config.public_host or self.config.host)}:{self.port}")
 
     def connected(self) -> list[str]:
         """Names of the nodes connected now."""
@@ -302,6 +362,11 @@ class Relay:
     async def _handle(self, ws: ServerConnection) -> None:
         try:
             peer = await self._authenticate(ws)
+        except _Revoked as exc:
+            self.metrics.refused.labels("revoked").inc()
+            log.info("revoked_refused", extra={"fields": {"remote": str(ws.remote_address), "reason": str(exc)}})
+            await self._refuse_revoked(ws, str(exc))
+            return
         except _AuthRefused as exc:
             self.metrics.refused.labels("auth").inc()
             log.info("auth_refused", extra={"fields": {"remote": str(ws.remote_address), "reason": str(exc)}})
@@ -327,14 +392,15 @@ class Relay:
                 raise _Fatal(ErrorCode.UNAVAILABLE, f"relay cannot serve now: {exc}", CLOSE_TRY_AGAIN) from exc
             if self.bus.newest(peer.name) > peer.generation:
                 return  # a newer connection of this node came up elsewhere meanwhile
+            await self._note_identity(peer)
             welcome = Welcome(peer.name, await self.store.waiting(peer.name), await self.store.onetime_left(peer.name))
             await ws.send(wire.encode_link(welcome))
             peer.writer = asyncio.create_task(self._writer(peer), name=f"relay-writer-{peer.name}")
             async for raw in ws:
                 if len(peer.outbox) + len(peer.commits) >= MAX_QUEUED:
                     await self._room(peer)
-                if peer.closing:
-                    break  # replaced by a newer connection, or its writer is gone
+                if peer.closing or peer.revoked:
+                    break  # replaced by a newer connection, revoked, or its writer is gone
                 await self._receive(peer, raw)
         except _Fatal as exc:
             self.metrics.refused.labels(exc.code.name.lower()).inc()
@@ -360,6 +426,17 @@ class Relay:
             self.metrics.connected.set(len(self._peers))
             log.info("node_disconnected", extra={"fields": {"node": peer.name}})
 
+    async def _note_identity(self, peer: _Peer) -> None:
+        """A node back with another identity key (re-keyed, or renewed offline) has one-time prekeys
+        stored under the old one: they are dropped, and WELCOME says none are left (it uploads anew)."""
+        try:
+            dropped = await self.store.note_identity(peer.name, peer.identity)
+        except StoreWriteRefused as exc:
+            self._write_refused("identity", exc)
+            return
+        if dropped:
+            log.info("onetime_dropped", extra={"fields": {"node": peer.name, "reason": "identity key changed"}})
+
     async def _room(self, peer: _Peer) -> None:
         """Wait until the node has read enough of what is queued for it: a node that does not read
         is not read either, and its answers never pile up."""
@@ -369,7 +446,8 @@ class Relay:
 
     async def _authenticate(self, ws: ServerConnection) -> _Peer:
         nonce = os.urandom(CHALLENGE_LEN)
-        await ws.send(wire.encode_link(Challenge(nonce, self.config.name)))
+        name = self.name
+        await ws.send(wire.encode_link(Challenge(nonce, name)))
         raw = await asyncio.wait_for(ws.recv(), self.config.auth_timeout)
         if not isinstance(raw, bytes):
             raise _AuthRefused("expected a binary AUTH frame")
@@ -382,19 +460,66 @@ class Relay:
         now = self.config.clock()
         try:
             cert = certs.verify(frame.certificate, self.config.ca_root, now)
-            verify_signature(cert.public_key, frame.signature, auth_signed_bytes(nonce, self.config.name))
+            # Signed for this relay's name and URL: an answer to our CHALLENGE relayed through
+            # another relay the node dialled names that one, and does not verify here.
+            signed = auth_signed_bytes(nonce, name, f"{self._scheme}://{name}")
+            verify_signature(cert.public_key, frame.signature, signed)
         except ProtocolError as exc:
             raise _AuthRefused(str(exc)) from exc
-        self._refuse_if_revoked(cert.serial, now)
-        return _Peer(cert.name, frame.certificate, ws, TokenBucket(self.config.rate, self.config.burst))
+        self._refuse_if_revoked(cert.name, cert.serial, now)
+        return _Peer(
+            cert.name,
+            frame.certificate,
+            cert.serial,
+            cert.public_key.public_bytes_raw(),
+            ws,
+            TokenBucket(self.config.rate, self.config.burst),
+            TokenBucket(self.config.ack_rate, self.config.ack_burst),
+        )
 
-    def _refuse_if_revoked(self, serial: int, now: datetime) -> None:
+    def _refuse_if_revoked(self, name: str, serial: int, now: datetime) -> None:
         try:
             self._feed.check(serial, now)
         except CertificateRevoked as exc:
-            raise _AuthRefused(str(exc)) from exc
+            words = self._revoked_words(serial)
+            if words is not None and not self.interceptor.admits_revoked(name):
+                raise _Revoked(words) from exc
         except ProtocolError:
             return  # no CRL, or a stale one: the nodes decide, not the relay
+
+    def _revoked_words(self, serial: int) -> str | None:
+        """ "revoked (CRL #n, reason, time)" if our CRL lists `serial` (what the REVOKED error says)."""
+        crl = self._feed.current
+        if crl is None or serial not in crl.revoked:
+            return None
+        entry = crl.entries.get(serial)
+        reason, at = (entry.reason, entry.revoked_at) if entry is not None else ("unspecified", crl.this_update)
+        return f"revoked (CRL #{crl.number}, {reason}, {at:%Y-%m-%d %H:%M} UTC)"
+
+    async def _refuse_revoked(self, ws: ServerConnection, words: str) -> None:
+        """At login: the CRL that revokes the node (so that it verifies why itself), then REVOKED."""
+        if self._crl is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(wire.encode_link(CrlFeed(self._crl)))
+        await self._fatal(ws, ErrorCode.REVOKED, words, CLOSE_POLICY)
+
+    def _cut_revoked(self) -> None:
+        """A new CRL is held: end the connection of every node it revokes, with the CRL (pushed as to
+        everyone) and then a REVOKED error; nothing more it sends is read."""
+        for peer in list(self._peers.values()):
+            words = self._revoked_words(peer.serial)
+            if words is None or peer.revoked or self.interceptor.admits_revoked(peer.name):
+                continue
+            peer.revoked = True
+            self.metrics.refused.labels("revoked").inc()
+            log.info("node_revoked", extra={"fields": {"node": peer.name, "reason": words}})
+            self._queue(peer, Error(ErrorCode.REVOKED, words))
+            self._spawn(self._evict(peer))
+
+    async def _evict(self, peer: _Peer) -> None:
+        await self._stop_peer(peer)  # its writer sends the CRL and the REVOKED error first
+        with contextlib.suppress(ConnectionClosed):
+            await peer.ws.close(CLOSE_POLICY, "revoked")
 
     async def _receive(self, peer: _Peer, raw: Any) -> None:
         if not isinstance(raw, bytes):
@@ -408,8 +533,12 @@ class Relay:
         except DecodeError as exc:
             raise _Fatal(ErrorCode.MALFORMED, str(exc)) from exc
         for frame in frames:
-            # Each frame of a BATCH counts against the limit as if it had come alone.
-            if not peer.bucket.take():
+            if peer.revoked:
+                return  # a CRL revoked it while this BATCH was being handled: the rest is not read
+            # Each frame of a BATCH counts against the limit as if it had come alone; ACKs and the
+            # feed against their own.
+            bucket = peer.acks if isinstance(frame, Ack | PublishCrl) else peer.bucket
+            if not bucket.take():
                 self._rate_limited(peer, frame.msg_id if isinstance(frame, Send) else None)
                 continue
             peer.strikes = 0
@@ -489,11 +618,14 @@ class Relay:
         if isinstance(failed, QuotaExceeded):
             self._queue(peer, Error(ErrorCode.QUOTA_EXCEEDED, str(failed), msg_id))
         elif isinstance(failed, StoreUnavailable):
+            if isinstance(failed, StoreWriteRefused):
+                self._write_refused("envelope", failed)
             self._queue(peer, Error(ErrorCode.UNAVAILABLE, str(failed), msg_id))
         elif failed is not None:
             self._fail(peer, failed)
         else:
             self.metrics.stored.inc(len(writes))
+            self.metrics.writable.set(1)
             # Durable (or a retransmission of something durable): tell the sender it may forget it.
             self._queue(peer, Accepted(msg_id))
 
@@ -513,13 +645,25 @@ class Relay:
             self._fail(peer, failed)
         # Not deleted for want of a store: the envelope is delivered again, and the node knows it.
 
+    def _write_refused(self, what: str, error: StoreWriteRefused) -> None:
+        """Count and log a write the store refused (full, read-only): the relay goes on without it."""
+        self.metrics.write_refused.labels(what).inc()
+        self.metrics.writable.set(0)
+        log.warning("store_write_refused", extra={"fields": {"what": what, "reason": str(error)}})
+
     def _fail(self, peer: _Peer, failure: BaseException) -> None:
         """End the connection over a failed commit that is a bug of ours (the writer raises it)."""
         peer.failure = failure
         peer.wake.set()
 
     async def _on_fetch(self, peer: _Peer, fetch: FetchBundle) -> None:
-        found = await self.store.take_bundle(fetch.name)
+        try:
+            found = await self.store.take_bundle(fetch.name)
+        except StoreWriteRefused as exc:
+            # Handing out a one-time prekey is a write: refused, said, and the connection goes on.
+            self._write_refused("onetime", exc)
+            self._queue(peer, Error(ErrorCode.UNAVAILABLE, f"cannot hand out {fetch.name}'s bundle now: {exc}"))
+            return
         bundle: bytes | None = None
         left = 0
         if found is not None:
@@ -546,7 +690,13 @@ class Relay:
             return
         signed = wire.encode(frame.with_onetime(None))
         onetime = [msgpack.packb(item) for item in publish.onetime]
-        await self.store.put_bundle(peer.name, signed, onetime, bool(publish.replace))
+        try:
+            await self.store.put_bundle(peer.name, signed, onetime, bool(publish.replace))
+        except StoreWriteRefused as exc:
+            self._write_refused("bundle", exc)
+            self._queue(peer, Error(ErrorCode.UNAVAILABLE, f"bundle not stored: {exc}"))
+            return
+        self.metrics.writable.set(1)
         log.info("bundle_published", extra={"fields": {"node": peer.name, "onetime": len(onetime)}})
 
     async def _on_crl(self, peer: _Peer, publish: PublishCrl) -> None:
@@ -562,7 +712,17 @@ class Relay:
             return
         if crl.number == before:
             return
-        if not await self.store.put_crl(crl.number, publish.crl):
+        try:
+            stored = await self.store.put_crl(crl.number, publish.crl)
+        except StoreUnavailable as exc:
+            # A revocation is never lost to the store: the feed takes it in memory and pushes it now,
+            # and the heartbeat writes it once the store takes writes again. The CA hears of it.
+            if isinstance(exc, StoreWriteRefused):
+                self._write_refused("crl", exc)
+            self._unsaved_crl = (crl.number, publish.crl)
+            self._queue(peer, Error(ErrorCode.UNAVAILABLE, f"CRL #{crl.number} is pushed but not stored yet: {exc}"))
+            stored = True
+        if not stored:
             # Another relay of the cluster holds a newer one: the feed never goes back, here either.
             held = await self.store.get_crl()
             if held is not None:
@@ -572,6 +732,7 @@ class Relay:
         self._crl = publish.crl
         log.info("crl_published", extra={"fields": {"number": crl.number, "revoked": len(crl.revoked)}})
         self._push_crl()
+        self._cut_revoked()
 
     def _adopt_crl(self, der: bytes) -> None:
         """Take a CRL from the store (held at start, or stored by another relay) into the feed, and
@@ -584,6 +745,7 @@ class Relay:
         self._crl = der
         if crl.number != before:
             self._push_crl()
+            self._cut_revoked()
 
     def _push_crl(self) -> None:
         for other in self._peers.values():
@@ -714,12 +876,28 @@ class Relay:
             await ws.send(wire.encode_link(Error(code, text[:200])))
             await ws.close(close, code.name.lower())
 
+    async def _save_crl(self) -> None:
+        """Write a CRL the store refused before (each heartbeat, until it takes it)."""
+        if self._unsaved_crl is None:
+            return
+        number, der = self._unsaved_crl
+        try:
+            stored = await self.store.put_crl(number, der)
+        except StoreUnavailable:
+            return
+        self._unsaved_crl = None
+        self.metrics.writable.set(1)
+        log.info("crl_stored", extra={"fields": {"number": number, "late": True}})
+        if not stored:
+            await self._reload_crl()  # another relay of the cluster stored a newer one meanwhile
+
     async def _heartbeat_loop(self) -> None:
         while True:
+            await self._save_crl()
             healthy = await self.store.healthy()
             if healthy:
                 try:
-                    await self.bus.heartbeat(self.url, len(self._peers))
+                    await self.bus.heartbeat(self.name, self.url, len(self._peers))
                 except StoreUnavailable:
                     healthy = False
             if healthy != self._healthy:

@@ -21,12 +21,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from relay.batching import BatchWriter, Settle
-from relay.errors import QuotaExceeded, StoreUnavailable
+from relay.errors import QuotaExceeded, StoreUnavailable, StoreWriteRefused
 
 #: Most envelopes waiting for one recipient.
 DEFAULT_MAX_PENDING = 10_000
 #: Most bytes waiting for one recipient.
 DEFAULT_MAX_PENDING_BYTES = 64 * 1024 * 1024
+#: Most envelopes, and bytes, one sender may have waiting for one recipient: its share of the
+#: mailbox, so that no one sender can fill it and lock the others out.
+DEFAULT_MAX_PENDING_PER_SENDER = 2_500
+DEFAULT_MAX_PENDING_BYTES_PER_SENDER = 16 * 1024 * 1024
 #: Envelopes older than this are purged undelivered (seconds).
 DEFAULT_MAX_AGE = 7 * 24 * 3600
 #: Most one-time prekeys stored per node.
@@ -52,11 +56,18 @@ class Envelope:
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Per-recipient mailbox bounds."""
+    """Per-recipient mailbox bounds, and each sender's share of a mailbox."""
 
     max_pending: int = DEFAULT_MAX_PENDING
     max_pending_bytes: int = DEFAULT_MAX_PENDING_BYTES
+    max_pending_per_sender: int = DEFAULT_MAX_PENDING_PER_SENDER
+    max_pending_bytes_per_sender: int = DEFAULT_MAX_PENDING_BYTES_PER_SENDER
     max_age: float = DEFAULT_MAX_AGE
+
+
+def share_full(sender: str, recipient: str, limit: str) -> str:
+    """The words of a QuotaExceeded for a sender's full share of a mailbox (both stores say it)."""
+    return f"{sender}'s share of the mailbox of {recipient} is full ({limit}): others may still write"
 
 
 class Store(ABC):
@@ -107,6 +118,12 @@ class Store(ABC):
         """Store a node's signed bundle and (add or replace) its one-time prekeys (each encoded)."""
 
     @abstractmethod
+    async def note_identity(self, name: str, identity: bytes) -> bool:
+        """Record the identity key `name` logged in with; if another one was recorded, drop the
+        one-time prekeys stored for it (signed under the old key, useless to initiators). True if
+        that happened."""
+
+    @abstractmethod
     async def take_bundle(self, name: str) -> tuple[bytes, bytes | None, int] | None:
         """The bundle of `name`, one one-time prekey (removed as it is handed out), and how many are left."""
 
@@ -152,6 +169,7 @@ CREATE TABLE IF NOT EXISTS onetime (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT NOT NULL, prekey BLOB NOT NULL
 );
 CREATE INDEX IF NOT EXISTS onetime_by_name ON onetime (name, seq);
+CREATE TABLE IF NOT EXISTS identities (name TEXT PRIMARY KEY, identity BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS crl (id INTEGER PRIMARY KEY CHECK (id = 1), number TEXT NOT NULL, der BLOB NOT NULL);
 """
 
@@ -170,6 +188,8 @@ class SqliteStore(Store):
         # Mailbox sizes live in memory so that a quota check costs no query.
         self._count: dict[str, int] = {}
         self._bytes: dict[str, int] = {}
+        #: The same per (recipient, sender): each sender's share.
+        self._share: dict[tuple[str, str], list[int]] = {}
         self._known: set[str] = set()
         # Sequence numbers are handed out here, before the commit, so that an online recipient
         # can be sent an envelope while it is still being written; (sender, msg_id) of what is
@@ -186,11 +206,12 @@ class SqliteStore(Store):
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")
             db.executescript(_SCHEMA)
-            for recipient, count, size in db.execute(
-                "SELECT recipient, COUNT(*), SUM(LENGTH(payload)) FROM envelopes GROUP BY recipient"
+            for recipient, sender, count, size in db.execute(
+                "SELECT recipient, sender, COUNT(*), SUM(LENGTH(payload)) FROM envelopes GROUP BY recipient, sender"
             ):
-                self._count[recipient] = count
-                self._bytes[recipient] = size or 0
+                self._count[recipient] = self._count.get(recipient, 0) + count
+                self._bytes[recipient] = self._bytes.get(recipient, 0) + (size or 0)
+                self._share[(recipient, sender)] = [count, size or 0]
             self._known.update(name for (name,) in db.execute("SELECT name FROM bundles"))
             self._stored.update(db.execute("SELECT sender, msg_id FROM envelopes"))
             (top,) = db.execute("SELECT MAX(seq) FROM envelopes").fetchone()
@@ -216,8 +237,8 @@ class SqliteStore(Store):
         db = self._db
         assert db is not None
         results: list[tuple[Any, BaseException | None]] = []
-        db.execute("BEGIN IMMEDIATE")
         try:
+            db.execute("BEGIN IMMEDIATE")
             for op in ops:
                 try:
                     results.append((op(db), None))
@@ -226,9 +247,13 @@ class SqliteStore(Store):
                     # msg_id is refused without sinking the rest of the batch.
                     results.append((None, exc))
             db.execute("COMMIT")
-        except BaseException:
+        except BaseException as exc:
             if db.in_transaction:
                 db.execute("ROLLBACK")
+            if isinstance(exc, sqlite3.OperationalError | sqlite3.DatabaseError):
+                # Disk or database full, file read-only: SQLite's own words ("database or disk is
+                # full"), for the sender's ERROR and the log; the next write tries again.
+                raise StoreWriteRefused(f"the relay's store refuses writes ({exc})") from exc
             raise
         return results
 
@@ -255,6 +280,11 @@ class SqliteStore(Store):
             raise QuotaExceeded(f"mailbox of {recipient} holds {self.limits.max_pending} envelopes")
         if self._bytes.get(recipient, 0) + len(payload) > self.limits.max_pending_bytes:
             raise QuotaExceeded(f"mailbox of {recipient} is over {self.limits.max_pending_bytes} bytes")
+        share = self._share.setdefault((recipient, sender), [0, 0])
+        if share[0] >= self.limits.max_pending_per_sender:
+            raise QuotaExceeded(share_full(sender, recipient, f"{self.limits.max_pending_per_sender} envelopes"))
+        if share[1] + len(payload) > self.limits.max_pending_bytes_per_sender:
+            raise QuotaExceeded(share_full(sender, recipient, f"{self.limits.max_pending_bytes_per_sender} bytes"))
         self._seq += 1
         envelope = Envelope(self._seq, msg_id, sender, recipient, payload, stored_at)
 
@@ -267,6 +297,8 @@ class SqliteStore(Store):
         self._stored.add((sender, msg_id))
         self._count[recipient] = self._count.get(recipient, 0) + 1
         self._bytes[recipient] = self._bytes.get(recipient, 0) + len(payload)
+        share[0] += 1
+        share[1] += len(payload)
 
         def undo(value: None, error: BaseException | None) -> None:
             # Not stored after all: forget it, so that the sender's retransmission is taken afresh.
@@ -274,6 +306,8 @@ class SqliteStore(Store):
                 self._stored.discard((sender, msg_id))
                 self._count[recipient] -= 1
                 self._bytes[recipient] -= len(payload)
+                share[0] -= 1
+                share[1] -= len(payload)
 
         return envelope, self._queue(op, undo)
 
@@ -294,6 +328,12 @@ class SqliteStore(Store):
             self._count[recipient] -= 1
             self._bytes[recipient] -= size
             self._stored.discard((sender, msg_id))
+            share = self._share.get((recipient, sender))
+            if share is not None:
+                share[0] -= 1
+                share[1] -= size
+                if share[0] <= 0:
+                    del self._share[(recipient, sender)]
 
     def delete_nowait(self, recipient: str, msg_id: bytes) -> asyncio.Future[bool]:
         def op(db: sqlite3.Connection) -> list[tuple[str, str, bytes, int]]:
@@ -339,6 +379,19 @@ class SqliteStore(Store):
 
         await self._write(op)
         self._known.add(name)
+
+    async def note_identity(self, name: str, identity: bytes) -> bool:
+        def op(db: sqlite3.Connection) -> bool:
+            row = db.execute("SELECT identity FROM identities WHERE name = ?", (name,)).fetchone()
+            if row is not None and row[0] == identity:
+                return False
+            db.execute("INSERT OR REPLACE INTO identities (name, identity) VALUES (?, ?)", (name, identity))
+            if row is None:
+                return False
+            return db.execute("DELETE FROM onetime WHERE name = ?", (name,)).rowcount > 0
+
+        changed: bool = await self._write(op)
+        return changed
 
     async def take_bundle(self, name: str) -> tuple[bytes, bytes | None, int] | None:
         def op(db: sqlite3.Connection) -> tuple[bytes, bytes | None, int] | None:

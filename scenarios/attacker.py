@@ -261,6 +261,14 @@ class FeedControl(Tactic):
 # --- the malicious relay -------------------------------------------------------------------------------------
 
 
+class ColludingRelay(Interceptor):
+    """A relay that lets a revoked node stay and log in (its accomplice): an honest relay cuts it off
+    (PROTOCOL.md §16.3), so a scenario that shows the nodes' own refusal needs this one."""
+
+    def admits_revoked(self, name: str) -> bool:
+        return True
+
+
 class MaliciousRelay(Interceptor):
     """The relay as an attacker: a recorder of everything it routes, plus the `tactics` in force."""
 
@@ -279,6 +287,10 @@ class MaliciousRelay(Interceptor):
     def bind(self, relay: Relay) -> None:
         """The relay this interceptor sits in (the lab calls it once the relay runs)."""
         self.relay = relay
+
+    def admits_revoked(self, name: str) -> bool:
+        """A malicious relay lets revoked nodes in (they may be its accomplices): the nodes refuse them."""
+        return True
 
     def use(self, *tactics: Tactic) -> None:
         """Put tactics in force (in addition to those already in force)."""

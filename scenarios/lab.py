@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -317,7 +318,7 @@ class Lab:
         async with connect(self.url, compression=None, max_size=None) as ws:
             challenge = wire.decode_link(_bytes(await ws.recv()))
             assert isinstance(challenge, Challenge)
-            signature = who.identity.sign(auth_signed_bytes(challenge.nonce, challenge.relay))
+            signature = who.identity.sign(auth_signed_bytes(challenge.nonce, challenge.relay, self.url))
             await ws.send(wire.encode_link(Auth(who.certificate, signature)))
             await ws.send(wire.encode_link(PublishCrl(der)))
             await ws.send(wire.encode_link(FetchBundle(1, "ca")))
@@ -353,14 +354,24 @@ class Lab:
         await self._start(lab_node)
         return lab_node
 
-    async def restart_node(self, lab_node: LabNode, *, while_stopped: Callable[[], None] | None = None) -> None:
-        """Stop a node and start it again from its keystore file (what survives a restart is on disk).
+    async def restart_node(
+        self,
+        lab_node: LabNode,
+        *,
+        relay_url: str | None = None,
+        while_stopped: Callable[[], None] | None = None,
+        **options: Any,
+    ) -> None:
+        """Stop a node and start it again from its keystore file (what survives a restart is on disk),
+        dialling `relay_url` instead of its own relay if given, with `options` changed if given.
         `while_stopped` runs in between (a scenario that restores the file from a copy, say)."""
         await self.stop_node(lab_node)
         if while_stopped is not None:
             while_stopped()
         lab_node.keystore = Keystore.open(lab_node.path, key_file=self._key_file)
-        lab_node.node = Node(lab_node.keystore, options=lab_node.options, clock=self.clock.now)
+        if options:
+            lab_node.options = dataclasses.replace(lab_node.options, **options)
+        lab_node.node = Node(lab_node.keystore, relay_url=relay_url, options=lab_node.options, clock=self.clock.now)
         await self._start(lab_node)
 
     async def _start(self, lab_node: LabNode) -> None:

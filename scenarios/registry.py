@@ -28,6 +28,7 @@ ORDER = (
     "reorder-drop",
     "revoked-peer",
     "stale-feed",
+    "crl-withholding",
     "feed-rollback",
     "session-compromise",
     "identity-compromise",
@@ -43,6 +44,7 @@ ORDER = (
     "state-rollback",
     "init-swap",
     "replay-cache-fill",
+    "relay-forwarding",
 )
 
 

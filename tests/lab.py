@@ -66,7 +66,7 @@ async def raw_client(relay: Relay, who: Identity, *, ca: Ca | None = None) -> tu
     ws = await connect(relay.url, compression=None, max_size=None, ssl=tls)
     challenge = wire.decode_link(await ws.recv())  # type: ignore[arg-type]
     assert isinstance(challenge, Challenge)
-    signature = who.identity.sign(auth_signed_bytes(challenge.nonce, challenge.relay))
+    signature = who.identity.sign(auth_signed_bytes(challenge.nonce, challenge.relay, relay.url))
     await ws.send(wire.encode_link(Auth(who.cert, signature)))
     welcome = wire.decode_link(await ws.recv())  # type: ignore[arg-type]
     assert isinstance(welcome, Welcome), welcome

@@ -1,6 +1,6 @@
 """A relay in its own process, for crash tests (SIGKILL it: its nodes fail over to another relay).
 
-    python tests/relay_runner.py STORE NAME
+    python tests/relay_runner.py STORE
 
 The test CA and the fixed test clock, as `lab.relay_config`; prints its URL once it listens.
 """
@@ -16,11 +16,11 @@ from lab import relay_config
 from relay.server import Relay
 
 
-async def main(store: str, name: str) -> None:
-    async with Relay(relay_config(CA, store_path=store, name=name)) as relay:
+async def main(store: str) -> None:
+    async with Relay(relay_config(CA, store_path=store)) as relay:
         print(relay.url, flush=True)
         await asyncio.Event().wait()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(*sys.argv[1:3]))
+    asyncio.run(main(sys.argv[1]))

@@ -149,7 +149,7 @@ async def test_a_batch_is_not_an_auth() -> None:
         async with ws:
             challenge = wire.decode_link(await ws.recv())  # type: ignore[arg-type]
             assert isinstance(challenge, Challenge)
-            signature = ALICE.identity.sign(auth_signed_bytes(challenge.nonce, challenge.relay))
+            signature = ALICE.identity.sign(auth_signed_bytes(challenge.nonce, challenge.relay, relay.url))
             await ws.send(batch(enc(Auth(ALICE.cert, signature))))
             error = await recv_frame(ws)
             assert isinstance(error, Error) and error.code == ErrorCode.AUTH_FAILED
@@ -225,6 +225,8 @@ class HostileRelay:
         for step in self.script:
             if step is AUTH:
                 assert isinstance(wire.decode_link(await ws.recv()), Auth)  # type: ignore[arg-type]
+            elif step is CHALLENGE:  # named for where the node dialled it, or the node hangs up at once
+                await ws.send(enc(Challenge(bytes(32), f"127.0.0.1:{ws.local_address[1]}")))
             else:
                 await ws.send(step)
         try:

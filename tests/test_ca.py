@@ -452,18 +452,18 @@ def test_the_crl_is_issued_once_then_reissued_after_two_thirds_of_its_life(
     assert (crl.number, crl.this_update, crl.next_update, crl.revoked) == (
         1,
         NOW,
-        NOW + timedelta(hours=24),
+        NOW + timedelta(hours=1),
         frozenset(),
     )
-    clock.advance(timedelta(hours=15))
+    clock.advance(timedelta(minutes=39))
     assert authority.current_crl() == first
-    clock.advance(timedelta(hours=1))  # 16 h = 2/3 of 24 h
+    clock.advance(timedelta(minutes=1))  # 40 min = 2/3 of the default hour
     second = authority.current_crl()
     assert verify_crl(second, authority.root, clock()).number == 2
     authority.close()
     with CertificateAuthority.open(home, PASS, clock=clock) as reopened:
         assert reopened.current_crl() == second  # persisted
-        clock.advance(timedelta(hours=16))
+        clock.advance(timedelta(minutes=40))
         assert verify_crl(reopened.current_crl(), reopened.root, clock()).number == 3
 
 

@@ -324,7 +324,9 @@ def test_enrolment_end_to_end_as_a_user_runs_it(ca_home: Path, ca_url: str, tmp_
     result = run(*node_init, "--token", token, "--ca-fingerprint", fingerprint, "--json", passphrase=NODE_PASS)
     record = json.loads(ok(result))
     assert (record["name"], record["ca_fingerprint"], record["fingerprint_checked"]) == ("alice", fingerprint, True)
-    assert result.stderr == ""
+    # No relay runs in this test: enrolled all the same, and told who cannot write to alice yet.
+    assert result.stderr.startswith("warning: alice is enrolled, but cannot reach the relay at ws://127.0.0.1:8765")
+    assert result.stderr.count("\n") == 1 and "nobody can write to alice until it first goes online" in result.stderr
     with Keystore.open(alice / "keystore.db", passphrase=NODE_PASS) as keystore:
         node = Node(keystore)
         assert (node.name, node.relay_url) == ("alice", RELAY)

@@ -47,7 +47,7 @@ from node.ca.errors import CertificateNotFound, InvalidRequest
 from node.link import RelayLink
 from protocol import certs
 from protocol.identity import IdentityKey
-from protocol.link import CrlFeed, LinkFrame, Welcome
+from protocol.link import CrlFeed, LinkFrame, PublishCrl, Welcome
 from protocol.revocation import OcspAnswer, build_ocsp_request, verify_crl, verify_ocsp_response
 from relay.server import Relay, RelayConfig
 
@@ -73,7 +73,7 @@ def test_revoking_a_node_lists_all_its_valid_certificates_on_a_new_crl_at_once(
     assert {c.serial for c in revocation.certificates} == {mallory.serial_number, again.serial_number}
     crl = verify_crl(authority.current_crl(), authority.root, clock())
     assert crl.number == revocation.crl_number == first.number + 1
-    assert crl.this_update == clock() and crl.next_update == clock() + timedelta(hours=24)
+    assert crl.this_update == clock() and crl.next_update == clock() + timedelta(hours=1)
     assert crl.revoked == {mallory.serial_number, again.serial_number}
     assert crl.entries[mallory.serial_number].reason == "key-compromise"
     assert crl.entries[mallory.serial_number].revoked_at == clock()
@@ -295,4 +295,38 @@ async def test_a_revocation_from_another_process_reaches_connected_nodes(tmp_pat
         assert await asyncio.wait_for(serve.wait(), 15) == 0
         assert serve.stderr is not None
         assert b"Traceback" not in await serve.stderr.read()
+        await relay.close()
+
+
+async def test_the_ca_publishes_a_crl_again_until_the_relay_confirms_it_holds_it(
+    authority: CertificateAuthority, clock: Clock, admin: Admin
+) -> None:
+    """A PUBLISH_CRL the relay lost (its store full, a connection dropped) is sent again each check
+    until the relay's feed shows that number (issue #13 part 7)."""
+    relay = Relay(RelayConfig(ca_root=authority.root, port=0, clock=clock))
+    await relay.start()
+    taken = relay._on_crl
+    dropped: list[object] = []
+
+    async def lossy(peer: object, publish: PublishCrl) -> None:
+        if len(dropped) < 3:  # the first three never reach the feed
+            dropped.append(publish)
+            return
+        await taken(peer, publish)  # type: ignore[arg-type]
+
+    relay._on_crl = lossy  # type: ignore[method-assign]
+    try:
+        async with CaService(authority, port=0, relay_url=relay.url, crl_check_interval=0.05) as service:
+            async with asyncio.timeout(10):
+                while relay._crl is None:
+                    await asyncio.sleep(0.02)
+            assert len(dropped) == 3 and relay._crl == authority.current_crl()
+            assert service.publisher is not None
+            async with asyncio.timeout(10):  # the relay's feed shows it to the publisher at its next check
+                while service.publisher.confirmed != 1:
+                    await asyncio.sleep(0.02)
+            sent = len(dropped)
+            await asyncio.sleep(0.3)  # confirmed: not sent again
+            assert len(dropped) == sent
+    finally:
         await relay.close()

@@ -81,10 +81,11 @@ def test_ca_relay_and_two_nodes_chat_from_the_command_line(tmp_path: Path) -> No
         with serving(*ca_args, passphrase=CA_PASS) as ca_url:
             for name, home in (("alice", alice), ("bob", bob)):
                 token = ok(kmsnet("ca", "token", "--home", str(ca_home), name, passphrase=CA_PASS)).strip()
-                ok(kmsnet("node", "init", name, "--home", str(home), "--ca", ca_url, "--token", token,
-                          "--relay", relay_url, "--ca-fingerprint", fingerprint))  # fmt: skip
-            # Bob comes online once (publishing his prekeys), then alice writes to him.
-            ok(kmsnet("receive", "--home", str(bob), "--timeout", "10"))
+                init = kmsnet("node", "init", name, "--home", str(home), "--ca", ca_url, "--token", token,
+                              "--relay", relay_url, "--ca-fingerprint", fingerprint)  # fmt: skip
+                ok(init)
+                assert "nobody can write" not in init.stderr
+            # First contact: bob has only run `node init`, which published his prekeys.
             sent = json.loads(ok(kmsnet("send", "--home", str(alice), "--to", "bob", "--json", "hello bob")))
             assert sent["type"] == "sent" and sent["to"] == "bob" and not sent["queued"]
             ok(kmsnet("send", "--home", str(alice), "--to", "bob", "-", stdin="from a pipe"))
@@ -111,5 +112,15 @@ def test_ca_relay_and_two_nodes_chat_from_the_command_line(tmp_path: Path) -> No
             assert (alice / "keystore.db").read_bytes() == before
             fails(kmsnet("status", "--home", str(tmp_path / "nobody")), 1, "kmsnet node init")
             fails(kmsnet("send", "--home", str(alice), "--to", "bob", "--relay", "http://x", "hi"), 1, "relay URL")
-    # The relay is gone: sending says so (exit 3) instead of hanging.
-    fails(kmsnet("send", "--home", str(alice), "--to", "bob", "are you there"), 3, relay_url)
+            # Enrolled while the relay is down: it works, and says who cannot write to carol yet.
+            token = ok(kmsnet("ca", "token", "--home", str(ca_home), "carol", passphrase=CA_PASS)).strip()
+            carol = kmsnet("node", "init", "carol", "--home", str(tmp_path / "carol"), "--ca", ca_url, "--token", token,
+                           "--relay", "ws://127.0.0.1:9", "--ca-fingerprint", fingerprint)  # fmt: skip
+            assert carol.returncode == 0, carol.stderr
+            assert "nobody can write to carol until it first goes online" in carol.stderr
+    # The relay is gone: sending says so (exit 3) instead of hanging, and keeps the message.
+    gone = kmsnet("send", "--home", str(alice), "--to", "bob", "are you there")
+    fails(gone, 3, "waits in the outbox and goes out when any kmsnet command or the chat for this home next connects")
+    assert gone.stdout.startswith("queued ") and gone.stdout.endswith(" for bob (relay unreachable)\n")
+    # A first message cannot be queued: it needs the peer's prekeys from the relay.
+    fails(kmsnet("send", "--home", str(alice), "--to", "carol", "hi"), 3, relay_url)

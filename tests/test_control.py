@@ -20,13 +20,18 @@ class Seen:
     def __init__(self) -> None:
         self.emitted: list[tuple[dict[str, Any], str]] = []
         self.warned: list[str] = []
+        self.noted: list[str] = []
 
     async def ask(self, home: Path, command: str, args: dict[str, Any], key: bytes = KEY) -> Outcome:
-        return await request(home, key, command, args, lambda r, t: self.emitted.append((r, t)), self.warned.append)
+        def emitted(record: dict[str, Any], text: str) -> None:
+            self.emitted.append((record, text))
+
+        return await request(home, key, command, args, emitted, self.warned.append, self.noted.append)
 
 
 async def echo(args: dict[str, Any], reply: Reply) -> None:
     reply.warn("careful")
+    reply.note("connected")
     reply.emit({"type": "echo", **args}, f"echo {args}")
 
 
@@ -52,7 +57,7 @@ async def test_a_request_runs_and_its_results_come_back_in_order(tmp_path: Path)
         seen = Seen()
         assert await seen.ask(tmp_path, "echo", {"x": 1}) == Outcome(0, None)
         assert seen.emitted == [({"type": "echo", "x": 1}, "echo {'x': 1}")]
-        assert seen.warned == ["careful"]
+        assert seen.warned == ["careful"] and seen.noted == ["connected"]
         assert await seen.ask(tmp_path, "refuse", {}) == Outcome(3, "the disk is full", code="storage")
         # Not one of ours: general words for the user, never the exception's text.
         assert await seen.ask(tmp_path, "crash", {}) == Outcome(

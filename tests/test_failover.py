@@ -33,10 +33,10 @@ MESSAGES = 300
 
 
 @contextlib.contextmanager
-def relay_process(store: str, name: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
+def relay_process(store: str) -> Iterator[tuple[subprocess.Popen[str], str]]:
     """A relay in its own process (tests/relay_runner.py) and its URL; killed afterwards."""
     process = subprocess.Popen(
-        [sys.executable, str(TESTS / "relay_runner.py"), store, name],
+        [sys.executable, str(TESTS / "relay_runner.py"), store],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
@@ -56,8 +56,8 @@ def relay_process(store: str, name: str) -> Iterator[tuple[subprocess.Popen[str]
 async def test_a_relay_sigkilled_with_messages_in_flight_its_nodes_fail_over_and_each_arrives_once(
     redis_url: str,  # noqa: F811 - the fixture
 ) -> None:
-    with relay_process(redis_url, "relay-a") as (doomed, a_url):
-        async with Relay(relay_config(CA, store_path=redis_url, name="relay-b")) as b:
+    with relay_process(redis_url) as (doomed, a_url):
+        async with Relay(relay_config(CA, store_path=redis_url)) as b:
             await publish_crl(b, CA, CA.crl())
             # Both start on relay A (first in their lists), relay B behind it.
             alice = make_node(CA, ALICE, f"{a_url}\n{b.url}", send_timeout=1.0)
@@ -139,7 +139,9 @@ def test_kmsnet_node_relays_prints_and_changes_the_relays(tmp_path: Path) -> Non
     assert result.exit_code == 0 and result.output == "ws://127.0.0.1:8765\n"
     two = ["--relay", "ws://10.0.0.1:8765", "--relay", "wss://10.0.0.2:8765"]
     result = runner.invoke(cli, ["node", "relays", "--home", str(tmp_path), *two, "--json"], env=env)
-    assert result.exit_code == 0 and json.loads(result.output) == {"relays": ["ws://10.0.0.1:8765", "wss://10.0.0.2:8765"]}
+    assert result.exit_code == 0 and json.loads(result.output) == {
+        "relays": ["ws://10.0.0.1:8765", "wss://10.0.0.2:8765"]
+    }
     result = runner.invoke(cli, ["node", "relays", "--home", str(tmp_path), "--relay", "http://x:1"], env=env)
     assert result.exit_code == BAD_INPUT and result.output.startswith("error: ") and "Traceback" not in result.output
     with Keystore.open(tmp_path / "keystore.db", passphrase="test") as keystore:

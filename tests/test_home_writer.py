@@ -180,15 +180,21 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         stack.callback(relay_log.setLevel, level)
         stack.callback(relay_log.removeHandler, logins)
         relay = await stack.enter_async_context(Relay(relay_config(CA, tmp_path, clock=now), interceptor=watch))
-        t = now()
-        await publish_crl(relay, CA, CA.crl(this_update=t - timedelta(minutes=5), next_update=t + timedelta(days=1)))
-        homes = []
-        for serial, name in ((0x501, "alice"), (0x502, "bob")):
-            who = CA.enroll(name, serial, not_before=t - timedelta(days=1), not_after=t + timedelta(days=30))
-            home = tmp_path / name
-            provision(CA, who, relay.url, home / "keystore.db").close()
-            homes.append(home)
+        homes = await provision_homes(relay, tmp_path)
         yield World(relay, watch, homes[0], homes[1], logins)
+
+
+async def provision_homes(relay: Relay, tmp_path: Path) -> list[Path]:
+    """A fresh CRL on the relay's feed, and homes for alice and bob enrolled now (real clock)."""
+    t = now()
+    await publish_crl(relay, CA, CA.crl(this_update=t - timedelta(minutes=5), next_update=t + timedelta(days=1)))
+    homes = []
+    for serial, name in ((0x501, "alice"), (0x502, "bob")):
+        who = CA.enroll(name, serial, not_before=t - timedelta(days=1), not_after=t + timedelta(days=30))
+        home = tmp_path / name
+        provision(CA, who, relay.url, home / "keystore.db").close()
+        homes.append(home)
+    return homes
 
 
 async def send(home: Path, to: str, text: str, passphrase: str = PASSPHRASE) -> Result:
@@ -374,3 +380,57 @@ async def test_send_from_a_shell_while_the_chat_runs(tmp_path: Path) -> None:
             keystore.close()
             lock.release()
     assert w.watch.reused == []
+
+
+async def test_a_send_with_the_relay_down_waits_in_the_outbox_and_goes_out_later(tmp_path: Path) -> None:
+    """The relay is down: `send` seals the message into the outbox, says so and exits 3; the next
+    command that connects sends it, and it arrives once."""
+    async with Relay(relay_config(CA, tmp_path, clock=now)) as relay:
+        alice, bob = await provision_homes(relay, tmp_path)
+        assert (await kmsnet("receive", "--home", str(bob), "--timeout", "5")).code == 0
+        assert (await send(alice, "bob", "before")).code == 0
+        port = relay.port
+    queued = await send(alice, "bob", "while down")
+    assert queued.code == 3, queued
+    record, error = json.loads(queued.out), json.loads(queued.err)
+    assert (record["queued"], record["relay_reachable"]) == (True, False)
+    assert (error["code"], error["exit"]) == ("queued_relay_unreachable", 3)
+    async with Relay(relay_config(CA, tmp_path, clock=now, port=port)):
+        assert (await kmsnet("receive", "--home", str(alice), "--timeout", "3")).code == 0  # goes out now
+        got = await kmsnet("receive", "--home", str(bob), "--json", "--timeout", "5")
+    texts = [json.loads(line).get("text") for line in got.out.splitlines()]
+    assert [t for t in texts if t] == ["before", "while down"]
+
+
+async def test_a_follower_says_when_it_connects_loses_the_relay_and_is_back(tmp_path: Path) -> None:
+    """`receive --follow` started while the relay is down waits for it, and says on stderr what the
+    connection does; stdout stays for messages."""
+    async with Relay(relay_config(CA, tmp_path, clock=now)) as relay:
+        alice, bob = await provision_homes(relay, tmp_path)
+        assert (await kmsnet("receive", "--home", str(alice), "--timeout", "5")).code == 0
+        port = relay.port
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "kmsnet", "receive", "--home", str(alice), "--follow", "--json",
+        cwd=ROOT, env=env(), start_new_session=True,
+        stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+
+    async def line(stream: asyncio.StreamReader) -> str:
+        async with asyncio.timeout(30):
+            return (await stream.readline()).decode()
+
+    try:
+        assert (await line(proc.stderr)).startswith("cannot reach the relay at ws://127.0.0.1:")
+        for round in range(2):
+            async with Relay(relay_config(CA, tmp_path, clock=now, port=port)):
+                assert (await line(proc.stderr)) == f"connected to ws://127.0.0.1:{port} as alice\n"
+                assert (await send(bob, "alice", f"while it follows {round}")).code == 0
+                while (got := json.loads(await line(proc.stdout)))["type"] != "message":
+                    assert got["event"] == "session_established"
+                assert got["text"] == f"while it follows {round}"
+            assert (await line(proc.stderr)) == f"lost the relay at ws://127.0.0.1:{port}: reconnecting\n"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(30):
+            assert await proc.wait() == 0

@@ -436,7 +436,7 @@ def test_every_transition_is_allowed_or_refused_as_documented(state: str, event:
         with pytest.raises(KeyStateError):
             apply(kms, "k", event)
         assert kms.describe("k").state == state
-        assert_last_audit(kms, action=event.value, outcome="refused", error="KeyStateError")
+        assert_last_audit(kms, action=event.value, outcome="refused", error="key_state_error")
     else:
         apply(kms, "k", event)
         info = kms.describe("k")
@@ -475,7 +475,7 @@ def test_every_operation_in_every_state(state: str, op: Operation) -> None:
     else:
         with pytest.raises(KeyStateError):
             perform(kms, op, "k", artefact)
-        assert_last_audit(kms, action=op.value, outcome="refused", error="KeyStateError")
+        assert_last_audit(kms, action=op.value, outcome="refused", error="key_state_error")
 
 
 def test_operations_check_the_key_type(kms: KeyManagementSystem) -> None:
@@ -711,7 +711,7 @@ LOW_ORDER_POINTS = [
 def test_low_order_public_keys_are_refused(kms: KeyManagementSystem, low_order: bytes) -> None:
     with pytest.raises(WeakPeerKey):
         kms.derive_shared_secret(X25519PrivateKey.generate(), low_order)
-    assert last_audit(kms)["error"] == "WeakPeerKey"
+    assert last_audit(kms)["error"] == "weak_peer_key"
 
 
 def test_malformed_x25519_keys(kms: KeyManagementSystem) -> None:
@@ -843,7 +843,7 @@ def test_every_operation_is_audited_without_material(tmp_path: Path, clock: Cloc
     ]
     assert {e.actor for e in entries} == {"alice"}
     assert entries[0].time == T0.isoformat(timespec="microseconds")
-    assert entries[5].fields["error"] == "InvalidCiphertext"
+    assert entries[5].fields["error"] == "invalid_ciphertext"
     with Keystore.open(tmp_path / KEYSTORE_FILE, passphrase=PASS) as store:
         materials = [store.get("kms", name) for name in store.names("kms", "material/")]
     assert "plaintext-marker" not in entries_json

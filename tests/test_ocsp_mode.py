@@ -11,11 +11,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import ALICE, BOB, CA, NOW
+from conftest import ALICE, BOB, CA, NOW, ROGUE_CA
 from lab import clock, next_event, next_message, provision, publish_crl, relay_config, running
 
 from node.node import Node, NodeOptions
-from protocol.errors import CertificateRevoked, NoRevocationData
+from node.ocsp import MIN_INTERVAL, OcspChecker
+from protocol.errors import CertificateRevoked, NoRevocationData, UntrustedIssuer
 from protocol.revocation import OcspAnswer, build_ocsp_response
 from relay.server import Relay
 
@@ -84,3 +85,28 @@ async def test_an_unreachable_responder_fails_closed(tmp_path: Path) -> None:
                 await alice.send("bob", "nobody vouches for bob")
             event = await next_event(alice, "session_refused")
             assert event.error == "no_revocation_data"
+
+
+async def test_a_forged_certificate_costs_no_ocsp_request_and_answers_are_kept_until_next_update() -> None:
+    """Issue #13 part 4: the certificate is verified before the responder is asked, the answer is
+    kept until its nextUpdate, and a failing responder is not asked again at once."""
+    forged = ROGUE_CA.enroll("bob", BOB.serial)  # the right issuer name, another key
+    with responder(set()) as url:
+        checker = OcspChecker(url, CA.root)
+        for _ in range(100):
+            await checker.ensure(forged.cert, NOW)
+        with pytest.raises(UntrustedIssuer):
+            await checker.refresh(forged.cert, NOW)
+        assert checker.requests == 0
+        await checker.ensure(BOB.cert, NOW)
+        await checker.ensure(BOB.cert, NOW + timedelta(minutes=59))  # the answer is valid for an hour
+        assert checker.requests == 1
+        checker.check(BOB.serial, NOW + timedelta(minutes=59))
+        await checker.ensure(BOB.cert, NOW + timedelta(minutes=61))
+        assert checker.requests == 2
+    dead = OcspChecker("http://127.0.0.1:9/ocsp", CA.root)  # nothing answers
+    for _ in range(10):
+        await dead.ensure(BOB.cert, NOW)
+    assert dead.requests == 1
+    await dead.ensure(BOB.cert, NOW + MIN_INTERVAL)
+    assert dead.requests == 2

@@ -17,6 +17,7 @@ from node.events import Message
 from node.keystore import Keystore
 from node.node import Node
 from relay.server import Relay
+from scenarios.attacker import ColludingRelay
 
 ALICE_KEY = CA.enroll("alice", 0x3000).identity
 #: Alice's first certificate (short-lived), and its renewal for the same identity key.
@@ -61,7 +62,9 @@ def texts(node: Node) -> list[str]:
 
 async def test_a_session_ends_with_its_certificate_and_a_revoked_renewal_gets_no_new_one(tmp_path: Path) -> None:
     clock = Clock()
-    async with Relay(relay_config(CA, tmp_path, clock=clock)) as relay:
+    # The relay colludes with the thief: an honest one cuts a revoked node off (PROTOCOL.md §16.3);
+    # what is tested here is bob's own refusal.
+    async with Relay(relay_config(CA, tmp_path, clock=clock), interceptor=ColludingRelay()) as relay:
         await publish_crl(relay, CA, CA.crl())
         alice_store, bob_store = provision(CA, OLD, relay.url), provision(CA, BOB, relay.url)
         alice, bob = node(alice_store, clock), node(bob_store, clock)

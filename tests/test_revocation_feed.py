@@ -16,6 +16,7 @@ from node.node import Node
 from protocol.errors import CertificateRevoked, StaleFeed
 from relay.interceptor import Interceptor
 from relay.server import Relay
+from scenarios.attacker import ColludingRelay
 
 
 class Clock:
@@ -52,7 +53,7 @@ async def push(relay: Relay, crl: bytes) -> None:
 
 async def test_revoking_bob_cuts_a_live_session_within_one_feed_update(tmp_path: Path) -> None:
     clock = Clock()
-    async with Relay(relay_config(CA, tmp_path, clock=clock)) as relay:
+    async with Relay(relay_config(CA, tmp_path, clock=clock), interceptor=ColludingRelay()) as relay:
         await push(relay, CA.crl(number=1))
         alice, bob = node(ALICE, relay, clock), node(BOB, relay, clock)
         async with running(alice, bob):

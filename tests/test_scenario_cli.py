@@ -96,7 +96,7 @@ def test_run_all_passes_as_in_ci(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=110, cwd=ROOT, check=False,
     )  # fmt: skip
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-2000:]
-    assert "23 of 23 scenarios passed" in done.stdout
+    assert "25 of 25 scenarios passed" in done.stdout
     # Every story, check and timeline line reads as words: no Python booleans, no class names.
     page = re.sub(r"<[^>]+>", " ", (tmp_path / "all.html").read_text())
     for text in (done.stdout, page):

@@ -29,7 +29,7 @@ async def test_scenario_reaches_its_verdict(name: str) -> None:
 def test_registry_holds_the_fifteen_of_product_md_hsm_theft_and_the_lifecycle_ones_in_order() -> None:
     names = [s.name for s in registry.all_scenarios()]
     assert names == list(registry.ORDER)
-    assert len(names) == 23
+    assert len(names) == 25
     with pytest.raises(KeyError):
         registry.get("no-such-scenario")
 

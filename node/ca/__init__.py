@@ -9,7 +9,9 @@ only stores and forwards it: nodes verify it under the root they pin.
 
 A revocation may happen in another process (`kmsnet ca revoke` opens ca.db while `serve` runs):
 it issues and stores the new CRL itself, and the publisher, which reads the stored CRL every
-CRL_CHECK_INTERVAL, sends it to the relay within that interval.
+CRL_CHECK_INTERVAL, sends it to the relay within that interval. It sends it again every interval
+until the relay confirms it holds that number (the relay pushes its feed back to the CA node too):
+a CRL the relay could not take (its store full, a connection lost) is never lost.
 """
 
 from __future__ import annotations
@@ -38,7 +40,9 @@ from node.ca.http import DEFAULT_PORT, CaHttpServer
 from node.errors import RelayUnreachable
 from node.link import RelayLink, check_url
 from node.pkcs11 import Pin
+from protocol.errors import ProtocolError
 from protocol.link import CrlFeed, Error, LinkFrame, PublishCrl, Welcome
+from protocol.revocation import verify_crl
 
 __all__ = [
     "CA_NODE_NAME",
@@ -82,6 +86,8 @@ class CrlPublisher:
         self.check_interval = check_interval
         #: The CRL last sent on the current connection (None: nothing sent yet).
         self.published: bytes | None = None
+        #: The highest CRL number the relay's feed showed us (0: none yet): what it confirmed holding.
+        self.confirmed = 0
         self._link: RelayLink | None = None
 
     async def run(self) -> None:
@@ -120,7 +126,7 @@ class CrlPublisher:
         if link is None or not link.connected.is_set():
             return  # published on connect
         crl = self.authority.current_crl()
-        if crl == self.published:
+        if crl == self.published and self.confirmed >= self._number(crl):
             return
         try:
             await link.send(PublishCrl(crl))
@@ -136,6 +142,14 @@ class CrlPublisher:
             log.warning("relay_error", extra={"fields": {"relay": self.url, "code": frame.code, "text": frame.text}})
         elif isinstance(frame, CrlFeed):
             log.debug("relay_feed", extra={"fields": {"relay": self.url, "bytes": len(frame.crl)}})
+            self.confirmed = max(self.confirmed, self._number(frame.crl))
+
+    def _number(self, crl: bytes) -> int:
+        """The number of `crl` if it is ours and valid now (0 otherwise: it confirms nothing)."""
+        try:
+            return verify_crl(crl, self.authority.root, self.authority.clock()).number
+        except ProtocolError:
+            return 0
         # Nothing else is addressed to the CA node.
 
 

@@ -45,7 +45,7 @@ from urllib.parse import unquote
 
 from node.ca.authority import CertificateAuthority
 from node.ca.errors import EnrolmentError, EnrolmentRefused, RenewalRefused
-from node.errors import NodeError, Unavailable
+from node.errors import NodeError, Unavailable, code_of
 
 __all__ = [
     "DEFAULT_PORT",
@@ -437,7 +437,7 @@ class CaHttpServer:
             log.warning("issuing_unavailable", extra={"fields": {"error": str(exc)}})
             return Response.error(HTTPStatus.SERVICE_UNAVAILABLE, "the CA cannot issue right now")
         except NodeError as exc:
-            log.error("issuing_failed", extra={"fields": {"error": type(exc).__name__, "detail": str(exc)}})
+            log.error("issuing_failed", extra={"fields": {"error": code_of(exc), "detail": str(exc)}})
             return Response.error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error")
         return Response.json(HTTPStatus.OK, {"certificate": pem.decode("ascii")})
 

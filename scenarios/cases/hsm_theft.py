@@ -101,7 +101,7 @@ async def relay_login(url: str, certificate: bytes, signer: IdentityKey) -> bool
         challenge = wire.decode_link(bytes(await ws.recv()))  # type: ignore[arg-type]
         if not isinstance(challenge, Challenge):
             return False
-        signature = signer.sign(auth_signed_bytes(challenge.nonce, challenge.relay))
+        signature = signer.sign(auth_signed_bytes(challenge.nonce, challenge.relay, url))
         await ws.send(wire.encode_link(Auth(certificate, signature)))
         try:
             async with asyncio.timeout(DEFAULT_WAIT):

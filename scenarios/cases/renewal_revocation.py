@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from scenarios.attacker import ColludingRelay
 from scenarios.registry import Context, scenario
 
 
@@ -18,10 +19,11 @@ from scenarios.registry import Context, scenario
     had been checked against the serial it was made under only, and sessions never ended: the
     thief's messages were accepted for as long as the session lived. Now a session ends with the
     certificate it was made under: Bob refuses the next message on it, starts a new handshake by
-    himself, and that handshake meets the renewed certificate on the CRL.""",
+    himself, and that handshake meets the renewed certificate on the CRL. The relay colludes with
+    the thief (an honest one cuts a revoked node off), so the nodes' own defence is what is shown.""",
 )
 async def renewal_revocation(ctx: Context) -> None:
-    async with ctx.lab() as lab:
+    async with ctx.lab(interceptor=ColludingRelay()) as lab:
         await lab.publish_crl()
         first = lab.ca.enroll("alice", lifetime=timedelta(days=1))
         alice, bob = await lab.add_node("alice", enrolled=first), await lab.add_node("bob")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from scenarios.attacker import ColludingRelay
 from scenarios.registry import Context, scenario
 from scenarios.timeline import Kind
 
@@ -14,10 +15,12 @@ from scenarios.timeline import Kind
     compromised and the CA publishes a CRL that lists his certificate. The relay pushes it to every
     node. Alice's node closes her session with Bob on that one update and refuses whatever Bob
     still sends on it; when Alice wants to write to Bob again, the new session is refused at its
-    start; and when Bob tries to open a session with Carol, Carol refuses it.""",
+    start; and when Bob tries to open a session with Carol, Carol refuses it. The relay here colludes
+    with whoever holds Bob's key: it neither cuts Bob off nor refuses him at login, as an honest relay
+    does (PROTOCOL.md §16.3), so the nodes' own defence is what is shown.""",
 )
 async def revoked_peer(ctx: Context) -> None:
-    async with ctx.lab() as lab:
+    async with ctx.lab(interceptor=ColludingRelay()) as lab:
         await lab.publish_crl()
         alice, bob, carol = await lab.add_node("alice"), await lab.add_node("bob"), await lab.add_node("carol")
         await lab.open_session(alice, bob)
