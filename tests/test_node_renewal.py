@@ -6,12 +6,15 @@ prekeys signed over it: old sessions go on, and new peers accept its new bundle.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from lab import next_event, next_message, raw_client, running
 from test_enrol import PASS, RunningCa, enrol
 from test_enrol import ca as running_ca  # noqa: F401 - the fixture
+from websockets.asyncio.client import ClientConnection
 
 from node.enrol import rekey_node
 from node.keystore import Keystore
@@ -64,10 +67,10 @@ async def test_a_running_node_renews_and_keeps_talking(running_ca: RunningCa, tm
         await ws.close()
 
 
-async def test_after_a_rekey_peers_see_the_identity_change_with_the_new_safety_number(
-    running_ca: RunningCa, tmp_path: Path
-) -> None:
-    ca = running_ca
+@contextlib.asynccontextmanager
+async def enrolled_pair(ca: RunningCa, tmp_path: Path) -> AsyncIterator[tuple[ClientConnection, Node, Node]]:
+    """A relay whose feed holds the CA's CRL (published over `ws`, the CA node's connection), and
+    alice and bob enrolled through the CA's HTTP API, as nodes not started."""
     async with Relay(RelayConfig(ca_root=ca.authority.root, port=0, store_path=str(tmp_path / "relay.db"))) as relay:
 
         class CaNode:
@@ -78,8 +81,16 @@ async def test_after_a_rekey_peers_see_the_identity_change_with_the_new_safety_n
         for name in ("alice", "bob"):
             await enrol(tmp_path / name, name, ca.url, ca.admin.token(name).secret, relay_url=relay.url)
         alice = Node(Keystore.open(tmp_path / "alice" / "keystore.db", passphrase=PASS))
+        bob = Node(Keystore.open(tmp_path / "bob" / "keystore.db", passphrase=PASS))
+        yield ws, alice, bob
+
+
+async def test_after_a_rekey_peers_see_the_identity_change_with_the_new_safety_number(
+    running_ca: RunningCa, tmp_path: Path
+) -> None:
+    ca = running_ca
+    async with enrolled_pair(ca, tmp_path) as (ws, alice, bob):
         bob_store = tmp_path / "bob" / "keystore.db"
-        bob = Node(Keystore.open(bob_store, passphrase=PASS))
         async with running(alice, bob):
             await bob.send("alice", "old bob")
             assert (await next_message(alice)).text == "old bob"
@@ -102,18 +113,8 @@ async def test_an_initiator_meeting_a_new_identity_key_is_told_too(running_ca: R
     """Bob re-keys after a compromise and his old certificate is revoked: alice's session with the
     old key ends, and when *she* starts the next one she sees the new safety number announced."""
     ca = running_ca
-    async with Relay(RelayConfig(ca_root=ca.authority.root, port=0, store_path=str(tmp_path / "relay.db"))) as relay:
-
-        class CaNode:
-            identity, cert = ca.authority.node_credentials()
-
-        ws, _ = await raw_client(relay, CaNode)  # type: ignore[arg-type]
-        await ws.send(wire.encode_link(PublishCrl(ca.authority.current_crl())))
-        for name in ("alice", "bob"):
-            await enrol(tmp_path / name, name, ca.url, ca.admin.token(name).secret, relay_url=relay.url)
-        alice = Node(Keystore.open(tmp_path / "alice" / "keystore.db", passphrase=PASS))
+    async with enrolled_pair(ca, tmp_path) as (ws, alice, bob):
         bob_store = tmp_path / "bob" / "keystore.db"
-        bob = Node(Keystore.open(bob_store, passphrase=PASS))
         async with running(alice, bob):
             await alice.send("bob", "old bob?")
             assert (await next_message(bob)).text == "old bob?"
