@@ -442,7 +442,7 @@ def _to_bytes(data: str | bytes) -> bytes:
         return data.encode("utf-8")
     if isinstance(data, bytes):
         return data
-    raise TypeError(f"expected str or bytes, got {type(data).__name__}")
+    raise TypeError("the data must be text or bytes")  # a programming error: the CLI always passes one
 
 
 def _like(result: bytes, template: str | bytes) -> str | bytes:

@@ -194,7 +194,7 @@ def test_seed_calls_mirror_str_and_bytes(kms: KeyManagementSystem) -> None:
     assert kms.decrypt_data_symmetric("s", bytes_token) == binary
     with pytest.raises(InvalidRequest, match="binary"):
         kms.decrypt_data_symmetric("s", bytes_token.decode())
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="the data must be text or bytes"):
         kms.encrypt_data_symmetric("s", 42)  # type: ignore[call-overload]
 
 
