@@ -184,7 +184,8 @@ def dispatch(
             return
         if holder is not None and not holder.serves:
             # Renewing, re-keying, a KMS command: nothing to hand the request to.
-            raise CliFailure(str(in_use(store.home)))
+            with node_failures():  # as `exclusive` refuses: exit 1, code home_in_use
+                raise in_use(store.home)
         if holder is not None and holder.serving:
             key = key or _control_key(store, passphrase)
             with node_failures():  # a holder that speaks out of turn, or no Unix sockets here: exit 3
@@ -202,7 +203,8 @@ def dispatch(
                 # Handed back: the holder is leaving, and we take its place as soon as it is gone.
                 deadline = time.monotonic() + WAIT_FOR_HOLDER
         if time.monotonic() > deadline:
-            raise CliFailure(str(in_use(store.home, answering=False)))
+            with node_failures():
+                raise in_use(store.home, answering=False)
         time.sleep(_POLL)
 
 

@@ -434,3 +434,14 @@ async def test_a_follower_says_when_it_connects_loses_the_relay_and_is_back(tmp_
         proc.send_signal(signal.SIGTERM)
         async with asyncio.timeout(30):
             assert await proc.wait() == 0
+
+
+async def test_a_send_meeting_a_holder_that_takes_no_requests_is_refused_at_once(tmp_path: Path) -> None:
+    """A `node renew` or a `kms` command holds the home: nothing to hand a send to, so it fails now,
+    with the same code whichever command meets the lock."""
+    async with world(tmp_path) as w:
+        with HomeLock.acquire(w.alice, "kmsnet node renew"):
+            refused = await send(w.alice, "bob", "hi")
+    error = json.loads(refused.err)
+    assert refused.code == 1 and (error["code"], error["exit"]) == ("home_in_use", 1)
+    assert f"is in use by `kmsnet node renew` (pid {os.getpid()})" in error["message"]
