@@ -27,20 +27,19 @@ from typing import Any, cast
 
 import msgpack
 from cryptography import x509
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.x509.oid import NameOID
 
+from node import hazmat as node_hazmat
 from node.errors import words_of
-from node.layout import NS_NODE, NS_SESSION
-from protocol import handshake, wire
+from protocol import handshake, hazmat, wire
 from protocol.errors import DecodeError, ProtocolError
+from protocol.hazmat import SendingChain
 from protocol.identity import IdentityKey, KemKeyPair, X25519KeyPair
-from protocol.keyschedule import kdf_ck, message_nonce, root_key
+from protocol.keyschedule import root_key
 from protocol.link import Deliver, Send
 from protocol.messages import InitMessage, OneTimePrekey, PrekeyBundle, RatchetMessage, Suite
-from protocol.ratchet import Ratchet, header_bytes
+from protocol.ratchet import Ratchet
 from protocol.session import Kind as ContentKind
 from protocol.session import Session
 from relay.interceptor import Interceptor
@@ -597,9 +596,7 @@ class Mitm(Tactic):
 
 def steal_identity(victim: LabNode) -> IdentityKey:
     """Copy a node's identity key out of its unlocked keystore."""
-    raw = victim.keystore.get(NS_NODE, "identity")
-    assert raw is not None
-    return IdentityKey.from_private_bytes(raw)
+    return node_hazmat.stored_identity(victim.keystore)
 
 
 @dataclass(frozen=True)
@@ -609,8 +606,7 @@ class StolenSession:
     of message numbers, PROTOCOL.md §6.4a, so the live chain key is what a memory dump adds)."""
 
     state: bytes
-    chain_key: bytes | None
-    sent: int
+    chain: SendingChain
 
     def copy(self) -> Session:
         """A working copy of the victim's session."""
@@ -619,45 +615,18 @@ class StolenSession:
 
 def steal_session(victim: LabNode, peer: str) -> StolenSession:
     """Copy a node's live session with `peer` (its whole ratchet state) out of its memory, as malware
-    on the device would; reads the node's private in-memory objects, which is the point."""
-    session = victim.node._session(peer)
+    on the device would."""
+    session = node_hazmat.live_session(victim.node, peer)
     assert session is not None, f"no session with {peer}"
-    ratchet = session.ratchet
-    return StolenSession(session.to_bytes(), ratchet._cks, ratchet._ns)
+    return StolenSession(session.to_bytes(), hazmat.live_sending_chain(session.ratchet))
 
 
 def x25519_keys(victim: LabNode) -> dict[bytes, X25519KeyPair]:
     """Every X25519 private key a node holds right now (prekeys and each session's ratchet key), by public key."""
-    keys: dict[bytes, X25519KeyPair] = {}
-    raw = victim.keystore.get(NS_NODE, "prekeys")
-    if raw is not None:
-        fields = msgpack.unpackb(raw)
-        signed, onetime = fields[1], fields[3]
-        for _, private in (*signed, *onetime):
-            pair = X25519KeyPair.from_private_bytes(private)
-            keys[pair.public] = pair
-    for peer in victim.keystore.names(NS_SESSION):
-        state = victim.keystore.get(NS_SESSION, peer)
-        if state is not None:
-            pair = X25519KeyPair.from_private_bytes(RatchetState.of(Session.from_bytes(state)).dhs)
-            keys[pair.public] = pair
-    return keys
-
-
-@dataclass(frozen=True)
-class RatchetState:
-    """The fields of a ratchet state the attacker needs, read from its serialised form (PROTOCOL.md
-    Appendix A): the sending chain, to derive the keys of messages its owner sends."""
-
-    dhs: bytes
-    cks: bytes | None
-    ns: int
-
-    @classmethod
-    def of(cls, session: Session) -> RatchetState:
-        """Parse `session.ratchet.to_bytes()`."""
-        _, _, dhs, _, cks, _, ns, _, _, _, _ = msgpack.unpackb(session.ratchet.to_bytes())
-        return cls(dhs, cks, ns)
+    pairs = hazmat.prekey_private_keys(node_hazmat.stored_prekeys(victim.keystore))
+    for session in node_hazmat.stored_sessions(victim.keystore).values():
+        pairs.append(hazmat.stored_sending_chain(session.ratchet).ratchet_key)
+    return {pair.public: pair for pair in pairs}
 
 
 class StateReader:
@@ -673,7 +642,7 @@ class StateReader:
         self.owner = owner
         self.session = session
         # The sending chain as it was in memory when stolen (the state's own is reservation-ahead).
-        self._live = RatchetState(RatchetState.of(session).dhs, live.chain_key, live.sent) if live else None
+        self._live = live.chain if live else None
 
     def read(self, sender: str, message: RatchetMessage) -> tuple[bytes | None, str]:
         """The message body if the copy reaches it, else None; and why, in words."""
@@ -683,23 +652,18 @@ class StateReader:
             except ProtocolError as exc:
                 return None, str(exc)
             return got.data, "decrypted with the copy's receiving chain"
-        state = RatchetState.of(self.session)
-        if self._live is not None and self._live.dhs == state.dhs:
-            state = self._live
-        if message.dh != X25519KeyPair.from_private_bytes(state.dhs).public or state.cks is None:
+        chain = hazmat.stored_sending_chain(self.session.ratchet)
+        if self._live is not None and self._live.ratchet_key.public == chain.ratchet_key.public:
+            chain = self._live
+        if message.dh != chain.ratchet_key.public or chain.chain_key is None:
             return None, "sent under a ratchet key the attacker never held"
-        if message.n < state.ns:
+        if message.n < chain.next_n:
             return None, "its key was used and deleted before the copy was taken"
-        chain = state.cks
-        for _ in range(message.n - state.ns):
-            chain, _ = kdf_ck(chain)
-        _, key = kdf_ck(chain)
-        aad = header_bytes(message.dh, message.pn, message.n) + self.session.transcript
         try:
-            plaintext = AESGCM(key).decrypt(message_nonce(message.n), message.ciphertext, aad)
-        except InvalidTag:
+            got = hazmat.open_with_message_key(hazmat.message_key(chain, message.n), message, self.session)
+        except ProtocolError:
             return None, "authentication failed: the derived key does not open it"
-        return plaintext[1:], "decrypted with the copy's sending chain"
+        return got.data, "decrypted with the copy's sending chain"
 
 
 def replaying(keys: Iterator[X25519KeyPair]) -> Callable[[], X25519KeyPair]:

@@ -3,7 +3,9 @@ carry none, to fill his replay cache and lock new sessions out."""
 
 from __future__ import annotations
 
+from node.hazmat import current_bundle
 from protocol import handshake
+from protocol.hazmat import replay_cache_size, replay_quota_used
 from protocol.prekeys import MAX_REPLAY_PER_INITIATOR, ROTATE_EARLY_AT
 from protocol.session import Kind
 from scenarios.attacker import AnyRevocation, MaliciousRelay
@@ -57,7 +59,7 @@ async def replay_cache_fill(ctx: Context) -> None:
 
         def settled() -> bool:  # every INIT of the flood taken or refused (the cache read from the node),
             # or Bob stopped reading Mallory's frames at all (a node with a budget of refused frames)
-            taken = len(bob.node.prekeys._seen.get(flooded, ()))
+            taken = replay_cache_size(bob.node.prekeys, flooded)
             done = taken + len(bob.refusals("replay_cache_quota")) >= FLOOD or bool(bob.notices("peer_flooding"))
             return done or len(bob.node.prekeys.signed_ids()) > 1
 
@@ -68,7 +70,7 @@ async def replay_cache_fill(ctx: Context) -> None:
         await lab.settle()
 
         newest = max(bob.node.prekeys.signed_ids())
-        mallorys = bob.node.prekeys._quota.get(flooded, {}).get(mallory.enrolled.identity.public_bytes, 0)
+        mallorys = replay_quota_used(bob.node.prekeys, flooded, mallory.enrolled.identity.public_bytes)
         ctx.check("one-time prekeys Mallory drained", True, drained > 0)
         # Her first INIT (the knock) and the flood: all without a one-time prekey.
         refused = len(bob.refusals("replay_cache_quota"))
@@ -79,7 +81,7 @@ async def replay_cache_fill(ctx: Context) -> None:
             mallorys,
             mallorys <= MAX_REPLAY_PER_INITIATOR,
         )
-        ctx.check("the bundle the relay hands out is Bob's newest", newest, bob.node._current_bundle().spk_id)
+        ctx.check("the bundle the relay hands out is Bob's newest", newest, current_bundle(bob.node).spk_id)
         ctx.check("Carol's session started and her message arrived", ["hello Bob, I am new here"], bob.texts("carol"))
         ctx.check("Bob's refusals of honest nodes", 0, len([e for e in bob.refusals() if e.peer == "carol"]))
         ctx.figure("INITs without a one-time prekey", FLOOD)
