@@ -50,13 +50,8 @@ from protocol.identity import (
     kem_encapsulate,
     verify_signature,
 )
-from protocol.keyschedule import (
-    LABEL_BUNDLE,
-    LABEL_INIT_SIGNATURE,
-    LABEL_ONETIME,
-    root_key,
-    transcript_hash,
-)
+from protocol.keyschedule import root_key, transcript_hash
+from protocol.labels import LABEL_BUNDLE, LABEL_INIT_SIGNATURE, LABEL_ONETIME
 from protocol.messages import VERSION, FrameType, InitMessage, OneTimePrekey, PrekeyBundle, RatchetMessage, Suite
 
 # The account `respond` consumes from lives in protocol/prekeys.py; it is named here too, as part of
