@@ -4,7 +4,7 @@ scenario moves.
 Everything is the real thing: the relay is `relay.server.Relay` (or, for the crash scenario, a
 `kmsnet relay` subprocess that can be killed), nodes are `node.node.Node` with encrypted keystores
 in a temporary directory, connections are WebSockets on loopback, certificates and CRLs come from
-`protocol.certs` and `protocol.revocation`, and the CA publishes CRLs over a link authenticated as
+`protocol.certs` and `protocol.crl`, and the CA publishes CRLs over a link authenticated as
 the node named "ca", as the CA node does. The only thing simulated is time: `LabClock` is the wall
 clock plus an offset that `advance` moves (certificate validity, CRL nextUpdate, bundle age all
 read it), passed to every node and to the in-process relay.
@@ -40,10 +40,10 @@ from node.events import Message, SecurityEvent
 from node.keystore import Keystore
 from node.node import Node, NodeOptions
 from protocol import certs, wire
+from protocol.crl import RevokedEntry, issue_crl
 from protocol.errors import ProtocolError
 from protocol.identity import IdentityKey
 from protocol.link import Auth, BundleReply, Challenge, Error, FetchBundle, PublishCrl, auth_signed_bytes
-from protocol.revocation import RevokedEntry, issue_crl
 from relay.interceptor import Interceptor
 from relay.server import Relay, RelayConfig
 from scenarios.timeline import RELAY, Kind, Timeline

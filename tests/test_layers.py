@@ -3,13 +3,25 @@
 from __future__ import annotations
 
 import ast
+from collections import deque
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("protocol", "node", "relay", "scenarios", "kmsnet", "ca")
+#: What each room must not reach even indirectly, through any chain of imports: the relay is untrusted
+#: and sees opaque payloads, so no session-key code may run in it (it may check certificates).
+UNREACHABLE = {
+    "relay": {"protocol.handshake", "protocol.ratchet", "protocol.session", "protocol.keyschedule"},
+}
 FORBIDDEN = {
-    "protocol": {"node", "relay", "scenarios", "kmsnet", "asyncio", "socket", "websockets", "sqlite3", "time"},
+    # Pure: no I/O, no clock, and no randomness it is not given (key generation goes through
+    # `cryptography`; a caller passes anything else).
+    "protocol": {
+        "node", "relay", "scenarios", "kmsnet", "asyncio", "socket", "websockets", "sqlite3", "time",
+        "os", "secrets", "random",
+    },
     "node": {"relay", "scenarios", "kmsnet"},
     "relay": {"node", "scenarios", "kmsnet"},
     "scenarios": {"kmsnet"},
@@ -41,3 +53,74 @@ def test_walker_sees_a_wrong_arrow(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("import asyncio\nfrom node.kms import X\nfrom . import sibling\n")
     assert imported_roots(bad) == {"asyncio", "node"}
+
+
+def repo_modules() -> dict[str, Path]:
+    """Every module of the project's packages, by dotted name (a package by its own name)."""
+    modules = {}
+    for package in PACKAGES:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            modules[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    return modules
+
+
+def imported_modules(path: Path, name: str, known: dict[str, Path]) -> set[str]:
+    """The project modules `path` (module `name`) imports, with the packages that importing them runs."""
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            found.add(base)
+            found.update(f"{base}.{alias.name}" for alias in node.names)
+    # Importing a.b.c runs a and a.b first.
+    with_parents = {".".join(m.split(".")[:i]) for m in found for i in range(1, m.count(".") + 2)}
+    return with_parents & set(known)
+
+
+def import_chain(start: str, targets: set[str], known: dict[str, Path]) -> list[str] | None:
+    """The shortest chain of imports from `start` to any of `targets`, or None."""
+    came_from: dict[str, str | None] = {start: None}
+    queue = deque([start])
+    while queue:
+        current = queue.popleft()
+        if current in targets:
+            chain = [current]
+            while (previous := came_from[chain[-1]]) is not None:
+                chain.append(previous)
+            return chain[::-1]
+        for nxt in sorted(imported_modules(known[current], current, known)):
+            if nxt not in came_from:
+                came_from[nxt] = current
+                queue.append(nxt)
+    return None
+
+
+@pytest.mark.parametrize("package", sorted(UNREACHABLE))
+def test_package_never_reaches_forbidden_modules_transitively(package: str) -> None:
+    known = repo_modules()
+    offences = []
+    for name in sorted(m for m in known if m == package or m.startswith(package + ".")):
+        chain = import_chain(name, UNREACHABLE[package], known)
+        if chain is not None:
+            offences.append(" -> ".join(chain))
+    assert offences == []
+
+
+def test_transitive_walker_follows_chains(tmp_path: Path) -> None:
+    (tmp_path / "a.py").write_text("from pkg import b\n")
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("")
+    (tmp_path / "pkg" / "b.py").write_text("from . import c\n")
+    (tmp_path / "pkg" / "c.py").write_text("import json\n")
+    known = {"a": tmp_path / "a.py", "pkg": tmp_path / "pkg" / "__init__.py"}
+    known |= {"pkg.b": tmp_path / "pkg" / "b.py", "pkg.c": tmp_path / "pkg" / "c.py"}
+    assert import_chain("a", {"pkg.c"}, known) == ["a", "pkg.b", "pkg.c"]
+    assert import_chain("pkg.c", {"a"}, known) is None
