@@ -106,7 +106,7 @@ class LabCA:
         self._names: dict[int, str] = {}
         self.crl_number = 0
 
-    def enroll(
+    def enrol(
         self, name: str, *, identity: IdentityKey | None = None, lifetime: timedelta = timedelta(days=90)
     ) -> Enrolled:
         """Issue a certificate for `name` (a fresh identity key unless one is given)."""
@@ -262,7 +262,7 @@ class Lab:
         self.url = ""
         self.nodes: dict[str, LabNode] = {}
         self.sent: list[Sent] = []
-        self._ca_node = self.ca.enroll("ca")
+        self._ca_node = self.ca.enrol("ca")
         self._key_file = workdir / "keystore.key"
         self._key_file.write_bytes(os.urandom(32))
         self._key_file.chmod(0o600)
@@ -338,7 +338,7 @@ class Lab:
         """Enrol `name` (or use `enrolled`), write its keystore (what `kmsnet node init` writes) and
         start it with `NodeOptions(**options)`. `lane` names it on the timeline when its certificate's
         name is taken (a thief running a node with a stolen identity)."""
-        who = enrolled or self.ca.enroll(name)
+        who = enrolled or self.ca.enrol(name)
         lane = lane or name
         path = self.workdir / f"{lane}.keystore"
         keystore = Keystore.open(path, key_file=self._key_file, create=True)
