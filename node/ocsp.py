@@ -119,7 +119,6 @@ class OcspChecker:
             log.info("ocsp_failed", extra={"fields": {"serial": f"{cert.serial_number:x}", "reason": str(exc)}})
 
 
-
 def _next_update(der: bytes) -> datetime | None:
     """The nextUpdate of a (verified) OCSP response, if it gives one."""
     try:

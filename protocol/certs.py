@@ -203,9 +203,7 @@ def _common_name(name: x509.Name) -> str | None:
 # --- issuing (CA side) ---------------------------------------------------------------------------
 
 
-def make_root(
-    *, key: CaKey, name: str, serial: int, not_before: datetime, not_after: datetime
-) -> x509.Certificate:
+def make_root(*, key: CaKey, name: str, serial: int, not_before: datetime, not_after: datetime) -> x509.Certificate:
     """Build the self-signed CA root: CN=`name`, a CA that may sign leaves only (path length 0)
     and CRLs. Raises `LocalError` on a bad name, serial or window."""
     if not isinstance(name, str) or not 1 <= len(name) <= 64:

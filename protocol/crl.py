@@ -423,5 +423,3 @@ class RevocationState:
             raise DecodeError("stored CRL number disagrees with the stored highest number")
         state._current = crl
         return state
-
-

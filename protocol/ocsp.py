@@ -172,19 +172,16 @@ def build_ocsp_response(
     if not isinstance(answer, OcspAnswer):
         raise LocalError(f"lookup must return an OcspAnswer, got {type(answer).__name__}")
     reason = None if answer.reason in (None, "unspecified") else REASONS[answer.reason]
-    builder = (
-        ocsp.OCSPResponseBuilder()
-        .add_response_by_hash(
-            issuer_name_hash=request.issuer_name_hash,
-            issuer_key_hash=request.issuer_key_hash,
-            serial_number=request.serial_number,
-            algorithm=algorithm,
-            cert_status=_CERT_STATUS[answer.status],
-            this_update=now,
-            next_update=now + validity,
-            revocation_time=answer.revoked_at,
-            revocation_reason=reason,
-        )
+    builder = ocsp.OCSPResponseBuilder().add_response_by_hash(
+        issuer_name_hash=request.issuer_name_hash,
+        issuer_key_hash=request.issuer_key_hash,
+        serial_number=request.serial_number,
+        algorithm=algorithm,
+        cert_status=_CERT_STATUS[answer.status],
+        this_update=now,
+        next_update=now + validity,
+        revocation_time=answer.revoked_at,
+        revocation_reason=reason,
     )
     if nonce is not None:
         builder = builder.add_extension(x509.OCSPNonce(nonce), critical=False)

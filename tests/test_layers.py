@@ -19,8 +19,18 @@ FORBIDDEN = {
     # Pure: no I/O, no clock, and no randomness it is not given (key generation goes through
     # `cryptography`; a caller passes anything else).
     "protocol": {
-        "node", "relay", "scenarios", "kmsnet", "asyncio", "socket", "websockets", "sqlite3", "time",
-        "os", "secrets", "random",
+        "node",
+        "relay",
+        "scenarios",
+        "kmsnet",
+        "asyncio",
+        "socket",
+        "websockets",
+        "sqlite3",
+        "time",
+        "os",
+        "secrets",
+        "random",
     },
     "node": {"relay", "scenarios", "kmsnet"},
     "relay": {"node", "scenarios", "kmsnet"},

@@ -15,7 +15,6 @@ that node sends, and resumes it when the script wants the node listening again, 
 transcript shows the offline and catch-up cases of store-and-forward as well.
 """
 
-
 from kmsnet.demo.options import MAX_NODES, MIN_NODES, DemoFailure, DemoOptions
 from kmsnet.demo.script import run_demo
 

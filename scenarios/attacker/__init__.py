@@ -17,7 +17,6 @@ with a stolen (or rebuilt) session, in both directions, exactly as far as the ke
 here weakens a node: every refusal a scenario shows is the real node refusing.
 """
 
-
 from scenarios.attacker.credentials import AnyRevocation, Credentials, Impostor
 from scenarios.attacker.malicious_relay import Captured, ColludingRelay, MaliciousRelay, body_text, describe
 from scenarios.attacker.mitm import Mitm

@@ -107,9 +107,7 @@ class Mitm(Tactic):
             got = inbound.decrypt_message(msg)
         except ProtocolError as exc:
             # Not on the attacker's session after all (the victim refused it): pass it on unread.
-            relay.act(
-                f"could not open {envelope.sender}'s message ({words_of(exc)}); passes it on", peer=envelope.to
-            )
+            relay.act(f"could not open {envelope.sender}'s message ({words_of(exc)}); passes it on", peer=envelope.to)
             return payloads
         if got.kind is ContentKind.DATA:
             relay.leak(envelope.sender, envelope.to, got.data, how="its session with the sender")

@@ -90,9 +90,7 @@ def attempt(
     bundle = evil.bundles[(initiator.name, responder.name)]
     ours = [e.message.dh for e in recorded if e.sender == initiator.name and e.message is not None]
     later = list(dict.fromkeys(ours))[1:]  # the ephemeral first, then each new ratchet key, in order
-    session = rebuild_initiator(
-        init, bundle, keys=keys, later=later, root=lab.ca.root, kem_secret=kem_secret
-    )
+    session = rebuild_initiator(init, bundle, keys=keys, later=later, root=lab.ca.root, kem_secret=kem_secret)
     assert session is not None, "the ephemeral key is in the recording and was broken"
     reader = StateReader(initiator.name, session)
     out = []
