@@ -24,7 +24,8 @@ PACKAGES := protocol node relay scenarios kmsnet
 # Paths already in `ruff format` style. The rest of the tree joins in one go once the parallel work
 # on it has merged (`ruff format .`); then this list becomes `.`.
 FORMATTED := protocol scenarios kmsnet/demo bench node/hazmat.py node/ocsp.py \
-	tests/test_layers.py tests/test_hazmat.py tests/test_hazmat_door.py tests/test_labels.py tests/test_demo.py
+	tests/test_layers.py tests/test_hazmat.py tests/test_hazmat_door.py tests/test_labels.py tests/test_demo.py \
+	tests/test_node_hazmat.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
