@@ -46,7 +46,7 @@ from node.journal import Journal, Key
 from node.keystore import Keystore
 from node.layout import NS_ARCHIVE, NS_BUNDLE, NS_INBOX, NS_NODE, NS_OUTBOX, NS_PEER, NS_SEEN, NS_SESSION
 from node.link import RelayLink, split_urls
-from node.ocsp import OcspChecker
+from node.ocsp import OcspChecker, OcspGate
 from node.pkcs11 import Pin, TokenIdentityKey
 from node.selfrevoked import Revoked, own_revocation
 from protocol import certs, handshake, wire
@@ -219,6 +219,7 @@ class Node:
         self._journal = Journal(keystore)
         self._maintenance: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ocsp_gate = OcspGate(self._ocsp, self._handle_deliver, clock, self._tasks) if self._ocsp else None
         # Peers a heartbeat is being sent to (one at a time is enough).
         self._heartbeats: set[str] = set()
         # An early signed-prekey rotation is under way (one at a time).
@@ -833,11 +834,11 @@ class Node:
         return self._ocsp if self._ocsp is not None else self.revocation
 
     async def _on_deliver(self, deliver: Deliver) -> None:
-        if self._ocsp is not None:
-            # Ask the responder about the sender of an INIT before handling it (never under the lock).
-            with contextlib.suppress(ProtocolError):
-                if wire.frame_type(deliver.payload) is FrameType.INIT:
-                    await self._ocsp.ensure(handshake.decode_init(deliver.payload).certificate, self.clock())
+        if self._ocsp_gate is not None and self._ocsp_gate.holds(deliver):
+            return  # handled once the responder has answered about its sender, off this loop (node/ocsp.py)
+        await self._handle_deliver(deliver)
+
+    async def _handle_deliver(self, deliver: Deliver) -> None:
         async with self._lock(deliver.sender):
             durable, message = self._receive(deliver)
         # The link goes on reading while this one commits: the next deliveries join the batch. A
