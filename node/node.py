@@ -39,6 +39,7 @@ from cryptography.x509.oid import NameOID
 from node import crlfetch
 from node.enrol import load_identity, renew_certificate, renewal_time
 from node.epoch import EpochFile, epoch_path
+from node.epochecho import rollback_seen, sign_epoch
 from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachable, code_of
 from node.eventbudget import MAX_STORED_EVENTS, QUARANTINE, EventBudget, RefusalBudget
 from node.events import Delivered, Message, SecurityEvent
@@ -302,6 +303,7 @@ class Node:
             on_connected=self._on_connected,
             reconnect=reconnect,
             check_relay_name=self.options.check_relay_name,
+            epoch=lambda: sign_epoch(self.identity, self.name, self._epoch),
         )
         self._journal.start()
         if self._rolled_back:
@@ -389,6 +391,12 @@ class Node:
     async def _on_connected(self, welcome: Welcome) -> None:
         log.info("node_connected", extra={"fields": {"node": self.name, "pending": welcome.pending}})
         self._handled, self._waiting = 0, welcome.pending
+        assert self._link is not None
+        if echoed := rollback_seen(welcome.epoch, self._link.sent_epoch, self.identity, self.name):
+            # The relay's copy of the epoch is newer than the keystore: restored with its epoch file.
+            self._epoch = max(self._epoch, echoed)
+            self._drop_sessions()
+            self._with_epoch({}).add_done_callback(_log_failure)
         await self._publish_prekeys(welcome.onetime)
         for peer in self._rehandshake:
             self._start_reset(peer, force=True)

@@ -33,6 +33,8 @@ LABEL_INIT_SIGNATURE = b"kmsnet/v1/init-signature"
 LABEL_SAFETY = b"kmsnet/v1/safety-number"
 #: Domain separator of a node's signature over a relay's challenge (protocol.link).
 LABEL_RELAY_AUTH = b"kmsnet/v1/relay-auth"
+#: Domain separator of a node's signature over its rollback epoch, which its relay echoes (protocol.link).
+LABEL_EPOCH = b"kmsnet/v1/rollback-epoch"
 #: HKDF info of the insecure (unsigned) suite's root key: distinct so it can never pass as a real one.
 LABEL_ROOT_INSECURE = b"kmsnet/v1/root-insecure-unsigned"
 
@@ -46,6 +48,7 @@ ALL_LABELS = (
     LABEL_INIT_SIGNATURE,
     LABEL_SAFETY,
     LABEL_RELAY_AUTH,
+    LABEL_EPOCH,
     LABEL_ROOT_INSECURE,
 )
 

@@ -193,6 +193,8 @@ class _Peer:
     serial: int
     #: Its identity key (raw public bytes): another one than last time drops its one-time prekeys.
     identity: bytes
+    #: The signed rollback epoch its AUTH carried (opaque), kept to be echoed at its next login.
+    epoch: bytes | None
     ws: ServerConnection
     bucket: TokenBucket
     #: The separate budget of its ACKs and feed frames.
@@ -439,7 +441,12 @@ class Relay:
             if self.bus.newest(peer.name) > peer.generation:
                 return  # a newer connection of this node came up elsewhere meanwhile
             await self._note_identity(peer)
-            welcome = Welcome(peer.name, await self.store.waiting(peer.name), await self.store.onetime_left(peer.name))
+            welcome = Welcome(
+                peer.name,
+                await self.store.waiting(peer.name),
+                await self.store.onetime_left(peer.name),
+                await self._swap_epoch(peer),
+            )
             await ws.send(wire.encode_link(welcome))
             peer.writer = asyncio.create_task(self._writer(peer), name=f"relay-writer-{peer.name}")
             async for raw in ws:
@@ -483,6 +490,15 @@ class Relay:
         if dropped:
             log.info("onetime_dropped", extra={"fields": {"node": peer.name, "reason": "identity key changed"}})
 
+    async def _swap_epoch(self, peer: _Peer) -> bytes | None:
+        """The signed epoch the node gave at its previous login (for WELCOME), this login's kept instead.
+        The relay only keeps and echoes it: the node verifies its own signature (PROTOCOL.md §16.3)."""
+        try:
+            return await self.store.swap_epoch(peer.name, peer.epoch)
+        except StoreWriteRefused as exc:
+            self._write_refused("epoch", exc)
+            return None
+
     async def _room(self, peer: _Peer) -> None:
         """Wait until the node has read enough of what is queued for it: a node that does not read
         is not read either, and its answers never pile up."""
@@ -518,6 +534,7 @@ class Relay:
             frame.certificate,
             cert.serial,
             cert.public_key.public_bytes_raw(),
+            frame.epoch,
             ws,
             TokenBucket(self.config.rate, self.config.burst),
             TokenBucket(self.config.ack_rate, self.config.ack_burst),

@@ -29,7 +29,7 @@ def test_labels_are_distinct_and_versioned() -> None:
 def test_signing_labels_are_prefix_free() -> None:
     """The identity key signs LABEL || data for several purposes; no label may be a prefix of another,
     or a signature for one purpose could be read as one for another."""
-    signing = [ks.LABEL_BUNDLE, ks.LABEL_ONETIME, ks.LABEL_INIT_SIGNATURE]
+    signing = [ks.LABEL_BUNDLE, ks.LABEL_ONETIME, ks.LABEL_INIT_SIGNATURE, ks.LABEL_EPOCH]
     try:
         from protocol.link import LABEL_RELAY_AUTH
     except ImportError:  # pragma: no cover - link frames not present
