@@ -43,6 +43,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/e2e_bench.py
 	$(BIN)/python bench/revocation_bench.py
 	$(BIN)/python bench/cluster_bench.py
+	$(BIN)/python bench/flood_bench.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .coverage

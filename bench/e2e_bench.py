@@ -138,7 +138,7 @@ class World:
         )  # fmt: skip
         return key, cert.public_bytes(certs.serialization.Encoding.DER)
 
-    def node(self, name: str, relay_url: str) -> Node:
+    def node(self, name: str, relay_url: str, **options: object) -> Node:
         key, cert = self.enrol(name)
         store = Keystore.open(self.dir / f"{name}.db", passphrase="bench", create=True, argon2=ARGON2_PROFILES["test"])
         with store.transaction():
@@ -146,7 +146,8 @@ class World:
             store.put("node", "certificate", cert)
             store.put("node", "root", certs.certificate_pem(self.root))
             store.put("node", "relay", relay_url.encode())
-        return Node(store, options=NodeOptions(send_timeout=60, inbox=False))
+        settings: dict[str, object] = {"send_timeout": 60, "inbox": False, **options}
+        return Node(store, options=NodeOptions(**settings))  # type: ignore[arg-type]
 
     def crl(self) -> bytes:
         return revocation.issue_crl(

@@ -17,7 +17,7 @@ from protocol import certs
 from protocol.errors import ProtocolError
 from relay.backends import is_redis
 from relay.errors import RelayError
-from relay.server import Relay, RelayConfig, check_name
+from relay.server import RESEND_AFTER, Relay, RelayConfig, check_name
 
 #: Listen addresses that name no host a node could dial.
 _WILDCARDS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - recognised, not bound
@@ -73,6 +73,14 @@ Examples:
     type=click.IntRange(min=1),
     help="Frames a connection may send at once above --rate.",
 )
+@click.option(
+    "--resend-after",
+    default=RESEND_AFTER,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds a delivered envelope waits for the node's acknowledgement before it is sent again on "
+    "the same connection (sooner when later ones are acknowledged: it was lost on the way).",
+)
 def relay(
     host: str,
     port: int,
@@ -83,6 +91,7 @@ def relay(
     name: str | None,
     rate: float,
     burst: int,
+    resend_after: float,
 ) -> None:
     """Run the relay: authenticate nodes, route and store envelopes, relay the CRL feed.
 
@@ -127,6 +136,7 @@ def relay(
         public_host=public_host,
         rate=rate,
         burst=burst,
+        resend_after=resend_after,
     )
     try:
         asyncio.run(_serve(config))

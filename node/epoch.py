@@ -8,7 +8,7 @@ and the file `keystore.db.epoch` next to the keystore, written after each such c
 below the file's is older than the last state the node made durable: it has been rolled back.
 
 Restoring the whole home (file included), as a VM snapshot does, is not seen here; that needs a
-copy held elsewhere (the relay-echoed epoch, not implemented).
+copy held elsewhere: the signed epoch the relay echoes at login (node/epochecho.py).
 """
 
 from __future__ import annotations

@@ -115,6 +115,7 @@ class RelayLink:
         on_connected: Callable[[Welcome], Awaitable[None]],
         reconnect: bool = True,
         check_relay_name: bool = True,
+        epoch: Callable[[], bytes | None] | None = None,
     ) -> None:
         self.urls = [check_url(url) for url in ([urls] if isinstance(urls, str) else urls)]
         if not self.urls:
@@ -129,6 +130,10 @@ class RelayLink:
         #: INSECURE when False (the relay-forwarding scenario's "before"): sign whichever relay name a
         #: CHALLENGE gives, so that a relay we dialled can pass an honest relay's CHALLENGE on.
         self._check_relay_name = check_relay_name
+        #: Gives the signed rollback epoch for each AUTH (node/epochecho.py); the relay echoes it next time.
+        self._epoch = epoch
+        #: The one sent on the current connection (WELCOME's echo is compared with it).
+        self.sent_epoch: bytes | None = None
         self._ws: ClientConnection | None = None
         self._closing = False
         self.connected = asyncio.Event()
@@ -250,7 +255,8 @@ class RelayLink:
             if not isinstance(challenge, Challenge):
                 raise LinkError("relay did not start with a challenge")
             signature = self._identity.sign(self._answer(challenge))
-            await ws.send(wire.encode_link(Auth(self._certificate, signature)))
+            self.sent_epoch = self._epoch() if self._epoch is not None else None
+            await ws.send(wire.encode_link(Auth(self._certificate, signature, self.sent_epoch)))
             answer = _decode_one(await ws.recv())
             if isinstance(answer, CrlFeed):
                 # A relay refusing a revoked node first sends the CRL that revokes it: the node

@@ -39,6 +39,7 @@ from cryptography.x509.oid import NameOID
 from node import crlfetch
 from node.enrol import load_identity, renew_certificate, renewal_time
 from node.epoch import EpochFile, epoch_path
+from node.epochecho import rollback_seen, sign_epoch
 from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachable, code_of
 from node.eventbudget import MAX_STORED_EVENTS, QUARANTINE, EventBudget, RefusalBudget
 from node.events import Delivered, Message, SecurityEvent
@@ -46,7 +47,7 @@ from node.journal import Journal, Key
 from node.keystore import Keystore
 from node.layout import NS_ARCHIVE, NS_BUNDLE, NS_INBOX, NS_NODE, NS_OUTBOX, NS_PEER, NS_SEEN, NS_SESSION
 from node.link import RelayLink, split_urls
-from node.ocsp import OcspChecker
+from node.ocsp import OcspChecker, OcspGate
 from node.pkcs11 import Pin, TokenIdentityKey
 from node.selfrevoked import Revoked, own_revocation
 from protocol import certs, handshake, wire
@@ -219,6 +220,7 @@ class Node:
         self._journal = Journal(keystore)
         self._maintenance: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ocsp_gate = OcspGate(self._ocsp, self._handle_deliver, clock, self._tasks) if self._ocsp else None
         # Peers a heartbeat is being sent to (one at a time is enough).
         self._heartbeats: set[str] = set()
         # An early signed-prekey rotation is under way (one at a time).
@@ -301,6 +303,7 @@ class Node:
             on_connected=self._on_connected,
             reconnect=reconnect,
             check_relay_name=self.options.check_relay_name,
+            epoch=lambda: sign_epoch(self.identity, self.name, self._epoch),
         )
         self._journal.start()
         if self._rolled_back:
@@ -388,6 +391,12 @@ class Node:
     async def _on_connected(self, welcome: Welcome) -> None:
         log.info("node_connected", extra={"fields": {"node": self.name, "pending": welcome.pending}})
         self._handled, self._waiting = 0, welcome.pending
+        assert self._link is not None
+        if echoed := rollback_seen(welcome.epoch, self._link.sent_epoch, self.identity, self.name):
+            # The relay's copy of the epoch is newer than the keystore: restored with its epoch file.
+            self._epoch = max(self._epoch, echoed)
+            self._drop_sessions()
+            self._with_epoch({}).add_done_callback(_log_failure)
         await self._publish_prekeys(welcome.onetime)
         for peer in self._rehandshake:
             self._start_reset(peer, force=True)
@@ -833,11 +842,11 @@ class Node:
         return self._ocsp if self._ocsp is not None else self.revocation
 
     async def _on_deliver(self, deliver: Deliver) -> None:
-        if self._ocsp is not None:
-            # Ask the responder about the sender of an INIT before handling it (never under the lock).
-            with contextlib.suppress(ProtocolError):
-                if wire.frame_type(deliver.payload) is FrameType.INIT:
-                    await self._ocsp.ensure(handshake.decode_init(deliver.payload).certificate, self.clock())
+        if self._ocsp_gate is not None and self._ocsp_gate.holds(deliver):
+            return  # handled once the responder has answered about its sender, off this loop (node/ocsp.py)
+        await self._handle_deliver(deliver)
+
+    async def _handle_deliver(self, deliver: Deliver) -> None:
         async with self._lock(deliver.sender):
             durable, message = self._receive(deliver)
         # The link goes on reading while this one commits: the next deliveries join the batch. A

@@ -28,6 +28,8 @@ LABEL_INIT_SIGNATURE = b"kmsnet/v1/init-signature"
 LABEL_SAFETY = b"kmsnet/v1/safety-number"
 #: Domain separator of a node's signature over a relay's challenge (protocol.link).
 LABEL_RELAY_AUTH = b"kmsnet/v1/relay-auth"
+#: Domain separator of a node's signature over its rollback epoch, which its relay echoes (protocol.link).
+LABEL_EPOCH = b"kmsnet/v1/rollback-epoch"
 
 ALL_LABELS = (
     LABEL_ROOT,
@@ -39,7 +41,8 @@ ALL_LABELS = (
     LABEL_INIT_SIGNATURE,
     LABEL_SAFETY,
     LABEL_RELAY_AUTH,
+    LABEL_EPOCH,
     LABEL_ROOT_INSECURE,
 )
 #: The labels the identity key signs behind (LABEL || data): none may be a prefix of another.
-SIGNING_LABELS = (LABEL_BUNDLE, LABEL_ONETIME, LABEL_INIT_SIGNATURE, LABEL_RELAY_AUTH)
+SIGNING_LABELS = (LABEL_BUNDLE, LABEL_ONETIME, LABEL_INIT_SIGNATURE, LABEL_RELAY_AUTH, LABEL_EPOCH)

@@ -16,7 +16,7 @@ from enum import IntEnum
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-from protocol.labels import LABEL_RELAY_AUTH
+from protocol.labels import LABEL_EPOCH, LABEL_RELAY_AUTH
 from protocol.messages import (
     MAX_CERTIFICATE,
     MAX_CIPHERTEXT,
@@ -50,6 +50,9 @@ MAX_ERROR_TEXT = 200
 MAX_LINK_FRAME = MAX_CRL + 64
 #: Frames in one BATCH.
 MAX_BATCH = 256
+#: A node's signed rollback epoch: the epoch (u64, big-endian), then its Ed25519 signature over
+#: `epoch_signed_bytes`. The relay keeps it opaque and echoes it at the next login (§16.3).
+SIGNED_EPOCH_LEN = 8 + SIGNATURE_LEN
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,9 +134,15 @@ class Auth:
     relay's name and the URL the node dialled)."""
 
     TYPE: ClassVar[LinkType] = LinkType.AUTH
-    SCHEMA: ClassVar[tuple[LinkField, ...]] = (Bin(min=1, max=MAX_CERTIFICATE), Bin(SIGNATURE_LEN))
+    SCHEMA: ClassVar[tuple[LinkField, ...]] = (
+        Bin(min=1, max=MAX_CERTIFICATE),
+        Bin(SIGNATURE_LEN),
+        Opt(Bin(SIGNED_EPOCH_LEN)),
+    )
     certificate: bytes
     signature: bytes
+    #: The node's signed rollback epoch (`signed_epoch`), for the relay to keep and echo next time.
+    epoch: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -142,10 +151,12 @@ class Welcome:
     `onetime` of our one-time prekeys are left to hand out (the node tops them up)."""
 
     TYPE: ClassVar[LinkType] = LinkType.WELCOME
-    SCHEMA: ClassVar[tuple[LinkField, ...]] = (Str(MAX_NAME), UInt(MAX_U32), UInt(MAX_U32))
+    SCHEMA: ClassVar[tuple[LinkField, ...]] = (Str(MAX_NAME), UInt(MAX_U32), UInt(MAX_U32), Opt(Bin(SIGNED_EPOCH_LEN)))
     name: str
     pending: int
     onetime: int
+    #: The signed epoch this node gave at its previous login, as the relay kept it (None: none kept).
+    epoch: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -317,6 +328,22 @@ def auth_signed_bytes(nonce: bytes, relay: str, url: str) -> bytes:
     the URL dialled (canonical, `canonical_url`), each length-prefixed so no two pairs collide."""
     name, where = relay.encode(), canonical_url(url).encode()
     return LABEL_RELAY_AUTH + nonce + len(name).to_bytes(2, "big") + name + len(where).to_bytes(2, "big") + where
+
+
+def epoch_signed_bytes(name: str, epoch: int) -> bytes:
+    """What a node signs over its rollback epoch: bound to its name, so that no other node's copy passes."""
+    who = name.encode()
+    return LABEL_EPOCH + len(who).to_bytes(2, "big") + who + epoch.to_bytes(8, "big")
+
+
+def signed_epoch(epoch: int, signature: bytes) -> bytes:
+    """The AUTH/WELCOME `epoch` field: `epoch` and the node's signature over `epoch_signed_bytes`."""
+    return epoch.to_bytes(8, "big") + signature
+
+
+def split_signed_epoch(field: bytes) -> tuple[int, bytes]:
+    """(epoch, signature) of an AUTH/WELCOME `epoch` field (the schema fixed its length)."""
+    return int.from_bytes(field[:8], "big"), field[8:]
 
 
 #: The port a ws:// or wss:// URL means when it names none.

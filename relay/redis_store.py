@@ -9,6 +9,8 @@ operation is one atomic script on that shard:
 - `kmsnet:{n}:bytes` payload bytes waiting (the quota)
 - `kmsnet:{n}:bundle`, `kmsnet:{n}:otpk` the signed bundle and a list of one-time prekeys (LPOP: each once)
 - `kmsnet:{n}:gen`   connection counter (the newest connection wins, across relays; `relay.redis_bus`)
+- `kmsnet:{n}:identity`, `kmsnet:{n}:epoch` the identity key it last logged in with, and its signed
+  rollback epoch of that login (echoed at the next one)
 - `kmsnet:{crl}:crl` the newest CRL, replaced only by a higher number (compare-and-set script)
 
 Every write is a Lua script, atomic on its shard; the scripts that store something also announce
@@ -175,6 +177,14 @@ if held == ARGV[1] then return 0 end
 redis.call('SET', KEYS[1], ARGV[1])
 if not held then return 0 end
 return redis.call('DEL', KEYS[2])
+"""
+
+# KEYS: one key. ARGV: its new value. Returns the value it held (or nil): SET … GET, as a script so
+# that it goes through the writer like every other write.
+_SWAP = """
+local held = redis.call('GET', KEYS[1])
+redis.call('SET', KEYS[1], ARGV[1])
+return held
 """
 
 _PUT_BUNDLE = """
@@ -357,6 +367,13 @@ class RedisStore(Store):
 
     async def note_identity(self, name: str, identity: bytes) -> bool:
         return bool(await self._write(_NOTE_IDENTITY, [key(name, "identity"), key(name, "otpk")], [identity]))
+
+    async def swap_epoch(self, name: str, epoch: bytes | None) -> bytes | None:
+        if epoch is None:
+            held = await self.call(lambda: self.client.get(key(name, "epoch")))
+        else:
+            held = await self._write(_SWAP, [key(name, "epoch")], [epoch])
+        return bytes(held) if held is not None else None
 
     async def put_bundle(self, name: str, bundle: bytes, onetime: list[bytes], replace: bool) -> None:
         keys = [key(name, "bundle"), key(name, "otpk")]

@@ -5,7 +5,10 @@ challenge) → WELCOME, the CRL feed, then stored envelopes; afterwards frames f
 are dispatched one at a time. Everything else the relay says to a node (its mail, the answers
 to its frames, the CRL feed) is queued for it and written by one writer task per node, so a
 slow node never stalls anyone else. A malformed, oversized or unknown frame gets an ERROR
-frame and a close; everyone else is served on.
+frame and a close; everyone else is served on. A DELIVER the node has not acknowledged within
+`resend_after` seconds while it acknowledges later ones (or none at all), or at once when it has
+acknowledged RESEND_GAP sent after it, is sent again on the same connection (the node handles
+deliveries in order, so a gap is a loss; the node recognises a duplicate by its msg_id).
 
 The relay is untrusted by design: it sees names, sizes and timing, never a key or a plaintext.
 """
@@ -16,6 +19,7 @@ import asyncio
 import collections
 import contextlib
 import functools
+import heapq
 import logging
 import os
 import ssl
@@ -86,6 +90,16 @@ STOP_GRACE = 5.0
 #: Seconds between heartbeats: the store is asked whether it answers (/healthz), and the relay
 #: announces itself to the cluster.
 HEARTBEAT_INTERVAL = 5.0
+#: Seconds a DELIVER waits for its ACK before it is sent again on the live connection (by default).
+RESEND_AFTER = 3.0
+#: A DELIVER sent again waits twice as long each time, up to this many times `resend_after`.
+RESEND_BACKOFF_MAX = 8
+#: DELIVERs sent again in one go (the rest on the writer's next turn).
+RESEND_BATCH = 256
+#: A DELIVER is sent again at once when this many sent after it were acknowledged: the receiver's
+#: ratchet keeps the keys of a gap only a few chains long (protocol/ratchet.py MAX_OLD_CHAINS), so
+#: a loss is mended within a few messages, not seconds.
+RESEND_GAP = 8
 
 
 def _utcnow() -> datetime:
@@ -114,6 +128,10 @@ class RelayConfig:
     #: mailbox acknowledges as fast as it is delivered to, and must never be cut off for it.
     ack_rate: float = 10_000.0
     ack_burst: float = 20_000.0
+    #: Seconds a DELIVER waits for its ACK before it is sent again on the live connection (a DELIVER
+    #: lost on the way must not wait for the next connection: by then the receiver's ratchet may
+    #: have moved too far past it).
+    resend_after: float = RESEND_AFTER
     auth_timeout: float = 10.0
     limits: Limits = field(default_factory=Limits)
     #: The node name allowed to publish CRLs (the CA node).
@@ -155,6 +173,18 @@ class _Fatal(Exception):
         self.close = close
 
 
+@dataclass(slots=True)
+class _InFlight:
+    """A DELIVER sent and not yet acknowledged."""
+
+    seq: int
+    #: Its place among everything sent on this connection (a later one acknowledged first means
+    #: this one was probably lost).
+    push: int
+    #: How many times it was sent.
+    sends: int = 1
+
+
 @dataclass(eq=False)
 class _Peer:
     name: str
@@ -163,6 +193,8 @@ class _Peer:
     serial: int
     #: Its identity key (raw public bytes): another one than last time drops its one-time prekeys.
     identity: bytes
+    #: The signed rollback epoch its AUTH carried (opaque), kept to be echoed at its next login.
+    epoch: bytes | None
     ws: ServerConnection
     bucket: TokenBucket
     #: The separate budget of its ACKs and feed frames.
@@ -193,6 +225,17 @@ class _Peer:
     failure: BaseException | None = None
     #: A CRL just published revokes it: nothing more is read from it, and it is closed.
     revoked: bool = False
+    #: DELIVERs sent and not acknowledged, by msg_id, in the order they were sent.
+    inflight: dict[bytes, _InFlight] = field(default_factory=dict)
+    #: Some DELIVER is RESEND_GAP behind the latest acknowledged: the writer sends it again.
+    gap: bool = False
+    #: When each is due to be sent again: (loop time, push, msg_id); stale entries are skipped.
+    resends: list[tuple[float, int, bytes]] = field(default_factory=list)
+    #: DELIVERs sent on this connection so far, and the place of the latest one acknowledged.
+    pushes: int = 0
+    acked_push: int = 0
+    #: When the node last acknowledged something (loop time; its connection time before that).
+    last_ack: float = 0.0
 
 
 class _Metrics:
@@ -204,6 +247,11 @@ class _Metrics:
         self.refused = Counter("kmsnet_relay_refused_total", "Frames or connections refused", ["reason"], registry=r)
         self.stored = Counter("kmsnet_relay_envelopes_stored_total", "Envelopes stored durably", registry=r)
         self.delivered = Counter("kmsnet_relay_envelopes_delivered_total", "Envelopes pushed to nodes", registry=r)
+        self.resent = Counter(
+            "kmsnet_relay_envelopes_resent_total",
+            "Envelopes pushed again on a live connection for want of an ACK",
+            registry=r,
+        )
         self.acked = Counter("kmsnet_relay_envelopes_acked_total", "Envelopes acknowledged and deleted", registry=r)
         self.store_up = Gauge("kmsnet_relay_store_up", "1 while the store answers (Redis reachable)", registry=r)
         self.write_refused = Counter(
@@ -393,7 +441,12 @@ class Relay:
             if self.bus.newest(peer.name) > peer.generation:
                 return  # a newer connection of this node came up elsewhere meanwhile
             await self._note_identity(peer)
-            welcome = Welcome(peer.name, await self.store.waiting(peer.name), await self.store.onetime_left(peer.name))
+            welcome = Welcome(
+                peer.name,
+                await self.store.waiting(peer.name),
+                await self.store.onetime_left(peer.name),
+                await self._swap_epoch(peer),
+            )
             await ws.send(wire.encode_link(welcome))
             peer.writer = asyncio.create_task(self._writer(peer), name=f"relay-writer-{peer.name}")
             async for raw in ws:
@@ -437,6 +490,15 @@ class Relay:
         if dropped:
             log.info("onetime_dropped", extra={"fields": {"node": peer.name, "reason": "identity key changed"}})
 
+    async def _swap_epoch(self, peer: _Peer) -> bytes | None:
+        """The signed epoch the node gave at its previous login (for WELCOME), this login's kept instead.
+        The relay only keeps and echoes it: the node verifies its own signature (PROTOCOL.md §16.3)."""
+        try:
+            return await self.store.swap_epoch(peer.name, peer.epoch)
+        except StoreWriteRefused as exc:
+            self._write_refused("epoch", exc)
+            return None
+
     async def _room(self, peer: _Peer) -> None:
         """Wait until the node has read enough of what is queued for it: a node that does not read
         is not read either, and its answers never pile up."""
@@ -472,9 +534,11 @@ class Relay:
             frame.certificate,
             cert.serial,
             cert.public_key.public_bytes_raw(),
+            frame.epoch,
             ws,
             TokenBucket(self.config.rate, self.config.burst),
             TokenBucket(self.config.ack_rate, self.config.ack_burst),
+            last_ack=asyncio.get_running_loop().time(),
         )
 
     def _refuse_if_revoked(self, name: str, serial: int, now: datetime) -> None:
@@ -630,6 +694,14 @@ class Relay:
             self._queue(peer, Accepted(msg_id))
 
     def _on_ack(self, peer: _Peer, ack: Ack) -> None:
+        sent = peer.inflight.pop(ack.msg_id, None)
+        if sent is not None:
+            peer.acked_push = max(peer.acked_push, sent.push)
+            oldest = next(iter(peer.inflight.values()), None)
+            if oldest is not None and oldest.push + RESEND_GAP <= peer.acked_push and not peer.gap:
+                peer.gap = True
+                peer.wake.set()
+        peer.last_ack = asyncio.get_running_loop().time()
         deleted = self.store.delete_nowait(peer.name, ack.msg_id)
         peer.commits.add(deleted)
         deleted.add_done_callback(functools.partial(self._deleted, peer))
@@ -772,9 +844,13 @@ class Relay:
                     await self._send_queued(peer)
                 elif peer.closing:
                     return
+                elif peer.gap or self._resend_wait(peer) == 0:
+                    await self._resend(peer)
                 else:
                     peer.wake.clear()
-                    await peer.wake.wait()
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(self._resend_wait(peer)):
+                            await peer.wake.wait()
         except ConnectionClosed:
             pass
         except StoreUnavailable as exc:
@@ -843,10 +919,71 @@ class Relay:
         if envelope.seq <= peer.cursor:
             return 0  # read from the store already
         peer.cursor = envelope.seq
+        return await self._push(peer, envelope, frames, _InFlight(envelope.seq, 0))
+
+    async def _push(self, peer: _Peer, envelope: Envelope, frames: list[bytes], sent: _InFlight) -> int:
+        """Add the DELIVER frames of `envelope` to `frames`, and expect its ACK within the bound."""
         frame = Deliver(envelope.msg_id, envelope.sender, envelope.payload, envelope.stored_at)
         items = await self.interceptor.on_deliver(peer.name, frame)
         frames.extend(wire.encode_link(item) for item in items)
+        peer.pushes += 1
+        sent.push = peer.pushes
+        peer.inflight.pop(envelope.msg_id, None)  # sent again: it goes last
+        peer.inflight[envelope.msg_id] = sent
+        wait = self.config.resend_after * min(2 ** (sent.sends - 1), RESEND_BACKOFF_MAX)
+        heapq.heappush(peer.resends, (asyncio.get_running_loop().time() + wait, sent.push, envelope.msg_id))
         return len(items)
+
+    def _resend_wait(self, peer: _Peer) -> float | None:
+        """Seconds until a DELIVER may be due again (0: now), None if none is awaited."""
+        while peer.resends:
+            due, push, msg_id = peer.resends[0]
+            sent = peer.inflight.get(msg_id)
+            if sent is None or sent.push != push:
+                heapq.heappop(peer.resends)  # acknowledged, or sent again since
+                continue
+            return max(0.0, due - asyncio.get_running_loop().time())
+        return None
+
+    async def _resend(self, peer: _Peer) -> None:
+        """Send again the DELIVERs that look lost: RESEND_GAP sent after them were acknowledged, or
+        they are due and the node acknowledged something sent after them, or nothing at all for
+        `resend_after` (a node busy with older ones is left to catch up)."""
+        peer.gap = False
+        now = asyncio.get_running_loop().time()
+        silent = now - peer.last_ack >= self.config.resend_after
+        lost: dict[bytes, _InFlight] = {}
+        for msg_id, oldest in peer.inflight.items():  # oldest first: the gap is at the front
+            if oldest.push + RESEND_GAP > peer.acked_push or len(lost) == RESEND_BATCH:
+                peer.gap = len(lost) == RESEND_BATCH  # more of the gap on the next turn
+                break
+            lost[msg_id] = oldest
+        while peer.resends and peer.resends[0][0] <= now and len(lost) < RESEND_BATCH:
+            _, push, msg_id = heapq.heappop(peer.resends)
+            sent = peer.inflight.get(msg_id)
+            if sent is None or sent.push != push:
+                continue  # acknowledged, or sent again since
+            if not silent and peer.acked_push < push:
+                # Nothing sent after it was acknowledged yet: not a sign of loss. Looked at again later.
+                heapq.heappush(peer.resends, (now + self.config.resend_after, push, msg_id))
+                continue
+            lost[msg_id] = sent
+        frames: list[bytes] = []
+        resent = 0
+        if lost:
+            # An envelope pushed from memory may still be on its way into the store: committed
+            # first, so that one missing from the store below was really acknowledged (or expired).
+            await self.store.flush()
+        for msg_id, sent in lost.items():
+            found = await self.store.pending(peer.name, sent.seq - 1, 1)
+            if not found or found[0].seq != sent.seq:
+                del peer.inflight[msg_id]  # acknowledged meanwhile, or expired
+                continue
+            resent += await self._push(peer, found[0], frames, _InFlight(sent.seq, 0, sent.sends + 1))
+        if frames:
+            await self._flush(peer, frames)
+            self.metrics.resent.inc(resent)
+            log.info("envelopes_resent", extra={"fields": {"node": peer.name, "count": resent}})
 
     async def _flush(self, peer: _Peer, frames: list[bytes]) -> None:
         """Write `frames` to the node, in order, as few WebSocket messages as the BATCH limits allow:

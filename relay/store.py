@@ -124,6 +124,11 @@ class Store(ABC):
         that happened."""
 
     @abstractmethod
+    async def swap_epoch(self, name: str, epoch: bytes | None) -> bytes | None:
+        """The signed rollback epoch `name` gave at its previous login (opaque), replaced by `epoch`
+        (kept as it is when None)."""
+
+    @abstractmethod
     async def take_bundle(self, name: str) -> tuple[bytes, bytes | None, int] | None:
         """The bundle of `name`, one one-time prekey (removed as it is handed out), and how many are left."""
 
@@ -170,6 +175,7 @@ CREATE TABLE IF NOT EXISTS onetime (
 );
 CREATE INDEX IF NOT EXISTS onetime_by_name ON onetime (name, seq);
 CREATE TABLE IF NOT EXISTS identities (name TEXT PRIMARY KEY, identity BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS epochs (name TEXT PRIMARY KEY, epoch BLOB NOT NULL);
 CREATE TABLE IF NOT EXISTS crl (id INTEGER PRIMARY KEY CHECK (id = 1), number TEXT NOT NULL, der BLOB NOT NULL);
 """
 
@@ -392,6 +398,16 @@ class SqliteStore(Store):
 
         changed: bool = await self._write(op)
         return changed
+
+    async def swap_epoch(self, name: str, epoch: bytes | None) -> bytes | None:
+        def op(db: sqlite3.Connection) -> bytes | None:
+            row = db.execute("SELECT epoch FROM epochs WHERE name = ?", (name,)).fetchone()
+            if epoch is not None:
+                db.execute("INSERT OR REPLACE INTO epochs (name, epoch) VALUES (?, ?)", (name, epoch))
+            return bytes(row[0]) if row is not None else None
+
+        held: bytes | None = await self._write(op)
+        return held
 
     async def take_bundle(self, name: str) -> tuple[bytes, bytes | None, int] | None:
         def op(db: sqlite3.Connection) -> tuple[bytes, bytes | None, int] | None:

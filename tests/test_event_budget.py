@@ -5,15 +5,19 @@ at most MAX_STORED_EVENTS of them. The CPU side is measured in bench/, not timed
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import os
 from datetime import timedelta
 
 from conftest import ALICE, BOB, CA, NOW
-from lab import make_node, publish_crl, raw_client, recv_frame, relay_config, running
+from lab import make_node, next_message, publish_crl, raw_client, recv_frame, relay_config, running
 
 from node.eventbudget import BURST, QUARANTINE, REFUSALS, WINDOW, EventBudget, RefusalBudget
 from node.events import SecurityEvent
+from node.layout import NS_INBOX, NS_SEEN
 from protocol import wire
 from protocol.link import Accepted, Batch, Send
+from protocol.ratchet import MAX_SKIP
 from relay.server import Relay
 
 FORGED = 2000
@@ -66,3 +70,37 @@ async def test_a_flood_of_forged_frames_costs_a_bounded_number_of_records() -> N
             assert len(records) <= BURST + 1
             assert alice.refusal_budget.dropped == FORGED - REFUSALS - 1
             assert alice.event_budget.left_out == REFUSALS + 1 - (len(records) - 1)
+
+
+async def test_a_flood_of_forged_messages_under_a_real_session_costs_a_bounded_number_of_records() -> None:
+    """The dear kind of forged frame: under bob's real session with alice, a message number far
+    ahead (skipped keys derived before the tag check) and random ciphertext. Past REFUSALS a window
+    they are dropped unread; the records they add stay a handful, however many come."""
+    flood = 1000
+    async with Relay(relay_config(CA, rate=100_000, burst=100_000)) as relay:
+        await publish_crl(relay, CA, CA.crl())
+        alice, bob_node = make_node(CA, ALICE, relay.url, inbox=True), make_node(CA, BOB, relay.url)
+        async with running(alice, bob_node):
+            await bob_node.send("alice", "a real session first")
+            assert (await next_message(alice)).text == "a real session first"
+            session = bob_node._session("alice")
+            assert session is not None
+            real = session.encrypt_message(b"never sent")
+            ahead = dataclasses.replace(real, n=real.n + MAX_SKIP - 100)
+            payloads = [wire.encode(dataclasses.replace(ahead, ciphertext=os.urandom(32))) for _ in range(flood)]
+        alice.take_inbox()
+        before = len(alice.keystore.names(NS_INBOX)) + len(alice.keystore.names(NS_SEEN))
+        async with running(alice):
+            bob, _ = await raw_client(relay, BOB)
+            async with bob:
+                for start in range(0, flood, 200):
+                    frames = [wire.encode_link(Send(os.urandom(16), "alice", p)) for p in payloads[start : start + 200]]
+                    await bob.send(wire.encode_link(Batch(frames)))
+                async with asyncio.timeout(60):
+                    while alice._handled < flood:
+                        await asyncio.sleep(0.05)
+            added = len(alice.keystore.names(NS_INBOX)) + len(alice.keystore.names(NS_SEEN)) - before
+            events = [item["event"] for item in alice.take_inbox() if item["type"] == "event"]
+        assert events.count("peer_flooding") == 1
+        assert added == len(events) <= 2 * BURST + 2  # a few refusals, a restarted handshake, the notice
+        assert alice.refusal_budget.dropped == flood - REFUSALS - 1

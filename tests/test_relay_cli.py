@@ -28,14 +28,15 @@ def test_rate_and_burst_reach_the_relay(ca_pem: Path, monkeypatch: pytest.Monkey
         seen.append(config)
 
     monkeypatch.setattr(relay_cli, "_serve", serve)
-    result = CliRunner().invoke(cli, ["relay", "--ca-cert", str(ca_pem), "--rate", "50", "--burst", "7"])
+    args = ["relay", "--ca-cert", str(ca_pem), "--rate", "50", "--burst", "7", "--resend-after", "1.5"]
+    result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
-    assert (seen[0].rate, seen[0].burst) == (50.0, 7)
+    assert (seen[0].rate, seen[0].burst, seen[0].resend_after) == (50.0, 7, 1.5)
     result = CliRunner().invoke(cli, ["relay", "--ca-cert", str(ca_pem)])
-    assert (seen[1].rate, seen[1].burst) == (1000.0, 2000)
+    assert (seen[1].rate, seen[1].burst, seen[1].resend_after) == (1000.0, 2000, 3.0)
 
 
-@pytest.mark.parametrize("bad", [["--rate", "0"], ["--burst", "0"], ["--rate", "fast"]])
+@pytest.mark.parametrize("bad", [["--rate", "0"], ["--burst", "0"], ["--rate", "fast"], ["--resend-after", "0"]])
 def test_a_bad_rate_or_burst_is_a_usage_error(ca_pem: Path, bad: list[str]) -> None:
     result = CliRunner().invoke(cli, ["relay", "--ca-cert", str(ca_pem), *bad])
     assert result.exit_code == 2

@@ -188,3 +188,12 @@ def test_sequence_numbers_keep_the_stream_order() -> None:
     assert seq_of(b"1700000000000-0") < seq_of("1700000000000-1") < seq_of("1700000000001-0")
     assert stream_id(seq_of("1700000000000-7")) == "1700000000000-7"
     assert repr(Envelope(1, bytes(16), "a", "b", b"x", 0)).startswith("Envelope(#1")
+
+
+async def test_a_signed_epoch_is_kept_per_node_and_the_previous_one_given_back(store: Store) -> None:
+    assert await store.swap_epoch("alice", None) is None
+    assert await store.swap_epoch("alice", b"\x01" * 72) is None
+    assert await store.swap_epoch("bob", b"\x09" * 72) is None  # one per node
+    assert await store.swap_epoch("alice", b"\x02" * 72) == b"\x01" * 72
+    assert await store.swap_epoch("alice", None) == b"\x02" * 72  # None keeps it
+    assert await store.swap_epoch("alice", None) == b"\x02" * 72
