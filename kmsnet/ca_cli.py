@@ -412,7 +412,10 @@ def revoke(
 ) -> None:
     """Revoke node NAME's certificates, or one certificate by --serial (role admin).
 
-    Revokes every unexpired certificate of NAME (renewals overlap) and issues a new CRL at
+    Revokes every certificate issued for NAME's keys that could still back a session: the
+    current one, the ones renewals replaced, and ones expired less than a day ago (a session
+    lasts until its peer certificate's notAfter plus 5 minutes of clock skew; the day covers
+    a slow clock). Each stays on the CRL until a day past its notAfter. A new CRL is issued at
     once; a running `kmsnet ca serve` publishes it to the relay within about a second, and
     the relay pushes it to every node. OCSP answers "revoked" from now on.
     """

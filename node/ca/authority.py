@@ -155,8 +155,10 @@ DEFAULT_TOKEN_TTL = timedelta(hours=1)
 TOKEN_RETENTION = timedelta(days=7)
 #: Hex digits of a secret's digest used as its record name (tokens, sessions).
 _INDEX_LEN = 16
-#: A revoked certificate stays on the CRL until this long after its notAfter. Past notAfter (plus
-#: the verifiers' CLOCK_SKEW) nobody accepts it anyway; the margin covers a verifier's slow clock.
+#: How long past its notAfter a certificate may still back a session somewhere. A node ends the
+#: sessions made under a peer certificate at its notAfter + CLOCK_SKEW, by its own clock (PROTOCOL.md
+#: §10.5); the rest of the margin covers a verifier whose clock runs slow. Until then `revoke NAME`
+#: covers the certificate (expired or not) and the CRL lists it once revoked; never below CLOCK_SKEW.
 CRL_RETENTION = timedelta(days=1)
 
 #: Certificates and CRLs are renewed once this fraction of their lifetime has passed.
@@ -255,6 +257,10 @@ class IssuedCertificate:
         if self.revoked_at is not None:
             return "revoked"
         return "expired" if now >= self.not_after else "valid"
+
+    def may_back_session(self, now: datetime) -> bool:
+        """True until CRL_RETENTION past notAfter: a session made under it may still be alive somewhere."""
+        return now < self.not_after + CRL_RETENTION
 
     def to_record(self) -> bytes:
         """The JSON stored under issued/<serial>."""
@@ -1177,9 +1183,11 @@ class CertificateAuthority:
     ) -> Revocation:
         """Revoke certificates and issue a new CRL at once (persisted: `serve` publishes it). Role admin.
 
-        With `name`, every unexpired, unrevoked certificate of that node (a node holds several
-        while its renewals overlap, all for one key); with `serial`, that one certificate (of
-        `name`, if given too). `reason` is a key of `protocol.revocation.REASONS`. Raises
+        With `name`, every unrevoked node certificate for any key `name` was ever certified with
+        that may still back a session (`IssuedCertificate.may_back_session`: until CRL_RETENTION
+        past its notAfter, so also one that expired a moment ago, or the one a renewal replaced:
+        a peer's session made under it lives until its notAfter + CLOCK_SKEW); with `serial`,
+        that one certificate (of `name`, if given too). `reason` is a key of `protocol.revocation.REASONS`. Raises
         `InvalidRequest` (bad arguments, the CA node's own certificate) or `CertificateNotFound`.
         """
         actor = self._authorize(session, "revoke").admin
@@ -1200,13 +1208,17 @@ class CertificateAuthority:
                     raise CertificateNotFound(f"certificate {serial:x} is revoked already")
                 targets = [record]
             else:
+                nodes = [r for r in self._issued_records() if r.kind == "node"]
+                keys = {r.public_key() for r in nodes if r.name == name}
                 targets = [
                     r
-                    for r in self._issued_records()
-                    if r.kind == "node" and r.name == name and r.status(now) == "valid"
+                    for r in nodes
+                    if r.revoked_at is None and r.may_back_session(now) and (r.name == name or r.public_key() in keys)
                 ]
                 if not targets:
-                    raise CertificateNotFound(f"{name!r} holds no valid certificate to revoke")
+                    raise CertificateNotFound(
+                        f"{name!r} holds no valid certificate to revoke: none could still back a session"
+                    )
             if any(r.kind == "node" and r.name == CA_NODE_NAME for r in targets):
                 raise InvalidRequest(f"{CA_NODE_NAME!r} is the CA's own node: it is not revoked this way")
             revoked = tuple(replace(r, revoked_at=now, reason=reason) for r in targets)
@@ -1246,7 +1258,8 @@ class CertificateAuthority:
     def _issue_crl(self, now: datetime) -> tuple[bytes, int]:
         """Issue, persist, audit and return the next CRL and its number (inside the caller's transaction).
 
-        It lists every revoked certificate until CRL_RETENTION past its notAfter. The number is
+        It lists every revoked certificate while it may back a session (until CRL_RETENTION past
+        its notAfter, `IssuedCertificate.may_back_session`). The number is
         persisted with the CRL, so it only ever rises.
         """
         raw_number = self._ks.get(NS_CA, "crl_number")
@@ -1257,7 +1270,7 @@ class CertificateAuthority:
         revoked = [
             RevokedEntry(r.serial, r.revoked_at, r.reason or "unspecified")
             for r in self._issued_records()
-            if r.revoked_at is not None and now < r.not_after + CRL_RETENTION
+            if r.revoked_at is not None and r.may_back_session(now)
         ]
         next_update = now + self.policy.crl_lifetime
         der = issue_crl(
