@@ -338,6 +338,8 @@ class _TokenRecord:
     created: datetime
     expires: datetime
     used: datetime | None = None
+    #: The certificate the token enrolled (a retry by the same key gets it again).
+    serial: int | None = None
 
     def to_record(self) -> bytes:
         return _dump(
@@ -347,6 +349,7 @@ class _TokenRecord:
                 "created": self.created.isoformat(),
                 "expires": self.expires.isoformat(),
                 "used": None if self.used is None else self.used.isoformat(),
+                "serial": self.serial,
             }
         )
 
@@ -360,6 +363,7 @@ class _TokenRecord:
                 created=datetime.fromisoformat(raw["created"]),
                 expires=datetime.fromisoformat(raw["expires"]),
                 used=None if raw["used"] is None else datetime.fromisoformat(raw["used"]),
+                serial=None if raw.get("serial") is None else int(raw["serial"]),
             )
         except (ValueError, KeyError, TypeError) as exc:
             raise KeystoreCorrupt("an enrolment-token record does not parse") from exc
@@ -936,11 +940,17 @@ class CertificateAuthority:
     def enrol(self, token: str, csr_pem: str | bytes) -> bytes:
         """Enrol a node: check `token` and the CSR, consume the token, issue and record a certificate.
 
-        Checks, in this order: the token exists (`TokenUnknown`), is unused (`TokenUsed`) and not
-        expired (`TokenExpired`); the CSR parses (`EnrolmentError`), its self-signature verifies
-        (`CsrSignatureInvalid`), its key is Ed25519 and its subject one valid node name
-        (`EnrolmentError`), the name is the token's (`TokenNameMismatch`). Any refusal leaves the
-        token as it was. Returns the certificate (PEM), valid for `policy.certificate_validity`.
+        Checks, in this order: the token exists (`TokenUnknown`), is unused (`TokenUsed`, but see
+        below) and not expired (`TokenExpired`); the CSR parses (`EnrolmentError`), its
+        self-signature verifies (`CsrSignatureInvalid`), its key is Ed25519 and its subject one
+        valid node name (`EnrolmentError`), the name is the token's (`TokenNameMismatch`). Any
+        refusal leaves the token as it was. Returns the certificate (PEM), valid for
+        `policy.certificate_validity`.
+
+        Enrolment is idempotent for the key that redeemed the token: within the token's lifetime, a
+        retry with a CSR for the same name and key, signed by that key, gets the same certificate
+        back (the node lost the answer, or could not store it); any other key gets `TokenUsed`, and
+        so does a retry once the token expired or its certificate was revoked.
         """
         now = self.clock()
         name = "?"
@@ -949,19 +959,40 @@ class CertificateAuthority:
                 index, record = self._find_token(token)
                 name = record.name
                 if record.used is not None:
-                    raise TokenUsed(f"this enrolment token for {name!r} was used already")
+                    pem = self._enrolled_again(record, csr_pem, now)
+                    log.info(
+                        "node_enrolled_again",
+                        extra={"fields": {"node": name, "serial": _serial_name(record.serial or 0)}},
+                    )
+                    return pem
                 if now >= record.expires:
                     raise TokenExpired(f"this enrolment token for {name!r} expired at {record.expires.isoformat()}")
                 asked, public_key = _csr_subject(csr_pem)
                 if asked != name:
                     raise TokenNameMismatch(f"the token is for {name!r}, the CSR asks for {asked!r}")
-                self._ks.put(NS_TOKEN, index, replace(record, used=now).to_record())
-                cert = self._issue_node(name, public_key, now, via="enrolment")
+                serial = self._new_serial()
+                self._ks.put(NS_TOKEN, index, replace(record, used=now, serial=serial).to_record())
+                cert = self._issue_node(name, public_key, now, via="enrolment", serial=serial)
         except EnrolmentError as exc:
             log.info("enrolment_refused", extra={"fields": {"node": name, "reason": code_of(exc)}})
             raise
         log.info("node_enrolled", extra={"fields": {"node": name, "serial": _serial_name(cert.serial_number)}})
         return certs.certificate_pem(cert)
+
+    def _enrolled_again(self, record: _TokenRecord, csr_pem: str | bytes, now: datetime) -> bytes:
+        """The certificate a used token enrolled, for a retry by the same key within the token's lifetime
+        (inside `enrol`'s transaction); `TokenUsed` for anyone else."""
+        used = f"this enrolment token for {record.name!r} was used already"
+        issued = None if record.serial is None else self._issued(record.serial)
+        if issued is None or now >= record.expires:
+            raise TokenUsed(used)
+        asked, public_key = _csr_subject(csr_pem)  # the signature proves the requester holds the key
+        if asked != record.name or public_key.public_bytes_raw() != issued.public_key():
+            raise TokenUsed(f"{used}, by another key")
+        if issued.revoked_at is not None:
+            raise TokenUsed(f"{used}, and its certificate {issued.serial:x} is revoked")
+        self._audit(record.name, "enrolment_repeated", serial=_serial_name(issued.serial))
+        return issued.pem
 
     def renew(self, certificate_pem: str | bytes, csr_pem: str | bytes) -> bytes:
         """Renew a node certificate for the same name and key; return the new certificate (PEM).
@@ -1051,16 +1082,23 @@ class CertificateAuthority:
         )
 
     def _issue_node(
-        self, name: str, public_key: Ed25519PublicKey, now: datetime, *, via: str, renews: int | None = None
+        self,
+        name: str,
+        public_key: Ed25519PublicKey,
+        now: datetime,
+        *,
+        via: str,
+        renews: int | None = None,
+        serial: int | None = None,
     ) -> x509.Certificate:
-        """Issue and record a node certificate (inside the caller's transaction)."""
+        """Issue and record a node certificate (inside the caller's transaction), with `serial` if given."""
         not_before, not_after = self._window(now, self.policy.certificate_validity)
         cert = certs.issue(
             ca_key=self._root_key,
             ca_cert=self.root,
             subject_name=name,
             public_key=public_key,
-            serial=self._new_serial(),
+            serial=serial if serial is not None else self._new_serial(),
             not_before=not_before,
             not_after=not_after,
         )

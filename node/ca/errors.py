@@ -85,6 +85,11 @@ class CertificateRefused(CaError, TrustError):
     """The certificate or root the CA returned does not verify, or is not for our name or key."""
 
 
+class EnrolmentUnfinished(CaError, Unavailable):
+    """The CA may have certified the node's key, but its answer was lost or could not be stored: the
+    prepared keystore is kept in the home, and the same enrolment again finishes it (same certificate)."""
+
+
 class AlreadyEnrolled(CaError):
     """The node home holds a keystore already: enrolment never overwrites one."""
 
