@@ -1,6 +1,6 @@
 """`kmsnet ca ...`: create and run the certificate authority, and administer it.
 
-Parsing and printing only: every decision is node.ca's (docs/CA.md).
+Parsing and printing only: every decision is the CA package's (ca/, docs/CA.md).
 
 Admin actions (token, revoke, list, audit, admin, relay-cert) run in an admin session: the one
 `kmsnet ca login` opened (15 minutes), or a one-shot session opened with `--otp CODE` (or
@@ -21,6 +21,19 @@ from typing import Any, TypeVar
 
 import click
 
+from ca import DEFAULT_PORT, AdminSession, CertificateAuthority
+from ca import serve as serve_ca
+from ca.admin import ROLES
+from ca.authority import (
+    CA_PEM,
+    DEFAULT_TOKEN_TTL,
+    FIRST_ADMIN,
+    CaPolicy,
+    IssuedCertificate,
+    require_ca,
+    require_no_ca,
+    write_new_files,
+)
 from kmsnet import logs
 from kmsnet.exits import BAD_INPUT, EPILOG, USAGE, CliFailure
 from kmsnet.options import (
@@ -35,19 +48,6 @@ from kmsnet.options import (
 )
 from kmsnet.passphrases import CA_ROOT
 from kmsnet.pkcs11_options import PKCS11_ENVIRONMENT_HELP, PinSource, token_options
-from node.ca import DEFAULT_PORT, AdminSession, CertificateAuthority
-from node.ca import serve as serve_ca
-from node.ca.admin import ROLES
-from node.ca.authority import (
-    CA_PEM,
-    DEFAULT_TOKEN_TTL,
-    FIRST_ADMIN,
-    CaPolicy,
-    IssuedCertificate,
-    require_ca,
-    require_no_ca,
-    write_new_files,
-)
 from node.pkcs11 import TokenSlot
 from protocol import certs
 from protocol.revocation import REASONS

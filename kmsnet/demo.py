@@ -37,8 +37,8 @@ from typing import Any, TypeVar
 
 import click
 
+from ca.admin import code_at, secret_from_uri
 from kmsnet.exits import BAD_INPUT, TRUST, UNREACHABLE
-from node.ca.admin import code_at, secret_from_uri
 
 T = TypeVar("T")
 R = TypeVar("R")

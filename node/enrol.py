@@ -1,4 +1,4 @@
-"""Enrolment, renewal and re-keying: a node's dealings with the CA's HTTP API (`node.ca.http`).
+"""Enrolment, renewal and re-keying: a node's dealings with the CA's HTTP API (`ca.http`).
 
 `enrol_node` fetches the CA root, checks its SHA-256 fingerprint when the user gave one, makes a
 fresh Ed25519 identity key and prepares the node's keystore with it in the home (STAGING_FILE),
@@ -59,8 +59,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from node.ca.authority import RENEW_FRACTION, remove_database, utcnow
-from node.ca.errors import (
+from ca.authority import RENEW_FRACTION, remove_database, utcnow
+from ca.errors import (
     AlreadyEnrolled,
     CaProtocolError,
     CaUnreachable,

@@ -1,4 +1,4 @@
-"""node/ca: the authority (init, tokens, enrolment, certificates, CRLs), its HTTP API and the CRL feed.
+"""ca/: the authority (init, tokens, enrolment, certificates, CRLs), its HTTP API and the CRL feed.
 
 Administrators, revocation, OCSP, renewal and the audit log have their own modules (test_ca_admin,
 test_ca_revoke, test_renewal); the helpers here (`Clock`, `Admin`, `csr_pem`) serve them too.
@@ -24,11 +24,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from softhsm import SoftHsm
 
-import node.ca.http as ca_http
-from node.ca import AdminSession, CaService, CertificateAuthority, EnrolmentToken
-from node.ca.admin import code_at, secret_from_uri
-from node.ca.authority import CA_DB, CA_PEM, DEFAULT_TOKEN_TTL, FIRST_ADMIN, CaPolicy, utcnow
-from node.ca.errors import (
+import ca.http as ca_http
+from ca import AdminSession, CaService, CertificateAuthority, EnrolmentToken
+from ca.admin import code_at, secret_from_uri
+from ca.authority import CA_DB, CA_PEM, DEFAULT_TOKEN_TTL, FIRST_ADMIN, CaPolicy, utcnow
+from ca.errors import (
     CaError,
     CaExists,
     CaNotFound,
@@ -41,7 +41,7 @@ from node.ca.errors import (
     TokenUnknown,
     TokenUsed,
 )
-from node.ca.http import CaHttpServer, EnrolmentThrottle
+from ca.http import CaHttpServer, EnrolmentThrottle
 from node.errors import TrustError, WrongPassphrase
 from node.keystore import ARGON2_TEST, Keystore
 from node.link import RelayLink, tls_context

@@ -26,11 +26,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from test_ca import csr_pem
 
+from ca import CertificateAuthority
+from ca.admin import code_at, secret_from_uri
 from kmsnet.ca_cli import ca as ca_group
 from kmsnet.node_cli import node as node_group
 from node.audit import AuditLog
-from node.ca import CertificateAuthority
-from node.ca.admin import code_at, secret_from_uri
 from node.enrol import STAGING_FILE
 from node.keystore import Keystore
 from node.node import Node

@@ -1,4 +1,4 @@
-"""node/ca revocation: `revoke`, the CRL it issues at once, OCSP over HTTP (RFC 6960), and a revocation made
+"""ca/ revocation: `revoke`, the CRL it issues at once, OCSP over HTTP (RFC 6960), and a revocation made
 by `kmsnet ca revoke` in one process reaching the nodes through `kmsnet ca serve` in another."""
 
 # The fixtures shared with test_ca are imported, and pytest passes them back as same-named parameters.
@@ -41,9 +41,9 @@ from test_ca import (  # noqa: F401 - shared fixtures
     root_in,
 )
 
-from node.ca import CaService, CertificateAuthority
-from node.ca.authority import CRL_RETENTION, CaPolicy
-from node.ca.errors import CertificateNotFound, InvalidRequest
+from ca import CaService, CertificateAuthority
+from ca.authority import CRL_RETENTION, CaPolicy
+from ca.errors import CertificateNotFound, InvalidRequest
 from node.link import RelayLink
 from protocol import certs
 from protocol.certs import CLOCK_SKEW

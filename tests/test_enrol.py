@@ -21,10 +21,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 from test_ca import Admin
 
-from node.ca import CertificateAuthority
-from node.ca.admin import secret_from_uri
-from node.ca.authority import utcnow
-from node.ca.errors import (
+from ca import CertificateAuthority
+from ca.admin import secret_from_uri
+from ca.authority import utcnow
+from ca.errors import (
     AlreadyEnrolled,
     CaProtocolError,
     CaUnreachable,
@@ -34,7 +34,7 @@ from node.ca.errors import (
     FingerprintMismatch,
     InvalidRequest,
 )
-from node.ca.http import CaHttpServer, Request, Response
+from ca.http import CaHttpServer, Request, Response
 from node.enrol import STAGING_FILE, Enrolment, enrol_node, parse_fingerprint
 from node.errors import KeystoreCorrupt, LinkError, StorageError, TrustError, Unavailable, WrongPassphrase
 from node.keystore import ARGON2_TEST, Keystore

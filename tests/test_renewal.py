@@ -21,8 +21,8 @@ from test_ca import Admin, Clock, admin, authority, clock, csr_pem, home, http, 
 from test_enrol import PASS, RunningCa, enrol
 from test_enrol import ca as running_ca  # noqa: F401 - shared fixture
 
-from node.ca import CaService, CertificateAuthority
-from node.ca.errors import (
+from ca import CaService, CertificateAuthority
+from ca.errors import (
     CaUnreachable,
     CsrSignatureInvalid,
     EnrolmentError,

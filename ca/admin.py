@@ -39,7 +39,7 @@ from urllib.parse import parse_qs, urlsplit
 from cryptography.hazmat.primitives.hashes import SHA1
 from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
-from node.ca.errors import AdminLocked, AuthenticationFailed, InvalidRequest, OtpReplayed
+from ca.errors import AdminLocked, AuthenticationFailed, InvalidRequest, OtpReplayed
 from node.errors import KeystoreCorrupt
 from protocol import certs
 

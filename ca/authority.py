@@ -19,7 +19,7 @@ A CA lives in a home directory:
         ca/crl               the newest CRL (DER)
         ca/cli_session       the secret of the session `kmsnet ca login` opened (UTF-8)
         admin/<name>         one administrator: role, TOTP secret, replay and throttle state
-                             (`node.ca.admin.AdminRecord`)
+                             (`ca.admin.AdminRecord`)
         session/<index>      one admin session, JSON: SHA-256 of its secret, administrator, role,
                              creation and expiry. <index> is the digest's first 16 hex digits
         token/<index>        one enrolment token, JSON: its SHA-256 digest, node name, creation,
@@ -33,7 +33,7 @@ A CA lives in a home directory:
 
 Who may do what: enrolment is authenticated by a one-time token, renewal by the node's current
 key, OCSP and the CRL are public; everything else is an *admin action* and needs an
-`AdminSession` (`login` with a TOTP code, see `node.ca.admin`) whose role allows it.
+`AdminSession` (`login` with a TOTP code, see `ca.admin`) whose role allows it.
 
 Every method reads the time from the injectable `clock`, never from the system directly, so
 tests and the lab can move time. Every change to ca.db happens inside one keystore transaction
@@ -66,7 +66,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import NameOID
 
 from node.audit import AuditEntry, AuditLog, AuditValue
-from node.ca.admin import (
+from ca.admin import (
     PERMISSIONS,
     SESSION_TTL,
     Action,
@@ -79,7 +79,7 @@ from node.ca.admin import (
     check_code,
     new_admin,
 )
-from node.ca.errors import (
+from ca.errors import (
     AdminError,
     AdminExists,
     AdminNotFound,
@@ -728,7 +728,7 @@ class CertificateAuthority:
         With `remember`, the session replaces the one `remembered_session` returns (what
         `kmsnet ca login` does). Raises `AuthenticationFailed` (unknown administrator or wrong
         code), `OtpReplayed` (a code already used) or `AdminLocked` (throttled); every attempt is
-        audited, and a refused one counts toward the lock-out (`node.ca.admin.check_code`).
+        audited, and a refused one counts toward the lock-out (`ca.admin.check_code`).
         """
         now = self.clock()
         known = certs.NODE_NAME_RE.fullmatch(admin) is not None if isinstance(admin, str) else False

@@ -24,9 +24,9 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from node.ca.admin import AdminSession
-from node.ca.admin_api import AdminApi
-from node.ca.authority import (
+from ca.admin import AdminSession
+from ca.admin_api import AdminApi
+from ca.authority import (
     CA_NODE_NAME,
     CaCreated,
     CaPolicy,
@@ -36,7 +36,7 @@ from node.ca.authority import (
     Revocation,
     utcnow,
 )
-from node.ca.http import DEFAULT_PORT, CaHttpServer
+from ca.http import DEFAULT_PORT, CaHttpServer
 from node.errors import RelayUnreachable
 from node.link import RelayLink, check_url
 from node.pkcs11 import Pin

@@ -1,4 +1,4 @@
-"""Errors of the CA role (`node.ca`) and of the enrolment client (`node.enrol`).
+"""Errors of the CA role (`ca`) and of the enrolment client (`node.enrol`).
 
 All are `node.errors.NodeError`s, so the command line maps them like every other node error:
 the `TrustError` ones (a refused token, CSR or renewal, a root whose fingerprint differs, a
@@ -122,7 +122,7 @@ class SessionRequired(AdminError, TrustError):
 
 
 class PermissionDenied(AdminError, TrustError):
-    """The session's role does not allow the action (see `node.ca.admin.PERMISSIONS`)."""
+    """The session's role does not allow the action (see `ca.admin.PERMISSIONS`)."""
 
 
 class AdminExists(AdminError):
