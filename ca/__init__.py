@@ -34,9 +34,9 @@ from ca.authority import (
     EnrolmentToken,
     IssuedCertificate,
     Revocation,
-    utcnow,
 )
 from ca.http import DEFAULT_PORT, CaHttpServer
+from node.clock import utcnow
 from node.errors import RelayUnreachable
 from node.link import RelayLink, check_url
 from node.pkcs11 import Pin

@@ -49,12 +49,11 @@ import hashlib
 import hmac
 import json
 import logging
-import os
 import re
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Literal
 
@@ -65,7 +64,6 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509.oid import NameOID
 
-from node.audit import AuditEntry, AuditLog, AuditValue
 from ca.admin import (
     PERMISSIONS,
     SESSION_TTL,
@@ -100,7 +98,10 @@ from ca.errors import (
     TokenUnknown,
     TokenUsed,
 )
+from node.audit import AuditEntry, AuditLog, AuditValue
+from node.clock import renewal_due, utcnow
 from node.errors import KeystoreCorrupt, code_of
+from node.home import create_keystore, remove_database, write_new_files
 from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
 from node.pkcs11 import Pin, TokenIdentityKey, TokenKeyRef, TokenSession, TokenSlot, environment_pin
 from protocol import certs
@@ -120,12 +121,8 @@ __all__ = [
     "EnrolmentToken",
     "IssuedCertificate",
     "Revocation",
-    "create_keystore",
-    "remove_database",
     "require_ca",
     "require_no_ca",
-    "utcnow",
-    "write_new_files",
 ]
 
 log = logging.getLogger("kmsnet.ca")
@@ -161,9 +158,6 @@ _INDEX_LEN = 16
 #: covers the certificate (expired or not) and the CRL lists it once revoked; never below CLOCK_SKEW.
 CRL_RETENTION = timedelta(days=1)
 
-#: Certificates and CRLs are renewed once this fraction of their lifetime has passed.
-RENEW_FRACTION = 2 / 3
-
 NS_CA = "ca"
 NS_TOKEN = "token"  # noqa: S105 - a keystore namespace, not a secret
 NS_ISSUED = "issued"
@@ -172,11 +166,6 @@ NS_SESSION = "session"
 
 CertificateKind = Literal["node", "server"]
 CertificateStatus = Literal["valid", "revoked", "expired"]
-
-
-def utcnow() -> datetime:
-    """The default clock: the current time in UTC (the only place the CA reads wall time)."""
-    return datetime.now(UTC)
 
 
 _POLICY_FIELDS = ("certificate_validity", "server_validity", "root_validity", "crl_lifetime", "ocsp_validity")
@@ -1355,17 +1344,14 @@ class CertificateAuthority:
 
 def _due(cert: x509.Certificate, now: datetime) -> bool:
     """True once RENEW_FRACTION of `cert`'s validity has passed (or before it starts)."""
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return not start <= now < start + (end - start) * RENEW_FRACTION
+    return renewal_due(cert.not_valid_before_utc, cert.not_valid_after_utc, now)
 
 
 def _crl_due(der: bytes, now: datetime) -> bool:
     crl = x509.load_der_x509_crl(der)
-    start, end = crl.last_update_utc, crl.next_update_utc
-    if end is None:  # never: issue_crl always sets nextUpdate
-        return True
-    # A clock that went back before thisUpdate gets a fresh CRL too: nodes would refuse one from the future.
-    return not start <= now < start + (end - start) * RENEW_FRACTION
+    end = crl.next_update_utc
+    # Never None (issue_crl always sets nextUpdate); a clock set back before thisUpdate gets a fresh CRL.
+    return end is None or renewal_due(crl.last_update_utc, end, now)
 
 
 def require_no_ca(home: Path | str) -> None:
@@ -1379,46 +1365,3 @@ def require_ca(home: Path | str) -> None:
     """Raise `CaNotFound` unless `home` holds a CA's ca.db."""
     if not (Path(home) / CA_DB).exists():
         raise CaNotFound(f"no CA in {home} (run `kmsnet ca init --home {home}` first)")
-
-
-def create_keystore(path: Path, *, passphrase: str, argon2: Argon2Params, fill: Callable[[Keystore], None]) -> None:
-    """Create a keystore at `path` and `fill` it, all at once or not at all.
-
-    It is built under a temporary name and hard-linked into place, so a failure or a crash
-    leaves nothing at `path`, and a file that appeared there meanwhile is kept as it is
-    (`FileExistsError`), never opened or overwritten.
-    """
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.new")
-    try:
-        with Keystore.open(tmp, passphrase=passphrase, create=True, argon2=argon2) as keystore:
-            fill(keystore)
-            keystore.scrub()  # everything into the main file: the link below must carry it all
-        os.link(tmp, path)
-    finally:
-        remove_database(tmp)
-
-
-def remove_database(path: Path) -> None:
-    """Delete an SQLite file and its -wal and -shm side files (missing ones are fine)."""
-    for leftover in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        leftover.unlink(missing_ok=True)
-
-
-def write_new_files(files: Sequence[tuple[Path, bytes, int]]) -> None:
-    """Write `(path, data, mode)` files that must not exist yet, all or none.
-
-    Each is created with O_EXCL, so an existing file is never overwritten (`FileExistsError`);
-    if one write fails, the files written before it are removed.
-    """
-    written: builtins.list[Path] = []
-    try:
-        for path, data, mode in files:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-            written.append(path)
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-    except BaseException:
-        for path in written:
-            path.unlink(missing_ok=True)
-        raise

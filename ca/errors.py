@@ -1,23 +1,45 @@
-"""Errors of the CA role (`ca`) and of the enrolment client (`node.enrol`).
+"""Errors of the certificate authority (`ca`).
 
-All are `node.errors.NodeError`s, so the command line maps them like every other node error:
-the `TrustError` ones (a refused token, CSR or renewal, a root whose fingerprint differs, a
-certificate that does not verify, a wrong or replayed TOTP code, a missing admin session, a role
-that does not allow the action) exit 4, the `Unavailable` ones (the CA cannot be reached or is busy) exit 3,
-the rest (bad input, a CA home in the wrong state) exit 1. The HTTP server maps them too:
-`EnrolmentRefused` and `RenewalRefused` are 403, `EnrolmentError` 400, and the admin API maps
-the `AdminError`s (401 authentication, 403 permission, 429 locked out).
+They extend the node's `node.errors.CaError` family (the enrolment client's errors live there: the
+node never imports the CA), so the command line maps them like every other node error: the
+`TrustError` ones (a refused token, CSR or renewal, a wrong or replayed TOTP code, a missing admin
+session, a role that does not allow the action) exit 4, the `Unavailable` ones exit 3, the rest
+(bad input, a CA home in the wrong state) exit 1. The HTTP server maps them too:
+`EnrolmentRefused` and `RenewalRefused` are 403, `EnrolmentError` 400, and the admin API maps the
+`AdminError`s (401 authentication, 403 permission, 429 locked out).
 
 Messages never contain a token, a key or a passphrase.
 """
 
 from __future__ import annotations
 
-from node.errors import NodeError, TrustError, Unavailable
+from node.errors import CaError, EnrolmentError, EnrolmentRefused, RenewalRefused, TrustError
 
-
-class CaError(NodeError):
-    """Base of every error the CA role and the enrolment client raise on purpose."""
+# What the CA raises from the shared family, for `from ca.errors import ...` in the CA's own modules.
+__all__ = [
+    "AdminError",
+    "AdminExists",
+    "AdminLocked",
+    "AdminNotFound",
+    "AuthenticationFailed",
+    "CaError",
+    "CaExists",
+    "CaNotFound",
+    "CertificateNotFound",
+    "CsrSignatureInvalid",
+    "EnrolmentError",
+    "EnrolmentRefused",
+    "InvalidRequest",
+    "LastAdmin",
+    "OtpReplayed",
+    "PermissionDenied",
+    "RenewalRefused",
+    "SessionRequired",
+    "TokenExpired",
+    "TokenNameMismatch",
+    "TokenUnknown",
+    "TokenUsed",
+]
 
 
 # --- CA state ---------------------------------------------------------------------------------------
@@ -35,15 +57,7 @@ class InvalidRequest(CaError):
     """An argument is malformed: a node name, a token lifetime, a hostname."""
 
 
-# --- enrolment (CA side) ------------------------------------------------------------------------------
-
-
-class EnrolmentError(CaError):
-    """An enrolment request is malformed: a CSR that does not parse, an unsupported key type, a bad name."""
-
-
-class EnrolmentRefused(EnrolmentError, TrustError):
-    """An enrolment was refused as untrusted; the subclasses say why. A refused CSR never consumes the token."""
+# --- enrolment ----------------------------------------------------------------------------------------
 
 
 class TokenUnknown(EnrolmentRefused):
@@ -66,35 +80,7 @@ class CsrSignatureInvalid(EnrolmentRefused):
     """The CSR's self-signature does not verify: its requester does not hold the key it names."""
 
 
-# --- enrolment (client side) --------------------------------------------------------------------------
-
-
-class CaUnreachable(CaError, Unavailable):
-    """The CA cannot be reached (refused, timed out, bad address) or is temporarily refusing us (429, 5xx)."""
-
-
-class CaProtocolError(CaError):
-    """The CA answered something that is not what the enrolment protocol says."""
-
-
-class FingerprintMismatch(CaError, TrustError):
-    """The CA root's SHA-256 fingerprint is not the one the user said to expect."""
-
-
-class CertificateRefused(CaError, TrustError):
-    """The certificate or root the CA returned does not verify, or is not for our name or key."""
-
-
-class EnrolmentUnfinished(CaError, Unavailable):
-    """The CA may have certified the node's key, but its answer was lost or could not be stored: the
-    prepared keystore is kept in the home, and the same enrolment again finishes it (same certificate)."""
-
-
-class AlreadyEnrolled(CaError):
-    """The node home holds a keystore already: enrolment never overwrites one."""
-
-
-# --- administrators (CA side) ---------------------------------------------------------------------------
+# --- administrators ---------------------------------------------------------------------------
 
 
 class AdminError(CaError):
@@ -137,12 +123,8 @@ class LastAdmin(AdminError):
     """Removing this administrator would leave no one with the admin role."""
 
 
-# --- revocation and renewal (CA side) -------------------------------------------------------------------
+# --- revocation -------------------------------------------------------------------
 
 
 class CertificateNotFound(CaError):
     """No certificate (still valid and unrevoked, where that matters) matches the name or serial given."""
-
-
-class RenewalRefused(CaError, TrustError):
-    """A renewal was refused: the certificate is not ours, revoked, expired, or the CSR is not for its key."""

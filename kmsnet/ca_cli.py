@@ -32,7 +32,6 @@ from ca.authority import (
     IssuedCertificate,
     require_ca,
     require_no_ca,
-    write_new_files,
 )
 from kmsnet import logs
 from kmsnet.exits import BAD_INPUT, EPILOG, USAGE, CliFailure
@@ -48,6 +47,7 @@ from kmsnet.options import (
 )
 from kmsnet.passphrases import CA_ROOT
 from kmsnet.pkcs11_options import PKCS11_ENVIRONMENT_HELP, PinSource, token_options
+from node.home import write_new_files
 from node.pkcs11 import TokenSlot
 from protocol import certs
 from protocol.revocation import REASONS

@@ -1,4 +1,4 @@
-"""Enrolment, renewal and re-keying: a node's dealings with the CA's HTTP API (`ca.http`).
+"""Enrolment, renewal and re-keying: a node's dealings with the CA's HTTP API (the CA's `ca.http`).
 
 `enrol_node` fetches the CA root, checks its SHA-256 fingerprint when the user gave one, makes a
 fresh Ed25519 identity key and prepares the node's keystore with it in the home (STAGING_FILE),
@@ -59,20 +59,26 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from ca.authority import RENEW_FRACTION, remove_database, utcnow
-from ca.errors import (
+from node.clock import renewal_time as _renewal_time
+from node.clock import utcnow
+from node.errors import (
     AlreadyEnrolled,
     CaProtocolError,
     CaUnreachable,
     CertificateRefused,
     EnrolmentError,
+    EnrolmentInputError,
     EnrolmentRefused,
     EnrolmentUnfinished,
     FingerprintMismatch,
-    InvalidRequest,
+    KeystoreCorrupt,
+    NodeError,
     RenewalRefused,
+    StorageError,
+    WrongPassphrase,
+    network_words,
 )
-from node.errors import KeystoreCorrupt, NodeError, StorageError, WrongPassphrase, network_words
+from node.home import remove_database
 from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
 from node.kms import KEYSTORE_FILE
 from node.layout import NS_NODE, NS_SESSION
@@ -140,10 +146,10 @@ class Renewal:
 
 
 def parse_fingerprint(text: str) -> bytes:
-    """A SHA-256 fingerprint from hex, with or without ':' or spaces, any case; `InvalidRequest` otherwise."""
+    """A SHA-256 fingerprint from hex, with or without ':' or spaces, any case; `EnrolmentInputError` otherwise."""
     cleaned = re.sub(r"[\s:]", "", text).lower().removeprefix("sha256")
     if _HEX64.fullmatch(cleaned) is None:
-        raise InvalidRequest("a CA fingerprint is the SHA-256 of the root certificate: 64 hex digits")
+        raise EnrolmentInputError("a CA fingerprint is the SHA-256 of the root certificate: 64 hex digits")
     return bytes.fromhex(cleaned)
 
 
@@ -225,7 +231,7 @@ def enrol_node(
     keystore is kept and `EnrolmentUnfinished` raised: the same call again (same token and
     passphrase) reuses that key, and the CA answers it with the same certificate.
 
-    Raises, with nothing written: `InvalidRequest` (bad name, CA URL or fingerprint), `LinkError`
+    Raises, with nothing written: `EnrolmentInputError` (bad name, CA URL or fingerprint), `LinkError`
     (bad relay URL), `AlreadyEnrolled` (the keystore holds a node already), `CaUnreachable` (no answer, or the
     CA is throttling us), `CaProtocolError` (an answer outside the protocol), `FingerprintMismatch`
     (the root is not the one `ca_fingerprint` names), `EnrolmentRefused` (the CA refused the
@@ -237,10 +243,10 @@ def enrol_node(
     try:
         certs.validate_node_name(name)
     except LocalError as exc:
-        raise InvalidRequest(str(exc)) from exc
+        raise EnrolmentInputError(str(exc)) from exc
     relays = [check_url(url) for url in ([relay_url] if isinstance(relay_url, str) else relay_url)]
     if not relays:
-        raise InvalidRequest("no relay URL")
+        raise EnrolmentInputError("no relay URL")
     expected = parse_fingerprint(ca_fingerprint) if ca_fingerprint is not None else None
     base = _check_ca_url(ca_url)
     require_not_enrolled(home, passphrase)
@@ -429,9 +435,9 @@ def _check_ca_url(url: str) -> str:
     try:
         _ = parts.port
     except ValueError as exc:
-        raise InvalidRequest(f"bad port in CA URL {url!r}") from exc
+        raise EnrolmentInputError(f"bad port in CA URL {url!r}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise InvalidRequest(f"not a CA URL (http://HOST:PORT): {url!r}")
+        raise EnrolmentInputError(f"not a CA URL (http://HOST:PORT): {url!r}")
     return url.rstrip("/")
 
 
@@ -553,8 +559,7 @@ def _verify_issued(
 def renewal_time(certificate: bytes) -> datetime:
     """When to renew a certificate (DER): once RENEW_FRACTION (2/3) of its validity has passed."""
     cert = x509.load_der_x509_certificate(certificate)
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return start + (end - start) * RENEW_FRACTION
+    return _renewal_time(cert.not_valid_before_utc, cert.not_valid_after_utc)
 
 
 @dataclass(frozen=True)
@@ -594,7 +599,7 @@ def _node_state(keystore: Keystore, pin: Pin | None) -> _NodeState:
 def _ca_base(state: _NodeState, ca_url: str | None) -> str:
     url = ca_url or state.ca_url
     if url is None:
-        raise InvalidRequest("this node does not know its CA's URL (enrolled by an older kmsnet): give it")
+        raise EnrolmentInputError("this node does not know its CA's URL (enrolled by an older kmsnet): give it")
     return _check_ca_url(url)
 
 
@@ -651,7 +656,7 @@ def renew_certificate(
     The CA is `ca_url`, else the URL stored at enrolment. Raises, with nothing stored:
     `RenewalRefused` (the CA found the certificate revoked, expired or not its own),
     `CaUnreachable`, `CaProtocolError`, `CertificateRefused` (the answer does not verify under
-    the pinned root, or is not for our name and key), `InvalidRequest` (no CA URL), `NodeError`
+    the pinned root, or is not for our name and key), `EnrolmentInputError` (no CA URL), `NodeError`
     (no node in this keystore, or its certificate changed meanwhile). A running `Node` keeps
     presenting the old certificate until it reloads it.
     """
@@ -689,7 +694,7 @@ def rekey_node(
     new key and certificate replace the old ones in one transaction and the signed prekey is due
     for rotation (module docstring); sessions are dropped, so peers meet the new identity in a new
     handshake and see it change. Raises, with nothing changed:
-    `InvalidRequest` (a name that is not the node's, a bad CA URL), `KeystoreNotFound` /
+    `EnrolmentInputError` (a name that is not the node's, a bad CA URL), `KeystoreNotFound` /
     `WrongPassphrase`, `NodeError` (no node here), and what `enrol_node` raises for the
     exchange with the CA.
     """
@@ -697,7 +702,7 @@ def rekey_node(
     path = Path(home) / KEYSTORE_FILE
     with Keystore.open(path, passphrase=passphrase) as keystore, _node_state(keystore, pin) as state:
         if state.name != name:
-            raise InvalidRequest(f"this home holds node {state.name!r}, not {name!r}")
+            raise EnrolmentInputError(f"this home holds node {state.name!r}, not {name!r}")
         root = _fetch_root(base, timeout)
         if not hmac.compare_digest(certs.fingerprint(root), certs.fingerprint(state.root)):
             raise FingerprintMismatch(f"the CA at {base} presents another root than the one this node pins")

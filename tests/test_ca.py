@@ -27,7 +27,7 @@ from softhsm import SoftHsm
 import ca.http as ca_http
 from ca import AdminSession, CaService, CertificateAuthority, EnrolmentToken
 from ca.admin import code_at, secret_from_uri
-from ca.authority import CA_DB, CA_PEM, DEFAULT_TOKEN_TTL, FIRST_ADMIN, CaPolicy, utcnow
+from ca.authority import CA_DB, CA_PEM, DEFAULT_TOKEN_TTL, FIRST_ADMIN, CaPolicy
 from ca.errors import (
     CaError,
     CaExists,
@@ -42,6 +42,7 @@ from ca.errors import (
     TokenUsed,
 )
 from ca.http import CaHttpServer, EnrolmentThrottle
+from node.clock import utcnow
 from node.errors import TrustError, WrongPassphrase
 from node.keystore import ARGON2_TEST, Keystore
 from node.link import RelayLink, tls_context

@@ -23,20 +23,25 @@ from test_ca import Admin
 
 from ca import CertificateAuthority
 from ca.admin import secret_from_uri
-from ca.authority import utcnow
-from ca.errors import (
+from ca.http import CaHttpServer, Request, Response
+from node.clock import utcnow
+from node.enrol import STAGING_FILE, Enrolment, enrol_node, parse_fingerprint
+from node.errors import (
     AlreadyEnrolled,
     CaProtocolError,
     CaUnreachable,
     CertificateRefused,
+    EnrolmentInputError,
     EnrolmentRefused,
     EnrolmentUnfinished,
     FingerprintMismatch,
-    InvalidRequest,
+    KeystoreCorrupt,
+    LinkError,
+    StorageError,
+    TrustError,
+    Unavailable,
+    WrongPassphrase,
 )
-from ca.http import CaHttpServer, Request, Response
-from node.enrol import STAGING_FILE, Enrolment, enrol_node, parse_fingerprint
-from node.errors import KeystoreCorrupt, LinkError, StorageError, TrustError, Unavailable, WrongPassphrase
 from node.keystore import ARGON2_TEST, Keystore
 from node.kms import KeyManagementSystem
 from node.node import Node
@@ -285,11 +290,11 @@ async def test_an_unfinished_enrolment_needs_its_own_passphrase(
 @pytest.mark.parametrize(
     ("name", "ca_url", "relay_url", "fingerprint", "error"),
     [
-        ("Alice", "http://127.0.0.1:1", RELAY, None, InvalidRequest),
-        ("alice", "ftp://127.0.0.1:1", RELAY, None, InvalidRequest),
-        ("alice", "http://127.0.0.1:99999", RELAY, None, InvalidRequest),
+        ("Alice", "http://127.0.0.1:1", RELAY, None, EnrolmentInputError),
+        ("alice", "ftp://127.0.0.1:1", RELAY, None, EnrolmentInputError),
+        ("alice", "http://127.0.0.1:99999", RELAY, None, EnrolmentInputError),
         ("alice", "http://127.0.0.1:1", "http://relay", None, LinkError),
-        ("alice", "http://127.0.0.1:1", RELAY, "abc", InvalidRequest),
+        ("alice", "http://127.0.0.1:1", RELAY, "abc", EnrolmentInputError),
     ],
 )
 async def test_bad_arguments_are_refused_before_any_request(
@@ -305,7 +310,7 @@ def test_fingerprints_are_read_in_the_usual_spellings() -> None:
     assert parse_fingerprint(raw.hex()) == raw
     assert parse_fingerprint(":".join(f"{b:02X}" for b in raw)) == raw
     assert parse_fingerprint("SHA256:" + raw.hex()) == raw
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(EnrolmentInputError):
         parse_fingerprint(raw.hex()[:-1])
 
 
