@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import hmac
-import json
 import re
 import secrets
 from collections.abc import Mapping
@@ -40,7 +39,7 @@ from cryptography.hazmat.primitives.hashes import SHA1
 from cryptography.hazmat.primitives.twofactor.totp import TOTP
 
 from ca.errors import AdminLocked, AuthenticationFailed, InvalidRequest, OtpReplayed
-from node.errors import KeystoreCorrupt
+from ca.records import JsonRecord
 from protocol import certs
 
 __all__ = [
@@ -158,8 +157,10 @@ def _matching_step(secret: bytes, code: str, now: datetime) -> int | None:
 
 
 @dataclass(frozen=True)
-class AdminRecord:
+class AdminRecord(JsonRecord):
     """One administrator as ca.db stores it (admin/<name>): role, TOTP secret and login state."""
+
+    RECORD = "an administrator record"
 
     name: str
     role: Role
@@ -170,38 +171,6 @@ class AdminRecord:
     #: Times of recent refused attempts (within FAILURE_WINDOW).
     failures: tuple[datetime, ...] = ()
     locked_until: datetime | None = None
-
-    def to_record(self) -> bytes:
-        """The JSON stored under admin/<name> (sealed by the keystore like every record)."""
-        record = {
-            "name": self.name,
-            "role": self.role,
-            "secret": self.secret.hex(),
-            "created": self.created.isoformat(),
-            "last_step": self.last_step,
-            "failures": [f.isoformat() for f in self.failures],
-            "locked_until": None if self.locked_until is None else self.locked_until.isoformat(),
-        }
-        return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
-
-    @classmethod
-    def from_record(cls, data: bytes) -> AdminRecord:
-        """Parse what `to_record` wrote."""
-        try:
-            raw = json.loads(data)
-            last_step = raw["last_step"]
-            locked = raw["locked_until"]
-            return cls(
-                name=str(raw["name"]),
-                role=_check_role(raw["role"]),
-                secret=bytes.fromhex(raw["secret"]),
-                created=datetime.fromisoformat(raw["created"]),
-                last_step=None if last_step is None else int(last_step),
-                failures=tuple(datetime.fromisoformat(f) for f in raw["failures"]),
-                locked_until=None if locked is None else datetime.fromisoformat(locked),
-            )
-        except (ValueError, KeyError, TypeError, InvalidRequest) as exc:
-            raise KeystoreCorrupt("an administrator record does not parse") from exc
 
     def info(self) -> AdminInfo:
         """What may be shown about this administrator (never the secret)."""

@@ -47,7 +47,6 @@ from __future__ import annotations
 import builtins
 import hashlib
 import hmac
-import json
 import logging
 import re
 import secrets
@@ -98,6 +97,7 @@ from ca.errors import (
     TokenUnknown,
     TokenUsed,
 )
+from ca.records import TEXT, JsonRecord
 from node.audit import AuditEntry, AuditLog, AuditValue
 from node.clock import renewal_due, utcnow
 from node.errors import KeystoreCorrupt, code_of
@@ -172,8 +172,11 @@ _POLICY_FIELDS = ("certificate_validity", "server_validity", "root_validity", "c
 
 
 @dataclass(frozen=True)
-class CaPolicy:
-    """Lifetimes the CA issues with (the defaults are the product's). Chosen at `init`, stored in ca.db."""
+class CaPolicy(JsonRecord):
+    """Lifetimes the CA issues with (the defaults are the product's). Chosen at `init`, stored in ca.db
+    under ca/policy (whole seconds; a field the record lacks keeps its default)."""
+
+    RECORD = "the CA policy record"
 
     #: Node certificates are short-lived: a node renews at RENEW_FRACTION of this (`node.enrol.renew_certificate`).
     certificate_validity: timedelta = timedelta(days=7)
@@ -194,19 +197,6 @@ class CaPolicy:
             if not isinstance(value, timedelta) or value <= timedelta(0):
                 raise InvalidRequest(f"{name} must be a positive duration")
 
-    def to_record(self) -> bytes:
-        """The JSON stored under ca/policy (whole seconds)."""
-        return _dump({name: int(getattr(self, name).total_seconds()) for name in _POLICY_FIELDS})
-
-    @classmethod
-    def from_record(cls, data: bytes) -> CaPolicy:
-        """Parse what `to_record` wrote; a field it lacks keeps its default."""
-        try:
-            raw = json.loads(data)
-            return cls(**{name: timedelta(seconds=int(raw[name])) for name in _POLICY_FIELDS if name in raw})
-        except (ValueError, TypeError, InvalidRequest) as exc:
-            raise KeystoreCorrupt("the CA policy record does not parse") from exc
-
 
 @dataclass(frozen=True)
 class CaCreated:
@@ -226,8 +216,10 @@ class EnrolmentToken:
 
 
 @dataclass(frozen=True)
-class IssuedCertificate:
-    """The CA's record of one certificate it issued, and whether it revoked it."""
+class IssuedCertificate(JsonRecord):
+    """The CA's record of one certificate it issued (issued/<serial>), and whether it revoked it."""
+
+    RECORD = "an issued-certificate record"
 
     serial: int
     kind: CertificateKind
@@ -236,7 +228,7 @@ class IssuedCertificate:
     not_after: datetime
     fingerprint: str
     issued_at: datetime
-    pem: bytes = field(repr=False)
+    pem: bytes = field(repr=False, metadata=TEXT)
     revoked_at: datetime | None = None
     #: A key of `protocol.revocation.REASONS` when revoked.
     reason: str | None = None
@@ -250,44 +242,6 @@ class IssuedCertificate:
     def may_back_session(self, now: datetime) -> bool:
         """True until CRL_RETENTION past notAfter: a session made under it may still be alive somewhere."""
         return now < self.not_after + CRL_RETENTION
-
-    def to_record(self) -> bytes:
-        """The JSON stored under issued/<serial>."""
-        return _dump(
-            {
-                "serial": self.serial,
-                "kind": self.kind,
-                "name": self.name,
-                "not_before": self.not_before.isoformat(),
-                "not_after": self.not_after.isoformat(),
-                "fingerprint": self.fingerprint,
-                "issued_at": self.issued_at.isoformat(),
-                "pem": self.pem.decode("ascii"),
-                "revoked_at": None if self.revoked_at is None else self.revoked_at.isoformat(),
-                "reason": self.reason,
-            }
-        )
-
-    @classmethod
-    def from_record(cls, data: bytes) -> IssuedCertificate:
-        """Parse what `to_record` wrote (records written before revocation existed have no revocation fields)."""
-        try:
-            raw = json.loads(data)
-            revoked_at = raw.get("revoked_at")
-            return cls(
-                serial=int(raw["serial"]),
-                kind=raw["kind"],
-                name=str(raw["name"]),
-                not_before=datetime.fromisoformat(raw["not_before"]),
-                not_after=datetime.fromisoformat(raw["not_after"]),
-                fingerprint=str(raw["fingerprint"]),
-                issued_at=datetime.fromisoformat(raw["issued_at"]),
-                pem=str(raw["pem"]).encode("ascii"),
-                revoked_at=None if revoked_at is None else datetime.fromisoformat(revoked_at),
-                reason=raw.get("reason"),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise KeystoreCorrupt("an issued-certificate record does not parse") from exc
 
     def to_json(self, now: datetime) -> dict[str, object]:
         """What `kmsnet ca list --json` and the admin API show: no PEM, the status at `now`."""
@@ -321,7 +275,11 @@ class Revocation:
 
 
 @dataclass(frozen=True)
-class _TokenRecord:
+class TokenRecord(JsonRecord):
+    """One enrolment token as ca.db stores it (token/<index>): its digest, never the token."""
+
+    RECORD = "an enrolment-token record"
+
     digest: bytes
     name: str
     created: datetime
@@ -330,73 +288,18 @@ class _TokenRecord:
     #: The certificate the token enrolled (a retry by the same key gets it again).
     serial: int | None = None
 
-    def to_record(self) -> bytes:
-        return _dump(
-            {
-                "digest": self.digest.hex(),
-                "name": self.name,
-                "created": self.created.isoformat(),
-                "expires": self.expires.isoformat(),
-                "used": None if self.used is None else self.used.isoformat(),
-                "serial": self.serial,
-            }
-        )
-
-    @classmethod
-    def from_record(cls, data: bytes) -> _TokenRecord:
-        try:
-            raw = json.loads(data)
-            return cls(
-                digest=bytes.fromhex(raw["digest"]),
-                name=str(raw["name"]),
-                created=datetime.fromisoformat(raw["created"]),
-                expires=datetime.fromisoformat(raw["expires"]),
-                used=None if raw["used"] is None else datetime.fromisoformat(raw["used"]),
-                serial=None if raw.get("serial") is None else int(raw["serial"]),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise KeystoreCorrupt("an enrolment-token record does not parse") from exc
-
 
 @dataclass(frozen=True)
-class _SessionRecord:
+class SessionRecord(JsonRecord):
+    """One admin session as ca.db stores it (session/<index>): the digest of its secret, never the secret."""
+
+    RECORD = "an admin-session record"
+
     digest: bytes
     admin: str
     role: Role
     created: datetime
     expires: datetime
-
-    def to_record(self) -> bytes:
-        return _dump(
-            {
-                "digest": self.digest.hex(),
-                "admin": self.admin,
-                "role": self.role,
-                "created": self.created.isoformat(),
-                "expires": self.expires.isoformat(),
-            }
-        )
-
-    @classmethod
-    def from_record(cls, data: bytes) -> _SessionRecord:
-        try:
-            raw = json.loads(data)
-            role = raw["role"]
-            if role not in ("admin", "operator", "auditor"):
-                raise ValueError(role)
-            return cls(
-                digest=bytes.fromhex(raw["digest"]),
-                admin=str(raw["admin"]),
-                role=role,
-                created=datetime.fromisoformat(raw["created"]),
-                expires=datetime.fromisoformat(raw["expires"]),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise KeystoreCorrupt("an admin-session record does not parse") from exc
-
-
-def _dump(record: dict[str, object]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":")).encode()
 
 
 def _secret_index(secret: str) -> tuple[str, bytes]:
@@ -748,12 +651,12 @@ class CertificateAuthority:
         """Store a new session for `admin` (inside the caller's transaction) and return it."""
         for index in self._ks.names(NS_SESSION):
             raw = self._ks.get(NS_SESSION, index)
-            if raw is not None and _SessionRecord.from_record(raw).expires <= now:
+            if raw is not None and SessionRecord.from_record(raw).expires <= now:
                 self._ks.delete(NS_SESSION, index)  # bounds ca.db: expired sessions are useless
         secret = secrets.token_urlsafe(SESSION_BYTES)
         index, digest = _secret_index(secret)
         expires = now + SESSION_TTL
-        self._ks.put(NS_SESSION, index, _SessionRecord(digest, admin.name, admin.role, now, expires).to_record())
+        self._ks.put(NS_SESSION, index, SessionRecord(digest, admin.name, admin.role, now, expires).to_record())
         if remember:
             previous = self._ks.get(NS_CA, "cli_session")
             if previous is not None:
@@ -762,14 +665,14 @@ class CertificateAuthority:
         self._audit(admin.name, "login", role=admin.role, expires_at=expires.isoformat(), remembered=remember)
         return AdminSession(admin=admin.name, role=admin.role, expires_at=expires, secret=secret)
 
-    def _session_record(self, secret: str) -> tuple[str, _SessionRecord] | None:
+    def _session_record(self, secret: str) -> tuple[str, SessionRecord] | None:
         if not isinstance(secret, str) or _SESSION_RE.fullmatch(secret) is None:
             return None
         index, digest = _secret_index(secret)
         raw = self._ks.get(NS_SESSION, index)
         if raw is None:
             return None
-        record = _SessionRecord.from_record(raw)
+        record = SessionRecord.from_record(raw)
         # The index only finds the record; the full digest decides, compared in constant time.
         return (index, record) if hmac.compare_digest(record.digest, digest) else None
 
@@ -808,7 +711,7 @@ class CertificateAuthority:
                 self._ks.delete(NS_CA, "cli_session")
             self._audit(found[1].admin, "logout")
 
-    def _authorize(self, session: AdminSession | None, action: Action) -> _SessionRecord:
+    def _authorize(self, session: AdminSession | None, action: Action) -> SessionRecord:
         """Check that `session` is open and its role may do `action`; audit and raise if not.
 
         The stored session record decides, not the `AdminSession` object: it must exist, be
@@ -896,7 +799,7 @@ class CertificateAuthority:
         now = self.clock()
         secret = secrets.token_urlsafe(TOKEN_BYTES)
         index, digest = _secret_index(secret)
-        record = _TokenRecord(digest=digest, name=name, created=now, expires=now + ttl)
+        record = TokenRecord(digest=digest, name=name, created=now, expires=now + ttl)
         with self._ks.transaction():
             self._purge_tokens(now)
             self._ks.put(NS_TOKEN, index, record.to_record())
@@ -908,10 +811,10 @@ class CertificateAuthority:
         # Bounds ca.db: a token record is useless once its precise refusal no longer matters.
         for index in self._ks.names(NS_TOKEN):
             raw = self._ks.get(NS_TOKEN, index)
-            if raw is not None and _TokenRecord.from_record(raw).expires + TOKEN_RETENTION < now:
+            if raw is not None and TokenRecord.from_record(raw).expires + TOKEN_RETENTION < now:
                 self._ks.delete(NS_TOKEN, index)
 
-    def _find_token(self, token: str) -> tuple[str, _TokenRecord]:
+    def _find_token(self, token: str) -> tuple[str, TokenRecord]:
         if not isinstance(token, str) or _TOKEN_RE.fullmatch(token) is None:
             raise TokenUnknown("unknown enrolment token")
         index, digest = _secret_index(token)
@@ -919,7 +822,7 @@ class CertificateAuthority:
         # The index only finds the record; the full digest decides, compared in constant time.
         if raw is None:
             raise TokenUnknown("unknown enrolment token")
-        record = _TokenRecord.from_record(raw)
+        record = TokenRecord.from_record(raw)
         if not hmac.compare_digest(record.digest, digest):
             raise TokenUnknown("unknown enrolment token")
         return index, record
@@ -968,7 +871,7 @@ class CertificateAuthority:
         log.info("node_enrolled", extra={"fields": {"node": name, "serial": _serial_name(cert.serial_number)}})
         return certs.certificate_pem(cert)
 
-    def _enrolled_again(self, record: _TokenRecord, csr_pem: str | bytes, now: datetime) -> bytes:
+    def _enrolled_again(self, record: TokenRecord, csr_pem: str | bytes, now: datetime) -> bytes:
         """The certificate a used token enrolled, for a retry by the same key within the token's lifetime
         (inside `enrol`'s transaction); `TokenUsed` for anyone else."""
         used = f"this enrolment token for {record.name!r} was used already"
