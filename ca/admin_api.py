@@ -32,7 +32,7 @@ from datetime import timedelta
 from http import HTTPStatus
 
 from ca.admin import AdminSession
-from ca.authority import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, CertificateAuthority
+from ca.authority import CertificateAuthority
 from ca.errors import (
     AdminExists,
     AdminLocked,
@@ -45,6 +45,7 @@ from ca.errors import (
     SessionRequired,
 )
 from ca.http import CaHttpServer, EnrolmentThrottle, Handler, Request, Response, json_fields
+from ca.issuance import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL
 from node.errors import AuditChainBroken
 
 __all__ = ["AdminApi"]

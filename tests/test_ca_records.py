@@ -14,9 +14,11 @@ from typing import Literal
 
 import pytest
 
-from ca.admin import AdminRecord
-from ca.authority import CaPolicy, IssuedCertificate, SessionRecord, TokenRecord
+from ca.admin import AdminRecord, SessionRecord
+from ca.issuance import TokenRecord
+from ca.policy import CaPolicy
 from ca.records import TEXT, JsonRecord
+from ca.registry import IssuedCertificate
 from node.errors import KeystoreCorrupt
 
 T0 = datetime(2025, 3, 1, 12, 0, tzinfo=UTC)
