@@ -35,13 +35,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from ca.admin import Action, AdminInfo, Administrators, AdminSession, NewAdmin, new_admin
+from ca.admin import Action, AdminInfo, Administrators, AdminSession, NewAdmin
 from ca.errors import InvalidRequest
 from ca.home import (
     AUDIT_LOG,
     CA_DB,
     CA_PEM,
-    NS_ADMIN,
     NS_CA,
     create_home,
     load_node_identity,
@@ -240,9 +239,7 @@ class CertificateAuthority:
                 authority = cls(keystore, clock=clock, pin=pin)
                 try:
                     authority._audit_log.append(AUDIT_LOG, "ca_created", {"name": name, "fingerprint": fingerprint})
-                    record, credential = new_admin(FIRST_ADMIN, "admin", now)
-                    keystore.put(NS_ADMIN, FIRST_ADMIN, record.to_record())
-                    authority._audit_log.append(AUDIT_LOG, "admin_added", {"admin": FIRST_ADMIN, "role": "admin"})
+                    credential = authority._admins.add(FIRST_ADMIN, "admin", actor=AUDIT_LOG, now=now)
                     authority.node_credentials(now)  # issues the CA node's certificate
                 finally:
                     authority.close_token()
