@@ -19,7 +19,7 @@ import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-from node.ca.admin import code_at, secret_from_uri
+from ca.admin import code_at, secret_from_uri
 from node.keystore import Keystore
 from node.node import Node
 

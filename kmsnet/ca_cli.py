@@ -1,6 +1,6 @@
 """`kmsnet ca ...`: create and run the certificate authority, and administer it.
 
-Parsing and printing only: every decision is node.ca's (docs/CA.md).
+Parsing and printing only: every decision is the CA package's (ca/, docs/CA.md).
 
 Admin actions (token, revoke, list, audit, admin, relay-cert) run in an admin session: the one
 `kmsnet ca login` opened (15 minutes), or a one-shot session opened with `--otp CODE` (or
@@ -21,6 +21,18 @@ from typing import Any, TypeVar
 
 import click
 
+from ca import DEFAULT_PORT, AdminSession, CertificateAuthority
+from ca import serve as serve_ca
+from ca.admin import ROLES
+from ca.authority import (
+    CA_PEM,
+    DEFAULT_TOKEN_TTL,
+    FIRST_ADMIN,
+    CaPolicy,
+    IssuedCertificate,
+    require_ca,
+    require_no_ca,
+)
 from kmsnet import logs
 from kmsnet.exits import BAD_INPUT, EPILOG, USAGE, CliFailure
 from kmsnet.options import (
@@ -35,19 +47,7 @@ from kmsnet.options import (
 )
 from kmsnet.passphrases import CA_ROOT
 from kmsnet.pkcs11_options import PKCS11_ENVIRONMENT_HELP, PinSource, token_options
-from node.ca import DEFAULT_PORT, AdminSession, CertificateAuthority
-from node.ca import serve as serve_ca
-from node.ca.admin import ROLES
-from node.ca.authority import (
-    CA_PEM,
-    DEFAULT_TOKEN_TTL,
-    FIRST_ADMIN,
-    CaPolicy,
-    IssuedCertificate,
-    require_ca,
-    require_no_ca,
-    write_new_files,
-)
+from node.home import write_new_files
 from node.pkcs11 import TokenSlot
 from protocol import certs
 from protocol.revocation import REASONS
@@ -412,7 +412,10 @@ def revoke(
 ) -> None:
     """Revoke node NAME's certificates, or one certificate by --serial (role admin).
 
-    Revokes every unexpired certificate of NAME (renewals overlap) and issues a new CRL at
+    Revokes every certificate issued for NAME's keys that could still back a session: the
+    current one, the ones renewals replaced, and ones expired less than a day ago (a session
+    lasts until its peer certificate's notAfter plus 5 minutes of clock skew; the day covers
+    a slow clock). Each stays on the CRL until a day past its notAfter. A new CRL is issued at
     once; a running `kmsnet ca serve` publishes it to the relay within about a second, and
     the relay pushes it to every node. OCSP answers "revoked" from now on.
     """

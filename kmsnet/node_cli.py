@@ -82,11 +82,15 @@ def init(
     """Enrol node NAME with the CA and create its keystore in HOME.
 
     Fetches the CA root (and refuses it unless its fingerprint is --ca-fingerprint, when
-    given), makes a new Ed25519 identity key, has the CA certify it with the token, verifies
-    the certificate, and only then writes HOME/keystore.db under a new passphrase. Nothing is
-    written if any step fails; a node identity is never overwritten (a keystore that
-    `kmsnet kms` made is joined, with its passphrase). Without
-    --ca-fingerprint, compare the printed fingerprint with the CA's before trusting this node.
+    given), makes a new Ed25519 identity key and prepares the keystore with it in HOME under a
+    new passphrase (so a home that cannot be written fails before the token is spent), has the
+    CA certify the key with the token, verifies the certificate, and only then puts
+    HOME/keystore.db in place. Nothing is left behind if a step fails, except when the CA may
+    have certified the key but its answer was lost or could not be stored (exit 3): then run
+    the same command again, with the same token and passphrase, and the CA answers with the
+    same certificate. A node identity is never overwritten (a keystore that `kmsnet kms` made
+    is joined, with its passphrase). Without --ca-fingerprint, compare the printed fingerprint
+    with the CA's before trusting this node.
 
     With --pkcs11 and --pkcs11-token the identity key is generated in that PKCS#11 token and
     never leaves it (its X25519, ML-KEM and ratchet keys stay in the keystore); every later

@@ -26,7 +26,7 @@ import tempfile
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from node.ca.authority import CA_DB
+from ca.authority import CA_DB
 from node.keystore import Keystore, aes_gcm_open, aes_gcm_seal, unlocked_passphrase
 from node.kms import KEYSTORE_FILE
 

@@ -1,9 +1,11 @@
-"""Enrolment, renewal and re-keying: a node's dealings with the CA's HTTP API (`node.ca.http`).
+"""Enrolment, renewal and re-keying: a node's dealings with the CA's HTTP API (the CA's `ca.http`).
 
 `enrol_node` fetches the CA root, checks its SHA-256 fingerprint when the user gave one, makes a
-fresh Ed25519 identity key, sends a CSR with a one-time token, verifies the certificate it gets
-back under that root, and only then creates the node's keystore (HOME/keystore.db) with the
-records `node.node.Node` reads, and the CA's URL for renewals:
+fresh Ed25519 identity key and prepares the node's keystore with it in the home (STAGING_FILE),
+so that a home that cannot be written fails before the one-time token is spent; then it sends a
+CSR with the token, verifies the certificate it gets back under that root, stores it, and moves
+the keystore into place (HOME/keystore.db) with the records `node.node.Node` reads, and the CA's
+URL for renewals:
 
     node/identity     the identity key's 32 raw private bytes, or, for a node made with a
     node/identity_token  PKCS#11 token (`node init --pkcs11`), instead: where the key is in the
@@ -13,7 +15,11 @@ records `node.node.Node` reads, and the CA's URL for renewals:
     node/relay        the relay URLs, one per line (UTF-8): several for a cluster of relays
     node/ca_url       the CA's HTTP API (UTF-8)
 
-Nothing is written unless every step succeeded, and an existing keystore is never touched.
+Nothing is left behind unless every step succeeded, and an existing keystore is never touched,
+with one exception that makes enrolment safe to retry: when the CA may have certified the key
+but its answer was lost or could not be stored, the prepared keystore stays, and running the same
+enrolment again reuses its key; the CA answers a retry with the same token and the same key,
+within the token's lifetime, with the same certificate (no orphan certificate, no spent token).
 
 `renew_certificate` gets a new certificate for the same name and key before the current one
 expires (certificates are short-lived: a week by default); `renewal_time` says when (at
@@ -39,6 +45,7 @@ import hmac
 import http.client
 import json
 import logging
+import os
 import re
 import urllib.error
 import urllib.request
@@ -52,19 +59,26 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
-from node.ca.authority import RENEW_FRACTION, create_keystore, utcnow
-from node.ca.errors import (
+from node.clock import renewal_time as _renewal_time
+from node.clock import utcnow
+from node.errors import (
     AlreadyEnrolled,
     CaProtocolError,
     CaUnreachable,
     CertificateRefused,
     EnrolmentError,
+    EnrolmentInputError,
     EnrolmentRefused,
+    EnrolmentUnfinished,
     FingerprintMismatch,
-    InvalidRequest,
+    KeystoreCorrupt,
+    NodeError,
     RenewalRefused,
+    StorageError,
+    WrongPassphrase,
+    network_words,
 )
-from node.errors import NodeError, network_words
+from node.home import remove_database
 from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
 from node.kms import KEYSTORE_FILE
 from node.layout import NS_NODE, NS_SESSION
@@ -96,6 +110,12 @@ MAX_RESPONSE = 64 * 1024
 #: Characters of a CA error message shown to the user.
 MAX_MESSAGE = 200
 
+#: Where `enrol_node` prepares the keystore before redeeming the token: in the home, so that a retry
+#: after an interrupted enrolment finds the same key (module docstring).
+STAGING_FILE = ".keystore.db.enrolling"
+#: The staged record naming the node being enrolled (removed when the keystore goes into place).
+_STAGED_NAME = "enrolling"
+
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
 
@@ -126,10 +146,10 @@ class Renewal:
 
 
 def parse_fingerprint(text: str) -> bytes:
-    """A SHA-256 fingerprint from hex, with or without ':' or spaces, any case; `InvalidRequest` otherwise."""
+    """A SHA-256 fingerprint from hex, with or without ':' or spaces, any case; `EnrolmentInputError` otherwise."""
     cleaned = re.sub(r"[\s:]", "", text).lower().removeprefix("sha256")
     if _HEX64.fullmatch(cleaned) is None:
-        raise InvalidRequest("a CA fingerprint is the SHA-256 of the root certificate: 64 hex digits")
+        raise EnrolmentInputError("a CA fingerprint is the SHA-256 of the root certificate: 64 hex digits")
     return bytes.fromhex(cleaned)
 
 
@@ -205,22 +225,28 @@ def enrol_node(
     With `key_token` (and its `pin`) the identity key is generated in that PKCS#11 token and never
     leaves it; the keystore records where it is. If enrolment fails, that key is deleted again.
 
-    Raises, with nothing written: `InvalidRequest` (bad name, CA URL or fingerprint), `LinkError`
+    The keystore is prepared in the home (STAGING_FILE, with the identity key) before the token is
+    redeemed, so a home that cannot be written fails with the token unspent. Should the CA's answer
+    be lost, or storing the certificate fail, after the CA may have certified the key, the prepared
+    keystore is kept and `EnrolmentUnfinished` raised: the same call again (same token and
+    passphrase) reuses that key, and the CA answers it with the same certificate.
+
+    Raises, with nothing written: `EnrolmentInputError` (bad name, CA URL or fingerprint), `LinkError`
     (bad relay URL), `AlreadyEnrolled` (the keystore holds a node already), `CaUnreachable` (no answer, or the
     CA is throttling us), `CaProtocolError` (an answer outside the protocol), `FingerprintMismatch`
     (the root is not the one `ca_fingerprint` names), `EnrolmentRefused` (the CA refused the
     token or CSR), `EnrolmentError` (the CA found the request malformed), `CertificateRefused`
     (the root or the certificate does not verify, or is not for our name and key), or the
-    keystore's errors.
+    keystore's errors; and `EnrolmentUnfinished` as above.
     """
     home = Path(home)
     try:
         certs.validate_node_name(name)
     except LocalError as exc:
-        raise InvalidRequest(str(exc)) from exc
+        raise EnrolmentInputError(str(exc)) from exc
     relays = [check_url(url) for url in ([relay_url] if isinstance(relay_url, str) else relay_url)]
     if not relays:
-        raise InvalidRequest("no relay URL")
+        raise EnrolmentInputError("no relay URL")
     expected = parse_fingerprint(ca_fingerprint) if ca_fingerprint is not None else None
     base = _check_ca_url(ca_url)
     require_not_enrolled(home, passphrase)
@@ -231,74 +257,174 @@ def enrol_node(
         raise FingerprintMismatch(
             f"the CA at {base} presents root {fingerprint.hex()}, not the expected {expected.hex()}: not enrolling"
         )
-
-    session = None if key_token is None else TokenSession.open(key_token, pin)
-    identity = _new_identity(name, session)
-    try:
-        where = (base, token, "\n".join(relays))
-        checked = expected is not None
-        return _enrol_with(identity, home, name, where, passphrase, root, checked, argon2, clock, timeout)
-    except BaseException:
-        if isinstance(identity, TokenIdentityKey) and session is not None:
-            session.destroy(identity.delegated.ref)  # nothing refers to it: leave no orphan in the token
-        raise
-    finally:
-        if session is not None:
-            session.close()
-
-
-def _enrol_with(
-    identity: IdentityKey,
-    home: Path,
-    name: str,
-    urls_and_token: tuple[str, str, str],
-    passphrase: str,
-    root: x509.Certificate,
-    fingerprint_checked: bool,
-    argon2: Argon2Params,
-    clock: Callable[[], datetime],
-    timeout: float,
-) -> Enrolment:
-    """`enrol_node` from the CSR on, for the identity key it made (`urls_and_token`: CA, token, and
-    the relays, one per line)."""
-    base, token, relays = urls_and_token
-    path = home / KEYSTORE_FILE
-    fingerprint = certs.fingerprint(root)
-    payload = {"token": token, "csr": _csr(identity, name)}
-    verified = _verify_issued(_post_certificate(base, "/enroll", payload, timeout), root, name, identity, clock())
-
-    records = {
-        **identity_records(identity),
-        "certificate": verified.der,
-        "root": certs.certificate_pem(root),
-        "relay": relays.encode("utf-8"),
-        "ca_url": base.encode("utf-8"),
-    }
-
-    def fill(keystore: Keystore) -> None:
-        with keystore.transaction():
-            _refuse_identity(keystore, path)
-            for record, value in records.items():
-                keystore.put(NS_NODE, record, value)
-
-    if path.exists():
-        # A keystore the KMS made: the node's records join it, in one transaction.
-        with Keystore.open(path, passphrase=passphrase) as keystore:
-            fill(keystore)
-    else:
-        try:
-            create_keystore(path, passphrase=passphrase, argon2=argon2, fill=fill)
-        except FileExistsError as exc:
-            raise AlreadyEnrolled(f"{path} appeared while enrolling; it was left as it is") from exc
+    records = {"root": certs.certificate_pem(root), "relay": "\n".join(relays).encode(), "ca_url": base.encode()}
+    with _Stage.prepare(home, name, records, passphrase, argon2, (key_token, pin)) as stage:
+        payload = {"token": token, "csr": _csr(stage.identity, name)}
+        stage.keep = True  # from here on the CA may certify the key: keep it for a retry, unless it says no
+        status, body = _exchange(f"{base}/enroll", json.dumps(payload).encode(), timeout)
+        stage.keep = False  # an answer: a certificate we check now, or a refusal, which certified nothing
+        issued = _certificate_answer("/enroll", status, body)
+        verified = _verify_issued(issued, root, name, stage.identity, clock())
+        stage.keep = True
+        stage.finish(verified.der)
     log.info("node_enrolled", extra={"fields": {"node": name, "serial": f"{verified.serial:x}", "ca": base}})
     return Enrolment(
         name=name,
-        keystore=path,
+        keystore=home / KEYSTORE_FILE,
         serial=verified.serial,
         not_after=verified.not_after,
         ca_fingerprint=fingerprint.hex(),
-        fingerprint_checked=fingerprint_checked,
+        fingerprint_checked=expected is not None,
     )
+
+
+def _staged_name(keystore: Keystore) -> str | None:
+    """The node a prepared keystore is for: its marker, or, once the certificate is in, the certificate's name."""
+    marker = keystore.get(NS_NODE, _STAGED_NAME)
+    if marker is not None:
+        return marker.decode("utf-8", "replace")
+    certificate = keystore.get(NS_NODE, "certificate")
+    if certificate is None:
+        return None
+    names = x509.load_der_x509_certificate(certificate).subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    return str(names[0].value) if names else None
+
+
+class _Stage:
+    """The node's keystore, prepared at HOME/STAGING_FILE before the token is redeemed.
+
+    `prepare` makes it (or reopens the one an interrupted enrolment of the same node under the same
+    root left, to reuse its key); `finish` adds the certificate and moves it into place (or, for a
+    keystore `kmsnet kms` made, copies the node's records into it). Leaving the `with` block
+    unfinished removes it (and a token key made for it), unless `keep` says the CA may have
+    certified its key: then it stays, and the error becomes `EnrolmentUnfinished`.
+    """
+
+    def __init__(
+        self, home: Path, keystore: Keystore, identity: IdentityKey, session: TokenSession | None, passphrase: str
+    ) -> None:
+        self.home = home
+        self.keystore = keystore
+        self._passphrase = passphrase
+        self.identity = identity
+        self._session = session
+        self.keep = False
+        self._done = False
+
+    @classmethod
+    def prepare(
+        cls,
+        home: Path,
+        name: str,
+        records: dict[str, bytes],
+        passphrase: str,
+        argon2: Argon2Params,
+        key: tuple[TokenSlot | None, Pin | None],
+    ) -> _Stage:
+        path = home / KEYSTORE_FILE
+        if path.exists():  # a keystore `kmsnet kms` made: the node's records will join it; it must take writes
+            with Keystore.open(path, passphrase=passphrase) as keystore, keystore.transaction():
+                _refuse_identity(keystore, path)
+        try:
+            home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StorageError(f"cannot write the home {home}: {exc.strerror or 'not a directory'}") from exc
+        staged = home / STAGING_FILE
+        if staged.exists():
+            try:
+                keystore = Keystore.open(staged, passphrase=passphrase)
+            except WrongPassphrase as exc:
+                raise WrongPassphrase(
+                    f"{staged} holds an unfinished enrolment sealed under another passphrase: give that one, "
+                    "or delete the file to start over (a new token may then be needed)"
+                ) from exc
+            if _staged_name(keystore) == name and keystore.get(NS_NODE, "root") == records["root"]:
+                return cls._reopened(home, keystore, records, passphrase)
+            keystore.close()
+            remove_database(staged)  # another node or another CA: that attempt is abandoned
+        key_token, pin = key
+        session = None if key_token is None else TokenSession.open(key_token, pin)
+        identity = _new_identity(name, session)
+        try:
+            keystore = Keystore.open(staged, passphrase=passphrase, create=True, argon2=argon2)
+            stage = cls(home, keystore, identity, session, passphrase)
+            with keystore.transaction():
+                for record, value in {**identity_records(identity), **records, _STAGED_NAME: name.encode()}.items():
+                    keystore.put(NS_NODE, record, value)
+        except BaseException:
+            if session is not None and isinstance(identity, TokenIdentityKey):
+                session.destroy(identity.delegated.ref)
+                session.close()
+            remove_database(staged)
+            raise
+        return stage
+
+    @classmethod
+    def _reopened(cls, home: Path, keystore: Keystore, records: dict[str, bytes], passphrase: str) -> _Stage:
+        """The stage an interrupted enrolment left: its key again, this attempt's relays and CA URL."""
+        try:
+            ref = keystore.get(NS_NODE, "identity_token")
+            session = None
+            if ref is not None:
+                token_ref = TokenKeyRef.from_record(ref)
+                session = TokenSession.open(token_ref.slot, environment_pin)
+                identity: IdentityKey = TokenIdentityKey(session.ed25519(token_ref))
+            else:
+                raw = keystore.get(NS_NODE, "identity")
+                if raw is None:
+                    raise KeystoreCorrupt(f"{keystore.path} holds no identity key")
+                identity = IdentityKey.from_private_bytes(raw)
+            with keystore.transaction():
+                for record, value in records.items():
+                    keystore.put(NS_NODE, record, value)
+        except BaseException:
+            keystore.close()
+            raise
+        log.info("enrolment_resumed", extra={"fields": {"home": str(home)}})
+        return cls(home, keystore, identity, session, passphrase)
+
+    def finish(self, certificate: bytes) -> None:
+        """Store `certificate` and put the keystore in place: HOME/keystore.db, all at once."""
+        path = self.home / KEYSTORE_FILE
+        with self.keystore.transaction():
+            self.keystore.put(NS_NODE, "certificate", certificate)
+            self.keystore.delete(NS_NODE, _STAGED_NAME)
+        if path.exists():  # joining a KMS keystore: the node's records go in one transaction
+            node = {record: self.keystore.get(NS_NODE, record) for record in self.keystore.names(NS_NODE)}
+            with Keystore.open(path, passphrase=self._passphrase) as target, target.transaction():
+                _refuse_identity(target, path)
+                for record, value in node.items():
+                    if value is not None:
+                        target.put(NS_NODE, record, value)
+        else:
+            self.keystore.scrub()  # everything into the main file: the link below must carry it all
+            self.keystore.close()
+            try:
+                os.link(self.home / STAGING_FILE, path)
+            except FileExistsError as exc:
+                raise AlreadyEnrolled(f"{path} appeared while enrolling; it was left as it is") from exc
+            except OSError as exc:
+                raise StorageError(f"cannot write {path}: {exc.strerror or 'the file system refused it'}") from exc
+        self._done = True
+
+    def __enter__(self) -> _Stage:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: object) -> None:
+        self.keystore.close()
+        try:
+            if self._done or not self.keep:
+                if not self._done and self._session is not None and isinstance(self.identity, TokenIdentityKey):
+                    self._session.destroy(self.identity.delegated.ref)  # nothing refers to it: no orphan
+                remove_database(self.home / STAGING_FILE)
+        finally:
+            if self._session is not None:
+                self._session.close()
+        if not self._done and self.keep and isinstance(error, Exception):
+            raise EnrolmentUnfinished(
+                f"{error} — the CA may have certified this node's key: run the same command again "
+                "(same token, same passphrase) to finish; the CA then answers with the same certificate"
+            ) from error
 
 
 # --- talking to the CA -------------------------------------------------------------------------------
@@ -309,9 +435,9 @@ def _check_ca_url(url: str) -> str:
     try:
         _ = parts.port
     except ValueError as exc:
-        raise InvalidRequest(f"bad port in CA URL {url!r}") from exc
+        raise EnrolmentInputError(f"bad port in CA URL {url!r}") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise InvalidRequest(f"not a CA URL (http://HOST:PORT): {url!r}")
+        raise EnrolmentInputError(f"not a CA URL (http://HOST:PORT): {url!r}")
     return url.rstrip("/")
 
 
@@ -393,6 +519,11 @@ def _csr(identity: IdentityKey, name: str) -> str:
 def _post_certificate(base: str, route: str, payload: dict[str, str], timeout: float) -> x509.Certificate:
     """POST an enrolment or renewal to the CA and return the certificate it answers with."""
     status, body = _exchange(f"{base}{route}", json.dumps(payload).encode(), timeout)
+    return _certificate_answer(route, status, body)
+
+
+def _certificate_answer(route: str, status: int, body: bytes) -> x509.Certificate:
+    """The certificate in the CA's answer to an enrolment or renewal, or the error its status means."""
     if status == 403:
         refused = RenewalRefused if route == "/renew" else EnrolmentRefused
         raise refused(f"the CA refused the request: {_ca_message(body)}")
@@ -428,8 +559,7 @@ def _verify_issued(
 def renewal_time(certificate: bytes) -> datetime:
     """When to renew a certificate (DER): once RENEW_FRACTION (2/3) of its validity has passed."""
     cert = x509.load_der_x509_certificate(certificate)
-    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
-    return start + (end - start) * RENEW_FRACTION
+    return _renewal_time(cert.not_valid_before_utc, cert.not_valid_after_utc)
 
 
 @dataclass(frozen=True)
@@ -469,7 +599,7 @@ def _node_state(keystore: Keystore, pin: Pin | None) -> _NodeState:
 def _ca_base(state: _NodeState, ca_url: str | None) -> str:
     url = ca_url or state.ca_url
     if url is None:
-        raise InvalidRequest("this node does not know its CA's URL (enrolled by an older kmsnet): give it")
+        raise EnrolmentInputError("this node does not know its CA's URL (enrolled by an older kmsnet): give it")
     return _check_ca_url(url)
 
 
@@ -526,7 +656,7 @@ def renew_certificate(
     The CA is `ca_url`, else the URL stored at enrolment. Raises, with nothing stored:
     `RenewalRefused` (the CA found the certificate revoked, expired or not its own),
     `CaUnreachable`, `CaProtocolError`, `CertificateRefused` (the answer does not verify under
-    the pinned root, or is not for our name and key), `InvalidRequest` (no CA URL), `NodeError`
+    the pinned root, or is not for our name and key), `EnrolmentInputError` (no CA URL), `NodeError`
     (no node in this keystore, or its certificate changed meanwhile). A running `Node` keeps
     presenting the old certificate until it reloads it.
     """
@@ -564,7 +694,7 @@ def rekey_node(
     new key and certificate replace the old ones in one transaction and the signed prekey is due
     for rotation (module docstring); sessions are dropped, so peers meet the new identity in a new
     handshake and see it change. Raises, with nothing changed:
-    `InvalidRequest` (a name that is not the node's, a bad CA URL), `KeystoreNotFound` /
+    `EnrolmentInputError` (a name that is not the node's, a bad CA URL), `KeystoreNotFound` /
     `WrongPassphrase`, `NodeError` (no node here), and what `enrol_node` raises for the
     exchange with the CA.
     """
@@ -572,7 +702,7 @@ def rekey_node(
     path = Path(home) / KEYSTORE_FILE
     with Keystore.open(path, passphrase=passphrase) as keystore, _node_state(keystore, pin) as state:
         if state.name != name:
-            raise InvalidRequest(f"this home holds node {state.name!r}, not {name!r}")
+            raise EnrolmentInputError(f"this home holds node {state.name!r}, not {name!r}")
         root = _fetch_root(base, timeout)
         if not hmac.compare_digest(certs.fingerprint(root), certs.fingerprint(state.root)):
             raise FingerprintMismatch(f"the CA at {base} presents another root than the one this node pins")

@@ -127,6 +127,57 @@ class PeerUnavailable(NodeError):
     """The peer cannot be reached through the relay (no prekey bundle, not enrolled)."""
 
 
+# --- the certificate authority, as the node meets it (node/enrol.py) ------------------------------
+# The CA (`ca.errors`) subclasses these for what it refuses; the node never imports the CA.
+
+
+class CaError(NodeError):
+    """Base of every error about the certificate authority: the node's dealings with it (below) and,
+    subclassed in `ca.errors`, what the CA itself refuses."""
+
+
+class EnrolmentInputError(CaError):
+    """An argument of enrolment, renewal or re-keying is malformed or wrong for this home: a node name,
+    the CA's URL, a fingerprint, the relay list."""
+
+
+class EnrolmentError(CaError):
+    """An enrolment request is malformed: a CSR that does not parse, an unsupported key type, a bad name."""
+
+
+class EnrolmentRefused(EnrolmentError, TrustError):
+    """The CA refused an enrolment: its token (unknown, expired, used, for another name) or its CSR."""
+
+
+class RenewalRefused(CaError, TrustError):
+    """A renewal was refused: the certificate is not the CA's, revoked, expired, or the CSR is not for its key."""
+
+
+class CaUnreachable(CaError, Unavailable):
+    """The CA cannot be reached (refused, timed out, bad address) or is temporarily refusing us (429, 5xx)."""
+
+
+class CaProtocolError(CaError):
+    """The CA answered something that is not what the enrolment protocol says."""
+
+
+class FingerprintMismatch(CaError, TrustError):
+    """The CA root's SHA-256 fingerprint is not the one the user said to expect."""
+
+
+class CertificateRefused(CaError, TrustError):
+    """The certificate or root the CA returned does not verify, or is not for our name or key."""
+
+
+class AlreadyEnrolled(CaError):
+    """The node home holds a keystore already: enrolment never overwrites one."""
+
+
+class EnrolmentUnfinished(CaError, Unavailable):
+    """The CA may have certified the node's key, but its answer was lost or could not be stored: the
+    prepared keystore is kept in the home, and the same enrolment again finishes it (same certificate)."""
+
+
 # --- audit log ------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""node/ca: the authority (init, tokens, enrolment, certificates, CRLs), its HTTP API and the CRL feed.
+"""ca/: the authority (init, tokens, enrolment, certificates, CRLs), its HTTP API and the CRL feed.
 
 Administrators, revocation, OCSP, renewal and the audit log have their own modules (test_ca_admin,
 test_ca_revoke, test_renewal); the helpers here (`Clock`, `Admin`, `csr_pem`) serve them too.
@@ -24,11 +24,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from softhsm import SoftHsm
 
-import node.ca.http as ca_http
-from node.ca import AdminSession, CaService, CertificateAuthority, EnrolmentToken
-from node.ca.admin import code_at, secret_from_uri
-from node.ca.authority import CA_DB, CA_PEM, DEFAULT_TOKEN_TTL, FIRST_ADMIN, CaPolicy, utcnow
-from node.ca.errors import (
+import ca.http as ca_http
+from ca import AdminSession, CaService, CertificateAuthority, EnrolmentToken
+from ca.admin import code_at, secret_from_uri
+from ca.authority import CA_DB, CA_PEM, DEFAULT_TOKEN_TTL, FIRST_ADMIN, CaPolicy
+from ca.errors import (
     CaError,
     CaExists,
     CaNotFound,
@@ -41,7 +41,8 @@ from node.ca.errors import (
     TokenUnknown,
     TokenUsed,
 )
-from node.ca.http import CaHttpServer, EnrolmentThrottle
+from ca.http import CaHttpServer, EnrolmentThrottle
+from node.clock import utcnow
 from node.errors import TrustError, WrongPassphrase
 from node.keystore import ARGON2_TEST, Keystore
 from node.link import RelayLink, tls_context
@@ -134,6 +135,12 @@ def csr_pem(name: str, key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey | Non
         x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     )
     return builder.sign(key, algorithm).public_bytes(serialization.Encoding.PEM)
+
+
+def _csr_with_bad_signature(name: str, key: Ed25519PrivateKey) -> bytes:
+    """A CSR naming `key` whose signature does not verify (its last bit flipped)."""
+    good = x509.load_pem_x509_csr(csr_pem(name, key)).public_bytes(serialization.Encoding.DER)
+    return x509.load_der_x509_csr(good[:-1] + bytes([good[-1] ^ 1])).public_bytes(serialization.Encoding.PEM)
 
 
 @pytest.fixture
@@ -248,8 +255,40 @@ def test_enrolment_issues_a_certificate_that_verifies_for_the_name(
 def test_a_token_is_one_time(authority: CertificateAuthority, admin: Admin) -> None:
     token = admin.token("alice")
     authority.enrol(token.secret, csr_pem("alice"))
-    with pytest.raises(TokenUsed):
+    with pytest.raises(TokenUsed, match="by another key"):
         authority.enrol(token.secret, csr_pem("alice"))
+
+
+def test_a_retry_by_the_same_key_gets_the_same_certificate_within_the_token_lifetime(
+    authority: CertificateAuthority, admin: Admin, clock: Clock
+) -> None:
+    """A node that lost the answer, or could not store it, retries: no second certificate, no burnt token."""
+    key = Ed25519PrivateKey.generate()
+    token = admin.token("alice", timedelta(minutes=10))
+    first = authority.enrol(token.secret, csr_pem("alice", key))
+    clock.advance(timedelta(minutes=9))
+    assert authority.enrol(token.secret, csr_pem("alice", key)) == first  # a fresh CSR, the same key
+    issued = [c for c in authority.list(session=admin.session) if c.name == "alice"]
+    assert [c.pem for c in issued] == [first]  # one certificate, no orphan
+    entries = authority.audit_entries(session=admin.session)
+    assert [e.action for e in entries].count("enrolment_repeated") == 1
+    with pytest.raises(TokenUsed, match="by another key"):
+        authority.enrol(token.secret, csr_pem("alice"))  # the token holder with another key: refused
+    with pytest.raises(CsrSignatureInvalid):  # knowing the public key is not enough: the CSR must be signed by it
+        authority.enrol(token.secret, _csr_with_bad_signature("alice", key))
+    clock.advance(timedelta(minutes=1))
+    with pytest.raises(TokenUsed, match=r"used already$"):
+        authority.enrol(token.secret, csr_pem("alice", key))  # past the token's lifetime
+    assert [c.name for c in authority.list(session=admin.session)].count("alice") == 1
+
+
+def test_a_retry_after_revocation_is_refused(authority: CertificateAuthority, admin: Admin) -> None:
+    key = Ed25519PrivateKey.generate()
+    token = admin.token("alice")
+    authority.enrol(token.secret, csr_pem("alice", key))
+    authority.revoke("alice", session=admin.session)
+    with pytest.raises(TokenUsed, match="revoked"):
+        authority.enrol(token.secret, csr_pem("alice", key))
 
 
 def test_an_expired_token_is_refused(authority: CertificateAuthority, clock: Clock, admin: Admin) -> None:
@@ -281,10 +320,8 @@ def test_a_csr_with_a_bad_signature_is_refused_and_keeps_the_token(
     authority: CertificateAuthority, admin: Admin
 ) -> None:
     token = admin.token("alice")
-    good = x509.load_pem_x509_csr(csr_pem("alice")).public_bytes(serialization.Encoding.DER)
-    forged = x509.load_der_x509_csr(good[:-1] + bytes([good[-1] ^ 1])).public_bytes(serialization.Encoding.PEM)
     with pytest.raises(CsrSignatureInvalid) as refused:
-        authority.enrol(token.secret, forged)
+        authority.enrol(token.secret, _csr_with_bad_signature("alice", Ed25519PrivateKey.generate()))
     assert isinstance(refused.value, TrustError)
     authority.enrol(token.secret, csr_pem("alice"))
 

@@ -1,4 +1,4 @@
-"""node/ca administrators: TOTP (RFC 6238), sessions, roles, lock-out, the audit log, and the HTTP admin API."""
+"""ca/ administrators: TOTP (RFC 6238), sessions, roles, lock-out, the audit log, and the HTTP admin API."""
 
 # The fixtures shared with test_ca are imported, and pytest passes them back as same-named parameters.
 # ruff: noqa: F811
@@ -32,8 +32,8 @@ from test_ca import (  # noqa: F401 - shared fixtures
     ticks,
 )
 
-from node.ca import CaService, CertificateAuthority
-from node.ca.admin import (
+from ca import CaService, CertificateAuthority
+from ca.admin import (
     FAILURE_WINDOW,
     LOCKOUT,
     MAX_FAILURES,
@@ -46,8 +46,8 @@ from node.ca.admin import (
     provisioning_uri,
     secret_from_uri,
 )
-from node.ca.admin_api import AdminApi
-from node.ca.errors import (
+from ca.admin_api import AdminApi
+from ca.errors import (
     AdminExists,
     AdminLocked,
     AdminNotFound,
@@ -58,7 +58,7 @@ from node.ca.errors import (
     PermissionDenied,
     SessionRequired,
 )
-from node.ca.http import CaHttpServer, EnrolmentThrottle
+from ca.http import CaHttpServer, EnrolmentThrottle
 from node.errors import AuditChainBroken, TrustError
 
 STEP = timedelta(seconds=30)

@@ -26,11 +26,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from test_ca import csr_pem
 
+from ca import CertificateAuthority
+from ca.admin import code_at, secret_from_uri
 from kmsnet.ca_cli import ca as ca_group
 from kmsnet.node_cli import node as node_group
 from node.audit import AuditLog
-from node.ca import CertificateAuthority
-from node.ca.admin import code_at, secret_from_uri
+from node.enrol import STAGING_FILE
 from node.keystore import Keystore
 from node.node import Node
 from protocol import certs
@@ -320,6 +321,12 @@ def test_enrolment_end_to_end_as_a_user_runs_it(ca_home: Path, ca_url: str, tmp_
     wrong = "0" * 64
     fails(run(*node_init, "--token", token, "--ca-fingerprint", wrong, passphrase=NODE_PASS), 4, "not enrolling")
     assert not alice.exists() or list(alice.iterdir()) == []
+
+    # A home where the keystore cannot be made (here a directory is in its way): it fails before the
+    # token is redeemed, so the same token works once the home is fixed.
+    (alice / STAGING_FILE).mkdir(parents=True)
+    fails(run(*node_init, "--token", token, passphrase=NODE_PASS), 3, "cannot open keystore")
+    (alice / STAGING_FILE).rmdir()
 
     result = run(*node_init, "--token", token, "--ca-fingerprint", fingerprint, "--json", passphrase=NODE_PASS)
     record = json.loads(ok(result))

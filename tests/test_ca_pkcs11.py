@@ -21,10 +21,10 @@ from test_ca import PASS, Admin, csr_pem, init_ca
 from test_ca_cli import ROOT, Authenticator, env, fails, ok
 from test_ca_cli import run as cli_run
 
-from node.ca import CertificateAuthority
-from node.ca.admin import secret_from_uri
-from node.ca.authority import NS_CA
-from node.ca.errors import InvalidRequest
+from ca import CertificateAuthority
+from ca.admin import secret_from_uri
+from ca.authority import NS_CA
+from ca.errors import InvalidRequest
 from node.keystore import ARGON2_TEST, Keystore
 from node.pkcs11 import PinRequired, TokenKeyRef, TokenSession, WrongPin
 from protocol import certs

@@ -1,4 +1,4 @@
-"""node/ca revocation: `revoke`, the CRL it issues at once, OCSP over HTTP (RFC 6960), and a revocation made
+"""ca/ revocation: `revoke`, the CRL it issues at once, OCSP over HTTP (RFC 6960), and a revocation made
 by `kmsnet ca revoke` in one process reaching the nodes through `kmsnet ca serve` in another."""
 
 # The fixtures shared with test_ca are imported, and pytest passes them back as same-named parameters.
@@ -22,7 +22,7 @@ import pytest
 from conftest import NOW
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.x509 import ocsp
 from test_ca import (  # noqa: F401 - shared fixtures
     PASS,
@@ -41,11 +41,12 @@ from test_ca import (  # noqa: F401 - shared fixtures
     root_in,
 )
 
-from node.ca import CaService, CertificateAuthority
-from node.ca.authority import CaPolicy
-from node.ca.errors import CertificateNotFound, InvalidRequest
+from ca import CaService, CertificateAuthority
+from ca.authority import CRL_RETENTION, CaPolicy
+from ca.errors import CertificateNotFound, InvalidRequest
 from node.link import RelayLink
 from protocol import certs
+from protocol.certs import CLOCK_SKEW
 from protocol.identity import IdentityKey
 from protocol.link import CrlFeed, LinkFrame, PublishCrl, Welcome
 from protocol.revocation import OcspAnswer, build_ocsp_request, verify_crl, verify_ocsp_response
@@ -126,6 +127,74 @@ def test_crl_numbers_only_rise_and_expired_entries_leave_the_crl(
         later = verify_crl(reopened.current_crl(), reopened.root, clock())
         assert later.revoked == frozenset() and later.number > crl.number > numbers[-1]
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
+
+
+def renew(authority: CertificateAuthority, cert: x509.Certificate, key: Ed25519PrivateKey) -> x509.Certificate:
+    return certs.load_certificate(authority.renew(certs.certificate_pem(cert), csr_pem("alice", key)))
+
+
+def test_revoke_after_a_renewal_lists_the_replaced_certificate_while_sessions_under_it_can_live(
+    authority: CertificateAuthority, admin: Admin, clock: Clock
+) -> None:
+    """A peer's session made under alice's first certificate lives until its notAfter + CLOCK_SKEW
+    (PROTOCOL.md §10.5): revoking alice just after that notAfter must still list it."""
+    key = Ed25519PrivateKey.generate()
+    first = certs.load_certificate(authority.enrol(admin.token("alice").secret, csr_pem("alice", key)))
+    clock.advance(timedelta(days=5))  # past 2/3 of the 7-day validity: the node renews
+    renewed = renew(authority, first, key)
+    clock.now = first.not_valid_after_utc + CLOCK_SKEW / 2  # the first expired, a session under it may not have
+    revocation = authority.revoke("alice", reason="key-compromise", session=admin.session)
+    assert {c.serial for c in revocation.certificates} == {first.serial_number, renewed.serial_number}
+    crl = verify_crl(authority.current_crl(), authority.root, clock())
+    assert crl.revoked == {first.serial_number, renewed.serial_number}
+    assert authority.ocsp_status(first.serial_number).status == "revoked"
+
+
+def test_revoke_covers_every_key_the_name_held_and_another_name_certified_with_one_of_them(
+    authority: CertificateAuthority, admin: Admin, clock: Clock
+) -> None:
+    key = Ed25519PrivateKey.generate()
+    old_key = certs.load_certificate(authority.enrol(admin.token("alice").secret, csr_pem("alice", key)))
+    new_key = enrol(authority, admin, "alice")  # a rekey: another key, another enrolment
+    alias = certs.load_certificate(authority.enrol(admin.token("alias").secret, csr_pem("alias", key)))
+    bob = enrol(authority, admin, "bob")
+    revoked = {c.serial for c in authority.revoke("alice", session=admin.session).certificates}
+    assert revoked == {old_key.serial_number, new_key.serial_number, alias.serial_number}
+    assert bob.serial_number not in verify_crl(authority.current_crl(), authority.root, clock()).revoked
+
+
+def test_an_expired_certificate_is_revoked_and_kept_on_the_crl_until_crl_retention_past_its_notafter(
+    authority: CertificateAuthority, admin: Admin, clock: Clock
+) -> None:
+    assert CRL_RETENTION >= CLOCK_SKEW  # the documented bound: no shorter than a session outlives its certificate
+    alice = enrol(authority, admin, "alice")
+    end = alice.not_valid_after_utc
+    clock.now = end + CRL_RETENTION - timedelta(hours=1)  # expired, yet a slow-clocked peer may hold a session
+    authority.revoke("alice", session=admin.session)
+    assert alice.serial_number in verify_crl(authority.current_crl(), authority.root, clock()).revoked
+    clock.now = end + CRL_RETENTION - timedelta(seconds=1)
+    assert alice.serial_number in verify_crl(_fresh_crl(authority, admin), authority.root, clock()).revoked
+    clock.now = end + CRL_RETENTION
+    assert alice.serial_number not in verify_crl(_fresh_crl(authority, admin), authority.root, clock()).revoked
+    with pytest.raises(CertificateNotFound, match="could still back a session"):
+        authority.revoke("alice", session=admin.session)  # nothing of alice's can back a session any more
+
+
+def test_revoke_skips_certificates_past_the_retention(
+    authority: CertificateAuthority, admin: Admin, clock: Clock
+) -> None:
+    old = enrol(authority, admin, "alice")
+    clock.now = old.not_valid_after_utc + CRL_RETENTION  # no session under it can exist: listing it is noise
+    current = enrol(authority, admin, "alice")
+    revoked = {c.serial for c in authority.revoke("alice", session=admin.session).certificates}
+    assert revoked == {current.serial_number}
+
+
+def _fresh_crl(authority: CertificateAuthority, admin: Admin) -> bytes:
+    """A CRL issued at the clock's now (a revocation issues one; here a throwaway node's)."""
+    enrol(authority, admin, "zed")
+    authority.revoke("zed", session=admin.session)
+    return authority.current_crl()
 
 
 def test_the_crl_lifetime_is_the_policy_chosen_at_init(tmp_path: Path, clock: Clock) -> None:

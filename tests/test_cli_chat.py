@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from node.ca.admin import code_at, secret_from_uri
+from ca.admin import code_at, secret_from_uri
 
 ROOT = Path(__file__).resolve().parent.parent
 CA_PASS = "ca passphrase"

@@ -13,8 +13,8 @@ import pytest
 from conftest import NOW
 from test_ca import authority, clock, home, otp_secret, root_in  # noqa: F401 - shared fixtures
 
+from ca import CaService, CertificateAuthority
 from node import crlfetch
-from node.ca import CaService, CertificateAuthority
 from protocol.crl import verify_crl
 
 

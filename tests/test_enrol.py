@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
+import json
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -18,21 +21,27 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.x509.oid import NameOID
 from test_ca import Admin
 
-from node.ca import CertificateAuthority
-from node.ca.admin import secret_from_uri
-from node.ca.authority import utcnow
-from node.ca.errors import (
+from ca import CertificateAuthority
+from ca.admin import secret_from_uri
+from ca.http import CaHttpServer, Request, Response
+from node.clock import utcnow
+from node.enrol import STAGING_FILE, Enrolment, enrol_node, parse_fingerprint
+from node.errors import (
     AlreadyEnrolled,
     CaProtocolError,
     CaUnreachable,
     CertificateRefused,
+    EnrolmentInputError,
     EnrolmentRefused,
+    EnrolmentUnfinished,
     FingerprintMismatch,
-    InvalidRequest,
+    KeystoreCorrupt,
+    LinkError,
+    StorageError,
+    TrustError,
+    Unavailable,
+    WrongPassphrase,
 )
-from node.ca.http import CaHttpServer, Request, Response
-from node.enrol import Enrolment, enrol_node, parse_fingerprint
-from node.errors import KeystoreCorrupt, LinkError, TrustError, Unavailable
 from node.keystore import ARGON2_TEST, Keystore
 from node.kms import KeyManagementSystem
 from node.node import Node
@@ -181,14 +190,111 @@ async def test_an_unreachable_ca_is_unavailable(tmp_path: Path) -> None:
     assert_nothing_written(tmp_path / "alice")
 
 
+# --- enrolment that can be retried (issue #14) -----------------------------------------------------------
+
+
+def failing_link(code: int) -> Callable[[str | Path, str | Path], None]:
+    """`os.link` failing with `code` when it would put the prepared keystore in place (only then)."""
+    real = os.link
+
+    def link(src: str | Path, dst: str | Path) -> None:
+        if Path(src).name == STAGING_FILE:
+            raise OSError(code, os.strerror(code))
+        real(src, dst)
+
+    return link
+
+
+def alice_serials(ca: RunningCa) -> list[int]:
+    return [c.serial for c in ca.authority.list(session=ca.admin.session) if c.name == "alice"]
+
+
+async def test_a_home_that_cannot_be_written_fails_before_the_token_is_spent(ca: RunningCa, tmp_path: Path) -> None:
+    (tmp_path / "file").write_bytes(b"")
+    token = ca.admin.token("alice")
+    with pytest.raises(StorageError, match="cannot write the home") as failed:
+        await enrol(tmp_path / "file" / "alice", "alice", ca.url, token.secret)
+    assert "Errno" not in str(failed.value)
+    assert alice_serials(ca) == []  # the CA was never asked
+    result = await enrol(tmp_path / "alice", "alice", ca.url, token.secret)  # the same token still works
+    assert alice_serials(ca) == [result.serial]
+
+
+async def test_a_failed_write_after_the_ca_certified_the_key_is_finished_by_a_retry_with_the_same_token(
+    ca: RunningCa, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "alice"
+    token = ca.admin.token("alice")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "link", failing_link(errno.ENOSPC))
+        with pytest.raises(EnrolmentUnfinished, match="run the same command again") as failed:
+            await enrol(home, "alice", ca.url, token.secret)
+    assert isinstance(failed.value, Unavailable) and "Errno" not in str(failed.value)
+    assert [p.name for p in home.iterdir()] == [STAGING_FILE]  # the prepared keystore, with its key, stays
+    first = alice_serials(ca)
+    assert len(first) == 1
+    result = await enrol(home, "alice", ca.url, token.secret)
+    assert alice_serials(ca) == first == [result.serial]  # the same certificate: no orphan, no spent token
+    assert [p.name for p in home.iterdir()] == ["keystore.db"]
+    with Keystore.open(home / "keystore.db", passphrase=PASS) as keystore:
+        assert Node(keystore).name == "alice" and keystore.get("node", "enrolling") is None
+        der = keystore.get("node", "certificate")
+        assert der is not None and x509.load_der_x509_certificate(der).serial_number == result.serial
+
+
+async def test_a_lost_answer_is_finished_by_a_retry_and_another_key_is_still_refused(
+    ca: RunningCa, tmp_path: Path
+) -> None:
+    token = ca.admin.token("alice")
+
+    async def answer_too_late(request: Request) -> Response:
+        pem = ca.authority.enrol(token.secret, json.loads(request.body)["csr"])
+        await asyncio.sleep(1.0)  # past the client's timeout: the node never sees the certificate
+        return Response.json(HTTPStatus.OK, {"certificate": pem.decode()})
+
+    original = ca.server.routes["/enroll"]["POST"]
+    ca.server.add_route("POST", "/enroll", answer_too_late)
+    home = tmp_path / "alice"
+    call = functools.partial(
+        enrol_node, home, "alice", ca.url, token.secret, RELAY, PASS, argon2=ARGON2_TEST, timeout=0.3
+    )
+    with pytest.raises(EnrolmentUnfinished):
+        await asyncio.to_thread(call)
+    ca.server.add_route("POST", "/enroll", original)
+    certified = alice_serials(ca)
+    result = await enrol(home, "alice", ca.url, token.secret)
+    assert alice_serials(ca) == certified == [result.serial]
+    # The token's holder with another key (another home, so another key): refused, nothing written there.
+    with pytest.raises(EnrolmentRefused, match="by another key"):
+        await enrol(tmp_path / "mallory", "alice", ca.url, token.secret)
+    assert_nothing_written(tmp_path / "mallory")
+    assert alice_serials(ca) == certified
+
+
+async def test_an_unfinished_enrolment_needs_its_own_passphrase(
+    ca: RunningCa, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    home = tmp_path / "alice"
+    token = ca.admin.token("alice")
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "link", failing_link(errno.EIO))
+        with pytest.raises(EnrolmentUnfinished):
+            await enrol(home, "alice", ca.url, token.secret)
+    call = functools.partial(enrol_node, home, "alice", ca.url, token.secret, RELAY, "another", argon2=ARGON2_TEST)
+    with pytest.raises(WrongPassphrase, match="unfinished enrolment"):
+        await asyncio.to_thread(call)
+    assert [p.name for p in home.iterdir()] == [STAGING_FILE]
+
+
 @pytest.mark.parametrize(
     ("name", "ca_url", "relay_url", "fingerprint", "error"),
     [
-        ("Alice", "http://127.0.0.1:1", RELAY, None, InvalidRequest),
-        ("alice", "ftp://127.0.0.1:1", RELAY, None, InvalidRequest),
-        ("alice", "http://127.0.0.1:99999", RELAY, None, InvalidRequest),
+        ("Alice", "http://127.0.0.1:1", RELAY, None, EnrolmentInputError),
+        ("alice", "ftp://127.0.0.1:1", RELAY, None, EnrolmentInputError),
+        ("alice", "http://127.0.0.1:99999", RELAY, None, EnrolmentInputError),
         ("alice", "http://127.0.0.1:1", "http://relay", None, LinkError),
-        ("alice", "http://127.0.0.1:1", RELAY, "abc", InvalidRequest),
+        ("alice", "http://127.0.0.1:1", RELAY, "abc", EnrolmentInputError),
     ],
 )
 async def test_bad_arguments_are_refused_before_any_request(
@@ -204,7 +310,7 @@ def test_fingerprints_are_read_in_the_usual_spellings() -> None:
     assert parse_fingerprint(raw.hex()) == raw
     assert parse_fingerprint(":".join(f"{b:02X}" for b in raw)) == raw
     assert parse_fingerprint("SHA256:" + raw.hex()) == raw
-    with pytest.raises(InvalidRequest):
+    with pytest.raises(EnrolmentInputError):
         parse_fingerprint(raw.hex()[:-1])
 
 

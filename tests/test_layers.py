@@ -144,3 +144,31 @@ def test_transitive_walker_follows_chains(tmp_path: Path) -> None:
     known |= {"pkg.b": tmp_path / "pkg" / "b.py", "pkg.c": tmp_path / "pkg" / "c.py"}
     assert import_chain("a", {"pkg.c"}, known) == ["a", "pkg.b", "pkg.c"]
     assert import_chain("pkg.c", {"a"}, known) is None
+
+
+# --- the CA (ca/): its own process, used only from above ----------------------------------------------
+#: Who may import `ca`: itself and the composition layers above it (the command line, the lab, the
+#: tests and benchmarks). Below it, node/ (whose keystore and audit building blocks the CA uses),
+#: relay/ and protocol/ never do: the client side of enrolment lives in node/.
+CA_USERS = {"ca", "kmsnet", "scenarios", "tests", "bench"}
+CA_FORBIDDEN = {"relay", "scenarios", "kmsnet"}
+
+
+def test_nothing_below_the_ca_imports_it() -> None:
+    tops = sorted(p for p in ROOT.iterdir() if p.is_dir() and not p.name.startswith(".") and p.name not in CA_USERS)
+    offences = [
+        str(path.relative_to(ROOT))
+        for top in tops
+        for path in sorted(top.rglob("*.py"))
+        if "ca" in imported_roots(path)
+    ]
+    assert "node" in {top.name for top in tops} and offences == []
+
+
+def test_the_ca_imports_only_node_and_protocol_of_ours() -> None:
+    offences = []
+    for path in sorted((ROOT / "ca").rglob("*.py")):
+        wrong = imported_roots(path) & CA_FORBIDDEN
+        if wrong:
+            offences.append(f"{path.relative_to(ROOT)} imports {sorted(wrong)}")
+    assert offences == []

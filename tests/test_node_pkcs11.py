@@ -20,8 +20,8 @@ from test_ca_cli import PASS as CLI_PASS
 from test_ca_cli import fails, ok
 from test_ca_pkcs11 import run
 
-from node.ca import CertificateAuthority
-from node.ca.http import CaHttpServer
+from ca import CertificateAuthority
+from ca.http import CaHttpServer
 from node.enrol import enrol_node, rekey_node
 from node.keystore import ARGON2_TEST, Keystore
 from node.node import Node, NodeOptions

@@ -18,7 +18,7 @@ import pytest
 from softhsm import SoftHsm
 from test_ca import PASS, Admin, csr_pem, init_ca
 
-from node.ca import CaService, CertificateAuthority
+from ca import CaService, CertificateAuthority
 from protocol import certs
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="the system openssl is not installed")

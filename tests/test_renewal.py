@@ -21,18 +21,18 @@ from test_ca import Admin, Clock, admin, authority, clock, csr_pem, home, http, 
 from test_enrol import PASS, RunningCa, enrol
 from test_enrol import ca as running_ca  # noqa: F401 - shared fixture
 
-from node.ca import CaService, CertificateAuthority
-from node.ca.errors import (
+from ca import CaService, CertificateAuthority
+from ca.errors import CsrSignatureInvalid
+from node.enrol import rekey_node, renew_certificate, renewal_time
+from node.errors import (
     CaUnreachable,
-    CsrSignatureInvalid,
     EnrolmentError,
+    EnrolmentInputError,
     EnrolmentRefused,
     FingerprintMismatch,
-    InvalidRequest,
     RenewalRefused,
+    TrustError,
 )
-from node.enrol import rekey_node, renew_certificate, renewal_time
-from node.errors import TrustError
 from node.keystore import Keystore
 from node.node import Node
 from protocol import certs
@@ -163,7 +163,7 @@ async def test_renew_certificate_refused_for_a_revoked_node_changes_nothing(
         with pytest.raises(CaUnreachable):
             await asyncio.to_thread(functools.partial(renew_certificate, keystore, ca_url="http://127.0.0.1:9"))
         keystore.delete("node", "ca_url")
-        with pytest.raises(InvalidRequest, match="CA's URL"):
+        with pytest.raises(EnrolmentInputError, match="CA's URL"):
             await asyncio.to_thread(renew_certificate, keystore)
 
 
@@ -197,7 +197,7 @@ async def test_rekey_refusals_change_nothing(running_ca: RunningCa, tmp_path: Pa
     with Keystore.open(home / "keystore.db", passphrase=PASS) as keystore:
         before = keystore.get("node", "identity"), keystore.get("node", "certificate")
     token = running_ca.admin.token("alice").secret
-    with pytest.raises(InvalidRequest, match="holds node 'alice', not 'bob'"):
+    with pytest.raises(EnrolmentInputError, match="holds node 'alice', not 'bob'"):
         await asyncio.to_thread(rekey_node, home, "bob", running_ca.url, token, PASS)
     bob_token = running_ca.admin.token("bob").secret
     with pytest.raises(EnrolmentRefused, match="the token is for 'bob'"):

@@ -17,9 +17,9 @@ from test_chat_ui import SIZE, shown, type_line
 from test_chat_ui import until as ui_until
 from test_cli_chat import CA_PASS, fails, kmsnet, ok, serving
 
+from ca import CRL_CHECK_INTERVAL
+from ca.admin import code_at, secret_from_uri
 from kmsnet.chat_app import ChatApp
-from node.ca import CRL_CHECK_INTERVAL
-from node.ca.admin import code_at, secret_from_uri
 from node.errors import NodeRevoked
 from node.events import SecurityEvent
 from node.node import Node

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from pki_helpers import NOW, make_pki
 
-import node.ca.errors
+import ca.errors
 import node.errors
 import protocol.errors
 import relay.errors
@@ -33,7 +33,7 @@ from protocol.errors import DecodeError, ProtocolError, RemoteError, library_det
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("protocol", "node", "relay", "kmsnet", "scenarios")
 SOURCES = [path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))]
-MODULES = (protocol.errors, node.errors, node.ca.errors, relay.errors)
+MODULES = (protocol.errors, node.errors, ca.errors, relay.errors)
 CLASSES = sorted(
     {cls for module in MODULES for _, cls in inspect.getmembers(module, inspect.isclass) if issubclass(cls, Exception)},
     key=lambda cls: cls.__name__,

@@ -24,11 +24,11 @@ from typing import Any
 
 import click
 
+from ca.admin import code_at, secret_from_uri
 from kmsnet.demo.options import MAX_NODES, MIN_NODES, DemoFailure, DemoOptions, node_names
 from kmsnet.demo.processes import Child, Line, Processes
 from kmsnet.demo.transcript import Transcript
 from kmsnet.exits import TRUST, UNREACHABLE
-from node.ca.admin import code_at, secret_from_uri
 
 #: Seconds a step may wait for what it expects to see.
 STEP_TIMEOUT = 30.0

@@ -1,10 +1,9 @@
-"""The CA role: `CertificateAuthority` (state), `CaHttpServer` (enrolment, renewal, CRL and
-OCSP API), `AdminApi` (the admin routes), `CrlPublisher` (the relay feed), and `serve`, which
-runs them together until SIGINT or SIGTERM.
+"""The running CA: `CaService` (the HTTP API with its admin routes, and the CRL publisher),
+`CrlPublisher` (the relay feed), and `serve`, which runs them until SIGINT or SIGTERM.
 
 The CA publishes its CRL two ways: over HTTP (`GET /crl`) and to the relay's feed, which pushes
 it to every node. For the feed it connects to the relay as an ordinary authenticated node named
-"ca" (`authority.CA_NODE_NAME`), the only name the relay accepts a PUBLISH_CRL from. The relay
+"ca" (`ca.registry.CA_NODE_NAME`), the only name the relay accepts a PUBLISH_CRL from. The relay
 only stores and forwards it: nodes verify it under the root they pin.
 
 A revocation may happen in another process (`kmsnet ca revoke` opens ca.db while `serve` runs):
@@ -24,19 +23,10 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
-from node.ca.admin import AdminSession
-from node.ca.admin_api import AdminApi
-from node.ca.authority import (
-    CA_NODE_NAME,
-    CaCreated,
-    CaPolicy,
-    CertificateAuthority,
-    EnrolmentToken,
-    IssuedCertificate,
-    Revocation,
-    utcnow,
-)
-from node.ca.http import DEFAULT_PORT, CaHttpServer
+from ca.admin_api import AdminApi
+from ca.authority import CertificateAuthority
+from ca.http import DEFAULT_PORT, CaHttpServer
+from node.clock import utcnow
 from node.errors import RelayUnreachable
 from node.link import RelayLink, check_url
 from node.pkcs11 import Pin
@@ -44,22 +34,7 @@ from protocol.errors import ProtocolError
 from protocol.link import CrlFeed, Error, LinkFrame, PublishCrl, Welcome
 from protocol.revocation import verify_crl
 
-__all__ = [
-    "CA_NODE_NAME",
-    "DEFAULT_PORT",
-    "AdminApi",
-    "AdminSession",
-    "CaCreated",
-    "CaHttpServer",
-    "CaPolicy",
-    "CaService",
-    "CertificateAuthority",
-    "CrlPublisher",
-    "EnrolmentToken",
-    "IssuedCertificate",
-    "Revocation",
-    "serve",
-]
+__all__ = ["CRL_CHECK_INTERVAL", "CaService", "CrlPublisher", "serve"]
 
 log = logging.getLogger("kmsnet.ca")
 

@@ -13,7 +13,7 @@
     POST /admin/admins/remove   {"name": NAME} -> {"ok": true}
 
 Every route but login needs `Authorization: Bearer SECRET`, the session login returned: 15
-minutes, bound to the administrator's role at login (`node.ca.admin`). The CA decides everything
+minutes, bound to the administrator's role at login (`ca.admin`). The CA decides everything
 and audits every refusal, exactly as for the command line: 401 for a failed login (without
 saying whether the name or the code was wrong) or a missing, expired or ended session, 403 for
 a role that does not allow the action, 429 while the administrator is locked out after wrong
@@ -31,9 +31,9 @@ from collections.abc import Callable
 from datetime import timedelta
 from http import HTTPStatus
 
-from node.ca.admin import AdminSession
-from node.ca.authority import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL, CertificateAuthority
-from node.ca.errors import (
+from ca.admin import AdminSession
+from ca.authority import CertificateAuthority
+from ca.errors import (
     AdminExists,
     AdminLocked,
     AdminNotFound,
@@ -44,7 +44,8 @@ from node.ca.errors import (
     PermissionDenied,
     SessionRequired,
 )
-from node.ca.http import CaHttpServer, EnrolmentThrottle, Handler, Request, Response, json_fields
+from ca.http import CaHttpServer, EnrolmentThrottle, Handler, Request, Response, json_fields
+from ca.issuance import DEFAULT_TOKEN_TTL, MAX_TOKEN_TTL
 from node.errors import AuditChainBroken
 
 __all__ = ["AdminApi"]

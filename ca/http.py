@@ -1,6 +1,6 @@
 """The CA's HTTP/1.1 API: a small asyncio server meant for loopback.
 
-Routes (a table: the admin routes of `node.ca.admin_api` plug in with `add_route`):
+Routes (a table: the admin routes of `ca.admin_api` plug in with `add_route`):
 
     GET  /ca.pem          the root certificate (PEM) - check its fingerprint out of band
     GET  /crl             the current CRL (DER, application/pkix-crl)
@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from urllib.parse import unquote
 
-from node.ca.authority import CertificateAuthority
-from node.ca.errors import EnrolmentError, EnrolmentRefused, RenewalRefused
+from ca.authority import CertificateAuthority
+from ca.errors import EnrolmentError, EnrolmentRefused, RenewalRefused
 from node.errors import NodeError, Unavailable, code_of
 
 __all__ = [
