@@ -25,7 +25,6 @@ import functools
 import hashlib
 import logging
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
@@ -50,6 +49,9 @@ from node.ocsp import OcspChecker
 from node.pkcs11 import Pin, TokenIdentityKey
 from node.selfrevoked import Revoked, own_revocation
 from protocol import certs, handshake, wire
+from protocol.body import TextBody
+from protocol.body import decode as decode_body
+from protocol.body import encode as encode_body
 from protocol.errors import (
     CertificateRevoked,
     DecodeError,
@@ -558,7 +560,7 @@ class Node:
         if self._link is None:
             raise NodeError("node not started")
         msg_id = os.urandom(16)
-        body = msgpack.packb([msg_id, time.time(), text])
+        body = encode_body(TextBody(msg_id, int(self.clock().timestamp() * 1000), text))
         durable: asyncio.Future[None] | None = None
         payload: bytes | None = None
         while payload is None:
@@ -908,10 +910,12 @@ class Node:
         message: Message | None = None
         if received.kind is Kind.DATA:
             try:
-                msg_id, sent_at, text = msgpack.unpackb(received.data)
-                message = Message(bytes(msg_id).hex(), peer, str(text), float(sent_at))
-            except (ValueError, TypeError, msgpack.UnpackException):
+                content = decode_body(received.data)
+            except DecodeError:
                 self._emit(SecurityEvent("malformed_message", peer, "authentic but unreadable message body"))
+            else:
+                if isinstance(content, TextBody):
+                    message = Message(content.msg_id.hex(), peer, content.text, content.sent_at / 1000)
         self._stage_conversation(peer, puts)
         puts[(NS_SEEN, f"{peer}:{deliver.msg_id.hex()}")] = b""
         seen[deliver.msg_id] = None

@@ -35,6 +35,9 @@ from cryptography.x509.oid import NameOID
 from node.errors import words_of
 from node.layout import NS_NODE, NS_SESSION
 from protocol import handshake, wire
+from protocol.body import TextBody
+from protocol.body import decode as decode_body
+from protocol.body import encode as encode_body
 from protocol.errors import DecodeError, ProtocolError
 from protocol.identity import IdentityKey, KemKeyPair, X25519KeyPair
 from protocol.keyschedule import kdf_ck, message_nonce, root_key
@@ -381,13 +384,13 @@ class MaliciousRelay(Interceptor):
         return pushed
 
 
-def body_text(body: bytes) -> str:
-    """The text in a node's message body (`[msg_id, sent_at, text]`), or a note that there is none."""
+def body_text(data: bytes) -> str:
+    """The text in a node's message body (protocol/body.py), or a note that there is none."""
     try:
-        _, _, text = msgpack.unpackb(body)
-    except (ValueError, TypeError, msgpack.UnpackException):
+        content = decode_body(data)
+    except DecodeError:
         return "(not a text message)"
-    return str(text)
+    return content.text if isinstance(content, TextBody) else "(a receipt or retry request, not a text)"
 
 
 # --- identities the attacker can present -------------------------------------------------------------------------
@@ -552,7 +555,8 @@ class Mitm(Tactic):
             return [] if body is not None else [envelope.payload]
         if body is None:
             # The INIT was made for the real prekeys, so the attacker cannot read it: it sends its own words.
-            body = msgpack.packb([os.urandom(16), self.clock.now().timestamp(), self.lure])
+            lure = TextBody(os.urandom(16), int(self.clock.now().timestamp() * 1000), self.lure)
+            body = encode_body(lure)
         creds = self.pose_as[sender]
         try:
             # Without a one-time prekey (the relay hands those out, and the genuine INIT may have used it).
