@@ -12,7 +12,9 @@ import click
 
 from kmsnet import logs
 from kmsnet.exits import EPILOG, TRUST, UNREACHABLE, CliFailure
+from kmsnet.history_cli import history_work
 from kmsnet.options import Output, StoreOptions, json_option, node_failures, read_input, store_options
+from kmsnet.trust_cli import trust_work
 from kmsnet.writer import LocalSink, Sink, Work, dispatch, open_node, serving
 from node.control import Handler, Handover, Reply
 from node.errors import RelayUnreachable
@@ -186,6 +188,9 @@ def _drain(queue: asyncio.Queue[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 async def _status_work(node: Node, args: dict[str, Any], sink: Sink) -> None:
     info = node.status()
+    for s in info["sessions"]:  # what the user checked of each peer (node/trust.py)
+        record = node.peer(s["peer"])
+        s["trust"] = node.trust.state(s["peer"], record.identity if record is not None else None).value
     feed = info["feed"]
     freshness = (
         "no CRL yet: new sessions fail closed"
@@ -204,7 +209,7 @@ async def _status_work(node: Node, args: dict[str, Any], sink: Sink) -> None:
     ]
     for s in info["sessions"]:
         state = s["state"] + (f" ({s['closed_reason']})" if s["closed_reason"] else "")
-        lines.append(f"session     {s['peer']}: {state}; safety number {s['safety_number']}")
+        lines.append(f"session     {s['peer']}: {state}; safety number {s['safety_number']} ({s['trust']})")
     sink.emit(info, "\n".join(lines))
     if revoked:  # issue #13: a revoked node is told, and exits 4
         raise CliFailure(f"this node's certificate is {revoked['text']}", TRUST, name="node_revoked")
@@ -226,7 +231,13 @@ def control_handlers(node: Node, *, reads_inbox: bool) -> dict[str, Handler]:
     async def receive_for(node: Node, args: dict[str, Any], sink: Sink) -> None:
         await _receive_work(node, args, sink, take=not reads_inbox)
 
-    return {"send": bind(_send_work), "receive": bind(receive_for), "status": bind(_status_work)}
+    return {
+        "send": bind(_send_work),
+        "receive": bind(receive_for),
+        "status": bind(_status_work),
+        "history": bind(history_work),
+        "trust": bind(trust_work),
+    }
 
 
 def _run_online(

@@ -127,6 +127,19 @@ class PeerUnavailable(NodeError):
     """The peer cannot be reached through the relay (no prekey bundle, not enrolled)."""
 
 
+class SelfSend(NodeError):
+    """A message addressed to this node itself."""
+
+
+class IdentityChanged(TrustError):
+    """A verified peer's identity key changed: sending to it waits until the user accepts the new
+    safety number (node/trust.py)."""
+
+
+class SafetyNumberMismatch(TrustError):
+    """The safety number given is not the one shared with the peer."""
+
+
 # --- audit log ------------------------------------------------------------------------------------
 
 

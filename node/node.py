@@ -38,9 +38,10 @@ from cryptography.x509.oid import NameOID
 from node import crlfetch
 from node.enrol import load_identity, renew_certificate, renewal_time
 from node.epoch import EpochFile, epoch_path
-from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachable, code_of
+from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachable, SelfSend, code_of
 from node.eventbudget import MAX_STORED_EVENTS, QUARANTINE, EventBudget, RefusalBudget
 from node.events import Delivered, Message, SecurityEvent
+from node.history import Entry, History, State
 from node.journal import Journal, Key
 from node.keystore import Keystore
 from node.layout import NS_ARCHIVE, NS_BUNDLE, NS_INBOX, NS_NODE, NS_OUTBOX, NS_PEER, NS_SEEN, NS_SESSION
@@ -48,6 +49,7 @@ from node.link import RelayLink, split_urls
 from node.ocsp import OcspChecker
 from node.pkcs11 import Pin, TokenIdentityKey
 from node.selfrevoked import Revoked, own_revocation
+from node.trust import Trust, certificate_key
 from protocol import certs, handshake, wire
 from protocol.body import TextBody
 from protocol.body import decode as decode_body
@@ -229,6 +231,10 @@ class Node:
         self._peers: dict[str, PeerRecord | None] = {}
         self._reservations: dict[str, asyncio.Future[None]] = {}
         self._inbox_seq = _last_seq(keystore.names(NS_INBOX))
+        #: Every message sent and received, with its delivery state (node/history.py).
+        self.history = History(keystore, clock)
+        #: The peers' identity keys the user verified (node/trust.py).
+        self.trust = Trust(keystore, lambda: self.identity.public_bytes)
         #: Security events coalesced per peer, and how many the stored inbox holds (issue #13).
         self.event_budget = EventBudget()
         self.refusal_budget = RefusalBudget()
@@ -559,6 +565,8 @@ class Node:
         """
         if self._link is None:
             raise NodeError("node not started")
+        if peer == self.name:
+            raise SelfSend(f"{peer!r} is this node: a message goes to another node")
         msg_id = os.urandom(16)
         body = encode_body(TextBody(msg_id, int(self.clock().timestamp() * 1000), text))
         durable: asyncio.Future[None] | None = None
@@ -571,15 +579,22 @@ class Node:
                 session = self._session(peer)
                 if session is None or session.closed:
                     if bundle is not None:
+                        self.trust.check_send(peer, certificate_key(bundle.certificate))
                         payload, durable = self._initiate(peer, bundle, body)
                     # else: the session went away while we waited; fetch a bundle after all.
                 else:
+                    if (record := self.peer(peer)) is not None:
+                        self.trust.check_send(peer, record.identity)
                     durable = self._reserve(peer, session)
                     payload = session.encrypt(body)
+        history: dict[Key, bytes] = {}
+        self.history.add(Entry(msg_id.hex(), peer, "out", text, self.clock().timestamp(), State.SENDING), history)
+        recorded = self._journal.commit(history, sync=False)
         if durable is not None:
             # Outside the lock, so that other sends can join the same commit. The ciphertext leaves
             # only once a state that covers it is on disk (fsynced): a reservation or a new session.
             await durable
+        await recorded
         accepted = self._await_accepted(msg_id)
         self._queue_outbox(msg_id, peer, payload)
         try:
@@ -666,9 +681,7 @@ class Node:
         assert self._link is not None
         reply = await self._link.fetch_bundle(peer)
         if reply.bundle is None:
-            raise PeerUnavailable(
-                f"the relay knows no node named {peer!r}: check the name (it must have enrolled and been online once)"
-            )
+            raise PeerUnavailable(f"no node named {peer!r} has enrolled with this CA, or it has never connected")
         try:
             frame = wire.decode(reply.bundle)
             if not isinstance(frame, PrekeyBundle):
@@ -815,6 +828,9 @@ class Node:
             await self._on_deliver(frame)
         elif isinstance(frame, Accepted):
             self._forget_outbox(frame.msg_id)
+            stored: dict[Key, bytes] = {}
+            if self.history.mark(frame.msg_id.hex(), State.STORED, stored):
+                self._journal.commit(stored, sync=False).add_done_callback(_log_failure)
             waiting = self._accepted.pop(frame.msg_id, None)
             if waiting is not None and not waiting[1].done():
                 waiting[1].set_result(None)
@@ -914,8 +930,10 @@ class Node:
             except DecodeError:
                 self._emit(SecurityEvent("malformed_message", peer, "authentic but unreadable message body"))
             else:
-                if isinstance(content, TextBody):
+                if isinstance(content, TextBody) and not self.history.has_received(peer, content.msg_id.hex()):
                     message = Message(content.msg_id.hex(), peer, content.text, content.sent_at / 1000)
+                    entry = Entry(message.id, peer, "in", message.text, message.sent_at, State.RECEIVED)
+                    self.history.add(entry, puts)
         self._stage_conversation(peer, puts)
         puts[(NS_SEEN, f"{peer}:{deliver.msg_id.hex()}")] = b""
         seen[deliver.msg_id] = None
