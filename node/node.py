@@ -7,48 +7,51 @@ key or a nonce), and a received message is committed to the inbox with the sessi
 state before the application sees it and before the relay is told to forget it (nothing is
 lost, and a redelivery is recognised by its id and acknowledged silently). An envelope the
 relay has not accepted yet is kept in memory, and written to disk once `send` reports it
-queued or the node stops (see `_queue_outbox`).
+queued or the node stops (node/outbox.py).
 
-Keystore layout (namespace / name → sealed value):
-    node/identity, node/certificate, node/root, node/relay, node/prekeys (the prekey account, its
-    rotation schedule included), node/revocation, node/epoch, node/onetime_certificate (the
-    certificate the relay's one-time prekeys are signed over), bundle/<spk id>, session/<peer> (the
-    current session), archive/<peer> (the sessions it replaced, protocol/peer.py), peer/<peer>,
-    outbox/<seq 20 digits>, inbox/<seq 20 digits>, seen/<peer>:<msg id hex>
+The shell's parts, each with the keystore records it holds:
+    node/sessions.py   session/<peer>, archive/<peer>, peer/<peer>, seen/<peer>:<msg id hex>, node/epoch
+    node/bundles.py    node/prekeys, bundle/<spk id>, node/onetime_certificate
+    node/outbox.py     outbox/<seq 20 digits>
+    node/inbox.py      inbox/<seq 20 digits>
+    this module        node/identity, node/certificate, node/root, node/relay, node/revocation
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import hashlib
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
-import msgpack
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from node import crlfetch
+from node.bundles import ONETIME_LOW, Bundles
 from node.enrol import load_identity, renew_certificate, renewal_time
-from node.epoch import EpochFile, epoch_path
 from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachable, SelfSend, code_of
-from node.eventbudget import MAX_STORED_EVENTS, QUARANTINE, EventBudget, RefusalBudget
-from node.events import Delivered, Message, SecurityEvent
+from node.eventbudget import QUARANTINE, RefusalBudget
+from node.events import Message, SecurityEvent
 from node.history import Entry, History, State
-from node.journal import Journal, Key
+from node.inbox import Inbox
+from node.journal import Journal, Key, log_failure, succeeded
 from node.keystore import Keystore
-from node.layout import NS_ARCHIVE, NS_BUNDLE, NS_INBOX, NS_NODE, NS_OUTBOX, NS_PEER, NS_SEEN, NS_SESSION
+from node.layout import NS_NODE
 from node.link import RelayLink, split_urls
 from node.ocsp import OcspChecker
-from node.pkcs11 import Pin, TokenIdentityKey
+from node.options import NodeOptions
+from node.outbox import Outbox
+from node.pkcs11 import TokenIdentityKey
 from node.selfrevoked import Revoked, own_revocation
+from node.sessions import PeerRecord, Sessions
+from node.status import status
 from node.trust import Trust, certificate_key
 from protocol import certs, handshake, wire
 from protocol.body import TextBody
@@ -61,120 +64,26 @@ from protocol.errors import (
     ProtocolError,
     RevocationError,
     SessionClosed,
-    UnknownPrekey,
 )
-from protocol.handshake import PrekeySecrets
-from protocol.identity import KemKeyPair, X25519KeyPair
-from protocol.link import Accepted, Ack, CrlFeed, Deliver, Error, ErrorCode, LinkFrame, PublishBundle, Send, Welcome
-from protocol.messages import FrameType, InitMessage, PrekeyBundle, Suite
+from protocol.link import Accepted, Ack, CrlFeed, Deliver, Error, ErrorCode, LinkFrame, Send, Welcome
+from protocol.messages import FrameType, PrekeyBundle, Suite
 from protocol.peer import Conversation, revoked_serial
 from protocol.revocation import RevocationState
 from protocol.safety import safety_number
 from protocol.session import Kind, Session
 
+__all__ = ["Node", "NodeOptions", "PeerRecord"]
+
 log = logging.getLogger("kmsnet.node")
 
-
-#: One-time prekeys uploaded per batch, and the level below which the node tops up.
-ONETIME_BATCH = 100
-ONETIME_LOW = 25
 #: Sending message numbers reserved per durable write (well under the peer's MAX_SKIP).
 RESERVE_AHEAD = 64
 #: Seconds between checks for a due signed-prekey rotation while connected.
 MAINTENANCE_INTERVAL = 60.0
-#: Received message ids remembered per peer to tell a redelivery from a replay.
-MAX_SEEN_PER_PEER = 5000
-#: Earlier certificate serials remembered per peer identity key (renewals overlap by a few).
-MAX_SERIALS = 16
 
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-@dataclass(frozen=True)
-class NodeOptions:
-    """Policy knobs (the command line and the lab set them)."""
-
-    #: Signed prekeys rotate this often; the old one is kept for `prekey_grace` so that INITs in flight open.
-    prekey_rotation: timedelta = timedelta(days=7)
-    prekey_grace: timedelta = timedelta(days=2)
-    #: Handshake suite we initiate with and suites we accept.
-    suite: Suite = Suite.HYBRID
-    accept_suites: tuple[Suite, ...] = (Suite.HYBRID,)
-    #: Publish an ML-KEM prekey (False only for the harvest-now scenario's classic variant).
-    publish_kem: bool = True
-    #: Seconds to wait for the relay to accept a sent envelope before `send` returns queued.
-    send_timeout: float = 10.0
-    #: Check peers by OCSP at this URL (the CA's responder) instead of the CRL feed.
-    ocsp_url: str | None = None
-    #: Keep what arrives in the keystore's inbox until `take_inbox` (the `receive` and `chat` commands
-    #: read it). An application that reads only `events` turns it off, or the inbox only grows.
-    inbox: bool = True
-    #: The PIN of the PKCS#11 token holding a token-backed node's identity key (None: from the
-    #: environment, `node.pkcs11.environment_pin`). Never stored.
-    pin: Pin | None = field(default=None, repr=False)
-    #: INSECURE when False (only for the relay-forwarding scenario's "before"): answer a CHALLENGE
-    #: naming another relay than the one dialled (node/link.py).
-    check_relay_name: bool = True
-    #: Fetch the CRL from the CA directly when the newest one held is older than this (node/crlfetch.py).
-    crl_max_age: timedelta = crlfetch.DEFAULT_MAX_AGE
-
-
-@dataclass(slots=True)
-class _Outgoing:
-    """An envelope sent but not yet accepted by the relay (see `Node._queue_outbox`)."""
-
-    name: str
-    to: str
-    payload: bytes
-    on_disk: bool = False
-
-
-@dataclass(frozen=True)
-class PeerRecord:
-    """What we know of a peer we have a session with."""
-
-    name: str
-    serial: int
-    fingerprint: bytes
-    identity: bytes
-    state: str
-    #: The peer's certificate (DER) the current session was made under: it ends at its notAfter,
-    #: and an OCSP responder can be asked about it later.
-    certificate: bytes
-    #: Serials of the peer's earlier certificates for the same identity key (newest first): a CRL
-    #: listing any of them ends the sessions too (PROTOCOL.md §10.5).
-    serials: tuple[int, ...] = ()
-
-    def pack(self) -> bytes:
-        return msgpack.packb(
-            [
-                self.name,
-                self.serial.to_bytes(20, "big"),
-                self.fingerprint,
-                self.identity,
-                self.state,
-                self.certificate,
-                [s.to_bytes(20, "big") for s in self.serials],
-            ]
-        )
-
-    @classmethod
-    def unpack(cls, data: bytes) -> PeerRecord:
-        name, serial, fp, identity, state, certificate, *rest = msgpack.unpackb(data)
-        serials = tuple(int.from_bytes(s, "big") for s in rest[0]) if rest else ()  # none before the field existed
-        return cls(name, int.from_bytes(serial, "big"), fp, identity, state, certificate, serials)
-
-    @property
-    def not_after(self) -> datetime:
-        """When the certificate the current session was made under expires (and the session with it)."""
-        return _not_after(self.certificate)
-
-
-@functools.lru_cache(maxsize=256)
-def _not_after(certificate: bytes) -> datetime:
-    return x509.load_der_x509_certificate(certificate).not_valid_after_utc
 
 
 class Node:
@@ -205,60 +114,43 @@ class Node:
         state = keystore.get(NS_NODE, "revocation")
         self.revocation = RevocationState.from_bytes(state, self.root, clock()) if state else RevocationState()
         self._ocsp = OcspChecker(self.options.ocsp_url, self.root) if self.options.ocsp_url else None
-        packed = keystore.get(NS_NODE, "prekeys")
-        self.prekeys = PrekeySecrets.from_bytes(packed) if packed else PrekeySecrets()
-        self.events: asyncio.Queue[Delivered] = asyncio.Queue()
-        #: Called with what each `take_inbox` took: other readers of this node (the control socket's
-        #: `receive` requests) see what the application took.
-        self.inbox_listeners: list[Callable[[list[dict[str, Any]]], None]] = []
-        self._conversations: dict[str, Conversation] = {}
+        self._journal = Journal(keystore)
+        #: Every peer's sessions and record (node/sessions.py).
+        self.sessions = Sessions(keystore, journal=self._journal)
+        self._bundles = Bundles(keystore, self._journal, self.options, node=self.name)
+        #: The responder's prekey account (protocol/prekeys.py).
+        self.prekeys = self._bundles.account
+        self._inbox = Inbox(keystore, self._journal, stored=self.options.inbox)
+        self.events = self._inbox.events
+        #: Called with what each `take_inbox` took (see node/inbox.py).
+        self.inbox_listeners = self._inbox.listeners
+        #: Security events coalesced per peer, and refused frames budgeted per peer (issue #13).
+        self.event_budget = self._inbox.budget
+        self.refusal_budget = RefusalBudget()
+        self._outbox = Outbox(keystore, self._journal)
         # Peers a fresh handshake is being started with by itself (protocol/peer.py, reset_due).
         self._resetting: set[str] = set()
         self._locks: dict[str, asyncio.Lock] = {}
-        # Sends waiting for ACCEPTED: msg_id → (deadline on the loop's clock, future), oldest first.
-        self._accepted: dict[bytes, tuple[float, asyncio.Future[None]]] = {}
-        self._expiry: asyncio.TimerHandle | None = None
         self._link: RelayLink | None = None
         self._link_task: asyncio.Task[None] | None = None
-        self._journal = Journal(keystore)
         self._maintenance: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         # Peers a heartbeat is being sent to (one at a time is enough).
         self._heartbeats: set[str] = set()
-        # An early signed-prekey rotation is under way (one at a time).
-        self._rotating = False
-        self._seen: dict[str, dict[bytes, None]] = {}
-        self._peers: dict[str, PeerRecord | None] = {}
         self._reservations: dict[str, asyncio.Future[None]] = {}
-        self._inbox_seq = _last_seq(keystore.names(NS_INBOX))
         #: Every message sent and received, with its delivery state (node/history.py).
         self.history = History(keystore, clock)
         #: The peers' identity keys the user verified (node/trust.py).
         self.trust = Trust(keystore, lambda: self.identity.public_bytes)
-        #: Security events coalesced per peer, and how many the stored inbox holds (issue #13).
-        self.event_budget = EventBudget()
-        self.refusal_budget = RefusalBudget()
-        self._stored_events: int | None = None
-        outbox = keystore.names(NS_OUTBOX)
-        self._outbox_seq = _last_seq(outbox)
-        # msg_id → envelope, in the order they were sent (records left on disk by an earlier run first).
-        self._outbox: dict[bytes, _Outgoing] = {}
-        for name in outbox:
-            packed = keystore.get(NS_OUTBOX, name)
-            if packed is not None:
-                msg_id, to, payload = msgpack.unpackb(packed)
-                self._outbox[msg_id] = _Outgoing(name, to, payload, on_disk=True)
         # Deliveries handled since the link came up, against what the relay said was waiting.
         self._handled = 0
         self._waiting = 0
-        # The rollback detector (node/epoch.py): the keystore's counter against the file's.
-        self._epoch_file = EpochFile(epoch_path(keystore.path))
-        held = keystore.get(NS_NODE, "epoch")
-        self._epoch = int(held.decode()) if held is not None else 0
-        self._rolled_back = self._epoch < self._epoch_file.read()
-        self._epoch = max(self._epoch, self._epoch_file.read())
         # Peers to start a new session with once connected (their sessions were dropped).
         self._rehandshake: list[str] = []
+
+    @property
+    def _rolled_back(self) -> bool:
+        return self.sessions.rolled_back
 
     def _load_identity(self) -> None:
         """(Re)read our identity key and certificate: at start, and after a renewal or a re-key."""
@@ -311,10 +203,10 @@ class Node:
             check_relay_name=self.options.check_relay_name,
         )
         self._journal.start()
-        if self._rolled_back:
+        if self.sessions.rolled_back:
             self._drop_sessions()
         # A copy of the keystore taken before this start is recognised as older from now on.
-        await self._with_epoch({})
+        await self.sessions.commit({})
         self._maintenance = asyncio.create_task(self._maintain(), name=f"node-maintenance-{self.name}")
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._link_task = asyncio.create_task(self._link.run(first_attempt=first), name=f"node-link-{self.name}")
@@ -343,17 +235,12 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._link_task
             self._link_task = None
-        for _, fut in self._accepted.values():
-            if not fut.done():
-                fut.cancel()
-        if self._expiry is not None:
-            self._expiry.cancel()
-            self._expiry = None
-        if self._outbox:
+        self._outbox.cancel_waiting()
+        if len(self._outbox):
             # Whatever the relay has not accepted is sent again on the next start.
-            self._persist_outbox().add_done_callback(_log_failure)
+            self._outbox.persist().add_done_callback(log_failure)
         await self._journal.close()
-        await self._epoch_file.close()
+        await self.sessions.epoch_file.close()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
@@ -401,7 +288,7 @@ class Node:
             self._start_reset(peer, force=True)
         self._rehandshake.clear()
         # Resend what the relay has not accepted, in the order it was first sent.
-        for msg_id, envelope in list(self._outbox.items()):
+        for msg_id, envelope in self._outbox.items():
             await self._link_send(Send(msg_id, envelope.to, envelope.payload))
 
     def _rotate_early(self) -> None:
@@ -409,7 +296,7 @@ class Node:
         (protocol/prekeys.py): rotate and publish now, so that new initiators get a fresh prekey."""
         if not self.connected:
             return
-        self._rotating = True
+        self._bundles.rotating = True
 
         async def rotate() -> None:
             try:
@@ -417,7 +304,7 @@ class Node:
             except (RelayUnreachable, ProtocolError, NodeError) as exc:
                 log.info("early_rotation_failed", extra={"fields": {"node": self.name, "reason": str(exc)}})
             finally:
-                self._rotating = False
+                self._bundles.rotating = False
 
         task = asyncio.create_task(rotate(), name=f"node-rotate-{self.name}")
         self._tasks.add(task)
@@ -430,7 +317,7 @@ class Node:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
             await self.renew_if_due()
             await self.refresh_crl()
-            if self.connected and self._rotation_due(self.clock()):
+            if self.connected and self._bundles.rotation_due(self.clock(), self.certificate):
                 with contextlib.suppress(RelayUnreachable):
                     await self._publish_prekeys(onetime_left=ONETIME_LOW)
             if self._ocsp is not None:
@@ -439,7 +326,7 @@ class Node:
     async def _recheck_by_ocsp(self) -> None:
         """In OCSP mode the feed may never tell: ask again about every peer with an open session."""
         assert self._ocsp is not None
-        for name, conversation in list(self._conversations.items()):
+        for name, conversation in list(self.sessions.conversations.items()):
             record = self.peer(name)
             session = conversation.current
             if session is None or session.closed or record is None:
@@ -452,81 +339,20 @@ class Node:
             if answer.status == "revoked":
                 self._close_revoked(name, record, answer.reason or "revoked")
 
-    def _rotation_due(self, now: datetime) -> bool:
-        """Due by the prekey account's schedule, or our newest bundle is signed over another
-        certificate than ours (after a renewal or a re-key: it verifies for nobody)."""
-        if self.prekeys.rotation_due(now.timestamp()) or not self.keystore.names(NS_BUNDLE):
-            return True
-        return self._current_bundle().certificate != self.certificate
-
     async def _publish_prekeys(self, onetime_left: int, *, rotate: bool = False) -> None:
-        now = self.clock()
-        rotated = self._rotate_signed_prekey(now, force=rotate)
-        new_onetime = []
-        # One-time prekeys are signed over our certificate: after a renewal or a re-key (online or
-        # not, in this process or another) the relay's stock verifies for nobody, and is replaced.
-        replace = self.keystore.get(NS_NODE, "onetime_certificate") != self.fingerprint
-        if onetime_left < ONETIME_LOW or rotated or replace:
-            start = self.prekeys.next_onetime_id
-            for key_id in range(start, start + ONETIME_BATCH):
-                key = X25519KeyPair.generate()
-                self.prekeys.add_onetime(key_id, key)
-                new_onetime.append(handshake.make_onetime(self.identity, self.certificate, key_id, key))
-        current = self._current_bundle()
-        with self.keystore.transaction():
-            self.keystore.put(NS_NODE, "prekeys", self.prekeys.to_bytes())
-        upload = [[o.key_id, o.public, o.signature] for o in new_onetime]
-        assert self._link is not None
-        await self._link.send(PublishBundle(wire.encode(current), upload, int(replace)))
-        if replace:
-            self._journal.commit({(NS_NODE, "onetime_certificate"): self.fingerprint}).add_done_callback(_log_failure)
+        await self._bundles.publish(
+            self._link_send,
+            identity=self.identity,
+            certificate=self.certificate,
+            fingerprint=self.fingerprint,
+            now=self.clock(),
+            onetime_left=onetime_left,
+            rotate=rotate,
+        )
 
     def _current_bundle(self) -> PrekeyBundle:
-        ids = sorted(int(n) for n in self.keystore.names(NS_BUNDLE))
-        packed = self.keystore.get(NS_BUNDLE, str(ids[-1]))
-        assert packed is not None
-        frame = wire.decode(packed)
-        assert isinstance(frame, PrekeyBundle)
-        return frame
-
-    def _rotate_signed_prekey(self, now: datetime, *, force: bool = False) -> bool:
-        """Make a new signed prekey when due (or `force`d); destroy ones past their grace period. True if rotated."""
-        if not force and not self._rotation_due(now):
-            return False
-        ids = self.prekeys.signed_ids()
-        spk_id = (ids[-1] + 1) if ids else 1
-        spk = X25519KeyPair.generate()
-        kem = KemKeyPair.generate() if self.options.publish_kem else None
-        bundle = handshake.make_bundle(
-            self.identity,
-            self.certificate,
-            created=int(now.timestamp()),
-            spk_id=spk_id,
-            spk=spk,
-            kem_id=spk_id if kem else None,
-            kem=kem,
-        )
-        self.prekeys.add_signed(spk_id, spk)
-        if kem is not None:
-            self.prekeys.add_kem(spk_id, kem)
-        # The schedule lives in the prekey account (protocol/prekeys.py); old prekeys stay for the
-        # grace period after the rotation that replaced them.
-        destroyed = self.prekeys.rotated(
-            spk_id,
-            now.timestamp(),
-            every=self.options.prekey_rotation.total_seconds(),
-            grace=self.options.prekey_grace.total_seconds(),
-        )
-        with self.keystore.transaction():
-            for old in destroyed:
-                self.keystore.delete(NS_BUNDLE, str(old))
-            # Records of the schedule kept outside the account by earlier versions.
-            for name in ("next_prekey_rotation", *self.keystore.names(NS_NODE, "spk_expiry/")):
-                self.keystore.delete(NS_NODE, name)
-            self.keystore.put(NS_BUNDLE, str(spk_id), wire.encode(bundle))
-            self.keystore.put(NS_NODE, "prekeys", self.prekeys.to_bytes())
-        log.info("signed_prekey_rotated", extra={"fields": {"node": self.name, "spk_id": spk_id}})
-        return True
+        """Our newest signed bundle (the scenarios and tests compare it with what the relay hands out)."""
+        return self._bundles.current()
 
     # --- sending --------------------------------------------------------------------------------------
 
@@ -537,25 +363,14 @@ class Node:
         return lock
 
     def _conversation(self, peer: str) -> Conversation:
-        conversation = self._conversations.get(peer)
-        if conversation is None:
-            current = self.keystore.get(NS_SESSION, peer)
-            archive = self.keystore.get(NS_ARCHIVE, peer)
-            conversation = self._conversations[peer] = Conversation(
-                Session.from_bytes(current) if current is not None else None,
-                Conversation.archive_from_bytes(archive) if archive is not None else [],
-            )
-        return conversation
+        return self.sessions.conversation(peer)
 
     def _session(self, peer: str) -> Session | None:
-        return self._conversation(peer).current
+        return self.sessions.session(peer)
 
     def peer(self, name: str) -> PeerRecord | None:
         """What we know of `name`, if we ever had a session."""
-        if name not in self._peers:
-            packed = self.keystore.get(NS_PEER, name)
-            self._peers[name] = PeerRecord.unpack(packed) if packed else None
-        return self._peers[name]
+        return self.sessions.peer(name)
 
     async def send(self, peer: str, text: str) -> str:
         """Encrypt `text` for `peer` and hand it to the relay; return the message id (hex).
@@ -595,47 +410,18 @@ class Node:
             # only once a state that covers it is on disk (fsynced): a reservation or a new session.
             await durable
         await recorded
-        accepted = self._await_accepted(msg_id)
-        self._queue_outbox(msg_id, peer, payload)
+        accepted = self._outbox.await_accepted(msg_id, self.options.send_timeout)
+        self._outbox.queue(msg_id, peer, payload)
         try:
             await self._link_send(Send(msg_id, peer, payload))
             await accepted
         except (TimeoutError, RelayUnreachable):
             # The user is told "queued": from now on the envelope must survive even a power loss.
-            await self._persist_outbox()
+            await self._outbox.persist()
             log.info("send_queued", extra={"fields": {"node": self.name, "to": peer}})
         finally:
-            self._accepted.pop(msg_id, None)
+            self._outbox.stop_waiting(msg_id)
         return msg_id.hex()
-
-    def _await_accepted(self, msg_id: bytes) -> asyncio.Future[None]:
-        """A future the relay's ACCEPTED for `msg_id` completes, or TimeoutError after `send_timeout`.
-
-        One timer per node, armed for the oldest waiting send, instead of one per send: every send
-        waits as long, so deadlines come in the order sends do.
-        """
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[None] = loop.create_future()
-        deadline = loop.time() + self.options.send_timeout
-        self._accepted[msg_id] = (deadline, fut)
-        if self._expiry is None:
-            self._expiry = loop.call_at(deadline, self._expire_sends)
-        return fut
-
-    def _expire_sends(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._expiry = None
-        now = loop.time()
-        expired = []
-        for msg_id, (deadline, fut) in self._accepted.items():
-            if deadline > now:
-                self._expiry = loop.call_at(deadline, self._expire_sends)
-                break
-            expired.append(msg_id)
-            if not fut.done():
-                fut.set_exception(TimeoutError())
-        for msg_id in expired:
-            del self._accepted[msg_id]
 
     def _reserve(self, peer: str, session: Session) -> asyncio.Future[None] | None:
         """Reserve message numbers ahead on `session`; what the caller must await before sending.
@@ -645,32 +431,15 @@ class Node:
         it is still running, which is why the pending commit is remembered per peer.
         """
         if session.reserve(RESERVE_AHEAD):
-            durable = self._save_session(peer)
+            durable = self.sessions.save(peer)
             self._reservations[peer] = durable
             return durable
         pending = self._reservations.get(peer)
         # A reservation whose commit failed covers nothing: those waiting on it fail with it.
-        return pending if pending is not None and not _succeeded(pending) else None
+        return pending if pending is not None and not succeeded(pending) else None
 
     def _queue_outbox(self, msg_id: bytes, to: str, payload: bytes) -> None:
-        """Keep an envelope until the relay accepts it, to resend it after a reconnect.
-
-        In memory only, at first: while the relay answers within moments (nearly always), writing
-        it and deleting it again would cost two disk writes per message for nothing. It is written
-        once somebody is told it is queued (`send` timing out, or the relay down) and when the node
-        stops. A crash before that loses only envelopes whose `send` had not returned yet.
-        """
-        self._outbox_seq += 1
-        self._outbox[msg_id] = _Outgoing(f"{self._outbox_seq:020d}", to, payload)
-
-    def _persist_outbox(self) -> asyncio.Future[None]:
-        """Write every envelope still waiting for the relay to disk, fsynced (sends them on a restart)."""
-        puts: dict[Key, bytes] = {}
-        for msg_id, envelope in self._outbox.items():
-            if not envelope.on_disk:
-                puts[(NS_OUTBOX, envelope.name)] = msgpack.packb([msg_id, envelope.to, envelope.payload])
-                envelope.on_disk = True
-        return self._journal.commit(puts, sync=True)
+        self._outbox.queue(msg_id, to, payload)
 
     def _needs_session(self, peer: str) -> bool:
         session = self._expire(peer).current
@@ -715,10 +484,10 @@ class Node:
             raise
         puts: dict[Key, bytes] = {}
         previous = self.peer(peer)
-        self._note_peer(started.peer, "initiated", puts)
+        self.sessions.note_peer(started.peer, "initiated", puts)
         self._conversation(peer).adopt(started.session)
-        self._stage_conversation(peer, puts)
-        durable = self._unless_durable(peer, self._with_epoch(puts))
+        self.sessions.stage(peer, puts)
+        durable = self.sessions.guard(peer, self.sessions.commit(puts))
         self._established(peer, previous, started.peer, f"initiated ({Suite(started.session.suite).name})")
         return started.frame, durable
 
@@ -733,37 +502,10 @@ class Node:
             self._emit(SecurityEvent("identity_changed", peer, changed, safety_number=number))
         self._emit(SecurityEvent("session_established", peer, f"{how}; safety number {number}", safety_number=number))
 
-    def _stage_conversation(self, peer: str, puts: dict[Key, bytes]) -> None:
-        """Add the state of every session held with `peer` to a commit being prepared."""
-        conversation = self._conversation(peer)
-        if conversation.current is not None:
-            puts[(NS_SESSION, peer)] = conversation.current.to_bytes()
-        puts[(NS_ARCHIVE, peer)] = conversation.archive_bytes()
-
-    def _save_session(self, peer: str) -> asyncio.Future[None]:
-        """Commit the sessions held with `peer`, fsynced (with the next rollback epoch)."""
-        puts: dict[Key, bytes] = {}
-        self._stage_conversation(peer, puts)
-        return self._unless_durable(peer, self._with_epoch(puts))
-
-    def _with_epoch(self, puts: dict[Key, bytes], deletes: list[Key] | None = None) -> asyncio.Future[None]:
-        """Commit `puts` fsynced together with the next rollback epoch, which the epoch file then follows."""
-        self._epoch += 1
-        value = self._epoch
-        puts[(NS_NODE, "epoch")] = str(value).encode()
-        durable = self._journal.commit(puts, deletes or [], sync=True)
-        durable.add_done_callback(lambda fut: self._epoch_file.advance(value) if _succeeded(fut) else None)
-        return durable
-
     def _drop_sessions(self) -> None:
         """The keystore is older than its epoch (restored from a backup): no session in it may encrypt
         again. Drop them all, tell the application, and start new ones once connected."""
-        peers = sorted(set(self.keystore.names(NS_SESSION)) | set(self.keystore.names(NS_ARCHIVE)))
-        with self.keystore.transaction():
-            for peer in peers:
-                self.keystore.delete(NS_SESSION, peer)
-                self.keystore.delete(NS_ARCHIVE, peer)
-        self._conversations.clear()
+        peers = self.sessions.drop_all()
         self._rehandshake = peers
         self._emit(
             SecurityEvent(
@@ -774,20 +516,6 @@ class Node:
             )
         )
 
-    def _unless_durable(self, peer: str, durable: asyncio.Future[None]) -> asyncio.Future[None]:
-        """Forget the sessions held with `peer` in memory if the commit of their state fails: the next
-        use reloads the last durable state. Encrypting on from a state that never reached the disk would,
-        after a restart, send other plaintexts under message numbers that already left: the same (key, nonce)."""
-        conversation = self._conversations.get(peer)
-
-        def check(fut: asyncio.Future[None]) -> None:
-            if not _succeeded(fut) and self._conversations.get(peer) is conversation:
-                del self._conversations[peer]
-                log.error("session_not_saved", extra={"fields": {"node": self.name, "peer": peer}})
-
-        durable.add_done_callback(check)
-        return durable
-
     def _link_send_nowait(self, frame: LinkFrame) -> None:
         if self._link is None:
             raise RelayUnreachable("node not started")
@@ -797,12 +525,6 @@ class Node:
         if self._link is None:
             raise RelayUnreachable("node not started")
         await self._link.send(frame)
-
-    def _forget_outbox(self, msg_id: bytes) -> None:
-        envelope = self._outbox.pop(msg_id, None)
-        if envelope is not None and envelope.on_disk:
-            # No need to wait: were the delete lost in a crash, the resend is deduplicated by the relay.
-            self._journal.commit({}, [(NS_OUTBOX, envelope.name)], sync=False).add_done_callback(_log_failure)
 
     def is_queued(self, msg_id: str) -> bool:
         """True while the relay has not accepted message `msg_id` (hex, as `send` returned it)."""
@@ -827,13 +549,10 @@ class Node:
         if isinstance(frame, Deliver):
             await self._on_deliver(frame)
         elif isinstance(frame, Accepted):
-            self._forget_outbox(frame.msg_id)
+            self._outbox.accepted(frame.msg_id)
             stored: dict[Key, bytes] = {}
             if self.history.mark(frame.msg_id.hex(), State.STORED, stored):
-                self._journal.commit(stored, sync=False).add_done_callback(_log_failure)
-            waiting = self._accepted.pop(frame.msg_id, None)
-            if waiting is not None and not waiting[1].done():
-                waiting[1].set_result(None)
+                self._journal.commit(stored, sync=False).add_done_callback(log_failure)
         elif isinstance(frame, CrlFeed):
             self._on_crl(frame.crl)
         elif isinstance(frame, Error):
@@ -842,7 +561,7 @@ class Node:
                 self._emit(SecurityEvent("send_refused", None, f"relay: {frame.text}"))
                 if frame.code == ErrorCode.UNKNOWN_RECIPIENT:
                     # Final: resending it on every reconnect would change nothing.
-                    self._forget_outbox(frame.msg_id)
+                    self._outbox.forget(frame.msg_id)
         # Other frame types from a relay are ignored: it cannot make us do anything with them.
 
     @property
@@ -872,7 +591,7 @@ class Node:
             return
         if message is not None:
             self.events.put_nowait(message)
-        if self.prekeys.rotation_wanted() and not self._rotating:
+        if self.prekeys.rotation_wanted() and not self._bundles.rotating:
             self._rotate_early()
         self._handled += 1
         # Processed and on disk (or refused for good): the relay may forget it.
@@ -885,20 +604,12 @@ class Node:
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _seen_ids(self, peer: str) -> dict[bytes, None]:
-        seen = self._seen.get(peer)
-        if seen is None:
-            names = self.keystore.names(NS_SEEN, f"{peer}:")
-            seen = self._seen[peer] = {bytes.fromhex(n.rsplit(":", 1)[1]): None for n in names}
-        return seen
-
     def _receive(self, deliver: Deliver) -> tuple[asyncio.Future[None], Message | None]:
         """Decrypt a delivery (state changes in memory) and queue its commit; nothing blocks."""
         peer = deliver.sender
         if self.refusal_budget.drops(peer, self.clock()):  # a flooding peer (issue #13): not even decoded
             return self._journal.commit({}, sync=False), None
-        seen = self._seen_ids(peer)
-        if deliver.msg_id in seen:
+        if deliver.msg_id in self.sessions.seen(peer):
             # A redelivery of something already processed: acknowledge, say nothing.
             return self._journal.commit({}, sync=False), None
         puts: dict[Key, bytes] = {}
@@ -912,7 +623,7 @@ class Node:
                 record = self.peer(peer)
                 if record is not None and record.state == "initiated" and session is conversation.current:
                     # The first reply: both sides hold the session now.
-                    self._stage_peer(replace(record, state="established"), puts)
+                    self.sessions.stage_peer(replace(record, state="established"), puts)
             else:
                 raise DecodeError(f"a {kind.name} frame is not a message")
         except ProtocolError as exc:
@@ -934,24 +645,23 @@ class Node:
                     message = Message(content.msg_id.hex(), peer, content.text, content.sent_at / 1000)
                     entry = Entry(message.id, peer, "in", message.text, message.sent_at, State.RECEIVED)
                     self.history.add(entry, puts)
-        self._stage_conversation(peer, puts)
-        puts[(NS_SEEN, f"{peer}:{deliver.msg_id.hex()}")] = b""
-        seen[deliver.msg_id] = None
+        self.sessions.stage(peer, puts)
+        self.sessions.stage_seen(peer, deliver.msg_id, puts)
         if message is not None:
-            self._to_inbox(message.to_json(), puts)
+            self._inbox.stage(message.to_json(), puts)
         # Not fsynced: after a power loss the last few received messages may be shown again, but no
         # key is ever reused, because every send is fsynced, and an fsync makes all of this durable too.
         # An accepted INIT is fsynced: it consumed a one-time prekey (or entered the replay cache),
         # and a power loss that forgot that would accept the same INIT again once the relay re-sends it.
         if kind is FrameType.INIT:
-            committed = self._with_epoch(puts, self._prune_seen(peer))
+            committed = self.sessions.commit(puts, self.sessions.prune_seen(peer))
         else:
-            committed = self._journal.commit(puts, self._prune_seen(peer), sync=False)
-        return self._unless_durable(peer, committed), message
+            committed = self._journal.commit(puts, self.sessions.prune_seen(peer), sync=False)
+        return self.sessions.guard(peer, committed), message
 
     def _respond(self, peer: str, payload: bytes, puts: dict[Key, bytes]) -> Any:
         init = handshake.decode_init(payload)
-        bundle = self._bundle_for(init)
+        bundle = self._bundles.for_init(init)
         previous = self.peer(peer)
         self._refuse_revoked_identity(peer, init.certificate)
         conversation = self._conversation(peer)
@@ -977,27 +687,9 @@ class Node:
             # A crossing INIT that our own outranks: its message is delivered, our session stays.
             log.info("crossing_init_archived", extra={"fields": {"node": self.name, "peer": peer}})
             return result.first
-        self._note_peer(result.peer, "established", puts)
+        self.sessions.note_peer(result.peer, "established", puts)
         self._established(peer, previous, result.peer, f"accepted ({Suite(result.session.suite).name})")
         return result.first
-
-    def _bundle_for(self, init: InitMessage) -> PrekeyBundle:
-        packed = self.keystore.get(NS_BUNDLE, str(init.spk_id))
-        if packed is None:
-            raise UnknownPrekey(f"signed prekey {init.spk_id} is not ours (rotated out?)")
-        frame = wire.decode(packed)
-        assert isinstance(frame, PrekeyBundle)
-        return frame
-
-    def _note_peer(self, cert: certs.VerifiedCertificate, state: str, puts: dict[Key, bytes]) -> None:
-        identity = cert.public_key.public_bytes_raw()
-        previous = self.peer(cert.name)
-        serials: tuple[int, ...] = ()
-        if previous is not None and previous.identity == identity:
-            # A renewal: the earlier certificates of this key still count for revocation.
-            serials = tuple(s for s in dict.fromkeys((previous.serial, *previous.serials)) if s != cert.serial)
-        record = PeerRecord(cert.name, cert.serial, cert.fingerprint, identity, state, cert.der, serials[:MAX_SERIALS])
-        self._stage_peer(record, puts)
 
     def _refuse_revoked_identity(self, peer: str, certificate: bytes) -> None:
         """Refuse a peer certificate whose identity key an earlier, revoked certificate of the peer
@@ -1022,21 +714,6 @@ class Node:
         if record is not None and conversation.expire(self.clock(), record.not_after):
             log.info("session_expired", extra={"fields": {"node": self.name, "peer": peer}})
         return conversation
-
-    def _stage_peer(self, record: PeerRecord, puts: dict[Key, bytes]) -> None:
-        puts[(NS_PEER, record.name)] = record.pack()
-        self._peers[record.name] = record
-
-    def _prune_seen(self, peer: str) -> list[Key]:
-        """Forget the oldest remembered ids past twice the bound (an old id that comes back is refused
-        by the ratchet anyway: it only tells a redelivery from a replay)."""
-        seen = self._seen_ids(peer)
-        if len(seen) <= MAX_SEEN_PER_PEER * 2:
-            return []
-        drop = list(seen)[: len(seen) - MAX_SEEN_PER_PEER]
-        for msg_id in drop:
-            del seen[msg_id]
-        return [(NS_SEEN, f"{peer}:{m.hex()}") for m in drop]
 
     async def _heartbeat(self, peer: str, session: Session) -> None:
         msg_id = os.urandom(16)
@@ -1120,12 +797,12 @@ class Node:
             return
         if crl.number == before:
             return
-        self._journal.commit({(NS_NODE, "revocation"): self.revocation.to_bytes()}).add_done_callback(_log_failure)
+        self._journal.commit({(NS_NODE, "revocation"): self.revocation.to_bytes()}).add_done_callback(log_failure)
         log.info("crl_accepted", extra={"fields": {"node": self.name, "number": crl.number}})
         own = self.revoked
         if own is not None and (previous is None or own.serial not in previous.revoked):
             self._emit(SecurityEvent("revoked", None, f"this node's certificate is {own.words()}", "node_revoked"))
-        for name in self.keystore.names(NS_PEER):
+        for name in self.sessions.peer_names():
             record = self.peer(name)
             serial = revoked_serial((record.serial, *record.serials), crl.revoked) if record is not None else None
             if record is None or serial is None:
@@ -1140,114 +817,22 @@ class Node:
         conversation = self._conversation(name)
         if conversation.current is not None and not conversation.current.closed:
             conversation.close(f"peer revoked ({reason})")
-            self._save_session(name).add_done_callback(_log_failure)
+            self.sessions.save(name).add_done_callback(log_failure)
         self._emit(SecurityEvent("peer_revoked", name, f"certificate {record.serial:x} revoked ({reason})"))
 
     # --- events and inbox -----------------------------------------------------------------------------
 
-    def _to_inbox(self, item: dict[str, Any], puts: dict[Key, bytes]) -> None:
-        if self.options.inbox:
-            self._inbox_seq += 1
-            puts[(NS_INBOX, f"{self._inbox_seq:020d}")] = msgpack.packb(item)
-
     def _emit(self, event: SecurityEvent) -> asyncio.Future[None]:
         """Record a security event in the inbox; the application sees it once it is on disk."""
-        log.info("security_event", extra={"fields": event.to_json()})
-        record: dict[Key, bytes] = {}
-        admitted = self.event_budget.admit(event, self.clock())
-        if admitted is None or self._inbox_full():
-            return self._journal.commit(record, sync=False)  # logged only; still in commit order
-        event = admitted
-        self._to_inbox(event.to_json(), record)
-        durable = self._journal.commit(record, sync=False)
-
-        def show(fut: asyncio.Future[None]) -> None:  # a callback, in commit order (see _on_deliver)
-            if not fut.cancelled() and fut.exception() is None:
-                self.events.put_nowait(event)
-            else:
-                _log_failure(fut)
-
-        durable.add_done_callback(show)
-        return durable
-
-    def _inbox_full(self) -> bool:
-        """Whether the stored inbox holds MAX_STORED_EVENTS security events (counted once, then kept)."""
-        if self._stored_events is None:
-            self._stored_events = len(self.keystore.names(NS_INBOX))
-        self._stored_events += 1
-        return self._stored_events > MAX_STORED_EVENTS
+        return self._inbox.emit(event, self.clock())
 
     def take_inbox(self) -> list[dict[str, Any]]:
         """Every message and event received and not yet taken, oldest first; they are removed."""
-        out = []
-        with self.keystore.transaction():
-            for name in self.keystore.names(NS_INBOX):
-                packed = self.keystore.get(NS_INBOX, name)
-                if packed is not None:
-                    out.append(msgpack.unpackb(packed))
-                self.keystore.delete(NS_INBOX, name)
-        self._stored_events = 0
-        if out:
-            for listener in list(self.inbox_listeners):
-                listener(out)
-        return out
-
-    # --- status ---------------------------------------------------------------------------------------
+        return self._inbox.take()
 
     def status(self) -> dict[str, Any]:
         """Identity, certificate, feed freshness, sessions and safety numbers (`kmsnet status --json`)."""
-        now = self.clock()
-        cert = x509.load_der_x509_certificate(self.certificate)
-        feed: dict[str, Any]
-        try:
-            fresh = self.revocation.freshness(now)
-            feed = {
-                "crl_number": fresh.number,
-                "next_update": fresh.next_update.isoformat(),
-                "stale": fresh.stale,
-                "seconds_left": fresh.seconds_left,
-            }
-        except RevocationError:
-            feed = {"crl_number": None, "stale": True, "reason": "no CRL received yet"}
-        sessions = []
-        for name in self.keystore.names(NS_PEER):
-            record = self.peer(name)
-            if record is None:
-                continue
-            session = self._session(name)
-            sessions.append(
-                {
-                    "peer": name,
-                    "state": "closed" if session is not None and session.closed else record.state,
-                    "closed_reason": session.closed if session is not None else None,
-                    "safety_number": safety_number(self.identity.public_bytes, record.identity),
-                }
-            )
-        return {
-            "name": self.name,
-            "fingerprint": self.fingerprint.hex(),
-            "certificate": {
-                "serial": format(cert.serial_number, "x"),
-                "not_after": cert.not_valid_after_utc.isoformat(),
-                "expires_in_seconds": int((cert.not_valid_after_utc - now).total_seconds()),
-            },
-            "relay": self.relay_url,
-            "connected": self.connected,
-            "revoked": self.revoked.to_json() if self.revoked is not None else None,
-            "feed": feed,
-            "outbox": self.outbox_size(),
-            "sessions": sessions,
-        }
-
-
-def _succeeded(fut: asyncio.Future[None]) -> bool:
-    return fut.done() and not fut.cancelled() and fut.exception() is None
-
-
-def _log_failure(fut: asyncio.Future[None]) -> None:
-    """For commits nobody waits on: a failure must still be seen."""
-    if not fut.cancelled() and fut.exception() is not None:
-        log.error("commit_failed", extra={"fields": {"error": str(fut.exception())}})
+        return status(self)
 
 
 def _event_name(exc: ProtocolError) -> str:
@@ -1258,7 +843,3 @@ def _event_name(exc: ProtocolError) -> str:
     if isinstance(exc, SessionClosed):
         return "frame_refused"
     return code_of(exc)
-
-
-def _last_seq(names: list[str]) -> int:
-    return int(names[-1]) if names else 0

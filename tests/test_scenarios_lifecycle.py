@@ -39,7 +39,7 @@ def leaky_reservations(monkeypatch: pytest.MonkeyPatch) -> None:
 
     def reserve(self: node.Node, peer: str, session: Session) -> None:
         if session.reserve(node.RESERVE_AHEAD):
-            self._save_session(peer).add_done_callback(lambda fut: fut.exception())
+            self.sessions.save(peer).add_done_callback(lambda fut: fut.exception())
 
     monkeypatch.setattr(node.Node, "_reserve", reserve)
 

@@ -1,0 +1,140 @@
+"""Our published prekeys: the prekey account kept in the keystore (protocol/prekeys.py decides
+rotation and consumption), the signed bundles we made, and publishing them to the relay.
+
+Records: `node/prekeys` (the account, its rotation schedule included), `bundle/<spk id>` (our signed
+bundles, encoded), `node/onetime_certificate` (the certificate the relay's one-time prekeys are
+signed over).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+from node.journal import Journal, log_failure
+from node.keystore import Keystore
+from node.layout import NS_BUNDLE, NS_NODE
+from node.options import NodeOptions
+from protocol import handshake, wire
+from protocol.errors import UnknownPrekey
+from protocol.identity import IdentityKey, KemKeyPair, X25519KeyPair
+from protocol.link import LinkFrame, PublishBundle
+from protocol.messages import InitMessage, PrekeyBundle
+from protocol.prekeys import PrekeySecrets
+
+log = logging.getLogger("kmsnet.node")
+
+#: One-time prekeys uploaded per batch, and the level below which the node tops up.
+ONETIME_BATCH = 100
+ONETIME_LOW = 25
+
+
+class Bundles:
+    """The prekey account and our signed bundles, persisted; `publish` brings the relay up to date."""
+
+    def __init__(self, keystore: Keystore, journal: Journal, options: NodeOptions, *, node: str) -> None:
+        self._keystore = keystore
+        self._node = node
+        self._journal = journal
+        self._options = options
+        packed = keystore.get(NS_NODE, "prekeys")
+        #: The responder's prekey account (private keys, replay cache, rotation schedule).
+        self.account = PrekeySecrets.from_bytes(packed) if packed else PrekeySecrets()
+        #: An early signed-prekey rotation is under way (one at a time).
+        self.rotating = False
+
+    def current(self) -> PrekeyBundle:
+        """Our newest signed bundle."""
+        ids = sorted(int(n) for n in self._keystore.names(NS_BUNDLE))
+        return self._load(ids[-1])
+
+    def for_init(self, init: InitMessage) -> PrekeyBundle:
+        """The bundle an INIT names (UnknownPrekey if it is not one we hold)."""
+        if self._keystore.get(NS_BUNDLE, str(init.spk_id)) is None:
+            raise UnknownPrekey(f"signed prekey {init.spk_id} is not ours (rotated out?)")
+        return self._load(init.spk_id)
+
+    def _load(self, spk_id: int) -> PrekeyBundle:
+        packed = self._keystore.get(NS_BUNDLE, str(spk_id))
+        assert packed is not None
+        frame = wire.decode(packed)
+        assert isinstance(frame, PrekeyBundle)
+        return frame
+
+    def rotation_due(self, now: datetime, certificate: bytes) -> bool:
+        """Due by the prekey account's schedule, or our newest bundle is signed over another
+        certificate than ours (after a renewal or a re-key: it verifies for nobody)."""
+        if self.account.rotation_due(now.timestamp()) or not self._keystore.names(NS_BUNDLE):
+            return True
+        return self.current().certificate != certificate
+
+    async def publish(
+        self,
+        send: Callable[[LinkFrame], Awaitable[None]],
+        *,
+        identity: IdentityKey,
+        certificate: bytes,
+        fingerprint: bytes,
+        now: datetime,
+        onetime_left: int,
+        rotate: bool = False,
+    ) -> None:
+        """Rotate the signed prekey if due (or `rotate`), top up one-time prekeys, and publish."""
+        rotated = self._rotate_signed(now, identity, certificate, force=rotate)
+        new_onetime = []
+        # One-time prekeys are signed over our certificate: after a renewal or a re-key (online or
+        # not, in this process or another) the relay's stock verifies for nobody, and is replaced.
+        replace = self._keystore.get(NS_NODE, "onetime_certificate") != fingerprint
+        if onetime_left < ONETIME_LOW or rotated or replace:
+            start = self.account.next_onetime_id
+            for key_id in range(start, start + ONETIME_BATCH):
+                key = X25519KeyPair.generate()
+                self.account.add_onetime(key_id, key)
+                new_onetime.append(handshake.make_onetime(identity, certificate, key_id, key))
+        current = self.current()
+        with self._keystore.transaction():
+            self._keystore.put(NS_NODE, "prekeys", self.account.to_bytes())
+        upload = [[o.key_id, o.public, o.signature] for o in new_onetime]
+        await send(PublishBundle(wire.encode(current), upload, int(replace)))
+        if replace:
+            self._journal.commit({(NS_NODE, "onetime_certificate"): fingerprint}).add_done_callback(log_failure)
+
+    def _rotate_signed(self, now: datetime, identity: IdentityKey, certificate: bytes, *, force: bool) -> bool:
+        """Make a new signed prekey when due (or `force`d); destroy ones past their grace period. True if rotated."""
+        if not force and not self.rotation_due(now, certificate):
+            return False
+        ids = self.account.signed_ids()
+        spk_id = (ids[-1] + 1) if ids else 1
+        spk = X25519KeyPair.generate()
+        kem = KemKeyPair.generate() if self._options.publish_kem else None
+        bundle = handshake.make_bundle(
+            identity,
+            certificate,
+            created=int(now.timestamp()),
+            spk_id=spk_id,
+            spk=spk,
+            kem_id=spk_id if kem else None,
+            kem=kem,
+        )
+        self.account.add_signed(spk_id, spk)
+        if kem is not None:
+            self.account.add_kem(spk_id, kem)
+        # The schedule lives in the prekey account (protocol/prekeys.py); old prekeys stay for the
+        # grace period after the rotation that replaced them.
+        destroyed = self.account.rotated(
+            spk_id,
+            now.timestamp(),
+            every=self._options.prekey_rotation.total_seconds(),
+            grace=self._options.prekey_grace.total_seconds(),
+        )
+        with self._keystore.transaction():
+            for old in destroyed:
+                self._keystore.delete(NS_BUNDLE, str(old))
+            # Records of the schedule kept outside the account by earlier versions.
+            for name in ("next_prekey_rotation", *self._keystore.names(NS_NODE, "spk_expiry/")):
+                self._keystore.delete(NS_NODE, name)
+            self._keystore.put(NS_BUNDLE, str(spk_id), wire.encode(bundle))
+            self._keystore.put(NS_NODE, "prekeys", self.account.to_bytes())
+        log.info("signed_prekey_rotated", extra={"fields": {"node": self._node, "spk_id": spk_id}})
+        return True
