@@ -49,12 +49,13 @@ from node.ocsp import OcspChecker
 from node.options import NodeOptions
 from node.outbox import Outbox
 from node.pkcs11 import TokenIdentityKey
+from node.receipts import Delivery
 from node.selfrevoked import Revoked, own_revocation
 from node.sessions import PeerRecord, Sessions
 from node.status import status
-from node.trust import Trust, certificate_key
+from node.trust import Trust, TrustState, certificate_key
 from protocol import certs, handshake, wire
-from protocol.body import TextBody
+from protocol.body import Body, TextBody
 from protocol.body import decode as decode_body
 from protocol.body import encode as encode_body
 from protocol.errors import (
@@ -62,8 +63,10 @@ from protocol.errors import (
     DecodeError,
     DuplicateMessage,
     ProtocolError,
+    ReplayedInitialMessage,
     RevocationError,
     SessionClosed,
+    StaleInit,
 )
 from protocol.link import Accepted, Ack, CrlFeed, Deliver, Error, ErrorCode, LinkFrame, Send, Welcome
 from protocol.messages import FrameType, PrekeyBundle, Suite
@@ -142,6 +145,14 @@ class Node:
         self.history = History(keystore, clock)
         #: The peers' identity keys the user verified (node/trust.py).
         self.trust = Trust(keystore, lambda: self.identity.public_bytes)
+        #: Receipts, retry requests and re-sends of our unreceipted messages (node/receipts.py).
+        self.delivery = Delivery(
+            self.history,
+            send_body=self._send_body,
+            commit=lambda puts: self._journal.commit(puts, sync=False),
+            clock=clock,
+            connected=lambda: self.connected,
+        )
         # Deliveries handled since the link came up, against what the relay said was waiting.
         self._handled = 0
         self._waiting = 0
@@ -208,6 +219,7 @@ class Node:
         # A copy of the keystore taken before this start is recognised as older from now on.
         await self.sessions.commit({})
         self._maintenance = asyncio.create_task(self._maintain(), name=f"node-maintenance-{self.name}")
+        self.delivery.start()
         first: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._link_task = asyncio.create_task(self._link.run(first_attempt=first), name=f"node-link-{self.name}")
         if wait:
@@ -235,6 +247,7 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._link_task
             self._link_task = None
+        await self.delivery.stop()
         self._outbox.cancel_waiting()
         if len(self._outbox):
             # Whatever the relay has not accepted is sent again on the next start.
@@ -412,6 +425,7 @@ class Node:
         await recorded
         accepted = self._outbox.await_accepted(msg_id, self.options.send_timeout)
         self._outbox.queue(msg_id, peer, payload)
+        self.delivery.sent(peer, msg_id)
         try:
             await self._link_send(Send(msg_id, peer, payload))
             await accepted
@@ -550,9 +564,7 @@ class Node:
             await self._on_deliver(frame)
         elif isinstance(frame, Accepted):
             self._outbox.accepted(frame.msg_id)
-            stored: dict[Key, bytes] = {}
-            if self.history.mark(frame.msg_id.hex(), State.STORED, stored):
-                self._journal.commit(stored, sync=False).add_done_callback(log_failure)
+            self.delivery.accepted(frame.msg_id)
         elif isinstance(frame, CrlFeed):
             self._on_crl(frame.crl)
         elif isinstance(frame, Error):
@@ -613,6 +625,7 @@ class Node:
             # A redelivery of something already processed: acknowledge, say nothing.
             return self._journal.commit({}, sync=False), None
         puts: dict[Key, bytes] = {}
+        kind: FrameType | None = None
         try:
             kind = wire.frame_type(deliver.payload)
             if kind is FrameType.INIT:
@@ -633,8 +646,11 @@ class Node:
                 minutes = int(QUARANTINE.total_seconds() // 60)
                 flood = f"too many refused frames: {peer}'s frames are dropped unread for {minutes} min"
                 self._emit(SecurityEvent("peer_flooding", peer, flood, code_of(exc)))
+            if kind is not None and not isinstance(exc, _NOT_ASKED_AGAIN):
+                self.delivery.refused(peer, deliver.msg_id)  # (issue #14) nothing lost silently
             return self._emit(SecurityEvent(_event_name(exc), peer, str(exc), code_of(exc))), None
         message: Message | None = None
+        content: Body | None = None
         if received.kind is Kind.DATA:
             try:
                 content = decode_body(received.data)
@@ -657,6 +673,10 @@ class Node:
             committed = self.sessions.commit(puts, self.sessions.prune_seen(peer))
         else:
             committed = self._journal.commit(puts, self.sessions.prune_seen(peer), sync=False)
+        if content is not None:
+            self.delivery.received(peer, content, committed)  # receipts owed and taken, retry requests
+        else:
+            self.delivery.heard(peer)
         return self.sessions.guard(peer, committed), message
 
     def _respond(self, peer: str, payload: bytes, puts: dict[Key, bytes]) -> Any:
@@ -714,6 +734,26 @@ class Node:
         if record is not None and conversation.expire(self.clock(), record.not_after):
             log.info("session_expired", extra={"fields": {"node": self.name, "peer": peer}})
         return conversation
+
+    async def _send_body(self, peer: str, data: bytes) -> bytes | None:
+        """DATA `data` on the open session with `peer`, to the relay through the outbox (a receipt, a
+        retry request, a re-sent message: node/receipts.py); its envelope id, or None if no session
+        is open or sending to `peer` is held (node/trust.py)."""
+        envelope = os.urandom(16)
+        async with self._lock(peer):
+            session, record = self._session(peer), self.peer(peer)
+            if self._needs_session(peer) or session is None or record is None:
+                return None
+            if self.trust.state(peer, record.identity) is TrustState.CHANGED:
+                return None
+            durable = self._reserve(peer, session)
+            payload = session.encrypt(data)
+        if durable is not None:
+            await durable
+        self._queue_outbox(envelope, peer, payload)
+        with contextlib.suppress(RelayUnreachable):
+            await self._link_send(Send(envelope, peer, payload))
+        return envelope
 
     async def _heartbeat(self, peer: str, session: Session) -> None:
         msg_id = os.urandom(16)
@@ -833,6 +873,10 @@ class Node:
     def status(self) -> dict[str, Any]:
         """Identity, certificate, feed freshness, sessions and safety numbers (`kmsnet status --json`)."""
         return status(self)
+
+
+#: Refusals that no re-send can cure: a copy of what arrived already, a peer revoked (issue #14).
+_NOT_ASKED_AGAIN = (DuplicateMessage, ReplayedInitialMessage, StaleInit, CertificateRevoked)
 
 
 def _event_name(exc: ProtocolError) -> str:
