@@ -46,6 +46,9 @@ MAX_OWED = 4096
 class DeliveryPolicy:
     """The bounds of receipts and re-sends (documented in PROTOCOL.md §7.7 and the README)."""
 
+    #: Send receipts and retry requests, re-send what is not receipted. Off only in the attack lab,
+    #: whose scripted scenarios count every envelope as nodes sent them before receipts existed.
+    active: bool = True
     receipt_delay: float = 0.2
     resend_after: float = 30.0
     check_every: float = 1.0
@@ -176,6 +179,8 @@ class Delivery:
     # --- receiver: owed receipts and retry requests ---------------------------------------------------
 
     def _owe(self, peer: str, msg_id: bytes, *, receipt: bool) -> None:
+        if not self.policy.active:
+            return
         owed = self._owed.setdefault(peer, _Owed())
         ids = owed.receipts if receipt else owed.retries
         ids[msg_id] = None
@@ -231,6 +236,8 @@ class Delivery:
             await self._check_now()
 
     async def _check_now(self) -> None:
+        if not self.policy.active:
+            return
         policy, now, wall = self.policy, _loop_time(), self._clock().timestamp()
         puts: dict[Key, bytes] = {}
         for msg_id, pending in list(self._tracked().items()):
