@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -15,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 from conftest import ALICE, BOB, CA
 from lab import make_node, next_message, publish_crl, relay_config, running
+from test_home_writer import follow, kmsnet, send, serving_pid, world
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -238,3 +240,30 @@ async def test_a_refused_envelope_is_asked_for_and_sent_again(tmp_path: Path) ->
             assert await settled(alice, "bob", 2, timeout=20) == [State.DELIVERED] * 2
             entry = alice.history.sent(second)
             assert entry is not None and entry.attempts == 2
+
+
+async def test_send_wait_delivered_from_the_command_line(tmp_path: Path) -> None:
+    """`send --wait delivered`: exit 3 when bob's node does not confirm in time (the message stays
+    pending), exit 0 with state delivered once bob's node runs; the history says both were delivered."""
+    async with world(tmp_path) as w:
+        alice, bob = str(w.alice), str(w.bob)
+        assert (await kmsnet("receive", "--home", bob, "--timeout", "3")).code == 0  # bob's prekeys go up
+        usage = await kmsnet("send", "--home", alice, "--to", "bob", "--timeout", "1", "x")
+        assert usage.code == 2
+        wait = ("--json", "--wait", "delivered", "--timeout")
+        late = await kmsnet("send", "--home", alice, "--to", "bob", *wait, "1", "one")
+        assert late.code == 3, late
+        assert json.loads(late.err)["code"] == "not_delivered_yet"
+        assert json.loads(late.out)["state"] == "stored"
+        follower = await follow(w.bob)
+        await serving_pid(w.bob)
+        done = await kmsnet("send", "--home", alice, "--to", "bob", *wait, "60", "two")
+        assert done.code == 0, done.err
+        assert json.loads(done.out)["state"] == "delivered"
+        await follower.stop()
+        assert sorted(follower.texts("alice")) == ["one", "two"]
+        listed = await kmsnet("history", "--home", alice, "--with", "bob", "--json")
+        states = {json.loads(line)["text"]: json.loads(line)["state"] for line in listed.out.splitlines()}
+        assert states == {"one": "delivered", "two": "delivered"}
+        quiet = await send(w.alice, "bob", "three")
+        assert json.loads(quiet.out)["state"] in ("stored", "delivered")
