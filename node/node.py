@@ -14,6 +14,9 @@ The shell's parts, each with the keystore records it holds:
     node/bundles.py    node/prekeys, bundle/<spk id>, node/onetime_certificate
     node/outbox.py     outbox/<seq 20 digits>
     node/inbox.py      inbox/<seq 20 digits>
+    node/history.py    history/<peer>:<seq>:<in|out>:<msg id hex>, node/history_retention
+    node/trust.py      trust/<peer>
+    node/receipts.py   (none: receipts and re-sends work from the history)
     this module        node/identity, node/certificate, node/root, node/relay, node/revocation
 """
 
