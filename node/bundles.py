@@ -12,7 +12,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
-from node.journal import Journal, log_failure
+from node.journal import Journal, Key, log_failure
 from node.keystore import Keystore
 from node.layout import NS_BUNDLE, NS_NODE
 from node.options import NodeOptions
@@ -20,7 +20,7 @@ from protocol import handshake, wire
 from protocol.errors import UnknownPrekey
 from protocol.identity import IdentityKey, KemKeyPair, X25519KeyPair
 from protocol.link import LinkFrame, PublishBundle
-from protocol.messages import InitMessage, PrekeyBundle
+from protocol.messages import PrekeyBundle
 from protocol.prekeys import PrekeySecrets
 
 log = logging.getLogger("kmsnet.node")
@@ -49,11 +49,15 @@ class Bundles:
         ids = sorted(int(n) for n in self._keystore.names(NS_BUNDLE))
         return self._load(ids[-1])
 
-    def for_init(self, init: InitMessage) -> PrekeyBundle:
-        """The bundle an INIT names (UnknownPrekey if it is not one we hold)."""
-        if self._keystore.get(NS_BUNDLE, str(init.spk_id)) is None:
-            raise UnknownPrekey(f"signed prekey {init.spk_id} is not ours (rotated out?)")
-        return self._load(init.spk_id)
+    def by_id(self, spk_id: int) -> PrekeyBundle:
+        """Our bundle of signed prekey `spk_id`, which an INIT names (UnknownPrekey if we do not hold it)."""
+        if self._keystore.get(NS_BUNDLE, str(spk_id)) is None:
+            raise UnknownPrekey(f"signed prekey {spk_id} is not ours (rotated out?)")
+        return self._load(spk_id)
+
+    def stage(self, puts: dict[Key, bytes]) -> None:
+        """Add the prekey account to a commit being prepared (an INIT consumed from it)."""
+        puts[(NS_NODE, "prekeys")] = self.account.to_bytes()
 
     def _load(self, spk_id: int) -> PrekeyBundle:
         packed = self._keystore.get(NS_BUNDLE, str(spk_id))

@@ -47,16 +47,24 @@ class Inbox:
             self._seq += 1
             puts[(NS_INBOX, f"{self._seq:020d}")] = msgpack.packb(item)
 
-    def emit(self, event: SecurityEvent, now: datetime) -> asyncio.Future[None]:
-        """Record a security event in the inbox; the application sees it once it is on disk."""
+    def stage_event(self, event: SecurityEvent, now: datetime, puts: dict[Key, bytes]) -> SecurityEvent | None:
+        """Log a security event and add it to a commit being prepared, if the budget admits it: the
+        event to show once that commit is done (it may say how many like it were left out), or None."""
         log.info("security_event", extra={"fields": event.to_json()})
-        record: dict[Key, bytes] = {}
         admitted = self.budget.admit(event, now)
         if admitted is None or self._full():
-            return self._journal.commit(record, sync=False)  # logged only; still in commit order
+            return None  # logged only
+        self.stage(admitted.to_json(), puts)
+        return admitted
+
+    def emit(self, event: SecurityEvent, now: datetime) -> asyncio.Future[None]:
+        """Record a security event in the inbox by itself; the application sees it once it is on disk."""
+        record: dict[Key, bytes] = {}
+        admitted = self.stage_event(event, now, record)
+        durable = self._journal.commit(record, sync=False)  # still in commit order when only logged
+        if admitted is None:
+            return durable
         event = admitted
-        self.stage(event.to_json(), record)
-        durable = self._journal.commit(record, sync=False)
 
         def show(fut: asyncio.Future[None]) -> None:  # a callback, in commit order (see Node._on_deliver)
             if not fut.cancelled() and fut.exception() is None:

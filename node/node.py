@@ -27,13 +27,11 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.x509.oid import NameOID
 
 from node import crlfetch
@@ -41,7 +39,7 @@ from node.bundles import ONETIME_LOW, Bundles
 from node.enrol import load_identity, renew_certificate, renewal_time
 from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachable, SelfSend, code_of
 from node.eventbudget import QUARANTINE, RefusalBudget
-from node.events import Message, SecurityEvent
+from node.events import Delivered, Message, SecurityEvent
 from node.history import Entry, History, State
 from node.inbox import Inbox
 from node.journal import Journal, Key, log_failure, succeeded
@@ -54,7 +52,7 @@ from node.outbox import Outbox
 from node.pkcs11 import TokenIdentityKey
 from node.receipts import Delivery
 from node.selfrevoked import Revoked, own_revocation
-from node.sessions import PeerRecord, Sessions
+from node.sessions import Sessions
 from node.status import status
 from node.trust import Trust, TrustState, certificate_key
 from protocol import certs, handshake, wire
@@ -68,14 +66,12 @@ from protocol.errors import (
     ProtocolError,
     ReplayedInitialMessage,
     RevocationError,
-    SessionClosed,
     StaleInit,
 )
 from protocol.link import Accepted, Ack, CrlFeed, Deliver, Error, ErrorCode, LinkFrame, Send, Welcome
-from protocol.messages import FrameType, PrekeyBundle, Suite
-from protocol.peer import Conversation, revoked_serial
+from protocol.messages import FrameType, PrekeyBundle
+from protocol.peer import Local, Outcome, Peer, PeerEvent, PeerRecord, event_name, refusal
 from protocol.revocation import RevocationState
-from protocol.safety import safety_number
 from protocol.session import Kind, Session
 
 __all__ = ["Node", "NodeOptions", "PeerRecord"]
@@ -342,10 +338,9 @@ class Node:
     async def _recheck_by_ocsp(self) -> None:
         """In OCSP mode the feed may never tell: ask again about every peer with an open session."""
         assert self._ocsp is not None
-        for name, conversation in list(self.sessions.conversations.items()):
-            record = self.peer(name)
-            session = conversation.current
-            if session is None or session.closed or record is None:
+        for name, engine in list(self.sessions.engines.items()):
+            record = engine.record
+            if engine.current is None or record is None:
                 continue
             try:
                 answer = await self._ocsp.refresh(record.certificate, self.clock())
@@ -353,7 +348,7 @@ class Node:
                 log.info("ocsp_recheck_failed", extra={"fields": {"peer": name, "reason": str(exc)}})
                 continue
             if answer.status == "revoked":
-                self._close_revoked(name, record, answer.reason or "revoked")
+                self._close(name, f"certificate {record.serial:x} revoked ({answer.reason or 'revoked'})")
 
     async def _publish_prekeys(self, onetime_left: int, *, rotate: bool = False) -> None:
         await self._bundles.publish(
@@ -378,15 +373,48 @@ class Node:
             lock = self._locks[peer] = asyncio.Lock()
         return lock
 
-    def _conversation(self, peer: str) -> Conversation:
-        return self.sessions.conversation(peer)
-
     def _session(self, peer: str) -> Session | None:
+        """The current session with `peer`, open or closed (the scenarios look at it)."""
         return self.sessions.session(peer)
 
     def peer(self, name: str) -> PeerRecord | None:
         """What we know of `name`, if we ever had a session."""
-        return self.sessions.peer(name)
+        return self.sessions.get(name).record
+
+    def _local(self) -> Local:
+        """This node as a peer engine needs it, now (identity and certificate change on renewal)."""
+        crl = self.revocation.current
+        return Local(
+            identity=self.identity,
+            certificate=self.certificate,
+            fingerprint=self.fingerprint,
+            root=self.root,
+            revocation=self.revocation_check,
+            revoked=crl.revoked if crl is not None else (),
+            prekeys=self.prekeys,
+            bundle=self._bundles.by_id,
+            suite=self.options.suite,
+            accept_suites=self.options.accept_suites,
+        )
+
+    def _commit(self, peer: str, outcome: Outcome, extra: dict[Key, bytes] | None = None) -> asyncio.Future[None]:
+        """Commit what an engine call says must be durable (fsynced with the next epoch when it says
+        so); if that fails the engine is reloaded from the last durable state (node/sessions.py)."""
+        puts = {**outcome.puts, **(extra or {})}
+        if outcome.prekeys:
+            self._bundles.stage(puts)
+        if outcome.sync:
+            committed = self.sessions.commit(puts, outcome.deletes)
+        else:
+            committed = self._journal.commit(puts, outcome.deletes, sync=False)
+        return self.sessions.guard(peer, committed)
+
+    def _tell(self, peer: str, events: Sequence[PeerEvent]) -> asyncio.Future[None] | None:
+        """Record what an engine call says the application must be told (after its commit, in order)."""
+        last = None
+        for event in events:
+            last = self._emit(SecurityEvent(event.event, peer, event.reason, event.error, event.safety_number))
+        return last
 
     async def send(self, peer: str, text: str) -> str:
         """Encrypt `text` for `peer` and hand it to the relay; return the message id (hex).
@@ -407,8 +435,8 @@ class Node:
             # the lock, and the link that would bring our answer may be busy delivering it.
             bundle = await self._fetch_bundle(peer) if self._needs_session(peer) else None
             async with self._lock(peer):
-                session = self._session(peer)
-                if session is None or session.closed:
+                engine = self.sessions.get(peer)
+                if engine.current is None:
                     if bundle is not None:
                         self.trust.check_send(peer, certificate_key(bundle.certificate))
                         payload, durable = self._initiate(peer, bundle, body)
@@ -416,8 +444,7 @@ class Node:
                 else:
                     if (record := self.peer(peer)) is not None:
                         self.trust.check_send(peer, record.identity)
-                    durable = self._reserve(peer, session)
-                    payload = session.encrypt(body)
+                    payload, durable = self._encrypt(peer, engine, body)
         history: dict[Key, bytes] = {}
         self.history.add(Entry(msg_id.hex(), peer, "out", text, self.clock().timestamp(), State.SENDING), history)
         recorded = self._journal.commit(history, sync=False)
@@ -440,16 +467,23 @@ class Node:
             self._outbox.stop_waiting(msg_id)
         return msg_id.hex()
 
-    def _reserve(self, peer: str, session: Session) -> asyncio.Future[None] | None:
-        """Reserve message numbers ahead on `session`; what the caller must await before sending.
+    def _encrypt(
+        self, peer: str, engine: Peer, body: bytes, kind: Kind = Kind.DATA
+    ) -> tuple[bytes, asyncio.Future[None] | None]:
+        """A MESSAGE frame, and what must be awaited before it may leave (see `_reserve`)."""
+        outcome = engine.encrypt(body, kind=kind, reserve=RESERVE_AHEAD)
+        assert outcome.frame is not None
+        return outcome.frame, self._reserve(peer, outcome)
+
+    def _reserve(self, peer: str, outcome: Outcome) -> asyncio.Future[None] | None:
+        """What the caller must await before sending what `outcome` encrypted.
 
         A new reservation is committed with fsync (see `Ratchet.reserve`), and no message inside
         it may leave before that commit is done — also not the ones encrypted by other sends while
         it is still running, which is why the pending commit is remembered per peer.
         """
-        if session.reserve(RESERVE_AHEAD):
-            durable = self.sessions.save(peer)
-            self._reservations[peer] = durable
+        if outcome.puts:
+            durable = self._reservations[peer] = self._commit(peer, outcome)
             return durable
         pending = self._reservations.get(peer)
         # A reservation whose commit failed covers nothing: those waiting on it fail with it.
@@ -459,8 +493,11 @@ class Node:
         self._outbox.queue(msg_id, to, payload)
 
     def _needs_session(self, peer: str) -> bool:
-        session = self._expire(peer).current
-        return session is None or session.closed is not None
+        """A send must start a handshake first: no open session, or it just ended with the peer's certificate."""
+        engine = self.sessions.get(peer)
+        if engine.expire(self.clock()):
+            log.info("session_expired", extra={"fields": {"node": self.name, "peer": peer}})
+        return engine.current is None
 
     async def _fetch_bundle(self, peer: str) -> PrekeyBundle:
         """`peer`'s prekey bundle from the relay (and, in OCSP mode, a fresh answer about its certificate)."""
@@ -480,44 +517,18 @@ class Node:
         return frame
 
     def _initiate(
-        self, peer: str, frame: PrekeyBundle, body: bytes, kind: Kind = Kind.DATA
+        self, peer: str, bundle: PrekeyBundle, body: bytes, kind: Kind = Kind.DATA
     ) -> tuple[bytes, asyncio.Future[None]]:
+        """Start a session from `peer`'s bundle: the INIT, and the commit to await before it leaves."""
         try:
-            self._refuse_revoked_identity(peer, frame.certificate)
-            started = handshake.initiate(
-                identity=self.identity,
-                certificate=self.certificate,
-                bundle=frame,
-                root=self.root,
-                revocation=self.revocation_check,
-                now=self.clock(),
-                expected_name=peer,
-                first_message=body,
-                first_kind=kind,
-                suite=self.options.suite,
-            )
+            outcome = self.sessions.get(peer).start(bundle, self.clock(), self._local(), first=body, kind=kind)
         except ProtocolError as exc:
-            self._emit(SecurityEvent("session_refused", peer, str(exc), code_of(exc)))
+            self._tell(peer, [refusal(exc, "session_refused")])
             raise
-        puts: dict[Key, bytes] = {}
-        previous = self.peer(peer)
-        self.sessions.note_peer(started.peer, "initiated", puts)
-        self._conversation(peer).adopt(started.session)
-        self.sessions.stage(peer, puts)
-        durable = self.sessions.guard(peer, self.sessions.commit(puts))
-        self._established(peer, previous, started.peer, f"initiated ({Suite(started.session.suite).name})")
-        return started.frame, durable
-
-    def _established(
-        self, peer: str, previous: PeerRecord | None, verified: certs.VerifiedCertificate, how: str
-    ) -> None:
-        """Tell the application of a new session, and first of a new identity key (either side started it)."""
-        new_identity = verified.public_key.public_bytes_raw()
-        number = safety_number(self.identity.public_bytes, new_identity)
-        if previous is not None and previous.identity != new_identity:
-            changed = f"new identity key; new safety number {number}"
-            self._emit(SecurityEvent("identity_changed", peer, changed, safety_number=number))
-        self._emit(SecurityEvent("session_established", peer, f"{how}; safety number {number}", safety_number=number))
+        durable = self._commit(peer, outcome)
+        self._tell(peer, outcome.events)
+        assert outcome.frame is not None
+        return outcome.frame, durable
 
     def _drop_sessions(self) -> None:
         """The keystore is older than its epoch (restored from a backup): no session in it may encrypt
@@ -591,152 +602,89 @@ class Node:
                 if wire.frame_type(deliver.payload) is FrameType.INIT:
                     await self._ocsp.ensure(handshake.decode_init(deliver.payload).certificate, self.clock())
         async with self._lock(deliver.sender):
-            durable, message = self._receive(deliver)
+            durable, shown = self._receive(deliver)
         # The link goes on reading while this one commits: the next deliveries join the batch. A
         # callback, not a task: the journal completes commits in order and their callbacks run in
         # that order, so the application sees events and messages in the order they happened.
-        durable.add_done_callback(lambda fut: self._after_commit(deliver, message, fut))
+        durable.add_done_callback(lambda fut: self._after_commit(deliver, shown, fut))
 
-    def _after_commit(self, deliver: Deliver, message: Message | None, durable: asyncio.Future[None]) -> None:
+    def _after_commit(self, deliver: Deliver, shown: list[Delivered], durable: asyncio.Future[None]) -> None:
         if durable.cancelled():
             return
         if (error := durable.exception()) is not None:
             # The disk failed: say so, and neither show nor ACK it (the relay keeps it).
             log.error("commit_failed", extra={"fields": {"node": self.name, "error": str(error)}})
             return
-        if message is not None:
-            self.events.put_nowait(message)
+        for item in shown:
+            self.events.put_nowait(item)
         if self.prekeys.rotation_wanted() and not self._bundles.rotating:
             self._rotate_early()
         self._handled += 1
         # Processed and on disk (or refused for good): the relay may forget it.
         with contextlib.suppress(RelayUnreachable):
             self._link_send_nowait(Ack(deliver.msg_id))
-        session = self._session(deliver.sender)
-        if session is not None and session.heartbeat_due and deliver.sender not in self._heartbeats:
+        if self.sessions.get(deliver.sender).heartbeat_due and deliver.sender not in self._heartbeats:
             self._heartbeats.add(deliver.sender)
-            task = asyncio.create_task(self._heartbeat(deliver.sender, session))
+            task = asyncio.create_task(self._heartbeat(deliver.sender))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
-    def _receive(self, deliver: Deliver) -> tuple[asyncio.Future[None], Message | None]:
-        """Decrypt a delivery (state changes in memory) and queue its commit; nothing blocks."""
+    def _receive(self, deliver: Deliver) -> tuple[asyncio.Future[None], list[Delivered]]:
+        """Hand a delivery to its peer's engine (state changes in memory) and queue the commit of
+        what it says must be durable, with what it says and carried; nothing blocks. Returns the
+        commit and what the application is shown once it is done (events first, then the message)."""
         peer = deliver.sender
-        if self.refusal_budget.drops(peer, self.clock()):  # a flooding peer (issue #13): not even decoded
-            return self._journal.commit({}, sync=False), None
-        if deliver.msg_id in self.sessions.seen(peer):
-            # A redelivery of something already processed: acknowledge, say nothing.
-            return self._journal.commit({}, sync=False), None
-        puts: dict[Key, bytes] = {}
-        kind: FrameType | None = None
-        try:
-            kind = wire.frame_type(deliver.payload)
-            if kind is FrameType.INIT:
-                received = self._respond(peer, deliver.payload, puts)
-            elif kind is FrameType.MESSAGE:
-                conversation = self._expire(peer)
-                received, session = conversation.decrypt(wire.decode_message(deliver.payload))
-                record = self.peer(peer)
-                if record is not None and record.state == "initiated" and session is conversation.current:
-                    # The first reply: both sides hold the session now.
-                    self.sessions.stage_peer(replace(record, state="established"), puts)
-            else:
-                raise DecodeError(f"a {kind.name} frame is not a message")
-        except ProtocolError as exc:
-            if self._conversation(peer).reset_due:
+        now = self.clock()
+        if self.refusal_budget.drops(peer, now):  # a flooding peer (issue #13): not even decoded
+            return self._journal.commit({}, sync=False), []
+        engine = self.sessions.get(peer)
+        outcome = engine.receive(deliver.payload, now, self._local(), msg_id=deliver.msg_id)
+        if outcome.refused:
+            if engine.reset_due:
                 self._start_reset(peer)
-            if self.refusal_budget.refused(peer, self.clock()):
+            told = self._tell(peer, outcome.events)
+            if self.refusal_budget.refused(peer, now):
                 minutes = int(QUARANTINE.total_seconds() // 60)
                 flood = f"too many refused frames: {peer}'s frames are dropped unread for {minutes} min"
-                self._emit(SecurityEvent("peer_flooding", peer, flood, code_of(exc)))
-            if kind is not None and not isinstance(exc, _NOT_ASKED_AGAIN):
+                told = self._tell(peer, [PeerEvent("peer_flooding", flood, outcome.events[-1].error)])
+            if outcome.events[-1].error not in _NOT_ASKED_AGAIN:
                 self.delivery.refused(peer, deliver.msg_id)  # (issue #14) nothing lost silently
-            return self._emit(SecurityEvent(_event_name(exc), peer, str(exc), code_of(exc))), None
+            assert told is not None
+            return told, []
+        inbox: dict[Key, bytes] = {}
+        events = [SecurityEvent(e.event, peer, e.reason, e.error, e.safety_number) for e in outcome.events]
         message: Message | None = None
         content: Body | None = None
-        if received.kind is Kind.DATA:
+        received = outcome.received
+        if received is not None and received.kind is Kind.DATA:
             try:
                 content = decode_body(received.data)
             except DecodeError:
-                self._emit(SecurityEvent("malformed_message", peer, "authentic but unreadable message body"))
+                events.append(SecurityEvent("malformed_message", peer, "authentic but unreadable message body"))
             else:
                 if isinstance(content, TextBody) and not self.history.has_received(peer, content.msg_id.hex()):
                     message = Message(content.msg_id.hex(), peer, content.text, content.sent_at / 1000)
                     entry = Entry(message.id, peer, "in", message.text, message.sent_at, State.RECEIVED)
-                    self.history.add(entry, puts)
-        self.sessions.stage(peer, puts)
-        self.sessions.stage_seen(peer, deliver.msg_id, puts)
+                    self.history.add(entry, inbox)
+        # What the application is told goes to disk in the same commit as the state that made it.
+        shown: list[Delivered] = []
+        for event in events:
+            admitted = self._inbox.stage_event(event, now, inbox)
+            if admitted is not None:
+                shown.append(admitted)
         if message is not None:
-            self._inbox.stage(message.to_json(), puts)
-        # Not fsynced: after a power loss the last few received messages may be shown again, but no
-        # key is ever reused, because every send is fsynced, and an fsync makes all of this durable too.
-        # An accepted INIT is fsynced: it consumed a one-time prekey (or entered the replay cache),
-        # and a power loss that forgot that would accept the same INIT again once the relay re-sends it.
-        if kind is FrameType.INIT:
-            committed = self.sessions.commit(puts, self.sessions.prune_seen(peer))
-        else:
-            committed = self._journal.commit(puts, self.sessions.prune_seen(peer), sync=False)
+            self._inbox.stage(message.to_json(), inbox)
+            shown.append(message)
+        # Not fsynced unless the engine says so (an accepted INIT: it consumed a one-time prekey or
+        # entered the replay cache, and a power loss that forgot that would accept the same INIT again
+        # once the relay re-sends it). After a power loss the last few received messages may be shown
+        # again, but no key is ever reused: every send is fsynced, and an fsync makes all of this durable too.
+        committed = self._commit(peer, outcome, inbox)
         if content is not None:
             self.delivery.received(peer, content, committed)  # receipts owed and taken, retry requests
-        else:
+        elif received is not None:
             self.delivery.heard(peer)
-        return self.sessions.guard(peer, committed), message
-
-    def _respond(self, peer: str, payload: bytes, puts: dict[Key, bytes]) -> Any:
-        init = handshake.decode_init(payload)
-        bundle = self._bundles.for_init(init)
-        previous = self.peer(peer)
-        self._refuse_revoked_identity(peer, init.certificate)
-        conversation = self._conversation(peer)
-        # A held or delayed INIT is refused before it consumes a prekey; a crossing one is accepted
-        # (protocol/peer.py decides which session stays current, the same way on both sides).
-        confirmed = previous is not None and previous.state == "established"
-        conversation.check_init(init.created, hashlib.sha256(init.certificate).digest(), confirmed=confirmed)
-        result = handshake.respond(
-            init,
-            identity=self.identity,
-            certificate_fingerprint=self.fingerprint,
-            bundle=bundle,
-            prekeys=self.prekeys,
-            root=self.root,
-            revocation=self.revocation_check,
-            now=self.clock(),
-            allowed_suites=self.options.accept_suites,
-            expected_name=peer,
-        )
-        # The consumed one-time prekey goes to disk with the session it made, in one commit.
-        puts[(NS_NODE, "prekeys")] = self.prekeys.to_bytes()
-        if not conversation.adopt(result.session):
-            # A crossing INIT that our own outranks: its message is delivered, our session stays.
-            log.info("crossing_init_archived", extra={"fields": {"node": self.name, "peer": peer}})
-            return result.first
-        self.sessions.note_peer(result.peer, "established", puts)
-        self._established(peer, previous, result.peer, f"accepted ({Suite(result.session.suite).name})")
-        return result.first
-
-    def _refuse_revoked_identity(self, peer: str, certificate: bytes) -> None:
-        """Refuse a peer certificate whose identity key an earlier, revoked certificate of the peer
-        had: a renewal does not escape a revocation (PROTOCOL.md §10.5)."""
-        record = self.peer(peer)
-        crl = self.revocation.current
-        if record is None or crl is None:
-            return
-        try:
-            key = x509.load_der_x509_certificate(certificate).public_key()
-            identity = key.public_bytes(Encoding.Raw, PublicFormat.Raw)
-        except (ValueError, TypeError):
-            return  # not a usable certificate: the handshake's own checks refuse it
-        serial = revoked_serial((record.serial, *record.serials), crl.revoked) if identity == record.identity else None
-        if serial is not None:
-            raise CertificateRevoked(serial, "an earlier certificate of the same identity key")
-
-    def _expire(self, peer: str) -> Conversation:
-        """The conversation with `peer`, its sessions ended if the certificate they were made under expired."""
-        conversation = self._conversation(peer)
-        record = self.peer(peer)
-        if record is not None and conversation.expire(self.clock(), record.not_after):
-            log.info("session_expired", extra={"fields": {"node": self.name, "peer": peer}})
-        return conversation
+        return committed, shown
 
     async def _send_body(self, peer: str, data: bytes) -> bytes | None:
         """DATA `data` on the open session with `peer`, to the relay through the outbox (a receipt, a
@@ -744,13 +692,12 @@ class Node:
         is open or sending to `peer` is held (node/trust.py)."""
         envelope = os.urandom(16)
         async with self._lock(peer):
-            session, record = self._session(peer), self.peer(peer)
-            if self._needs_session(peer) or session is None or record is None:
+            engine, record = self.sessions.get(peer), self.peer(peer)
+            if self._needs_session(peer) or record is None:
                 return None
             if self.trust.state(peer, record.identity) is TrustState.CHANGED:
                 return None
-            durable = self._reserve(peer, session)
-            payload = session.encrypt(data)
+            payload, durable = self._encrypt(peer, engine, data)
         if durable is not None:
             await durable
         self._queue_outbox(envelope, peer, payload)
@@ -758,14 +705,14 @@ class Node:
             await self._link_send(Send(envelope, peer, payload))
         return envelope
 
-    async def _heartbeat(self, peer: str, session: Session) -> None:
+    async def _heartbeat(self, peer: str) -> None:
         msg_id = os.urandom(16)
         try:
             async with self._lock(peer):
-                if not session.heartbeat_due or session.closed:
+                engine = self.sessions.get(peer)
+                if not engine.heartbeat_due:
                     return
-                durable = self._reserve(peer, session)
-                payload = session.encrypt(b"", kind=Kind.HEARTBEAT)
+                payload, durable = self._encrypt(peer, engine, b"", Kind.HEARTBEAT)
         finally:
             self._heartbeats.discard(peer)
         if durable is not None:
@@ -792,7 +739,7 @@ class Node:
                 self._emit(SecurityEvent("session_reset", peer, why))
             bundle = await self._fetch_bundle(peer)
             async with self._lock(peer):
-                if not force and not self._conversation(peer).reset_due:
+                if not force and not self.sessions.get(peer).reset_due:
                     return  # something authenticated meanwhile (or a session came from the peer)
                 payload, durable = self._initiate(peer, bundle, b"", Kind.HEARTBEAT)
             await durable
@@ -833,7 +780,7 @@ class Node:
             before = self.revocation.highest_number
             crl = self.revocation.accept(der, self.root, now)
         except RevocationError as exc:
-            self._emit(SecurityEvent(_event_name(exc), None, f"CRL refused: {exc}", code_of(exc)))
+            self._emit(SecurityEvent(event_name(exc), None, f"CRL refused: {exc}", code_of(exc)))
             return
         except ProtocolError as exc:
             self._emit(SecurityEvent("crl_refused", None, f"CRL refused: {exc}", code_of(exc)))
@@ -845,23 +792,19 @@ class Node:
         own = self.revoked
         if own is not None and (previous is None or own.serial not in previous.revoked):
             self._emit(SecurityEvent("revoked", None, f"this node's certificate is {own.words()}", "node_revoked"))
+        listed = previous.revoked if previous is not None else ()
         for name in self.sessions.peer_names():
-            record = self.peer(name)
-            serial = revoked_serial((record.serial, *record.serials), crl.revoked) if record is not None else None
-            if record is None or serial is None:
-                continue
-            if previous is not None and serial in previous.revoked:
-                continue  # told once, on the CRL that revoked it (issue #13), not on each later one
-            reason = crl.entries[serial].reason if serial in crl.entries else "revoked"
-            self._close_revoked(name, record, reason)
+            # Told once, on the CRL that revoked it (issue #13), not on each later one.
+            serial = self.sessions.get(name).revoked_by(crl.revoked, listed)
+            if serial is not None:
+                reason = crl.entries[serial].reason if serial in crl.entries else "revoked"
+                self._close(name, f"certificate {serial:x} revoked ({reason})")
 
-    def _close_revoked(self, name: str, record: PeerRecord, reason: str) -> None:
-        """Tear down every session with a revoked peer: every later frame is refused, and the user is told."""
-        conversation = self._conversation(name)
-        if conversation.current is not None and not conversation.current.closed:
-            conversation.close(f"peer revoked ({reason})")
-            self.sessions.save(name).add_done_callback(log_failure)
-        self._emit(SecurityEvent("peer_revoked", name, f"certificate {record.serial:x} revoked ({reason})"))
+    def _close(self, name: str, reason: str) -> None:
+        """End every session with a revoked peer: every later frame is refused, and the user is told."""
+        outcome = self.sessions.get(name).close(reason)
+        self._commit(name, outcome).add_done_callback(log_failure)
+        self._tell(name, outcome.events)
 
     # --- events and inbox -----------------------------------------------------------------------------
 
@@ -878,15 +821,6 @@ class Node:
         return status(self)
 
 
-#: Refusals that no re-send can cure: a copy of what arrived already, a peer revoked (issue #14).
-_NOT_ASKED_AGAIN = (DuplicateMessage, ReplayedInitialMessage, StaleInit, CertificateRevoked)
-
-
-def _event_name(exc: ProtocolError) -> str:
-    if isinstance(exc, CertificateRevoked):
-        return "peer_revoked"
-    if isinstance(exc, DuplicateMessage):
-        return "replay_refused"
-    if isinstance(exc, SessionClosed):
-        return "frame_refused"
-    return code_of(exc)
+#: Refusals that no re-send can cure, by error code: a copy of what arrived already, a replayed or
+#: stale session start, a revoked peer (issue #14).
+_NOT_ASKED_AGAIN = {e.code for e in (DuplicateMessage, ReplayedInitialMessage, StaleInit, CertificateRevoked)}

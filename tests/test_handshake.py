@@ -44,12 +44,9 @@ from protocol.errors import (
     LocalError,
     NameMismatch,
     NoRevocationData,
-    RemoteError,
     ReplayedInitialMessage,
-    SessionClosed,
     StaleFeed,
     SuiteError,
-    UnexpectedFrame,
     UnknownPrekey,
     UntrustedIssuer,
     WeakKey,
@@ -58,14 +55,11 @@ from protocol.handshake import (
     MAX_BUNDLE_AGE,
     MAX_ONETIME_PREKEYS,
     MAX_REPLAY_CACHE,
-    TRANSITIONS,
-    PeerState,
     PrekeySecrets,
     decode_init,
-    next_state,
 )
 from protocol.identity import X25519KeyPair
-from protocol.messages import FrameType, InitMessage, PrekeyBundle, Suite
+from protocol.messages import InitMessage, PrekeyBundle, Suite
 from protocol.revocation import RevocationState
 from protocol.session import Kind, Received
 
@@ -714,50 +708,6 @@ def test_prekey_secrets_from_bytes_refuses_non_key_replay_entries(bob_prekeys: P
     fields[5] = [[1, [entry]]]
     with pytest.raises(DecodeError):
         PrekeySecrets.from_bytes(msgpack.packb(fields))
-
-
-# --- the per-peer state machine -----------------------------------------------------------------------------
-
-#: The documented table (PROTOCOL.md §8), written out independently of TRANSITIONS.
-DOCUMENTED = {
-    (PeerState.IDLE, FrameType.BUNDLE): PeerState.INITIATED,
-    (PeerState.IDLE, FrameType.INIT): PeerState.ESTABLISHED,
-    (PeerState.INITIATED, FrameType.MESSAGE): PeerState.ESTABLISHED,
-    (PeerState.INITIATED, FrameType.INIT): PeerState.ESTABLISHED,
-    (PeerState.ESTABLISHED, FrameType.MESSAGE): PeerState.ESTABLISHED,
-    (PeerState.ESTABLISHED, FrameType.INIT): PeerState.ESTABLISHED,
-}
-
-
-@pytest.mark.parametrize("state", list(PeerState), ids=lambda s: s.name)
-@pytest.mark.parametrize("frame", list(FrameType), ids=lambda f: f.name)
-def test_every_state_and_frame_type(state: PeerState, frame: FrameType) -> None:
-    """All 12 pairs: the documented next state, UnexpectedFrame, or (CLOSED) SessionClosed."""
-    expected = DOCUMENTED.get((state, frame))
-    if state is PeerState.CLOSED:
-        with pytest.raises(SessionClosed):
-            next_state(state, frame)
-    elif expected is None:
-        with pytest.raises(UnexpectedFrame):
-            next_state(state, frame)
-        assert (state, frame) not in TRANSITIONS
-    else:
-        assert next_state(state, frame) is expected
-        assert TRANSITIONS[(state, frame)] is expected
-
-
-def test_transition_table_is_exactly_the_documented_one() -> None:
-    assert TRANSITIONS == DOCUMENTED
-    assert len(PeerState) * len(FrameType) == 12  # the exhaustive test above covers all of them
-
-
-def test_closed_accepts_nothing() -> None:
-    for frame in FrameType:
-        with pytest.raises(SessionClosed) as info:
-            next_state(PeerState.CLOSED, frame)
-        assert isinstance(info.value, RemoteError)  # a refusal of the peer's frame
-    assert not any(state is PeerState.CLOSED for state, _ in TRANSITIONS)
-    assert PeerState.CLOSED not in TRANSITIONS.values()  # nothing leads there by a frame: only revocation
 
 
 def test_fingerprint_helper_matches_certificate_hash() -> None:

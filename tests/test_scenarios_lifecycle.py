@@ -12,7 +12,7 @@ from kmsnet.cli import main
 from kmsnet.exits import SCENARIO_FAILED
 from node import epoch, node
 from protocol import handshake, peer, prekeys
-from protocol.session import Session
+from protocol.peer import Outcome
 
 
 def without_archive(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -37,9 +37,9 @@ def without_certificate_binding(monkeypatch: pytest.MonkeyPatch) -> None:
 def leaky_reservations(monkeypatch: pytest.MonkeyPatch) -> None:
     """A reservation counts as done before (and whether or not) its commit succeeded."""
 
-    def reserve(self: node.Node, peer: str, session: Session) -> None:
-        if session.reserve(node.RESERVE_AHEAD):
-            self.sessions.save(peer).add_done_callback(lambda fut: fut.exception())
+    def reserve(self: node.Node, peer: str, outcome: Outcome) -> None:
+        if outcome.puts:
+            self._commit(peer, outcome).add_done_callback(lambda fut: fut.exception())
 
     monkeypatch.setattr(node.Node, "_reserve", reserve)
 
