@@ -320,8 +320,9 @@ class History:
                 self.keystore.put(ns, name, value)
             for ns, name in deletes:
                 self.keystore.delete(ns, name)
-        for _, name in deletes:
-            self._forget(name)
+        for ns, name in deletes:
+            if ns == NS_HISTORY and self._names is not None:
+                self._forget(name)
 
     def _now(self) -> float:
         return self.clock().timestamp()

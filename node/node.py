@@ -16,7 +16,7 @@ The shell's parts, each with the keystore records it holds:
     node/inbox.py      inbox/<seq 20 digits>
     node/history.py    history/<peer>:<seq>:<in|out>:<msg id hex>, node/history_retention
     node/trust.py      trust/<peer>
-    node/receipts.py   (none: receipts and re-sends work from the history)
+    node/receipts.py   node/owed_receipts (receipts a stopped node still owed)
     this module        node/identity, node/certificate, node/root, node/relay, node/revocation
 """
 
@@ -239,6 +239,7 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._maintenance
             self._maintenance = None
+        await self.delivery.stop()  # the receipts owed go out first, while the link is up
         if self._link is not None:
             await self._link.close()
         if self._link_task is not None:
@@ -246,7 +247,6 @@ class Node:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._link_task
             self._link_task = None
-        await self.delivery.stop()
         self._outbox.cancel_waiting()
         if len(self._outbox):
             # Whatever the relay has not accepted is sent again on the next start.

@@ -25,13 +25,17 @@ The receiver shows a message once, by its id (node/history.py), however many cop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import msgpack
+
 from node.history import Entry, History, State
 from node.journal import Key, log_failure
+from node.layout import NS_NODE
 from protocol.body import MAX_IDS, Body, Receipt, RetryRequest, TextBody, encode
 
 log = logging.getLogger("kmsnet.node")
@@ -40,6 +44,8 @@ log = logging.getLogger("kmsnet.node")
 MAX_COPIES = 20_000
 #: Ids owed a receipt or a retry request per peer; past it the oldest are dropped (the sender re-sends).
 MAX_OWED = 4096
+#: The record `node/owed_receipts`: receipts a stopped node still owed, {peer: [id, ...]}.
+OWED_RECORD = "owed_receipts"
 
 
 @dataclass(frozen=True)
@@ -115,18 +121,37 @@ class Delivery:
     # --- lifecycle ------------------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Start watching our unreceipted messages (those left by an earlier run too)."""
+        """Start watching our unreceipted messages (those left by an earlier run too), and send the
+        receipts an earlier run still owed."""
         if self._task is None:
+            owed = self.history.keystore.get(NS_NODE, OWED_RECORD)
+            for peer, ids in (msgpack.unpackb(owed) if owed is not None else {}).items():
+                for msg_id in ids:
+                    self._owe(peer, msg_id, receipt=True)
             self._task = asyncio.create_task(self._watch(), name="node-delivery")
 
-    async def stop(self) -> None:
-        """Stop; what is owed in memory is lost (the sender re-sends, and the copy is receipted)."""
+    async def stop(self, flush_for: float = 2.0) -> None:
+        """Send what is owed now (for at most `flush_for` seconds, while connected), then stop. Receipts
+        still owed are kept in the keystore for the next start; retry requests are not (the sender's
+        own re-sends cover them)."""
+        if self._task is not None:
+            self._task.cancel()
+        if self._connected():
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(flush_for):
+                    for peer in list(self._owed):
+                        await self._flush(peer, delay=False)
         tasks = [t for t in (self._task, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._task = None
         self._tasks.clear()
+        owed = {peer: list(o.receipts) for peer, o in self._owed.items() if o.receipts}
+        if owed:
+            self.history.write_now({(NS_NODE, OWED_RECORD): msgpack.packb(owed)}, [])
+        else:
+            self.history.write_now({}, [(NS_NODE, OWED_RECORD)])
 
     def waiting(self) -> int:
         """Our messages sent and not yet receipted (nor failed)."""
@@ -190,9 +215,10 @@ class Delivery:
             self._flushing.add(peer)
             self._spawn(self._flush(peer), f"node-receipts-{peer}")
 
-    async def _flush(self, peer: str) -> None:
+    async def _flush(self, peer: str, *, delay: bool = True) -> None:
         try:
-            await asyncio.sleep(self.policy.receipt_delay)  # let a burst gather into one body
+            if delay:
+                await asyncio.sleep(self.policy.receipt_delay)  # let a burst gather into one body
             owed = self._owed.get(peer)
             while owed is not None and (owed.receipts or owed.retries):
                 kind, ids = (Receipt, owed.receipts) if owed.receipts else (RetryRequest, owed.retries)
@@ -206,7 +232,8 @@ class Delivery:
         except Exception as exc:  # noqa: BLE001 - a failed flush must not end the node; the sender re-sends
             log.info("receipt_not_sent", extra={"fields": {"peer": peer, "reason": str(exc)}})
         finally:
-            self._flushing.discard(peer)
+            if delay:
+                self._flushing.discard(peer)
 
     # --- sender: re-sends and failures -----------------------------------------------------------------
 

@@ -103,6 +103,21 @@ async def test_receipts_across_a_restart_of_either_side(tmp_path: Path) -> None:
         alice.keystore.close()
 
 
+async def test_a_receiver_that_stops_at_once_still_receipts(tmp_path: Path) -> None:
+    """Bob stops right after taking a message: the receipt he owes goes out as he stops (or with his
+    next start), not never."""
+    slow = DeliveryPolicy(receipt_delay=30.0, resend_after=3600)  # no batch timer, no re-send: only stop
+    async with Relay(relay_config(CA, tmp_path)) as relay:
+        await publish_crl(relay, CA, CA.crl())
+        alice = quick(make_node(CA, ALICE, relay.url))
+        bob = quick(make_node(CA, BOB, relay.url, tmp_path / "bob.db"), slow)
+        async with running(alice, bob):
+            await alice.send("bob", "quick one")
+            await next_message(bob)
+        async with running(alice):
+            assert await settled(alice, "bob", 1, timeout=10) == [State.DELIVERED]
+
+
 class FlipProxy:
     """A WebSocket proxy on 127.0.0.1: every frame either way, and one in `every` (seeded) gets one bit flipped."""
 
