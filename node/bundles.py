@@ -1,9 +1,10 @@
 """Our published prekeys: the prekey account kept in the keystore (protocol/prekeys.py decides
 rotation and consumption), the signed bundles we made, and publishing them to the relay.
 
-Records: `node/prekeys` (the account, its rotation schedule included), `bundle/<spk id>` (our signed
-bundles, encoded), `node/onetime_certificate` (the certificate the relay's one-time prekeys are
-signed over).
+Records: `node/prekeys` (the account, its rotation schedule included), `replay/<spk id>:<EK hex>`
+(one per replay-cache entry, holding the initiator's identity key: an accepted INIT writes one),
+`bundle/<spk id>` (our signed bundles, encoded), `node/onetime_certificate` (the certificate the
+relay's one-time prekeys are signed over).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from protocol.errors import UnknownPrekey
 from protocol.identity import IdentityKey, KemKeyPair, X25519KeyPair
 from protocol.link import LinkFrame, PublishBundle
 from protocol.messages import PrekeyBundle
-from protocol.prekeys import PrekeySecrets
+from protocol.prekeys import NS_REPLAY, PrekeySecrets
 
 log = logging.getLogger("kmsnet.node")
 
@@ -40,9 +41,12 @@ class Bundles:
         self._options = options
         packed = keystore.get(NS_NODE, "prekeys")
         #: The responder's prekey account (private keys, replay cache, rotation schedule).
-        self.account = PrekeySecrets.from_bytes(packed) if packed else PrekeySecrets()
+        self.account = PrekeySecrets.from_bytes(packed, keystore.items(NS_REPLAY)) if packed else PrekeySecrets()
         #: An early signed-prekey rotation is under way (one at a time).
         self.rotating = False
+        # An account written before the cache had records of its own moves it out now (once), and
+        # entries of a prekey already destroyed go.
+        self._write_changes()
 
     def current(self) -> PrekeyBundle:
         """Our newest signed bundle."""
@@ -55,9 +59,27 @@ class Bundles:
             raise UnknownPrekey(f"signed prekey {spk_id} is not ours (rotated out?)")
         return self._load(spk_id)
 
-    def stage(self, puts: dict[Key, bytes]) -> None:
-        """Add the prekey account to a commit being prepared (an INIT consumed from it)."""
-        puts[(NS_NODE, "prekeys")] = self.account.to_bytes()
+    def stage(self, puts: dict[Key, bytes], deletes: list[Key]) -> None:
+        """Add what changed in the prekey account to a commit being prepared (an INIT consumed from
+        it): a replay-cache entry, or the account record when a one-time prekey went."""
+        changes = self.account.take_changes()
+        if changes.account is not None:
+            puts[(NS_NODE, "prekeys")] = changes.account
+        puts.update(changes.puts)
+        deletes.extend(changes.deletes)
+
+    def _write_changes(self) -> None:
+        """Write what changed in the prekey account at once (in the caller's transaction, if any)."""
+        puts: dict[Key, bytes] = {}
+        deletes: list[Key] = []
+        self.stage(puts, deletes)
+        if not puts and not deletes:
+            return
+        with self._keystore.transaction():
+            for (namespace, name), value in puts.items():
+                self._keystore.put(namespace, name, value)
+            for namespace, name in deletes:
+                self._keystore.delete(namespace, name)
 
     def _load(self, spk_id: int) -> PrekeyBundle:
         packed = self._keystore.get(NS_BUNDLE, str(spk_id))
@@ -97,8 +119,7 @@ class Bundles:
                 self.account.add_onetime(key_id, key)
                 new_onetime.append(handshake.make_onetime(identity, certificate, key_id, key))
         current = self.current()
-        with self._keystore.transaction():
-            self._keystore.put(NS_NODE, "prekeys", self.account.to_bytes())
+        self._write_changes()
         upload = [[o.key_id, o.public, o.signature] for o in new_onetime]
         await send(PublishBundle(wire.encode(current), upload, int(replace)))
         if replace:
@@ -139,6 +160,6 @@ class Bundles:
             for name in ("next_prekey_rotation", *self._keystore.names(NS_NODE, "spk_expiry/")):
                 self._keystore.delete(NS_NODE, name)
             self._keystore.put(NS_BUNDLE, str(spk_id), wire.encode(bundle))
-            self._keystore.put(NS_NODE, "prekeys", self.account.to_bytes())
+            self._write_changes()
         log.info("signed_prekey_rotated", extra={"fields": {"node": self._node, "spk_id": spk_id}})
         return True

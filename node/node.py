@@ -11,7 +11,7 @@ queued or the node stops (node/outbox.py).
 
 The shell's parts, each with the keystore records it holds:
     node/sessions.py   session/<peer>, archive/<peer>, peer/<peer>, seen/<peer>:<msg id hex>, node/epoch
-    node/bundles.py    node/prekeys, bundle/<spk id>, node/onetime_certificate
+    node/bundles.py    node/prekeys, replay/<spk id>:<EK hex>, bundle/<spk id>, node/onetime_certificate
     node/outbox.py     outbox/<seq 20 digits>
     node/inbox.py      inbox/<seq 20 digits>
     node/history.py    history/<peer>:<seq>:<in|out>:<msg id hex>, node/history_retention
@@ -400,13 +400,13 @@ class Node:
     def _commit(self, peer: str, outcome: Outcome, extra: dict[Key, bytes] | None = None) -> asyncio.Future[None]:
         """Commit what an engine call says must be durable (fsynced with the next epoch when it says
         so); if that fails the engine is reloaded from the last durable state (node/sessions.py)."""
-        puts = {**outcome.puts, **(extra or {})}
+        puts, deletes = {**outcome.puts, **(extra or {})}, list(outcome.deletes)
         if outcome.prekeys:
-            self._bundles.stage(puts)
+            self._bundles.stage(puts, deletes)
         if outcome.sync:
-            committed = self.sessions.commit(puts, outcome.deletes)
+            committed = self.sessions.commit(puts, deletes)
         else:
-            committed = self._journal.commit(puts, outcome.deletes, sync=False)
+            committed = self._journal.commit(puts, deletes, sync=False)
         return self.sessions.guard(peer, committed)
 
     def _tell(self, peer: str, events: Sequence[PeerEvent]) -> asyncio.Future[None] | None:
