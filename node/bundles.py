@@ -10,15 +10,17 @@ relay's one-time prekeys are signed over).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
+from typing import Any
 
+from node.errors import NodeError, RelayUnreachable
 from node.journal import Journal, Key, log_failure
 from node.keystore import Keystore
 from node.layout import NS_BUNDLE, NS_NODE
 from node.options import NodeOptions
 from protocol import handshake, wire
-from protocol.errors import UnknownPrekey
+from protocol.errors import ProtocolError, UnknownPrekey
 from protocol.identity import IdentityKey, KemKeyPair, X25519KeyPair
 from protocol.link import LinkFrame, PublishBundle
 from protocol.messages import PrekeyBundle
@@ -42,8 +44,8 @@ class Bundles:
         packed = keystore.get(NS_NODE, "prekeys")
         #: The responder's prekey account (private keys, replay cache, rotation schedule).
         self.account = PrekeySecrets.from_bytes(packed, keystore.items(NS_REPLAY)) if packed else PrekeySecrets()
-        #: An early signed-prekey rotation is under way (one at a time).
-        self.rotating = False
+        # An early signed-prekey rotation is under way (one at a time).
+        self._rotating = False
         # An account written before the cache had records of its own moves it out now (once), and
         # entries of a prekey already destroyed go.
         self._write_changes()
@@ -87,6 +89,26 @@ class Bundles:
         frame = wire.decode(packed)
         assert isinstance(frame, PrekeyBundle)
         return frame
+
+    def early_rotation_wanted(self) -> bool:
+        """The account wants its signed prekey rotated before its schedule (protocol/prekeys.py), and
+        no early rotation is under way."""
+        return not self._rotating and self.account.rotation_wanted()
+
+    def rotate_early(self, publish: Callable[[], Awaitable[None]]) -> Coroutine[Any, Any, None]:
+        """Rotate and publish now (`publish` does it with our current identity), in the coroutine
+        returned; marked under way at once, so that the next delivery does not start another. A
+        failure is logged, and the next INIT that finds the rotation still wanted tries again."""
+        self._rotating = True
+        return self._rotate_early(publish)
+
+    async def _rotate_early(self, publish: Callable[[], Awaitable[None]]) -> None:
+        try:
+            await publish()
+        except (RelayUnreachable, ProtocolError, NodeError) as exc:
+            log.info("early_rotation_failed", extra={"fields": {"node": self._node, "reason": str(exc)}})
+        finally:
+            self._rotating = False
 
     def rotation_due(self, now: datetime, certificate: bytes) -> bool:
         """Due by the prekey account's schedule, or our newest bundle is signed over another

@@ -17,7 +17,8 @@ The shell's parts, each with the keystore records it holds:
     node/history.py    history/<peer>:<seq>:<in|out>:<msg id hex>, node/history_retention
     node/trust.py      trust/<peer>
     node/receipts.py   node/owed_receipts (receipts a stopped node still owed)
-    this module        node/identity, node/certificate, node/root, node/relay, node/revocation
+    node/revocations.py  node/revocation
+    this module        node/identity, node/certificate, node/root, node/relay
 """
 
 from __future__ import annotations
@@ -27,14 +28,13 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
-from node import crlfetch
 from node.bundles import ONETIME_LOW, Bundles
 from node.enrol import load_identity, renew_certificate, renewal_time
 from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachable, SelfSend, code_of
@@ -46,12 +46,12 @@ from node.journal import Journal, Key, log_failure, succeeded
 from node.keystore import Keystore
 from node.layout import NS_NODE
 from node.link import RelayLink, split_urls
-from node.ocsp import OcspChecker
 from node.options import NodeOptions
 from node.outbox import Outbox
 from node.pkcs11 import TokenIdentityKey
 from node.receipts import Delivery
-from node.selfrevoked import Revoked, own_revocation
+from node.revocations import Revocations
+from node.selfrevoked import Revoked
 from node.sessions import Sessions
 from node.status import status
 from node.trust import Trust, TrustState, certificate_key
@@ -65,12 +65,11 @@ from protocol.errors import (
     DuplicateMessage,
     ProtocolError,
     ReplayedInitialMessage,
-    RevocationError,
     StaleInit,
 )
 from protocol.link import Accepted, Ack, CrlFeed, Deliver, Error, ErrorCode, LinkFrame, Send, Welcome
 from protocol.messages import FrameType, PrekeyBundle
-from protocol.peer import Local, Outcome, Peer, PeerEvent, PeerRecord, event_name, refusal
+from protocol.peer import Local, Outcome, Peer, PeerEvent, PeerRecord, refusal
 from protocol.revocation import RevocationState
 from protocol.session import Kind, Session
 
@@ -113,12 +112,22 @@ class Node:
         self.relay_urls = split_urls(relay_url or (stored_url.decode() if stored_url else ""))
         if not self.relay_urls:
             raise NodeError("no relay URL: give --relay")
-        state = keystore.get(NS_NODE, "revocation")
-        self.revocation = RevocationState.from_bytes(state, self.root, clock()) if state else RevocationState()
-        self._ocsp = OcspChecker(self.options.ocsp_url, self.root) if self.options.ocsp_url else None
         self._journal = Journal(keystore)
         #: Every peer's sessions and record (node/sessions.py).
         self.sessions = Sessions(keystore, journal=self._journal)
+        #: The CRL feed (and OCSP answers), our own revocation, closing revoked peers (node/revocations.py).
+        self.revocations = Revocations(
+            keystore,
+            self._journal,
+            self.sessions,
+            self.options,
+            self.root,
+            clock,
+            node=self.name,
+            emit=lambda event: self._emit(event),
+            close=lambda peer, reason: self._close(peer, reason),
+        )
+        self._ocsp = self.revocations.ocsp
         self._bundles = Bundles(keystore, self._journal, self.options, node=self.name)
         #: The responder's prekey account (protocol/prekeys.py).
         self.prekeys = self._bundles.account
@@ -303,22 +312,9 @@ class Node:
         for msg_id, envelope in self._outbox.items():
             await self._link_send(Send(msg_id, envelope.to, envelope.payload))
 
-    def _rotate_early(self) -> None:
-        """The replay cache of our newest signed prekey is filling, or no one-time prekey is left
-        (protocol/prekeys.py): rotate and publish now, so that new initiators get a fresh prekey."""
-        if not self.connected:
-            return
-        self._bundles.rotating = True
-
-        async def rotate() -> None:
-            try:
-                await self._publish_prekeys(onetime_left=0, rotate=True)
-            except (RelayUnreachable, ProtocolError, NodeError) as exc:
-                log.info("early_rotation_failed", extra={"fields": {"node": self.name, "reason": str(exc)}})
-            finally:
-                self._bundles.rotating = False
-
-        task = asyncio.create_task(rotate(), name=f"node-rotate-{self.name}")
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` beside the node (cancelled by `stop`)."""
+        task = asyncio.create_task(work, name=f"node-{name}-{self.name}")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
@@ -332,23 +328,7 @@ class Node:
             if self.connected and self._bundles.rotation_due(self.clock(), self.certificate):
                 with contextlib.suppress(RelayUnreachable):
                     await self._publish_prekeys(onetime_left=ONETIME_LOW)
-            if self._ocsp is not None:
-                await self._recheck_by_ocsp()
-
-    async def _recheck_by_ocsp(self) -> None:
-        """In OCSP mode the feed may never tell: ask again about every peer with an open session."""
-        assert self._ocsp is not None
-        for name, engine in list(self.sessions.engines.items()):
-            record = engine.record
-            if engine.current is None or record is None:
-                continue
-            try:
-                answer = await self._ocsp.refresh(record.certificate, self.clock())
-            except ProtocolError as exc:
-                log.info("ocsp_recheck_failed", extra={"fields": {"peer": name, "reason": str(exc)}})
-                continue
-            if answer.status == "revoked":
-                self._close(name, f"certificate {record.serial:x} revoked ({answer.reason or 'revoked'})")
+            await self.revocations.recheck_by_ocsp()
 
     async def _publish_prekeys(self, onetime_left: int, *, rotate: bool = False) -> None:
         await self._bundles.publish(
@@ -588,7 +568,7 @@ class Node:
             self._outbox.accepted(frame.msg_id)
             self.delivery.accepted(frame.msg_id)
         elif isinstance(frame, CrlFeed):
-            self._on_crl(frame.crl)
+            self.revocations.on_crl(frame.crl, self.certificate)
         elif isinstance(frame, Error):
             log.info("relay_error", extra={"fields": {"node": self.name, "code": frame.code, "text": frame.text}})
             if frame.msg_id is not None:
@@ -599,9 +579,14 @@ class Node:
         # Other frame types from a relay are ignored: it cannot make us do anything with them.
 
     @property
+    def revocation(self) -> RevocationState:
+        """The CRLs verified so far (node/revocations.py)."""
+        return self.revocations.state
+
+    @property
     def revocation_check(self) -> handshake.RevocationCheck:
         """What vouches for peers at handshake time: OCSP answers if so configured, else the CRL feed."""
-        return self._ocsp if self._ocsp is not None else self.revocation
+        return self.revocations.check
 
     async def _on_deliver(self, deliver: Deliver) -> None:
         if self._ocsp is not None:
@@ -625,17 +610,16 @@ class Node:
             return
         for item in shown:
             self.events.put_nowait(item)
-        if self.prekeys.rotation_wanted() and not self._bundles.rotating:
-            self._rotate_early()
+        if self.connected and self._bundles.early_rotation_wanted():
+            # The replay cache is filling or no one-time prekey is left: new initiators get a fresh prekey now.
+            self._spawn(self._bundles.rotate_early(lambda: self._publish_prekeys(0, rotate=True)), "rotate")
         self._handled += 1
         # Processed and on disk (or refused for good): the relay may forget it.
         with contextlib.suppress(RelayUnreachable):
             self._link_send_nowait(Ack(deliver.msg_id))
         if self.sessions.get(deliver.sender).heartbeat_due and deliver.sender not in self._heartbeats:
             self._heartbeats.add(deliver.sender)
-            task = asyncio.create_task(self._heartbeat(deliver.sender))
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._heartbeat(deliver.sender), f"heartbeat-{deliver.sender}")
 
     def _receive(self, deliver: Deliver) -> tuple[asyncio.Future[None], list[Delivered]]:
         """Hand a delivery to its peer's engine (state changes in memory) and queue the commit of
@@ -734,9 +718,7 @@ class Node:
         if peer in self._resetting or self._link is None:
             return
         self._resetting.add(peer)
-        task = asyncio.create_task(self._reset(peer, force), name=f"node-reset-{peer}")
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self._reset(peer, force), f"reset-{peer}")
 
     async def _reset(self, peer: str, force: bool = False) -> None:
         """A new handshake whose message 0 is a HEARTBEAT (nothing for the peer's user to read); its
@@ -764,49 +746,12 @@ class Node:
     async def refresh_crl(self) -> bool:
         """Fetch the CA's /crl directly if the newest CRL held is older than `options.crl_max_age`
         (a relay may withhold the feed: issue #13); True if a newer CRL was accepted."""
-        ca_url = self.keystore.get(NS_NODE, "ca_url")
-        if ca_url is None or not crlfetch.due(self.revocation.current, self.clock(), self.options.crl_max_age):
-            return False
-        before = self.revocation.highest_number
-        try:
-            self._on_crl(await crlfetch.fetch(ca_url.decode()))
-        except crlfetch.CrlFetchFailed as exc:
-            log.info("crl_fetch_failed", extra={"fields": {"node": self.name, "reason": str(exc)}})
-            return False
-        return self.revocation.highest_number != before
+        return await self.revocations.refresh(self.certificate)
 
     @property
     def revoked(self) -> Revoked | None:
         """Whether our own certificate is revoked, by the newest CRL we verified (issue #13)."""
-        serial = x509.load_der_x509_certificate(self.certificate).serial_number
-        return own_revocation(self.revocation.current, serial)
-
-    def _on_crl(self, der: bytes) -> None:
-        now = self.clock()
-        previous = self.revocation.current
-        try:
-            before = self.revocation.highest_number
-            crl = self.revocation.accept(der, self.root, now)
-        except RevocationError as exc:
-            self._emit(SecurityEvent(event_name(exc), None, f"CRL refused: {exc}", code_of(exc)))
-            return
-        except ProtocolError as exc:
-            self._emit(SecurityEvent("crl_refused", None, f"CRL refused: {exc}", code_of(exc)))
-            return
-        if crl.number == before:
-            return
-        self._journal.commit({(NS_NODE, "revocation"): self.revocation.to_bytes()}).add_done_callback(log_failure)
-        log.info("crl_accepted", extra={"fields": {"node": self.name, "number": crl.number}})
-        own = self.revoked
-        if own is not None and (previous is None or own.serial not in previous.revoked):
-            self._emit(SecurityEvent("revoked", None, f"this node's certificate is {own.words()}", "node_revoked"))
-        listed = previous.revoked if previous is not None else ()
-        for name in self.sessions.peer_names():
-            # Told once, on the CRL that revoked it (issue #13), not on each later one.
-            serial = self.sessions.get(name).revoked_by(crl.revoked, listed)
-            if serial is not None:
-                reason = crl.entries[serial].reason if serial in crl.entries else "revoked"
-                self._close(name, f"certificate {serial:x} revoked ({reason})")
+        return self.revocations.own(self.certificate)
 
     def _close(self, name: str, reason: str) -> None:
         """End every session with a revoked peer: every later frame is refused, and the user is told."""
