@@ -19,9 +19,18 @@ $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -e '.[dev]'
 	touch $(STAMP)
 
+# Every package, type-checked strictly (each reaches --strict cleanly; keep it so).
+PACKAGES := protocol node relay scenarios kmsnet
+# Paths already in `ruff format` style. The rest of the tree joins in one go once the parallel work
+# on it has merged (`ruff format .`); then this list becomes `.`.
+FORMATTED := protocol scenarios kmsnet/demo bench node/hazmat.py node/ocsp.py \
+	tests/test_layers.py tests/test_hazmat.py tests/test_hazmat_door.py tests/test_labels.py tests/test_demo.py \
+	tests/test_node_hazmat.py
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy --strict protocol
+	$(BIN)/ruff format --check $(FORMATTED)
+	$(BIN)/mypy --strict $(PACKAGES)
 
 test: lint
 	$(BIN)/pytest -q --cov=protocol --cov-branch --cov-report=term-missing:skip-covered --cov-fail-under=95

@@ -50,6 +50,17 @@ class CliFailure(click.ClickException):
         self.exit_code = code
         self.name = name
 
+    # click declares `exit_code` class-wide (a ClassVar) and mypy refuses to assign one per instance;
+    # ours differs per failure, hence a property over an instance attribute.
+    @property
+    def exit_code(self) -> int:
+        """The documented exit code this failure ends the command with."""
+        return self._exit_code
+
+    @exit_code.setter
+    def exit_code(self, code: int) -> None:
+        self._exit_code = code
+
     def record(self) -> dict[str, object]:
         """This failure as a `--json` error record."""
         return error_record(self.format_message(), self.exit_code, self.name)

@@ -17,8 +17,8 @@ import urllib.request
 from datetime import datetime, timedelta
 
 from node.errors import Unavailable
+from protocol.crl import VerifiedCrl
 from protocol.link import MAX_CRL
-from protocol.revocation import VerifiedCrl
 
 log = logging.getLogger("kmsnet.node.crlfetch")
 

@@ -23,8 +23,9 @@ from datetime import datetime, timedelta
 from cryptography import x509
 from cryptography.x509 import ocsp
 
-from protocol import certs, revocation
+from protocol import certs
 from protocol.errors import NoRevocationData, OcspError, ProtocolError
+from protocol.ocsp import OcspAnswer, build_ocsp_request, verify_ocsp_response
 
 log = logging.getLogger("kmsnet.node.ocsp")
 
@@ -47,14 +48,14 @@ class OcspChecker:
         self.url = url
         self.root = root
         self.ttl = ttl
-        self._answers: dict[int, tuple[revocation.OcspAnswer, datetime]] = {}
+        self._answers: dict[int, tuple[OcspAnswer, datetime]] = {}
         #: When the responder last failed to answer about a serial: not asked again before
         #: MIN_INTERVAL, so a peer cannot make each of its frames wait for a dead responder.
         self._failed: dict[int, datetime] = {}
         #: Requests actually sent (for tests and the bench).
         self.requests = 0
 
-    async def refresh(self, certificate: bytes, now: datetime) -> revocation.OcspAnswer:
+    async def refresh(self, certificate: bytes, now: datetime) -> OcspAnswer:
         """Ask the responder about `certificate` (DER) and remember the verified answer.
 
         Raises OcspError (bad or unverifiable answer) or NoRevocationData (responder unreachable):
@@ -62,7 +63,7 @@ class OcspChecker:
         """
         return await self._ask(certs.load_certificate(certificate), now)
 
-    async def _ask(self, cert: x509.Certificate, now: datetime) -> revocation.OcspAnswer:
+    async def _ask(self, cert: x509.Certificate, now: datetime) -> OcspAnswer:
         # The certificate first: one that does not verify under the root is refused by the handshake
         # anyway, and must cost no request.
         certs.verify(cert, self.root, now)
@@ -71,11 +72,11 @@ class OcspChecker:
         if failed is not None and now - failed < MIN_INTERVAL:
             raise NoRevocationData(f"the responder failed on serial {serial:x} less than {MIN_INTERVAL} ago")
         nonce = os.urandom(16)
-        request = revocation.build_ocsp_request(cert, self.root, nonce)
+        request = build_ocsp_request(cert, self.root, nonce)
         self.requests += 1
         try:
             der = await asyncio.to_thread(self._post, request)
-            answer = revocation.verify_ocsp_response(der, cert=cert, root=self.root, nonce=nonce, now=now)
+            answer = verify_ocsp_response(der, cert=cert, root=self.root, nonce=nonce, now=now)
         except ProtocolError:
             if len(self._failed) >= MAX_MARKS:  # marks older than MIN_INTERVAL hold nothing back
                 self._failed = {s: t for s, t in self._failed.items() if now - t < MIN_INTERVAL}
@@ -116,7 +117,6 @@ class OcspChecker:
             await self._ask(cert, now)
         except ProtocolError as exc:
             log.info("ocsp_failed", extra={"fields": {"serial": f"{cert.serial_number:x}", "reason": str(exc)}})
-
 
 
 def _next_update(der: bytes) -> datetime | None:

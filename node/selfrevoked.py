@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from protocol.revocation import VerifiedCrl
+from protocol.crl import VerifiedCrl
 
 
 @dataclass(frozen=True)

@@ -28,6 +28,14 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509 import ocsp
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID, NameOID
 
+from protocol._util import (
+    MALFORMED,
+    authority_key_identifier,
+    require_aware,
+    require_issuer_key,
+    require_serial,
+    require_window,
+)
 from protocol.errors import (
     CertificateConstraintError,
     CertificateExpired,
@@ -63,9 +71,6 @@ NODE_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 """A node name: 1..64 characters, lowercase ASCII letters, digits, '.', '_' and '-', not starting
 with punctuation. Match it with `fullmatch` (64 is the X.520 upper bound for a common name)."""
 
-# RFC 5280 4.1.2.2: at most 20 octets, positive. cryptography's builder enforces < 2**159.
-_MAX_SERIAL = 2**159
-
 # Extensions this module understands. RFC 5280 4.2 says a certificate with any other *critical*
 # extension must be refused.
 # Compared by OID: isinstance against the extension classes goes through ABC machinery, which
@@ -81,10 +86,7 @@ _KNOWN_CRITICAL = frozenset(
     }
 )
 
-# What cryptography raises for malformed input. Only some of it is a ValueError: a bad version field
-# raises InvalidVersion, a repeated extension DuplicateExtension, both plain Exceptions.
-_MALFORMED: tuple[type[Exception], ...] = (ValueError, x509.InvalidVersion, x509.DuplicateExtension)
-_MALFORMED_OR_MISSING: tuple[type[Exception], ...] = (*_MALFORMED, x509.ExtensionNotFound)
+_MALFORMED_OR_MISSING: tuple[type[Exception], ...] = (*MALFORMED, x509.ExtensionNotFound)
 
 _DNS_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?")
 
@@ -173,41 +175,8 @@ def load_certificate(data: bytes) -> x509.Certificate:
         if data.lstrip().startswith(b"-----BEGIN"):
             return x509.load_pem_x509_certificate(data)
         return x509.load_der_x509_certificate(data)
-    except _MALFORMED as exc:
+    except MALFORMED as exc:
         raise DecodeError(f"not an X.509 certificate in PEM or DER{library_detail(exc)}") from exc
-
-
-def _require_aware(when: datetime, what: str) -> None:
-    # A naive datetime compares wrongly (or raises) against the aware ones cryptography returns.
-    if not isinstance(when, datetime) or when.tzinfo is None or when.utcoffset() is None:
-        raise LocalError(f"{what} must be a timezone-aware datetime, got {when!r}")
-
-
-def _require_window(not_before: datetime, not_after: datetime) -> None:
-    _require_aware(not_before, "not_before")
-    _require_aware(not_after, "not_after")
-    if not_before >= not_after:
-        raise LocalError(f"not_before {not_before} is not before not_after {not_after}")
-
-
-def _require_serial(serial: int) -> None:
-    if isinstance(serial, bool) or not isinstance(serial, int) or not 0 < serial < _MAX_SERIAL:
-        raise LocalError(f"serial must be an int in 1..2**159-1, got {serial!r}")
-
-
-def _require_issuer_key(ca_key: CaKey, ca_cert: x509.Certificate) -> None:
-    # Signing with a key that does not match the CA certificate yields certificates nobody can verify.
-    if ca_key.public_key() != ca_cert.public_key():
-        raise LocalError("ca_key does not belong to ca_cert")
-
-
-def _authority_key_identifier(ca_key: CaKey, ca_cert: x509.Certificate) -> x509.AuthorityKeyIdentifier:
-    # Reuse the CA's own SKI when it has one, so AKI/SKI matching works for any verifier.
-    try:
-        ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
-    except x509.ExtensionNotFound:
-        return x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
-    return x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ski)
 
 
 def _key_usage(*, digital_signature: bool = False, cert_sign: bool = False) -> x509.KeyUsage:
@@ -234,15 +203,13 @@ def _common_name(name: x509.Name) -> str | None:
 # --- issuing (CA side) ---------------------------------------------------------------------------
 
 
-def make_root(
-    *, key: CaKey, name: str, serial: int, not_before: datetime, not_after: datetime
-) -> x509.Certificate:
+def make_root(*, key: CaKey, name: str, serial: int, not_before: datetime, not_after: datetime) -> x509.Certificate:
     """Build the self-signed CA root: CN=`name`, a CA that may sign leaves only (path length 0)
     and CRLs. Raises `LocalError` on a bad name, serial or window."""
     if not isinstance(name, str) or not 1 <= len(name) <= 64:
         raise LocalError(f"CA name must be 1..64 characters, got {name!r}")
-    _require_serial(serial)
-    _require_window(not_before, not_after)
+    require_serial(serial)
+    require_window(not_before, not_after)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     public_key = key.public_key()
     builder = (
@@ -269,9 +236,9 @@ def _leaf_builder(
     not_before: datetime,
     not_after: datetime,
 ) -> x509.CertificateBuilder:
-    _require_issuer_key(ca_key, ca_cert)
-    _require_serial(serial)
-    _require_window(not_before, not_after)
+    require_issuer_key(ca_key, ca_cert)
+    require_serial(serial)
+    require_window(not_before, not_after)
     return (
         x509.CertificateBuilder()
         .subject_name(subject)
@@ -282,7 +249,7 @@ def _leaf_builder(
         .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(_key_usage(digital_signature=True), critical=True)
-        .add_extension(_authority_key_identifier(ca_key, ca_cert), critical=False)
+        .add_extension(authority_key_identifier(ca_key, ca_cert), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
     )
 
@@ -374,7 +341,7 @@ class VerifiedCertificate:
 
     Only `verify` can construct one (the constructor demands a module-private token), so holding a
     `VerifiedCertificate` means the checks ran. It does not mean the certificate is unrevoked:
-    revocation is `protocol.revocation`'s business.
+    revocation is the business of `protocol.crl` and `protocol.ocsp`.
     """
 
     name: str
@@ -445,7 +412,7 @@ def verify(
     the last CACHE_SIZE certificates that passed; what depends on the root and on `now` — the
     signature, the validity window, the expected name — is checked on every call.
     """
-    _require_aware(now, "now")
+    require_aware(now, "now")
     if not isinstance(cert, bytes | bytearray | memoryview):
         der = cert.public_bytes(serialization.Encoding.DER)
     else:
@@ -458,7 +425,7 @@ def verify(
         try:
             # Trailing bytes are refused by the parser, so `der` is exactly the certificate.
             cert = x509.load_der_x509_certificate(der)
-        except _MALFORMED as exc:
+        except MALFORMED as exc:
             raise DecodeError(f"certificate does not parse as DER{library_detail(exc)}") from exc
 
     check_root(root)
@@ -472,7 +439,7 @@ def verify(
         # so garbage in the issuer surfaces here.
         try:
             issuer = cert.issuer
-        except _MALFORMED as bad:
+        except MALFORMED as bad:
             raise DecodeError(f"certificate issuer does not parse{library_detail(bad)}") from bad
         if issuer != root.subject:
             raise UntrustedIssuer(f"issued by {issuer.rfc4514_string()!r}, not the pinned root") from exc
@@ -493,7 +460,7 @@ def verify(
 
     try:
         subject = cert.subject
-    except _MALFORMED as exc:
+    except MALFORMED as exc:
         raise NameMismatch(f"subject does not parse{library_detail(exc)}") from exc
     name = _common_name(subject)
     if name is None or NODE_NAME_RE.fullmatch(name) is None:
@@ -539,7 +506,7 @@ def _check_constraints(cert: x509.Certificate) -> Ed25519PublicKey:
     eku: x509.ExtendedKeyUsage | None = None
     try:
         extensions = cert.extensions
-    except _MALFORMED as exc:
+    except MALFORMED as exc:
         # Signed by our CA yet malformed (e.g. a duplicated extension): refuse the role, not the bytes.
         raise CertificateConstraintError(f"extensions do not parse{library_detail(exc)}") from exc
     # One pass over a handful of extensions beats three get_extension_for_class scans.

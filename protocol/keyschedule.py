@@ -1,10 +1,8 @@
-"""Every key derivation of the protocol, and every label it uses (PROTOCOL.md §5).
+"""Every key derivation of the protocol (PROTOCOL.md §5); the labels are in `protocol.labels`.
 
-All labels are versioned (`kmsnet/v1/...`) and distinct, so a key derived for one purpose can
-never be a valid key for another. Nonces come from counters, never from randomness under a
-reused key: every message key encrypts exactly one message, and its nonce is the message
-number, so a (key, nonce) pair can only repeat if a message key is reused, which the ratchet
-forbids.
+Nonces come from counters, never from randomness under a reused key: every message key encrypts
+exactly one message, and its nonce is the message number, so a (key, nonce) pair can only repeat
+if a message key is reused, which the ratchet forbids.
 """
 
 from __future__ import annotations
@@ -15,39 +13,7 @@ import struct
 from cryptography.hazmat.primitives import hashes, hmac
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF, HKDFExpand
 
-#: HKDF info for the handshake's root key (salt: the transcript hash).
-LABEL_ROOT = b"kmsnet/v1/root"
-#: HKDF info for a DH-ratchet step (salt: the current root key).
-LABEL_RATCHET = b"kmsnet/v1/ratchet"
-#: HMAC input for a symmetric chain step.
-LABEL_CHAIN = b"kmsnet/v1/chain"
-#: Domain separator of the handshake transcript hash.
-LABEL_TRANSCRIPT = b"kmsnet/v1/transcript"
-#: Domain separator of a prekey-bundle signature.
-LABEL_BUNDLE = b"kmsnet/v1/bundle"
-#: Domain separator of a one-time-prekey signature.
-LABEL_ONETIME = b"kmsnet/v1/onetime"
-#: Domain separator of the initiator's transcript signature.
-LABEL_INIT_SIGNATURE = b"kmsnet/v1/init-signature"
-#: Domain separator of the safety number.
-LABEL_SAFETY = b"kmsnet/v1/safety-number"
-#: Domain separator of a node's signature over a relay's challenge (protocol.link).
-LABEL_RELAY_AUTH = b"kmsnet/v1/relay-auth"
-#: HKDF info of the insecure (unsigned) suite's root key: distinct so it can never pass as a real one.
-LABEL_ROOT_INSECURE = b"kmsnet/v1/root-insecure-unsigned"
-
-ALL_LABELS = (
-    LABEL_ROOT,
-    LABEL_RATCHET,
-    LABEL_CHAIN,
-    LABEL_TRANSCRIPT,
-    LABEL_BUNDLE,
-    LABEL_ONETIME,
-    LABEL_INIT_SIGNATURE,
-    LABEL_SAFETY,
-    LABEL_RELAY_AUTH,
-    LABEL_ROOT_INSECURE,
-)
+from protocol.labels import LABEL_CHAIN, LABEL_RATCHET, LABEL_ROOT, LABEL_ROOT_INSECURE, LABEL_TRANSCRIPT
 
 KEY_LEN = 32
 NONCE_LEN = 12

@@ -16,7 +16,7 @@ from enum import IntEnum
 from typing import ClassVar
 from urllib.parse import urlsplit
 
-from protocol.keyschedule import LABEL_RELAY_AUTH
+from protocol.labels import LABEL_RELAY_AUTH
 from protocol.messages import (
     MAX_CERTIFICATE,
     MAX_CIPHERTEXT,

@@ -252,9 +252,7 @@ class Ratchet:
         self._store_skipped(skipped, new_chain=None)
         return plaintext
 
-    def _decrypt_new_chain(
-        self, msg: RatchetMessage, aad: bytes, accept: Callable[[bytes], None] | None
-    ) -> bytes:
+    def _decrypt_new_chain(self, msg: RatchetMessage, aad: bytes, accept: Callable[[bytes], None] | None) -> bytes:
         # Keys left in the current receiving chain, up to the sender's previous chain length.
         to_skip_old = max(0, msg.pn - self._nr) if self._ckr is not None else 0
         if to_skip_old + msg.n > MAX_SKIP:

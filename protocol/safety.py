@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 
 from protocol.errors import LocalError
-from protocol.keyschedule import LABEL_SAFETY
+from protocol.labels import LABEL_SAFETY
 from protocol.messages import ED25519_LEN
 
 GROUPS = 8

@@ -4,7 +4,7 @@ scenario moves.
 Everything is the real thing: the relay is `relay.server.Relay` (or, for the crash scenario, a
 `kmsnet relay` subprocess that can be killed), nodes are `node.node.Node` with encrypted keystores
 in a temporary directory, connections are WebSockets on loopback, certificates and CRLs come from
-`protocol.certs` and `protocol.revocation`, and the CA publishes CRLs over a link authenticated as
+`protocol.certs` and `protocol.crl`, and the CA publishes CRLs over a link authenticated as
 the node named "ca", as the CA node does. The only thing simulated is time: `LabClock` is the wall
 clock plus an offset that `advance` moves (certificate validity, CRL nextUpdate, bundle age all
 read it), passed to every node and to the in-process relay.
@@ -41,10 +41,10 @@ from node.keystore import Keystore
 from node.node import Node, NodeOptions
 from node.receipts import DeliveryPolicy
 from protocol import certs, wire
+from protocol.crl import RevokedEntry, issue_crl
 from protocol.errors import ProtocolError
 from protocol.identity import IdentityKey
 from protocol.link import Auth, BundleReply, Challenge, Error, FetchBundle, PublishCrl, auth_signed_bytes
-from protocol.revocation import RevokedEntry, issue_crl
 from relay.interceptor import Interceptor
 from relay.server import Relay, RelayConfig
 from scenarios.timeline import RELAY, Kind, Timeline
@@ -110,7 +110,7 @@ class LabCA:
         self._names: dict[int, str] = {}
         self.crl_number = 0
 
-    def enroll(
+    def enrol(
         self, name: str, *, identity: IdentityKey | None = None, lifetime: timedelta = timedelta(days=90)
     ) -> Enrolled:
         """Issue a certificate for `name` (a fresh identity key unless one is given)."""
@@ -266,7 +266,7 @@ class Lab:
         self.url = ""
         self.nodes: dict[str, LabNode] = {}
         self.sent: list[Sent] = []
-        self._ca_node = self.ca.enroll("ca")
+        self._ca_node = self.ca.enrol("ca")
         self._key_file = workdir / "keystore.key"
         self._key_file.write_bytes(os.urandom(32))
         self._key_file.chmod(0o600)
@@ -342,7 +342,7 @@ class Lab:
         """Enrol `name` (or use `enrolled`), write its keystore (what `kmsnet node init` writes) and
         start it with `NodeOptions(**options)`. `lane` names it on the timeline when its certificate's
         name is taken (a thief running a node with a stolen identity)."""
-        who = enrolled or self.ca.enroll(name)
+        who = enrolled or self.ca.enrol(name)
         lane = lane or name
         path = self.workdir / f"{lane}.keystore"
         keystore = Keystore.open(path, key_file=self._key_file, create=True)

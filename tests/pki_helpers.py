@@ -1,6 +1,7 @@
 """A small test PKI: a deterministic CA, node certificates, CRLs, and a little DER surgery.
 
-Shared by test_certs.py and test_revocation.py. Keys come from fixed seeds so failures reproduce.
+Shared by test_certs.py and test_revocation.py (protocol.crl, protocol.ocsp). Keys come from fixed
+seeds so failures reproduce.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol import certs
-from protocol.revocation import RevokedEntry, issue_crl
+from protocol.crl import RevokedEntry, issue_crl
 
 NOW = datetime(2025, 6, 1, 12, 0, 0, tzinfo=UTC)
 DAY = timedelta(days=1)

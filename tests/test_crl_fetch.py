@@ -15,7 +15,7 @@ from test_ca import authority, clock, home, otp_secret, root_in  # noqa: F401 - 
 
 from node import crlfetch
 from node.ca import CaService, CertificateAuthority
-from protocol.revocation import verify_crl
+from protocol.crl import verify_crl
 
 
 def test_a_fetch_is_due_once_the_crl_held_is_old_enough(authority: CertificateAuthority) -> None:

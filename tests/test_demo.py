@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from kmsnet.demo import DemoOptions, Transcript
+from kmsnet.demo import DemoOptions
+from kmsnet.demo.transcript import Transcript
 
 ROOT = Path(__file__).resolve().parent.parent
 #: One transcript line: "  12.34s  alice  ◆ session_established bob: ...".
@@ -130,7 +131,7 @@ def test_bad_options_are_one_line_errors(tmp_path: Path) -> None:
 
 
 def test_a_line_read_before_the_last_one_shown_never_shows_an_earlier_time(capsys: pytest.CaptureFixture[str]) -> None:
-    out = Transcript(DemoOptions(nodes=3, keep=None, as_json=True, color=False), ["alice", "bob"])
+    out = Transcript(DemoOptions(nodes=3, keep=None, as_json=True, color=False), ["alice", "bob"], steps=6)
     now = time.monotonic()
     out.line("alice", "send", "later", at=now + 2)
     out.line("bob", "message", "read earlier, drained after", at=now + 1)

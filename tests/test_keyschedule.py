@@ -1,4 +1,4 @@
-"""protocol.keyschedule: every derivation matches its definition (PROTOCOL.md §5), labels are distinct.
+"""protocol.keyschedule: every derivation matches its definition (PROTOCOL.md §5).
 
 Known-answer values (fixed inputs → exact bytes) are in test_vectors.py and tests/vectors/kat/.
 """
@@ -16,30 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from protocol import keyschedule as ks
-
-
-def test_labels_are_distinct_and_versioned() -> None:
-    assert len(set(ks.ALL_LABELS)) == len(ks.ALL_LABELS)
-    for label in ks.ALL_LABELS:
-        assert label.startswith(b"kmsnet/v1/")
-    module_labels = {v for k, v in vars(ks).items() if k.startswith("LABEL_")}
-    assert module_labels == set(ks.ALL_LABELS), "every LABEL_* constant is listed in ALL_LABELS"
-
-
-def test_signing_labels_are_prefix_free() -> None:
-    """The identity key signs LABEL || data for several purposes; no label may be a prefix of another,
-    or a signature for one purpose could be read as one for another."""
-    signing = [ks.LABEL_BUNDLE, ks.LABEL_ONETIME, ks.LABEL_INIT_SIGNATURE]
-    try:
-        from protocol.link import LABEL_RELAY_AUTH
-    except ImportError:  # pragma: no cover - link frames not present
-        pass
-    else:
-        signing.append(LABEL_RELAY_AUTH)
-    for a in signing:
-        for b in signing:
-            if a is not b:
-                assert not b.startswith(a), (a, b)
+from protocol import labels
 
 
 def test_hkdf_is_rfc5869_sha256() -> None:
@@ -54,7 +31,7 @@ def test_hkdf_is_rfc5869_sha256() -> None:
 
 def test_kdf_ck_is_one_hmac_sha512() -> None:
     ck = bytes(range(32))
-    out = hmac.new(ck, ks.LABEL_CHAIN, hashlib.sha512).digest()
+    out = hmac.new(ck, labels.LABEL_CHAIN, hashlib.sha512).digest()
     nxt, mk = ks.kdf_ck(ck)
     assert (nxt, mk) == (out[:32], out[32:])
     assert nxt != mk and len(nxt) == len(mk) == 32
@@ -69,16 +46,16 @@ def test_kdf_ck_is_one_hmac_sha512() -> None:
 
 def test_kdf_rk_is_hkdf_with_root_as_salt() -> None:
     root, dh = b"\x11" * 32, b"\x22" * 32
-    out = HKDF(algorithm=hashes.SHA256(), length=64, salt=root, info=ks.LABEL_RATCHET).derive(dh)
+    out = HKDF(algorithm=hashes.SHA256(), length=64, salt=root, info=labels.LABEL_RATCHET).derive(dh)
     assert ks.kdf_rk(root, dh) == (out[:32], out[32:])
     assert ks.kdf_rk(root, dh) != ks.kdf_rk(dh, root)
 
 
 def test_root_key_labels() -> None:
     secrets, th = b"\x33" * 96, b"\x44" * 32
-    assert ks.root_key(secrets, th) == ks.hkdf(secrets, salt=th, info=ks.LABEL_ROOT)
+    assert ks.root_key(secrets, th) == ks.hkdf(secrets, salt=th, info=labels.LABEL_ROOT)
     insecure = ks.root_key(secrets, th, insecure=True)
-    assert insecure == ks.hkdf(secrets, salt=th, info=ks.LABEL_ROOT_INSECURE)
+    assert insecure == ks.hkdf(secrets, salt=th, info=labels.LABEL_ROOT_INSECURE)
     assert insecure != ks.root_key(secrets, th)
     # Bound to the transcript: another transcript hash, another key.
     assert ks.root_key(secrets, b"\x45" * 32) != ks.root_key(secrets, th)
@@ -104,11 +81,11 @@ def test_message_nonces_never_repeat_within_a_chain() -> None:
 
 def test_transcript_hash_definition() -> None:
     parts = (b"a", b"", b"\x00" * 40)
-    h = hashlib.sha256(ks.LABEL_TRANSCRIPT)
+    h = hashlib.sha256(labels.LABEL_TRANSCRIPT)
     for p in parts:
         h.update(len(p).to_bytes(4, "big") + p)
     assert ks.transcript_hash(*parts) == h.digest()
-    assert ks.transcript_hash() == hashlib.sha256(ks.LABEL_TRANSCRIPT).digest()
+    assert ks.transcript_hash() == hashlib.sha256(labels.LABEL_TRANSCRIPT).digest()
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,5 @@
 """Nodes that check peers by OCSP instead of the CRL feed: a real HTTP responder on 127.0.0.1
-answers with protocol.revocation's responder; revoked or unreachable means no session."""
+answers with protocol.ocsp's responder; revoked or unreachable means no session."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from lab import clock, next_event, next_message, provision, publish_crl, relay_c
 from node.node import Node, NodeOptions
 from node.ocsp import MIN_INTERVAL, OcspChecker
 from protocol.errors import CertificateRevoked, NoRevocationData, UntrustedIssuer
-from protocol.revocation import OcspAnswer, build_ocsp_response
+from protocol.ocsp import OcspAnswer, build_ocsp_response
 from relay.server import Relay
 
 

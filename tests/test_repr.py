@@ -15,10 +15,10 @@ from conftest import ALICE, BOB, CA, Prekeys, establish, make_prekeys
 
 from protocol import handshake
 from protocol.certs import VerifiedCertificate
+from protocol.crl import RevocationState
 from protocol.identity import IdentityKey, KemKeyPair, X25519KeyPair
 from protocol.keyschedule import kdf_ck
 from protocol.ratchet import Ratchet
-from protocol.revocation import RevocationState
 from protocol.session import Kind, Received
 
 PLAINTEXT = b"TOP-SECRET-PLAINTEXT-4242"

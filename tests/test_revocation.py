@@ -1,4 +1,4 @@
-"""protocol.revocation: CRLs, the node's RevocationState, and OCSP."""
+"""protocol.crl and protocol.ocsp: CRLs, the node's RevocationState, and OCSP."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from pki_helpers import DAY, NOW, YEAR, Pki, cn, ec_key, ed_key, key_usage, make
 
 from protocol import certs
 from protocol.certs import CLOCK_SKEW
+from protocol.crl import REASONS, Freshness, RevocationState, RevokedEntry, VerifiedCrl, issue_crl, verify_crl
 from protocol.errors import (
     CertificateRevoked,
     CrlInvalid,
@@ -35,19 +36,7 @@ from protocol.errors import (
     OcspError,
     StaleFeed,
 )
-from protocol.revocation import (
-    REASONS,
-    Freshness,
-    OcspAnswer,
-    RevocationState,
-    RevokedEntry,
-    VerifiedCrl,
-    build_ocsp_request,
-    build_ocsp_response,
-    issue_crl,
-    verify_crl,
-    verify_ocsp_response,
-)
+from protocol.ocsp import OcspAnswer, build_ocsp_request, build_ocsp_response, crl_answer, verify_ocsp_response
 
 SECOND = timedelta(seconds=1)
 HOUR = timedelta(hours=1)
@@ -158,8 +147,8 @@ def test_crl_round_trip(pki: Pki) -> None:
         repr(crl)
         == f"VerifiedCrl(number=7, revoked=3, next_update={(NOW + DAY).isoformat()}, digest={crl.digest[:8].hex()})"
     )
-    assert crl.answer(5) == OcspAnswer("revoked", NOW - HOUR, "key-compromise")
-    assert crl.answer(4) == OcspAnswer("good")
+    assert crl_answer(crl, 5) == OcspAnswer("revoked", NOW - HOUR, "key-compromise")
+    assert crl_answer(crl, 4) == OcspAnswer("good")
     assert verify_crl(data, pki.root, NOW) == crl
     with pytest.raises(TypeError):
         crl.entries[9] = entry(9)  # type: ignore[index]
@@ -361,7 +350,7 @@ def test_crl_without_next_update(pki: Pki) -> None:
 
 @pytest.mark.parametrize("size", [0, 64, 126, 127, 128, 300, 4627])
 def test_signature_bit_string_encoding(size: int) -> None:
-    from protocol.revocation import _signature_bit_string
+    from protocol.crl import _signature_bit_string
 
     signature = bytes(range(256)) * (size // 256) + bytes(size % 256)
     assert _signature_bit_string(signature) == tlv(0x03, b"\x00" + signature)
@@ -631,7 +620,7 @@ def test_ocsp_and_crl_agree(pki: Pki) -> None:
         )
         assert answer == registry.lookup(serial)
         if answer.status == "revoked":
-            assert state.current is not None and state.current.answer(serial) == answer
+            assert state.current is not None and crl_answer(state.current, serial) == answer
             with pytest.raises(CertificateRevoked) as info:
                 state.check(serial, NOW)
             assert info.value.reason == answer.reason

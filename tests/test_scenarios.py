@@ -8,7 +8,7 @@ from softhsm import require_softhsm
 
 from protocol import handshake
 from protocol.identity import verify_signature
-from protocol.keyschedule import LABEL_INIT_SIGNATURE
+from protocol.labels import LABEL_INIT_SIGNATURE
 from scenarios import registry, runner
 from scenarios.registry import Context, Scenario
 from scenarios.report import render

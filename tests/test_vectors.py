@@ -36,7 +36,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from protocol import certs, handshake, keyschedule, ratchet, revocation, wire
+from protocol import certs, handshake, keyschedule, labels, ratchet, revocation, wire
 from protocol.errors import AuthenticationFailed, BadSignature, WeakKey
 from protocol.identity import (
     IdentityKey,
@@ -287,8 +287,7 @@ class ListKeygen:
 
 INPUTS_KEYSCHEDULE: dict[str, Any] = {
     "labels": {
-        name: getattr(keyschedule, name).decode()
-        for name in sorted(n for n in dir(keyschedule) if n.startswith("LABEL_"))
+        name: getattr(labels, name).decode() for name in sorted(n for n in dir(labels) if n.startswith("LABEL_"))
     },
     "kdf_rk": [
         {"root": "00" * 32, "dh": "00" * 32},
@@ -322,7 +321,7 @@ def compute_keyschedule(inputs: dict[str, Any]) -> dict[str, Any]:
         ck, mk = keyschedule.kdf_ck(ck)
         chain.append({"chain_key": ck.hex(), "message_key": mk.hex()})
     return {
-        "labels": {name: getattr(keyschedule, name).decode() for name in inputs["labels"]},
+        "labels": {name: getattr(labels, name).decode() for name in inputs["labels"]},
         "kdf_rk": [
             dict(
                 zip(("root", "chain_key"), (x.hex() for x in keyschedule.kdf_rk(h(c["root"]), h(c["dh"]))), strict=True)

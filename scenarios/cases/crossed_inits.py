@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from node.hazmat import live_session
 from scenarios.attacker import Captured, MaliciousRelay, Tactic
 from scenarios.registry import Context, scenario
 
@@ -61,7 +62,7 @@ async def crossed_inits(ctx: Context) -> None:
         await lab.chat(bob, alice, "b3: see you")
         await lab.settle()
 
-        ours, theirs = alice.node._session("bob"), bob.node._session("alice")
+        ours, theirs = live_session(alice.node, "bob"), live_session(bob.node, "alice")
         same = ours is not None and theirs is not None and ours.transcript == theirs.transcript
         ctx.check("Alice's messages Bob received, in order, once", ["a1", "a2", "a3"], _tags(bob.texts("alice")))
         ctx.check("Bob's messages Alice received, in order, once", ["b1", "b2", "b3"], _tags(alice.texts("bob")))

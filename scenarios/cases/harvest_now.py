@@ -5,9 +5,9 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import msgpack
-
-from protocol.identity import KemKeyPair, X25519KeyPair
+from node.hazmat import stored_prekeys
+from protocol.hazmat import kem_prekey
+from protocol.identity import X25519KeyPair
 from protocol.messages import InitMessage, Suite
 from scenarios.attacker import Captured, MaliciousRelay, StateReader, rebuild_initiator, x25519_keys
 from scenarios.lab import Lab, LabNode
@@ -90,9 +90,7 @@ def attempt(
     bundle = evil.bundles[(initiator.name, responder.name)]
     ours = [e.message.dh for e in recorded if e.sender == initiator.name and e.message is not None]
     later = list(dict.fromkeys(ours))[1:]  # the ephemeral first, then each new ratchet key, in order
-    session = rebuild_initiator(
-        init, bundle, keys=keys, later=later, root=lab.ca.root, kem_secret=kem_secret
-    )
+    session = rebuild_initiator(init, bundle, keys=keys, later=later, root=lab.ca.root, kem_secret=kem_secret)
     assert session is not None, "the ephemeral key is in the recording and was broken"
     reader = StateReader(initiator.name, session)
     out = []
@@ -130,8 +128,6 @@ def read_later(
 def kem_secret_of(responder: LabNode, init: InitMessage) -> bytes:
     """The ML-KEM shared secret of a recorded INIT, from the responder's own ML-KEM prekey (the
     control: what the attacker would need and cannot get from any X25519 key)."""
-    raw = responder.keystore.get("node", "prekeys")
-    assert raw is not None and init.kem_id is not None and init.kem_ciphertext is not None
-    kems = msgpack.unpackb(raw)[2]
-    seed = dict((i, k) for i, k in kems)[init.kem_id]
-    return KemKeyPair.from_seed(seed).decapsulate(init.kem_ciphertext)
+    assert init.kem_id is not None and init.kem_ciphertext is not None
+    prekeys = stored_prekeys(responder.keystore)
+    return kem_prekey(prekeys, init.kem_id).decapsulate(init.kem_ciphertext)

@@ -148,7 +148,7 @@ async def _scenes(ctx: Context, lab: Lab, token: TokenSession, pin: str) -> None
     await lab.publish_crl()
     alice, dave, bob = [await lab.add_node(name) for name in ("alice", "dave", "bob")]
     carol_key = TokenIdentityKey(token.generate_ed25519("kmsnet-node-carol"))
-    carol = await lab.add_node("carol", enrolled=lab.ca.enroll("carol", identity=carol_key), pin=pin)
+    carol = await lab.add_node("carol", enrolled=lab.ca.enrol("carol", identity=carol_key), pin=pin)
     await lab.open_session(alice, bob)
     await lab.open_session(alice, carol)
 

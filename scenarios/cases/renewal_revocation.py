@@ -25,12 +25,12 @@ from scenarios.registry import Context, scenario
 async def renewal_revocation(ctx: Context) -> None:
     async with ctx.lab(interceptor=ColludingRelay()) as lab:
         await lab.publish_crl()
-        first = lab.ca.enroll("alice", lifetime=timedelta(days=1))
+        first = lab.ca.enrol("alice", lifetime=timedelta(days=1))
         alice, bob = await lab.add_node("alice", enrolled=first), await lab.add_node("bob")
         await lab.open_session(alice, bob)
         before = len(bob.texts("alice"))
         ctx.story("a thief copies Alice's key and renews her certificate with it")
-        renewed = lab.ca.enroll("alice", identity=first.identity, lifetime=timedelta(days=90))
+        renewed = lab.ca.enrol("alice", identity=first.identity, lifetime=timedelta(days=90))
         with alice.keystore.transaction():
             alice.keystore.put("node", "certificate", renewed.certificate)
             alice.keystore.delete("node", "next_prekey_rotation")  # what a renewal does: prekeys re-signed

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from protocol.session import Session
+from node.hazmat import stored_sessions
 from scenarios.attacker import MaliciousRelay, Shuffle, messages
 from scenarios.registry import Context, scenario
 
@@ -44,9 +44,7 @@ async def reorder_drop(ctx: Context) -> None:
         received = bob.texts("alice")[1:]
         order = [int(t[1:]) for t in received]
         late = [i for k, i in enumerate(order) if any(j > i for j in order[:k])]
-        state = bob.keystore.get("session", "alice")
-        assert state is not None
-        gaps = Session.from_bytes(state).ratchet.skipped_count
+        gaps = stored_sessions(bob.keystore)["alice"].ratchet.skipped_count
         missing = sorted(set(range(1, COUNT + 1)) - set(order))
         ctx.check("messages that arrived and decrypted", arriving, len(received))
         ctx.check("late messages accepted out of order", sorted(HELD), sorted(late))

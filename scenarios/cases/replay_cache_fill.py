@@ -3,6 +3,7 @@ carry none, to fill his replay cache and lock new sessions out."""
 
 from __future__ import annotations
 
+from node.hazmat import current_bundle
 from protocol import handshake
 from protocol.prekeys import MAX_REPLAY_PER_INITIATOR, ROTATE_EARLY_AT
 from protocol.session import Kind
@@ -79,7 +80,7 @@ async def replay_cache_fill(ctx: Context) -> None:
             mallorys,
             mallorys <= MAX_REPLAY_PER_INITIATOR,
         )
-        ctx.check("the bundle the relay hands out is Bob's newest", newest, bob.node._current_bundle().spk_id)
+        ctx.check("the bundle the relay hands out is Bob's newest", newest, current_bundle(bob.node).spk_id)
         ctx.check("Carol's session started and her message arrived", ["hello Bob, I am new here"], bob.texts("carol"))
         ctx.check("Bob's refusals of honest nodes", 0, len([e for e in bob.refusals() if e.peer == "carol"]))
         ctx.figure("INITs without a one-time prekey", FLOOD)

@@ -25,6 +25,6 @@ async def rogue_ca(ctx: Context) -> None:
         alice, bob = await lab.add_node("alice"), await lab.add_node("bob")
         rogue = LabCA(lab.clock, name="kmsnet-lab-ca")
         ctx.story("the attacker's own CA, named like the real one, issues it certificates for alice and bob")
-        pose_as = {"alice": Credentials.rogue(rogue.enroll("alice")), "bob": Credentials.rogue(rogue.enroll("bob"))}
+        pose_as = {"alice": Credentials.rogue(rogue.enrol("alice")), "bob": Credentials.rogue(rogue.enrol("bob"))}
         await attempt_middle(ctx, lab, evil, alice, bob, pose_as)
         check_middle_failed(ctx, lab, evil, alice, bob, "untrusted_issuer")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from node.hazmat import live_session
 from scenarios.attacker import Captured, MaliciousRelay, Tactic
 from scenarios.registry import Context, scenario
 
@@ -50,20 +51,20 @@ async def stale_init(ctx: Context) -> None:
         await lab.chat(bob, alice, "hello Alice")
         await lab.chat(alice, bob, "hi Bob")
         await lab.chat(bob, alice, "how are you?")
-        live = bob.node._session("alice")
+        live = live_session(bob.node, "alice")
         ctx.story("the relay delivers Alice's old INIT to Bob")
         for kept in withhold.kept:
             evil.inject("bob", "alice", kept.payload)
         await lab.chat(alice, bob, "fine, thanks")
         await lab.until(
-            lambda: bool(bob.refusals()) or KEPT in bob.texts("alice") or bob.node._session("alice") is not live,
+            lambda: bool(bob.refusals()) or KEPT in bob.texts("alice") or live_session(bob.node, "alice") is not live,
             "Bob has the old INIT",
         )
         await lab.chat(bob, alice, "good")
         await lab.chat(alice, bob, "bye")
         await lab.settle()
 
-        ours, theirs = alice.node._session("bob"), bob.node._session("alice")
+        ours, theirs = live_session(alice.node, "bob"), live_session(bob.node, "alice")
         ctx.check("INITs the relay kept", 1, len(withhold.kept))
         ctx.check("old INIT refused as stale", 1, len(bob.refusals("stale_init")))
         ctx.check("Bob's session replaced by the old INIT", False, theirs is not live)

@@ -1,21 +1,9 @@
-"""`kmsnet demo`: a CA, a relay and N nodes as real `kmsnet` processes on 127.0.0.1, a scripted
-conversation, a revocation, and a transcript of every message and security event.
-
-Orchestration only. Every step is a `kmsnet` command in a child process, run as the README's
-"Chat by hand" walkthrough runs it; the demo reads what those commands print (`--json` on stdout,
-and the relay's structured log on stderr) and shows it. It decides nothing a node decides: each
-session, safety number and refusal in the transcript was reported by a node.
-
-One home, one writer (kmsnet.writer). A `kmsnet send` next to the same node's `kmsnet receive
---follow` goes out through that follower; the demo still pauses a node's receiving process while
-that node sends, and resumes it when the script wants the node listening again, so that the
-transcript shows the offline and catch-up cases of store-and-forward as well.
-"""
+"""The demo's script: set up a CA, a relay and the nodes, converse, revoke, shut down; and what the
+children report, shown on the transcript as it comes."""
 
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import os
 import queue
@@ -27,264 +15,28 @@ import sys
 import tempfile
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from kmsnet.exits import BAD_INPUT, TRUST, UNREACHABLE
+from kmsnet.demo.options import MAX_NODES, MIN_NODES, DemoFailure, DemoOptions, node_names
+from kmsnet.demo.processes import Child, Line, Processes
+from kmsnet.demo.transcript import Transcript
+from kmsnet.exits import TRUST, UNREACHABLE
 from node.ca.admin import code_at, secret_from_uri
 
-T = TypeVar("T")
-R = TypeVar("R")
-
-MIN_NODES, MAX_NODES = 2, 20
-#: The first three nodes have names; the story is told with them.
-NAMED = ("alice", "bob", "carol")
-#: Seconds a one-shot command may take, and a step may wait for what it expects to see.
-COMMAND_TIMEOUT = 60.0
+#: Seconds a step may wait for what it expects to see.
 STEP_TIMEOUT = 30.0
-#: Seconds a stopped process gets between SIGTERM and SIGKILL.
-STOP_GRACE = 10.0
+#: The stages of the script, as the transcript counts them.
 STEPS = 6
-LANE_COLOURS = ("cyan", "magenta", "yellow", "blue", "green", "bright_cyan", "bright_magenta", "bright_blue")
 #: The relay's log events worth a line in the transcript (connections come and go with every command).
 RELAY_SHOWN = {"crl_published", "auth_refused", "frame_refused"}
 LOG_KEYS = ("time", "level", "event")
-
-
-def node_names(count: int) -> list[str]:
-    """alice, bob, carol, then node4, node5, ..."""
-    return list(NAMED[:count]) + [f"node{i}" for i in range(len(NAMED) + 1, count + 1)]
-
-
-@dataclass(frozen=True)
-class DemoOptions:
-    """What `kmsnet demo` was asked for."""
-
-    nodes: int = 3
-    keep: Path | None = None
-    as_json: bool = False
-    color: bool | None = None  # None: colour when stdout is a terminal
-
-
-class DemoFailure(Exception):
-    """A step did not go as scripted: one line naming the step, and an exit code."""
-
-    def __init__(self, step: str, detail: str, code: int = BAD_INPUT) -> None:
-        super().__init__(f"{step}: {detail}")
-        self.code = code
-
-
-# --- child processes --------------------------------------------------------------------------------
-
-
-@dataclass(eq=False)
-class Child:
-    """A long-running `kmsnet` process whose output lines are read as they come."""
-
-    name: str
-    proc: subprocess.Popen[str]
-    stopping: bool = False
-    errors: deque[str] = field(default_factory=lambda: deque(maxlen=3))
-
-    def last_error(self) -> str:
-        """What the process last said on stderr, for a one-line failure."""
-        return self.errors[-1] if self.errors else f"exit code {self.proc.poll()}"
-
-
-@dataclass(frozen=True)
-class Line:
-    """One line a child printed (`stream` "out" or "err"), or its exit ("exit", the code as text)."""
-
-    at: float
-    child: Child
-    stream: str
-    text: str
-
-
-class Processes:
-    """Every child of the demo, each in its own session so that one signal reaches its whole group,
-    and all of them stopped on the way out, whatever happened."""
-
-    def __init__(self, env: dict[str, str], cwd: Path) -> None:
-        self.env = env
-        self.cwd = cwd
-        self.lines: queue.Queue[Line] = queue.Queue()
-        self._live: set[subprocess.Popen[str]] = set()
-        self._lock = threading.Lock()
-
-    def _popen(self, args: Iterable[str]) -> subprocess.Popen[str]:
-        # S603: the argv is this interpreter running kmsnet with the demo's own arguments, no shell.
-        proc = subprocess.Popen(  # noqa: S603
-            [sys.executable, "-m", "kmsnet", *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE, text=True, env=self.env, cwd=self.cwd, start_new_session=True,
-        )  # fmt: skip
-        with self._lock:
-            self._live.add(proc)
-        return proc
-
-    def run(self, step: str, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        """Run one command to its end; with `check`, a non-zero exit fails `step` with its error line."""
-        proc = self._popen(args)
-        try:
-            out, err = proc.communicate(timeout=COMMAND_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            raise DemoFailure(step, f"`kmsnet {args[0]}` took over {COMMAND_TIMEOUT:.0f} s", UNREACHABLE) from None
-        finally:
-            self._end(proc)
-        if check and proc.returncode != 0:
-            lines = err.strip().splitlines() or [f"exit code {proc.returncode}"]
-            command = " ".join(itertools.takewhile(lambda arg: not arg.startswith("-"), args))
-            detail = f"`kmsnet {command}` failed: {lines[-1].removeprefix('error: ')}"
-            # A negative code is a signal, not one of the documented exit codes.
-            raise DemoFailure(step, detail, proc.returncode if proc.returncode > 0 else BAD_INPUT)
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-    def run_all(self, step: str, commands: list[list[str]]) -> list[subprocess.CompletedProcess[str]]:
-        """Run independent commands side by side, their results in order."""
-        return self.parallel(lambda args: self.run(step, *args), commands)
-
-    def parallel(self, work: Callable[[T], R], items: Iterable[T]) -> list[R]:
-        """`work` on each item, as many at a time as there are cores (starting a `kmsnet` process is
-        CPU-bound), results in order. On any failure or Ctrl-C every child is stopped first, so that
-        no worker waits for a command nobody needs any more."""
-        pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 2)
-        try:
-            return list(pool.map(work, items))
-        except BaseException:
-            self.stop_everything()
-            raise
-        finally:
-            pool.shutdown(cancel_futures=True)
-
-    def start(self, name: str, *args: str) -> Child:
-        """Start a long-running command; its lines arrive on `self.lines`, then its exit."""
-        child = Child(name, self._popen(args))
-        assert child.proc.stdout is not None and child.proc.stderr is not None
-        threading.Thread(target=self._read, args=(child, "err", child.proc.stderr), daemon=True).start()
-        threading.Thread(target=self._read, args=(child, "out", child.proc.stdout), daemon=True).start()
-        return child
-
-    def _read(self, child: Child, stream: str, pipe: Any) -> None:
-        for text in pipe:
-            self.lines.put(Line(time.monotonic(), child, stream, text.rstrip("\n")))
-        if stream == "out":
-            code = child.proc.wait()
-            self.lines.put(Line(time.monotonic(), child, "exit", str(code)))
-
-    def stop(self, children: Iterable[Child]) -> dict[Child, int]:
-        """Stop these long-running children; their exit codes (0 is a clean stop)."""
-        children = list(children)
-        for child in children:
-            child.stopping = True
-        return dict(zip(children, self._terminate([child.proc for child in children]), strict=True))
-
-    def stop_everything(self) -> None:
-        """On the way out: nothing may outlive the demo."""
-        with self._lock:
-            live = list(self._live)
-        self._terminate(live)
-
-    def _terminate(self, procs: list[subprocess.Popen[str]]) -> list[int]:
-        """SIGTERM to all, then wait for each (SIGKILL after STOP_GRACE); their exit codes."""
-        for proc in procs:
-            self._signal(proc, signal.SIGTERM)
-        codes = []
-        for proc in procs:
-            try:
-                codes.append(proc.wait(timeout=STOP_GRACE))
-            except subprocess.TimeoutExpired:
-                self._signal(proc, signal.SIGKILL)
-                codes.append(proc.wait())
-            self._end(proc)
-        return codes
-
-    @staticmethod
-    def _signal(proc: subprocess.Popen[str], sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, sig)
-
-    def _end(self, proc: subprocess.Popen[str]) -> None:
-        if proc.poll() is None:
-            self._signal(proc, signal.SIGKILL)
-            proc.wait()
-        with self._lock:
-            self._live.discard(proc)
-
-
-# --- the transcript ---------------------------------------------------------------------------------
-
-#: kind → (marker, style): one look per kind of line.
-KINDS: dict[str, tuple[str, dict[str, Any]]] = {
-    "info": (" ", {}),
-    "send": ("→", {}),
-    "message": ("✉", {}),
-    "secure": ("◆", {"fg": "green", "bold": True}),
-    "alert": ("✖", {"fg": "red", "bold": True}),
-    "error": ("!", {"fg": "red"}),
-    "note": ("·", {"dim": True}),
-}
-
-
-class Transcript:
-    """One line per event, with its time since the start and the lane (node, relay, ca) it belongs
-    to; or, with --json, one JSON object per line."""
-
-    def __init__(self, options: DemoOptions, lanes: list[str]) -> None:
-        self.as_json = options.as_json
-        self.color = options.color
-        self.start = time.monotonic()
-        self.shown = 0.0
-        self.width = max(len(lane) for lane in [*lanes, "relay", "demo"])
-        self.colours = {lane: LANE_COLOURS[i % len(LANE_COLOURS)] for i, lane in enumerate(lanes)}
-
-    def elapsed(self, at: float | None = None) -> float:
-        """Seconds since the demo started (at monotonic time `at`, default now), never less than the
-        last time shown: a line a child printed before the script's own last line is shown after it
-        (the transcript is drained between steps), so it takes that line's time, not an earlier one."""
-        self.shown = max(self.shown, (time.monotonic() if at is None else at) - self.start)
-        return self.shown
-
-    def _echo(self, text: str) -> None:
-        click.echo(text, color=self.color)
-
-    def step(self, number: int, title: str) -> None:
-        """A progress line: which stage of the demo is starting."""
-        if self.as_json:
-            self._echo(json.dumps({"t": round(self.elapsed(), 3), "kind": "step", "step": number, "title": title}))
-        else:
-            self._echo(click.style(f"[{number}/{STEPS}] {title}…", bold=True))
-
-    def line(self, lane: str, kind: str, text: str, *, at: float | None = None, data: Any = None) -> None:
-        """One event in `lane`; `data` is the record it came from (shown with --json)."""
-        seconds = self.elapsed(at)
-        if self.as_json:
-            record = {"t": round(seconds, 3), "lane": lane, "kind": kind, "text": text}
-            if data is not None:
-                record["data"] = data
-            self._echo(json.dumps(record))
-            return
-        marker, style = KINDS[kind]
-        stamp = click.style(f"{seconds:7.2f}s", dim=True)
-        name = click.style(f"{lane:<{self.width}}", fg=self.colours.get(lane), dim=lane not in self.colours)
-        self._echo(f"{stamp}  {name}  {click.style(f'{marker} {text}', **style)}")
-
-    def plain(self, text: str = "", **style: Any) -> None:
-        """Text outside the timeline (headline, summary, instructions); a JSON string with --json."""
-        if self.as_json:
-            if text:
-                self._echo(json.dumps({"kind": "text", "text": text}))
-        else:
-            self._echo(click.style(text, **style) if style else text)
-
-
-# --- the demo ---------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -326,7 +78,7 @@ class Demo:
             PYTHONUNBUFFERED="1",
         )  # fmt: skip
         self.procs = Processes(env, workspace)
-        self.out = Transcript(options, self.names)
+        self.out = Transcript(options, self.names, steps=STEPS)
         self.relay: Child | None = None
         self.ca: Child | None = None
         self.relay_url = ""
