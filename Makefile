@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(BIN)/python bench/protocol_bench.py
 	$(BIN)/python bench/e2e_bench.py
 	$(BIN)/python bench/revocation_bench.py
+	$(BIN)/python bench/prekey_write_bench.py
 	$(BIN)/python bench/cluster_bench.py
 	$(BIN)/python bench/flood_bench.py
 

@@ -27,9 +27,12 @@ from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import Input, OptionList, Static
 from textual.widgets.option_list import Option
 
-from node.errors import NodeError, PeerUnavailable
+from node.errors import IdentityChanged, NodeError, PeerUnavailable
+from node.history import SHOWN_ON_START, Entry, State
 from node.node import Node
+from node.trust import TrustState
 from protocol.errors import ProtocolError
+from protocol.safety import safety_number
 
 #: Seconds the status bar says "connecting…" before it says "offline" (the node keeps retrying).
 CONNECT_GRACE = 3.0
@@ -45,7 +48,12 @@ MAX_BANNERS = 4
 
 SENDING = "sending…"
 STORED = "✓ stored at relay"
+DELIVERED = "✓✓ delivered"
 QUEUED = "queued (relay unreachable)"
+FAILED = "✗ failed"
+HELD = "✗ held: identity changed"
+#: What a line shows for each delivery state the history records (node/history.py).
+STATE_MARKS = {State.SENDING: SENDING, State.STORED: STORED, State.DELIVERED: DELIVERED, State.FAILED: FAILED}
 
 #: How the banner names a node's security events; others are shown by their event name.
 EVENT_TITLES = {
@@ -65,12 +73,20 @@ EVENT_TITLES = {
 YOU_STYLE = "bold #5f9fd7"
 
 #: Contact badges and their colours. "new": no session yet; "closed": torn down for another reason.
-BADGE_STYLES = {"valid": "green", "revoked": "bold red", "closed": "yellow", "new": "dim"}
+BADGE_STYLES = {
+    "valid": "green",
+    "verified": "bold green",
+    "changed": "bold red",
+    "revoked": "bold red",
+    "closed": "yellow",
+    "new": "dim",
+}
 
 HELP = """\
 Type a message and press Enter to send it to the selected contact.
 /msg NAME [TEXT]   select contact NAME, and send TEXT if given (a new NAME joins with its first message)
 /verify [NAME]     show the safety number shared with NAME: compare it out of band
+/verify NAME yes   it matched: mark NAME verified (a later change of its key then holds sending)
 /status            certificate, relay, revocation feed freshness, outbox
 /help              this help        /quit   leave (also Ctrl+Q)
 //TEXT             send TEXT starting with a slash
@@ -85,6 +101,7 @@ class Line:
     text: str
     when: float
     state: str = ""  # delivery state of our own messages
+    msg_id: str | None = None  # the message's id once known (its history record updates `state`)
 
 
 @dataclass
@@ -137,6 +154,9 @@ class ChatApp(App[None]):
         self._start_error: str | None = None
         self._stale_warned = False
         self._shown_contacts: list[Text] = []
+        #: (peer, message id) of every message on screen: a message is shown once, from the
+        #: history or from the inbox, whichever brings it first.
+        self._shown: set[tuple[str, str]] = set()
 
     # --- layout and lifecycle -------------------------------------------------------------------------
 
@@ -165,7 +185,9 @@ class ChatApp(App[None]):
             self._follow_events()
             if self._serve is not None:
                 await self._services.enter_async_context(self._serve(self.node))
-        # Whatever arrived while no application was looking (the inbox is on disk).
+        # The conversations so far, then whatever arrived while no application was looking.
+        self._load_history()
+        self.node.history.listeners.append(self._on_history)
         self._take_inbox()
         self._refresh()
         self.set_interval(REFRESH_INTERVAL, self._refresh)
@@ -174,6 +196,8 @@ class ChatApp(App[None]):
 
     async def on_unmount(self) -> None:
         """Close the relay link; every state the node holds is on disk already."""
+        with contextlib.suppress(ValueError):
+            self.node.history.listeners.remove(self._on_history)
         await self._services.aclose()
         await self.node.stop()
 
@@ -200,9 +224,38 @@ class ChatApp(App[None]):
             self._refresh()
             self._render_conversation()
 
+    def _load_history(self) -> None:
+        """The newest messages of every conversation kept in the keystore (node/history.py)."""
+        history = self.node.history
+        for peer in history.peers():
+            contact = self._contact(peer)
+            for entry in history.conversation(peer, SHOWN_ON_START):
+                self._shown.add((peer, entry.msg_id))
+                state = _mark(entry) if entry.direction == "out" else ""
+                contact.lines.append(Line(entry.direction, entry.text, entry.sent_at, state, entry.msg_id))
+        if self.selected is None and self.contacts:
+            self.selected = max(self.contacts.values(), key=lambda c: c.lines[-1].when if c.lines else 0).name
+
+    def _on_history(self, entry: Entry) -> None:
+        """A delivery state changed (✓ stored, ✓✓ delivered, failed): the line that shows it follows."""
+        if entry.direction != "out":
+            return
+        contact = self.contacts.get(entry.peer)
+        for line in reversed(contact.lines if contact is not None else []):
+            if line.msg_id == entry.msg_id:
+                mark = _mark(entry)
+                if line.state != mark and not (line.state == QUEUED and entry.state is State.SENDING):
+                    line.state = mark
+                    self._render_conversation()
+                return
+
     def _add_message(self, item: dict[str, Any]) -> None:
+        if (item["from"], item["id"]) in self._shown:
+            return  # shown from the history already
+        self._shown.add((item["from"], item["id"]))
         contact = self._contact(item["from"])
-        contact.lines.append(Line("in", item["text"], datetime.fromisoformat(item["sent_at"]).timestamp()))
+        sent_at = datetime.fromisoformat(item["sent_at"]).timestamp()
+        contact.lines.append(Line("in", item["text"], sent_at, msg_id=item["id"]))
         if self.selected is None:
             self.selected = contact.name
         if contact.name != self.selected:
@@ -239,8 +292,12 @@ class ChatApp(App[None]):
             contact = self._contact(session["peer"])
             if session["state"] == "closed":
                 contact.badge = "revoked" if "revoked" in (session["closed_reason"] or "") else "closed"
+            elif contact.revoked_event:
+                contact.badge = "revoked"
             else:
-                contact.badge = "revoked" if contact.revoked_event else "valid"
+                record = self.node.peer(session["peer"])
+                trust = self.node.trust.state(session["peer"], record.identity if record is not None else None)
+                contact.badge = "valid" if trust is TrustState.UNVERIFIED else trust.value
         delivered = False
         if status["outbox"] == 0:
             # An empty outbox means the relay accepted everything we queued (the node resends on reconnect).
@@ -391,7 +448,7 @@ class ChatApp(App[None]):
                 if message.strip():
                     self._send_text(message.strip())
         elif command == "verify":
-            self._verify(name or self.selected)
+            self._verify(name or self.selected, message.strip())
         elif command == "status":
             self._show_status()
         elif command == "help":
@@ -407,22 +464,41 @@ class ChatApp(App[None]):
         self.selected = name
         self._render_all()
 
-    def _verify(self, name: str | None) -> None:
+    def _verify(self, name: str | None, answer: str = "") -> None:
         if name is None:
             self._show_notice("usage: /verify NAME")
             return
-        for session in self.node.status()["sessions"]:
-            if session["peer"] == name:
-                self._show_notice(
-                    Text.assemble(
-                        f"Safety number with {name}:\n  ",
-                        (session["safety_number"], "bold"),
-                        f"\nCompare it with what {name} sees (in person or by phone). If they match, "
-                        "nobody sits in the middle; if they differ, do not trust this session.",
-                    )
-                )
+        record = self.node.peer(name)
+        held = self.node.trust.record(name)
+        key = held.held if held is not None and held.held is not None else record.identity if record else None
+        if key is None:
+            self._show_notice(f"no session with {name} yet: send a message first, then /verify {name}")
+            return
+        number = safety_number(self.node.identity.public_bytes, key)
+        if answer:
+            # "yes" confirms the number shown; digits are checked against it (node/trust.py).
+            try:
+                self.node.trust.verify(name, number if answer == "yes" else answer, key, self.node.clock())
+            except NodeError as exc:
+                self._show_notice(Text(str(exc), style="bold red"))
                 return
-        self._show_notice(f"no session with {name} yet: send a message first, then /verify {name}")
+            self._show_notice(f"{name} is verified: if its identity key ever changes, sending to it is held")
+            self._refresh()
+            return
+        state = self.node.trust.state(name, key)
+        said = {
+            TrustState.VERIFIED: f"{name} is verified.",
+            TrustState.CHANGED: f"{name}'s identity key CHANGED since you verified it: sending is held.",
+            TrustState.UNVERIFIED: f"{name} is not verified yet.",
+        }[state]
+        self._show_notice(
+            Text.assemble(
+                f"Safety number with {name}:\n  ",
+                (number, "bold"),
+                f"\n{said} Compare it with what {name} sees (in person or by phone). If they match, "
+                f"nobody sits in the middle: /verify {name} yes. If they differ, do not trust this session.",
+            )
+        )
 
     def _show_status(self) -> None:
         status = self.node.status()
@@ -459,7 +535,10 @@ class ChatApp(App[None]):
     async def _send(self, peer: str, line: Line) -> None:
         # One worker per message: a slow relay holds this message, never the screen or the next one.
         try:
-            await self.node.send(peer, line.text)
+            line.msg_id = await self.node.send(peer, line.text)
+        except IdentityChanged as exc:
+            line.state = HELD
+            self._banner("identity key changed: sending held", peer, f"{exc} (in the chat: /verify {peer})")
         except PeerUnavailable as exc:
             line.state = f"✗ not sent: {exc}"
             contact = self.contacts.get(peer)
@@ -473,7 +552,11 @@ class ChatApp(App[None]):
             line.state = f"✗ not sent: {exc}"
         else:
             # `send` returns queued when the relay did not confirm in time; the outbox tells which.
-            line.state = QUEUED if self.node.outbox_size() else STORED
+            entry = self.node.history.sent(line.msg_id)
+            if entry is not None and entry.state is not State.SENDING:
+                line.state = _mark(entry)
+            else:
+                line.state = QUEUED if self.node.outbox_size() else STORED
         self._render_all()
 
     def on_resize(self) -> None:
@@ -509,9 +592,14 @@ def _render_line(peer: str, line: Line) -> Text:
         return Text(f"{stamp} · {line.text}", style="dim italic")
     if line.kind == "in":
         return Text.assemble((f"{stamp} ", "dim"), (f"{peer}: ", "bold cyan"), line.text)
-    style = "green" if line.state == STORED else "red" if line.state.startswith("✗") else "yellow"
+    style = "green" if line.state in (STORED, DELIVERED) else "red" if line.state.startswith("✗") else "yellow"
     # Our own name in a calm colour: red is kept for what went wrong.
     return Text.assemble((f"{stamp} ", "dim"), ("you: ", YOU_STYLE), line.text, "  ", (line.state, style))
+
+
+def _mark(entry: Entry) -> str:
+    """How a line shows the delivery state of our message `entry`."""
+    return STATE_MARKS[entry.state] + (f": {entry.reason}" if entry.reason else "")
 
 
 def _duration(seconds: int) -> str:

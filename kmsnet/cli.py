@@ -16,12 +16,14 @@ from kmsnet.cert_cli import cert
 from kmsnet.chat_cli import chat
 from kmsnet.demo_cli import demo
 from kmsnet.exits import BAD_INPUT, EPILOG, INTERRUPTED, OK, USAGE, CliFailure, Invocation
+from kmsnet.history_cli import history
 from kmsnet.home_cli import lock, profiles, unlock
 from kmsnet.kms_cli import kms
 from kmsnet.messaging_cli import receive, send, status
 from kmsnet.node_cli import node
 from kmsnet.relay_cli import relay
 from kmsnet.scenario_cli import scenario
+from kmsnet.trust_cli import trust
 
 COMPLETION_EXAMPLES = """
 Examples:
@@ -83,7 +85,7 @@ cli.add_command(relay)
 cli.add_command(chat)
 cli.add_command(demo)
 cli.add_command(scenario)
-for command in (send, receive, status, unlock, lock, profiles):
+for command in (send, receive, status, history, trust, unlock, lock, profiles):
     cli.add_command(command)
 
 

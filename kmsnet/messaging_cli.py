@@ -11,11 +11,14 @@ from typing import Any
 import click
 
 from kmsnet import logs
-from kmsnet.exits import EPILOG, TRUST, UNREACHABLE, CliFailure
+from kmsnet.exits import EPILOG, TRUST, UNREACHABLE, USAGE, CliFailure
+from kmsnet.history_cli import MARKS, history_work
 from kmsnet.options import Output, StoreOptions, json_option, node_failures, read_input, store_options
+from kmsnet.trust_cli import trust_work
 from kmsnet.writer import LocalSink, Sink, Work, dispatch, open_node, serving
 from node.control import Handler, Handover, Reply
 from node.errors import RelayUnreachable
+from node.history import Entry, State
 from node.homelock import HomeLock
 from node.node import Node
 from protocol.errors import ProtocolError
@@ -31,7 +34,8 @@ Examples:
 \b
   kmsnet send --home alice --to bob 'hello bob'
   echo 'from a pipe' | kmsnet send --home alice --to bob -
-  kmsnet send --home alice --to bob --json 'hi'    # {"type": "sent", "id": ..., "to": "bob", "queued": false}
+  kmsnet send --home alice --to bob --json 'hi'    # {"type": "sent", "id", "to", "queued", "state": "stored"}
+  kmsnet send --home alice --to bob --wait delivered --timeout 30 'are you there?'
 """
 
 RECEIVE_EXAMPLES = """
@@ -100,10 +104,47 @@ async def _send_work(node: Node, args: dict[str, Any], sink: Sink) -> None:
             UNREACHABLE,
             name="queued_relay_unreachable",
         )
-    sink.emit(
-        {"type": "sent", "id": msg_id, "to": peer, "queued": queued},
-        f"sent {msg_id} to {peer}" + (" (queued: the relay has not confirmed it yet)" if queued else ""),
-    )
+    entry = node.history.sent(msg_id)
+    state = entry.state if entry is not None else State.SENDING
+    if args.get("wait") == "delivered" and not queued:
+        state = await _delivered(node, msg_id, peer, args.get("timeout"), sink)
+    said = " (queued: the relay has not confirmed it yet)" if queued else f" ({MARKS[state]})"
+    record = {"type": "sent", "id": msg_id, "to": peer, "queued": queued, "state": state.value}
+    sink.emit(record, f"sent {msg_id} to {peer}{said}")
+
+
+async def _delivered(node: Node, msg_id: str, peer: str, timeout: float | None, sink: Sink) -> State:
+    """Wait until `peer`'s receipt for `msg_id` comes (`send --wait delivered`); exit 3 if it fails or
+    the wait times out (the message stays pending, and is re-sent while this home is online)."""
+    settled: asyncio.Future[Entry] = asyncio.get_running_loop().create_future()
+
+    def listen(entry: Entry) -> None:
+        if entry.msg_id == msg_id and entry.state in (State.DELIVERED, State.FAILED) and not settled.done():
+            settled.set_result(entry)
+
+    node.history.listeners.append(listen)
+    try:
+        current = node.history.sent(msg_id)
+        if current is not None:
+            listen(current)
+        async with asyncio.timeout(timeout):
+            entry = await settled
+    except TimeoutError:
+        now = node.history.sent(msg_id)
+        state = now.state if now is not None else State.SENDING
+        record = {"type": "sent", "id": msg_id, "to": peer, "queued": False, "state": state.value}
+        sink.emit(record, f"sent {msg_id} to {peer} ({MARKS[state]})")
+        raise CliFailure(
+            f"{peer}'s node has not confirmed message {msg_id} within {timeout:g} s: it stays pending "
+            f"(`kmsnet history --with {peer}` shows when it is delivered)",
+            UNREACHABLE,
+            name="not_delivered_yet",
+        ) from None
+    finally:
+        node.history.listeners.remove(listen)
+    if entry.state is State.FAILED:
+        raise CliFailure(f"message {msg_id} to {peer} failed: {entry.reason}", UNREACHABLE, name="delivery_failed")
+    return entry.state
 
 
 async def _receive_work(node: Node, args: dict[str, Any], sink: Sink, *, take: bool) -> None:
@@ -186,6 +227,10 @@ def _drain(queue: asyncio.Queue[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 async def _status_work(node: Node, args: dict[str, Any], sink: Sink) -> None:
     info = node.status()
+    info["unreceipted"] = node.delivery.waiting()  # sent, neither receipted nor failed (node/receipts.py)
+    for s in info["sessions"]:  # what the user checked of each peer (node/trust.py)
+        record = node.peer(s["peer"])
+        s["trust"] = node.trust.state(s["peer"], record.identity if record is not None else None).value
     feed = info["feed"]
     freshness = (
         "no CRL yet: new sessions fail closed"
@@ -201,10 +246,11 @@ async def _status_work(node: Node, args: dict[str, Any], sink: Sink) -> None:
         f"relay       {info['relay']}",
         f"feed        {freshness}",
         f"outbox      {info['outbox']} waiting",
+        f"delivery    {info['unreceipted']} sent message(s) waiting for a receipt",
     ]
     for s in info["sessions"]:
         state = s["state"] + (f" ({s['closed_reason']})" if s["closed_reason"] else "")
-        lines.append(f"session     {s['peer']}: {state}; safety number {s['safety_number']}")
+        lines.append(f"session     {s['peer']}: {state}; safety number {s['safety_number']} ({s['trust']})")
     sink.emit(info, "\n".join(lines))
     if revoked:  # issue #13: a revoked node is told, and exits 4
         raise CliFailure(f"this node's certificate is {revoked['text']}", TRUST, name="node_revoked")
@@ -226,7 +272,13 @@ def control_handlers(node: Node, *, reads_inbox: bool) -> dict[str, Handler]:
     async def receive_for(node: Node, args: dict[str, Any], sink: Sink) -> None:
         await _receive_work(node, args, sink, take=not reads_inbox)
 
-    return {"send": bind(_send_work), "receive": bind(receive_for), "status": bind(_status_work)}
+    return {
+        "send": bind(_send_work),
+        "receive": bind(receive_for),
+        "status": bind(_status_work),
+        "history": bind(history_work),
+        "trust": bind(trust_work),
+    }
 
 
 def _run_online(
@@ -267,13 +319,32 @@ async def _online_work(
 @click.command(epilog=SEND_EXAMPLES + "\n" + EPILOG)
 @click.option("--to", "peer", required=True, help="Name of the node to send to.")
 @click.argument("text")
+@click.option(
+    "--wait",
+    type=click.Choice(["stored", "delivered"]),
+    default="stored",
+    show_default=True,
+    help="Return once the relay stores the message, or once the peer's node confirms it has it.",
+)
+@click.option("--timeout", type=click.FloatRange(min=0), help="With --wait delivered: give up waiting after S seconds.")
 @relay_option
 @json_option
 @store_options
-def send(peer: str, text: str, relay_url: str | None, out: Output, store: StoreOptions) -> None:
+def send(
+    peer: str,
+    text: str,
+    wait: str,
+    timeout: float | None,
+    relay_url: str | None,
+    out: Output,
+    store: StoreOptions,
+) -> None:
     """Send TEXT ('-' reads stdin) to node --to, end to end encrypted.
 
-    Returns once the relay has stored the message. If the relay stops answering, the message
+    Returns once the relay has stored the message (with --wait delivered: once the peer's node
+    confirms it has it; exit 3 if that does not happen within --timeout, the message staying
+    pending). Until its receipt comes, a message is kept sealed in the history and sent again
+    when needed (`kmsnet history`). If the relay stops answering, the message
     stays in the outbox (sealed, on disk) and goes out when this home next connects; if the relay
     cannot be reached at all, the message is queued the same way ("queued ... (relay
     unreachable)") and the command exits 3, unless this is a first message to NODE (that needs
@@ -283,7 +354,9 @@ def send(peer: str, text: str, relay_url: str | None, out: Output, store: StoreO
     if text == "-":
         text = read_input("-").decode("utf-8", errors="replace")
     logs.configure("WARNING")
-    args = {"peer": peer, "text": text}
+    if timeout is not None and wait != "delivered":
+        raise CliFailure("--timeout goes with --wait delivered", USAGE)
+    args = {"peer": peer, "text": text, "wait": wait, "timeout": timeout}
     run_here = _run_online(store, relay_url, out, _send_work, args, reads_inbox=False, or_offline=True)
     dispatch(store, out, "send", args, run_here)
 

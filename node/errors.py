@@ -17,20 +17,13 @@ from __future__ import annotations
 
 import socket
 
+# One definition of an error code, the protocol's: node's own errors get theirs the same way.
+from protocol.errors import code_of as code_of
+
 
 class NodeError(Exception):
     """Base of every error raised on purpose by `node`."""
 
-
-def code_of(error: BaseException | type[BaseException]) -> str:
-    """The stable, snake_case code of an error class (`BadSignature` -> `bad_signature`): what
-    scripts and tests match on (`--json` errors, security events), so that no message a person
-    reads has to carry a class name."""
-    cls = error if isinstance(error, type) else type(error)
-    explicit = cls.__dict__.get("code")  # the protocol's remote errors name theirs (PROTOCOL.md §15)
-    if isinstance(explicit, str):
-        return explicit
-    return "".join(f"_{c.lower()}" if c.isupper() else c for c in cls.__name__).lstrip("_")
 
 
 def network_words(error: BaseException | str) -> str:
@@ -125,6 +118,19 @@ class RelayImpostor(LinkError, TrustError):
 
 class PeerUnavailable(NodeError):
     """The peer cannot be reached through the relay (no prekey bundle, not enrolled)."""
+
+
+class SelfSend(NodeError):
+    """A message addressed to this node itself."""
+
+
+class IdentityChanged(TrustError):
+    """A verified peer's identity key changed: sending to it waits until the user accepts the new
+    safety number (node/trust.py)."""
+
+
+class SafetyNumberMismatch(TrustError):
+    """The safety number given is not the one shared with the peer."""
 
 
 # --- the certificate authority, as the node meets it (node/enrol.py) ------------------------------

@@ -17,10 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from node.keystore import Keystore
+
+log = logging.getLogger("kmsnet.node")
 
 Key = tuple[str, str]
 
@@ -129,3 +132,14 @@ class Journal:
         if self._thread is not None:
             self._thread.shutdown(wait=True)
             self._thread = None
+
+
+def succeeded(fut: asyncio.Future[None]) -> bool:
+    """True once a commit is done and did not fail."""
+    return fut.done() and not fut.cancelled() and fut.exception() is None
+
+
+def log_failure(fut: asyncio.Future[None]) -> None:
+    """For commits nobody waits on: a failure must still be seen."""
+    if not fut.cancelled() and fut.exception() is not None:
+        log.error("commit_failed", extra={"fields": {"error": str(fut.exception())}})

@@ -410,9 +410,7 @@ class Keystore:
         return header, wrapped
 
     @staticmethod
-    def _unwrap(
-        header: bytes, wrapped: bytes, secret: tuple[str | None, Path | None, Pin | None], path: Path
-    ) -> bytes:
+    def _unwrap(header: bytes, wrapped: bytes, secret: tuple[str | None, Path | None, Pin | None], path: Path) -> bytes:
         passphrase, key_file, pin = secret
         kdf, params, salt = _parse_header(header, path)
         if kdf == "pkcs11":
@@ -517,6 +515,20 @@ class Keystore:
         with self._lock, _storage_errors("read"):
             rows = self._db.execute("SELECT name FROM records WHERE namespace = ? ORDER BY name", (namespace,))
             return [name for (name,) in rows if name.startswith(prefix)]
+
+    def items(self, namespace: str) -> list[tuple[str, bytes]]:
+        """Every (name, unsealed value) in `namespace`, sorted by name, read at once (a load of many records)."""
+        with self._lock, _storage_errors("read"):
+            rows = self._db.execute(
+                "SELECT name, sealed FROM records WHERE namespace = ? ORDER BY name", (namespace,)
+            ).fetchall()
+        out = []
+        for name, sealed in rows:
+            try:
+                out.append((name, aes_gcm_open(self._data_key, sealed, _record_aad(namespace, name))))
+            except InvalidTag:
+                raise KeystoreCorrupt(f"keystore record {namespace}/{name} does not authenticate") from None
+        return out
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

@@ -27,6 +27,17 @@ class ProtocolError(Exception):
     """Base of every error raised by `protocol`."""
 
 
+def code_of(error: BaseException | type[BaseException]) -> str:
+    """The stable, snake_case code of an error class (`BadSignature` -> `bad_signature`): what
+    scripts and tests match on (`--json` errors, security events), so that no message a person
+    reads has to carry a class name."""
+    cls = error if isinstance(error, type) else type(error)
+    explicit = cls.__dict__.get("code")  # the remote errors name theirs (PROTOCOL.md §15)
+    if isinstance(explicit, str):
+        return explicit
+    return "".join(f"_{c.lower()}" if c.isupper() else c for c in cls.__name__).lstrip("_")
+
+
 class LocalError(ProtocolError):
     """The caller used the API wrongly (a bug on our side, not an attack)."""
 

@@ -402,7 +402,7 @@ def respond(
     first = session.decrypt_message(message0)
     # Message 0 authenticated: commit the consumption.
     if init.otpk_id is not None:
-        del prekeys._onetime[init.otpk_id]
+        prekeys.take_onetime(init.otpk_id)
     else:
         prekeys.remember(init.spk_id, init.ephemeral, peer.public_key.public_bytes_raw())
     return Responded(session, first, peer)

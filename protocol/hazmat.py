@@ -74,13 +74,3 @@ def prekey_private_keys(prekeys: PrekeySecrets) -> list[X25519KeyPair]:
 def kem_prekey(prekeys: PrekeySecrets, kem_id: int) -> KemKeyPair:
     """The ML-KEM private prekey `kem_id`. Raises KeyError when it is not held."""
     return prekeys._kem[kem_id]
-
-
-def replay_cache_size(prekeys: PrekeySecrets, spk_id: int) -> int:
-    """Ephemeral keys in the replay cache of signed prekey `spk_id` (0 when not held)."""
-    return len(prekeys._seen.get(spk_id, ()))
-
-
-def replay_quota_used(prekeys: PrekeySecrets, spk_id: int, initiator: bytes) -> int:
-    """Replay-cache entries `initiator` (an identity key) added on signed prekey `spk_id`."""
-    return prekeys._quota.get(spk_id, {}).get(initiator, 0)

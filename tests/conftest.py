@@ -189,6 +189,17 @@ def make_prekeys(
     return out
 
 
+def stored(secrets: handshake.PrekeySecrets) -> tuple[bytes, dict[tuple[str, str], bytes]]:
+    """A prekey account as a node stores it: the account record and every replay-cache entry."""
+    return secrets.to_bytes(), secrets.replay_records()
+
+
+def reloaded(secrets: handshake.PrekeySecrets) -> handshake.PrekeySecrets:
+    """`secrets` restored from what a node stores of it (`stored`)."""
+    account, entries = stored(secrets)
+    return handshake.PrekeySecrets.from_bytes(account, [(name, value) for (_, name), value in entries.items()])
+
+
 def establish(
     ca: Ca,
     initiator: Node,

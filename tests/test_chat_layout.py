@@ -72,7 +72,7 @@ async def test_a_typo_adds_no_contact(tmp_path: Path) -> None:
         await pilot.press("ctrl+down")
         assert app.selected == "bob"
         await type_line(pilot, "/msg zed are you there?")  # a name the relay does not know
-        await until(pilot, lambda: "the relay knows no node named 'zed'" in shown(app, "#notice"), "the refusal")
+        await until(pilot, lambda: "no node named 'zed' has enrolled" in shown(app, "#notice"), "the refusal")
         await until(pilot, lambda: "zed" not in contacts(app), "zed to go")
         assert "zed" not in app.contacts and app.selected == "bob"
 

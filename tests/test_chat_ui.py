@@ -15,7 +15,7 @@ from lab import make_node, next_message, provision, publish_crl, relay_config, r
 from textual.pilot import Pilot
 from textual.widgets import OptionList, Static
 
-from kmsnet.chat_app import QUEUED, STORED, ChatApp
+from kmsnet.chat_app import DELIVERED, QUEUED, STORED, ChatApp
 from kmsnet.cli import main
 from node.errors import PeerUnavailable
 from node.link import CONNECT_TIMEOUT
@@ -71,6 +71,43 @@ async def test_a_typed_message_reaches_the_peer_and_shows_it_was_stored(tmp_path
         await until(pilot, lambda: f"you: hello bob  {STORED}" in shown(app, "#messages"), "the delivery state")
         await until(pilot, lambda: "bob valid" in contacts(app), "bob's badge")
         assert app.query_one("#input").has_focus
+
+
+async def test_a_sent_message_goes_from_stored_to_delivered_and_both_chats_show_it_after_a_restart(
+    tmp_path: Path,
+) -> None:
+    """✓ then ✓✓ once bob's node has it; a new chat on each home shows the conversation, states included."""
+    async with Relay(relay_config(CA, tmp_path)) as relay:
+        await publish_crl(relay, CA, CA.crl())
+        alice = make_node(CA, ALICE, relay.url, tmp_path / "alice.db")
+        bob = make_node(CA, BOB, relay.url, tmp_path / "bob.db")
+        async with running(bob):
+            pass  # bob has been online once: his prekeys are at the relay
+        app = ChatApp(alice)
+        async with app.run_test(size=SIZE) as pilot:
+            await until(pilot, lambda: "connected" in shown(app, "#statusbar"), "alice to connect")
+            await type_line(pilot, "/msg bob are you there?")
+            await until(pilot, lambda: f"are you there?  {STORED}" in shown(app, "#messages"), "✓ stored")
+            bob_app = ChatApp(bob)
+            async with bob_app.run_test(size=SIZE) as bob_pilot:
+                await until(bob_pilot, lambda: "alice: are you there?" in shown(bob_app, "#messages"), "bob's chat")
+                await until(pilot, lambda: f"are you there?  {DELIVERED}" in shown(app, "#messages"), "✓✓")
+                await type_line(bob_pilot, "yes")
+                await until(pilot, lambda: "bob: yes" in shown(app, "#messages"), "bob's answer")
+                await until(bob_pilot, lambda: f"yes  {DELIVERED}" in shown(bob_app, "#messages"), "bob's ✓✓")
+        for store, peer, lines in (
+            (alice.keystore, "bob", [f"you: are you there?  {DELIVERED}", "bob: yes"]),
+            (bob.keystore, "alice", ["alice: are you there?", f"you: yes  {DELIVERED}"]),
+        ):
+            again = ChatApp(Node(store, clock=alice.clock))
+            async with again.run_test(size=SIZE) as pilot:
+                shows = lambda app=again, last=lines[-1]: last in shown(app, "#messages")  # noqa: E731
+                await until(pilot, shows, f"the conversation with {peer}")
+                text = shown(again, "#messages")
+                assert all(line in text for line in lines) and f"Conversation with {peer}" in str(
+                    again.query_one("#conversation").border_title
+                )
+            store.close()
 
 
 async def test_a_message_from_the_peer_appears_in_the_conversation(tmp_path: Path) -> None:

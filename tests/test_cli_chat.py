@@ -106,7 +106,7 @@ def test_ca_relay_and_two_nodes_chat_from_the_command_line(tmp_path: Path) -> No
             assert bob_status["sessions"][0]["safety_number"] == status["sessions"][0]["safety_number"]
 
             # The first mistakes a user makes: one line each, the documented exit code.
-            fails(kmsnet("send", "--home", str(alice), "--to", "carol", "hi"), 1, "knows no node named 'carol'")
+            fails(kmsnet("send", "--home", str(alice), "--to", "carol", "hi"), 1, "node named 'carol' has enrolled")
             before = (alice / "keystore.db").read_bytes()
             fails(kmsnet("status", "--home", str(alice), passphrase="wrong"), 1, "wrong passphrase")
             assert (alice / "keystore.db").read_bytes() == before

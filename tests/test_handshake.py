@@ -28,6 +28,8 @@ from conftest import (
     Prekeys,
     establish,
     make_prekeys,
+    reloaded,
+    stored,
     x25519,
 )
 
@@ -44,12 +46,9 @@ from protocol.errors import (
     LocalError,
     NameMismatch,
     NoRevocationData,
-    RemoteError,
     ReplayedInitialMessage,
-    SessionClosed,
     StaleFeed,
     SuiteError,
-    UnexpectedFrame,
     UnknownPrekey,
     UntrustedIssuer,
     WeakKey,
@@ -58,14 +57,11 @@ from protocol.handshake import (
     MAX_BUNDLE_AGE,
     MAX_ONETIME_PREKEYS,
     MAX_REPLAY_CACHE,
-    TRANSITIONS,
-    PeerState,
     PrekeySecrets,
     decode_init,
-    next_state,
 )
 from protocol.identity import X25519KeyPair
-from protocol.messages import FrameType, InitMessage, PrekeyBundle, Suite
+from protocol.messages import InitMessage, PrekeyBundle, Suite
 from protocol.revocation import RevocationState
 from protocol.session import Kind, Received
 
@@ -123,10 +119,10 @@ def respond(
 
 def refused_by_responder(init: InitMessage | bytes, prekeys: Prekeys, exc: type[Exception], **kw: Any) -> Exception:
     """Assert `respond` refuses with `exc` and that the prekey state (one-time keys, replay cache) is unchanged."""
-    before = prekeys.secrets.to_bytes()
+    before = stored(prekeys.secrets)
     with pytest.raises(exc) as info:
         respond(init, prekeys, **kw)
-    assert prekeys.secrets.to_bytes() == before
+    assert stored(prekeys.secrets) == before
     return info.value
 
 
@@ -548,8 +544,8 @@ def test_replay_detection_survives_persistence(bob_prekeys: Prekeys) -> None:
     without = initiate(bob_prekeys.fetch(with_onetime=False))
     respond(with_otpk.frame, bob_prekeys)
     respond(without.frame, bob_prekeys)
-    restored = dataclasses.replace(bob_prekeys, secrets=PrekeySecrets.from_bytes(bob_prekeys.secrets.to_bytes()))
-    assert restored.secrets.to_bytes() == bob_prekeys.secrets.to_bytes()
+    restored = dataclasses.replace(bob_prekeys, secrets=reloaded(bob_prekeys.secrets))
+    assert stored(restored.secrets) == stored(bob_prekeys.secrets)
     refused_by_responder(with_otpk.frame, restored, ReplayedInitialMessage)
     refused_by_responder(without.frame, restored, ReplayedInitialMessage)
     assert respond(initiate(restored.fetch()).frame, restored).first.data == b"hello"
@@ -638,9 +634,8 @@ def test_prekey_secrets_onetime_limit_drops_the_oldest(bob_prekeys: Prekeys) -> 
 def test_prekey_secrets_round_trip(bob_prekeys: Prekeys) -> None:
     respond(initiate(bob_prekeys.fetch()).frame, bob_prekeys)
     respond(initiate(bob_prekeys.fetch(with_onetime=False)).frame, bob_prekeys)
-    data = bob_prekeys.secrets.to_bytes()
-    restored = PrekeySecrets.from_bytes(data)
-    assert restored.to_bytes() == data
+    restored = reloaded(bob_prekeys.secrets)
+    assert stored(restored) == stored(bob_prekeys.secrets)
     assert restored.onetime_count == 2 and restored.next_onetime_id == 4
     assert repr(restored) == repr(bob_prekeys.secrets)
 
@@ -649,6 +644,19 @@ def prekey_fields(prekeys: Prekeys) -> list[Any]:
     respond(initiate(prekeys.fetch()).frame, prekeys)
     respond(initiate(prekeys.fetch(with_onetime=False)).frame, prekeys)
     return list(msgpack.unpackb(prekeys.secrets.to_bytes()))
+
+
+def v1_record(secrets: PrekeySecrets) -> list[Any]:
+    """The format-1 account record of `secrets` (the replay cache and its quota counts inside, PROTOCOL.md
+    Appendix A): what a node wrote before the cache had records of its own."""
+    _fmt, spk, kem, onetime, issued, schedule = msgpack.unpackb(secrets.to_bytes())
+    cache = [[i, sorted(seen), sorted(secrets._quota.get(i, {}).items())] for i, seen in secrets._seen.items()]
+    return [1, spk, kem, onetime, issued, cache, schedule]
+
+
+def prekey_fields_v1(prekeys: Prekeys) -> list[Any]:
+    prekey_fields(prekeys)
+    return v1_record(prekeys.secrets)
 
 
 def _set(index: int, value: Any) -> Any:
@@ -661,7 +669,7 @@ def _set(index: int, value: Any) -> Any:
 
 
 MALFORMED_PREKEYS = {
-    "format 2": _set(0, 2),
+    "format 3": _set(0, 3),
     "spk not a list": _set(1, 5),
     "spk entry short": _set(1, [[1]]),
     "spk key short": _set(1, [[1, b"\x00" * 31]]),
@@ -676,19 +684,28 @@ MALFORMED_PREKEYS = {
     "issued mark negative": _set(4, -1),
     "issued mark bool": _set(4, True),
     "issued mark too large": _set(4, 2**32),
+    "two fields short": lambda f: f[:-2],
+    "schedule missing": lambda f: f[:-1],
+    "schedule not a pair": _set(5, [None]),
+    "schedule time a string": _set(5, [b"soon", []]),
+    "schedule time negative": _set(5, [-1.0, []]),
+    "retire entry short": _set(5, [None, [[1]]]),
+    "retire time bool": _set(5, [None, [[1, True]]]),
+    "one field more": lambda f: [*f, []],
+    "empty": lambda f: [],
+    "not an array": lambda f: 7,
+    "a string": lambda f: "state",
+}
+
+#: A format-1 record (read once, to move its replay cache out) is checked as strictly.
+MALFORMED_PREKEYS_V1 = {
     "seen not a list": _set(5, 3),
     "seen entry short": _set(5, [[1]]),
     "seen negative entry": _set(5, [[1, [-1]]]),
     "seen id str": _set(5, [["1", []]]),
+    "quota count negative": _set(5, [[1, [], [[b"\x00" * 32, -1]]]]),
+    "two schedules": lambda f: [*f, [None, []]],
     "two fields short": lambda f: f[:-2],
-    "schedule not a pair": _set(6, [None]),
-    "schedule time a string": _set(6, [b"soon", []]),
-    "schedule time negative": _set(6, [-1.0, []]),
-    "retire entry short": _set(6, [None, [[1]]]),
-    "retire time bool": _set(6, [None, [[1, True]]]),
-    "one field more": lambda f: [*f, []],
-    "not an array": lambda f: 7,
-    "a string": lambda f: "state",
 }
 
 
@@ -696,6 +713,12 @@ MALFORMED_PREKEYS = {
 def test_prekey_secrets_from_bytes_refuses_malformed_state(bob_prekeys: Prekeys, edit: Any) -> None:
     with pytest.raises(DecodeError):
         PrekeySecrets.from_bytes(msgpack.packb(edit(prekey_fields(bob_prekeys))))
+
+
+@pytest.mark.parametrize("edit", MALFORMED_PREKEYS_V1.values(), ids=MALFORMED_PREKEYS_V1.keys())
+def test_prekey_secrets_from_bytes_refuses_a_malformed_format_1_state(bob_prekeys: Prekeys, edit: Any) -> None:
+    with pytest.raises(DecodeError):
+        PrekeySecrets.from_bytes(msgpack.packb(edit(prekey_fields_v1(bob_prekeys))))
 
 
 @pytest.mark.parametrize("data", [b"", b"\xc1", b"\x96", b"\xa3abc", b"\x00" * 6], ids=repr)
@@ -710,54 +733,10 @@ def test_prekey_secrets_from_bytes_refuses_non_state_bytes(data: bytes) -> None:
 def test_prekey_secrets_from_bytes_refuses_non_key_replay_entries(bob_prekeys: Prekeys, entry: Any) -> None:
     """Replay-cache entries must be 32-byte keys: `bytes(n)` of an integer entry would allocate n bytes
     (2**62: MemoryError; 2**63: OverflowError) and a list of ints would be converted silently."""
-    fields = prekey_fields(bob_prekeys)
+    fields = prekey_fields_v1(bob_prekeys)
     fields[5] = [[1, [entry]]]
     with pytest.raises(DecodeError):
         PrekeySecrets.from_bytes(msgpack.packb(fields))
-
-
-# --- the per-peer state machine -----------------------------------------------------------------------------
-
-#: The documented table (PROTOCOL.md §8), written out independently of TRANSITIONS.
-DOCUMENTED = {
-    (PeerState.IDLE, FrameType.BUNDLE): PeerState.INITIATED,
-    (PeerState.IDLE, FrameType.INIT): PeerState.ESTABLISHED,
-    (PeerState.INITIATED, FrameType.MESSAGE): PeerState.ESTABLISHED,
-    (PeerState.INITIATED, FrameType.INIT): PeerState.ESTABLISHED,
-    (PeerState.ESTABLISHED, FrameType.MESSAGE): PeerState.ESTABLISHED,
-    (PeerState.ESTABLISHED, FrameType.INIT): PeerState.ESTABLISHED,
-}
-
-
-@pytest.mark.parametrize("state", list(PeerState), ids=lambda s: s.name)
-@pytest.mark.parametrize("frame", list(FrameType), ids=lambda f: f.name)
-def test_every_state_and_frame_type(state: PeerState, frame: FrameType) -> None:
-    """All 12 pairs: the documented next state, UnexpectedFrame, or (CLOSED) SessionClosed."""
-    expected = DOCUMENTED.get((state, frame))
-    if state is PeerState.CLOSED:
-        with pytest.raises(SessionClosed):
-            next_state(state, frame)
-    elif expected is None:
-        with pytest.raises(UnexpectedFrame):
-            next_state(state, frame)
-        assert (state, frame) not in TRANSITIONS
-    else:
-        assert next_state(state, frame) is expected
-        assert TRANSITIONS[(state, frame)] is expected
-
-
-def test_transition_table_is_exactly_the_documented_one() -> None:
-    assert TRANSITIONS == DOCUMENTED
-    assert len(PeerState) * len(FrameType) == 12  # the exhaustive test above covers all of them
-
-
-def test_closed_accepts_nothing() -> None:
-    for frame in FrameType:
-        with pytest.raises(SessionClosed) as info:
-            next_state(PeerState.CLOSED, frame)
-        assert isinstance(info.value, RemoteError)  # a refusal of the peer's frame
-    assert not any(state is PeerState.CLOSED for state, _ in TRANSITIONS)
-    assert PeerState.CLOSED not in TRANSITIONS.values()  # nothing leads there by a frame: only revocation
 
 
 def test_fingerprint_helper_matches_certificate_hash() -> None:
@@ -770,14 +749,14 @@ def test_an_init_relayed_as_from_someone_else_is_refused_before_anything_is_cons
         identity=ALICE.identity, certificate=ALICE.cert, bundle=bundle, root=CA.root,
         revocation=CA.revocation(), now=NOW, expected_name="bob",
     )  # fmt: skip
-    before = bob_prekeys.secrets.to_bytes()
+    before = stored(bob_prekeys.secrets)
     respond = functools.partial(
         handshake.respond, init_of(initiated), identity=BOB.identity, certificate_fingerprint=BOB.fingerprint,
         bundle=bob_prekeys.bundle, prekeys=bob_prekeys.secrets, root=CA.root, revocation=CA.revocation(), now=NOW,
     )  # fmt: skip
     with pytest.raises(NameMismatch):
         respond(expected_name="mallory")
-    assert bob_prekeys.secrets.to_bytes() == before
+    assert stored(bob_prekeys.secrets) == before
     assert respond(expected_name="alice").peer.name == "alice"
 
 
@@ -790,8 +769,8 @@ def test_onetime_prekey_ids_stop_below_the_u32_limit() -> None:
 
 
 def test_a_restored_signed_prekey_without_a_replay_cache_still_accepts(bob_prekeys: Prekeys) -> None:
-    fmt, spk, kem, onetime, issued, _seen, _schedule = msgpack.unpackb(bob_prekeys.secrets.to_bytes())
-    bob_prekeys.secrets = handshake.PrekeySecrets.from_bytes(msgpack.packb([fmt, spk, kem, onetime, issued, []]))
+    _fmt, spk, kem, onetime, issued, _schedule = msgpack.unpackb(bob_prekeys.secrets.to_bytes())
+    bob_prekeys.secrets = handshake.PrekeySecrets.from_bytes(msgpack.packb([1, spk, kem, onetime, issued, []]))
     _, responded = establish(CA, ALICE, bob_prekeys, with_onetime=False)
     assert responded.first.data == b"hello"
 

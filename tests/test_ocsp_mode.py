@@ -66,7 +66,7 @@ async def test_peers_are_checked_by_ocsp(tmp_path: Path) -> None:
                 await alice.send("bob", "checked by OCSP")
                 assert (await next_message(bob)).text == "checked by OCSP"
                 revoked.add(BOB.serial)  # the CRL feed says nothing; OCSP says revoked
-                await alice._recheck_by_ocsp()
+                await alice.revocations.recheck_by_ocsp()
                 event = await next_event(alice, "peer_revoked")
                 assert event.peer == "bob" and "key-compromise" in event.reason
                 alice._ocsp._answers.clear()  # type: ignore[union-attr]

@@ -103,7 +103,7 @@ async def test_an_older_crl_is_refused_as_rollback_also_after_a_restart(tmp_path
         async with running(alice):
             await asyncio.sleep(0.2)
             assert alice.status()["feed"]["crl_number"] == 5
-            alice._on_crl(CA.crl([BOB.serial], number=4))  # a relay replaying an old feed
+            alice.revocations.on_crl(CA.crl([BOB.serial], number=4), alice.certificate)  # a relay replaying an old feed
             event = await next_event(alice, "crl_rollback")
             assert "lower" in event.reason
         keystore = alice.keystore
@@ -134,7 +134,7 @@ async def test_a_forged_crl_is_refused_and_the_good_one_kept(tmp_path: Path, for
                 bad = bytes(good)
             else:
                 bad = b"not a crl"
-            alice._on_crl(bad)
+            alice.revocations.on_crl(bad, alice.certificate)
             event = await next_event(alice, "crl_invalid")
             assert event.peer is None
             assert alice.status()["feed"]["crl_number"] == 1

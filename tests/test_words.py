@@ -26,9 +26,9 @@ from kmsnet.exits import CODE_NAMES
 from kmsnet.options import node_failures
 from node.errors import code_of, network_words
 from node.events import EVENTS
-from node.node import _event_name
 from protocol import certs, revocation
 from protocol.errors import DecodeError, ProtocolError, RemoteError, library_detail
+from protocol.peer import event_name
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGES = ("protocol", "node", "relay", "kmsnet", "scenarios")
@@ -61,17 +61,19 @@ def test_every_event_code_is_snake_case_and_described_in_words(code: str) -> Non
 
 def test_every_event_a_node_reports_is_a_documented_code() -> None:
     reported = set()
-    for call in ast.walk(ast.parse((ROOT / "node" / "node.py").read_text(encoding="utf-8"))):
-        if isinstance(call, ast.Call) and getattr(call.func, "id", None) == "SecurityEvent":
-            first = call.args[0]
-            if isinstance(first, ast.Constant):
-                reported.add(first.value)
+    # The node's own events, and the ones its per-peer engines return (protocol/peer.py).
+    for path in (*sorted((ROOT / "node").glob("*.py")), ROOT / "protocol" / "peer.py"):
+        for call in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(call, ast.Call) and getattr(call.func, "id", None) in ("SecurityEvent", "PeerEvent"):
+                first = call.args[0]
+                if isinstance(first, ast.Constant):
+                    reported.add(first.value)
     assert reported and reported <= set(EVENTS), reported - set(EVENTS)
-    # The others are named after the check that refused (node._event_name): every refusal a peer's
+    # The others are named after the check that refused (protocol.peer.event_name): every refusal a peer's
     # input can cause, which are the leaves of RemoteError.
     for cls in CLASSES:
         if issubclass(cls, RemoteError) and not cls.__subclasses__():
-            assert _event_name(cls.__new__(cls)) in EVENTS, cls
+            assert event_name(cls.__new__(cls)) in EVENTS, cls
 
 
 @pytest.mark.parametrize("cls", CLASSES, ids=lambda cls: cls.__name__)

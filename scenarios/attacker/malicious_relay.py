@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Any
 import msgpack
 
 from protocol import wire
+from protocol.body import TextBody
+from protocol.body import decode as decode_body
 from protocol.errors import DecodeError
 from protocol.link import Deliver, Send
 from protocol.messages import InitMessage, OneTimePrekey, PrekeyBundle, RatchetMessage, Suite
@@ -127,8 +129,13 @@ class MaliciousRelay(Interceptor):
         self.timeline.add(Kind.ATTACK, ATTACKER, f"attacker {text}", peer=peer, **data)
 
     def leak(self, sender: str, recipient: str, body: bytes, *, how: str) -> str:
-        """Record a plaintext the attacker recovered (`body` is the node's message body)."""
+        """Record a plaintext the attacker recovered (`body` is the node's message body); a receipt or
+        retry request (protocol/body.py) is recorded on the timeline only: it holds no words of the users."""
         text = body_text(body)
+        if text is None:
+            what = f"attacker reads a receipt {sender}→{recipient} ({how})"
+            self.timeline.add(Kind.LEAK, ATTACKER, what, peer=sender)
+            return "(a receipt)"
         self.leaks.append((sender, recipient, text))
         self.timeline.add(
             Kind.LEAK, ATTACKER, f"attacker READ {sender}→{recipient}: {text!r} ({how})", peer=sender, plaintext=text
@@ -201,10 +208,11 @@ class MaliciousRelay(Interceptor):
         return pushed
 
 
-def body_text(body: bytes) -> str:
-    """The text in a node's message body (`[msg_id, sent_at, text]`), or a note that there is none."""
+def body_text(data: bytes) -> str | None:
+    """The text in a node's message body (protocol/body.py), a note if it is none, None for a receipt
+    or a retry request."""
     try:
-        _, _, text = msgpack.unpackb(body)
-    except (ValueError, TypeError, msgpack.UnpackException):
+        content = decode_body(data)
+    except DecodeError:
         return "(not a text message)"
-    return str(text)
+    return content.text if isinstance(content, TextBody) else None

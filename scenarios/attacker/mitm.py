@@ -6,11 +6,12 @@ from __future__ import annotations
 import hashlib
 import os
 
-import msgpack
 from cryptography import x509
 
 from node.errors import words_of
 from protocol import handshake, wire
+from protocol.body import TextBody
+from protocol.body import encode as encode_body
 from protocol.errors import ProtocolError
 from protocol.identity import KemKeyPair, X25519KeyPair
 from protocol.messages import InitMessage, PrekeyBundle, Suite
@@ -121,7 +122,8 @@ class Mitm(Tactic):
             return [] if body is not None else [envelope.payload]
         if body is None:
             # The INIT was made for the real prekeys, so the attacker cannot read it: it sends its own words.
-            body = msgpack.packb([os.urandom(16), self.clock.now().timestamp(), self.lure])
+            lure = TextBody(os.urandom(16), int(self.clock.now().timestamp() * 1000), self.lure)
+            body = encode_body(lure)
         creds = self.pose_as[sender]
         try:
             # Without a one-time prekey (the relay hands those out, and the genuine INIT may have used it).

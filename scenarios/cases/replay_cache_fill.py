@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from node.hazmat import current_bundle
 from protocol import handshake
-from protocol.hazmat import replay_cache_size, replay_quota_used
 from protocol.prekeys import MAX_REPLAY_PER_INITIATOR, ROTATE_EARLY_AT
 from protocol.session import Kind
 from scenarios.attacker import AnyRevocation, MaliciousRelay
@@ -26,8 +25,8 @@ FLOOD = ROTATE_EARLY_AT + 20
     holds for Bob and sends him INIT after INIT without one. Now each initiator may put only 100
     keys in the cache of a signed prekey (the rest of her INITs are refused), and should enough
     initiators together put 1 000 there, Bob's prekey rotates at once and the new bundle is
-    published: a flood never fills the cache new initiators use. Carol, arriving afterwards,
-    starts her session.""",
+    published: a flood never fills the cache new initiators use. Each entry is a keystore record
+    of its own: an INIT writes one, not the cache. Carol, arriving afterwards, starts her session.""",
 )
 async def replay_cache_fill(ctx: Context) -> None:
     evil = MaliciousRelay(ctx.timeline)  # Mallory's access to the relay (she is enrolled: no forgery)
@@ -59,7 +58,7 @@ async def replay_cache_fill(ctx: Context) -> None:
 
         def settled() -> bool:  # every INIT of the flood taken or refused (the cache read from the node),
             # or Bob stopped reading Mallory's frames at all (a node with a budget of refused frames)
-            taken = replay_cache_size(bob.node.prekeys, flooded)
+            taken = bob.node.prekeys.replay_count(flooded)
             done = taken + len(bob.refusals("replay_cache_quota")) >= FLOOD or bool(bob.notices("peer_flooding"))
             return done or len(bob.node.prekeys.signed_ids()) > 1
 
@@ -70,7 +69,7 @@ async def replay_cache_fill(ctx: Context) -> None:
         await lab.settle()
 
         newest = max(bob.node.prekeys.signed_ids())
-        mallorys = replay_quota_used(bob.node.prekeys, flooded, mallory.enrolled.identity.public_bytes)
+        mallorys = bob.node.prekeys.quota_used(flooded, mallory.enrolled.identity.public_bytes)
         ctx.check("one-time prekeys Mallory drained", True, drained > 0)
         # Her first INIT (the knock) and the flood: all without a one-time prekey.
         refused = len(bob.refusals("replay_cache_quota"))
