@@ -22,7 +22,7 @@ import functools
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
@@ -148,6 +148,10 @@ class _Revoked(Exception):
     """The node proved who it is, and the CRL revokes it."""
 
 
+class _Stopping(Exception):
+    """close() was called: raised in the relay's TaskGroup, it cancels the tasks still running."""
+
+
 @dataclass(eq=False, kw_only=True)
 class _Peer(Link):
     """An authenticated connection: what the router knows of it, and its socket and tasks."""
@@ -194,8 +198,11 @@ class Relay:
         if config.name is not None:
             check_name(config.name)
         self._healthy = True
-        self._heartbeat: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        #: The relay's own tasks (heartbeat, purge, evictions, CRL reloads) run in one TaskGroup, in
+        #: a task of its own from start() until close() sets `_stopping`.
+        self._group: asyncio.TaskGroup | None = None
+        self._life: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self.interceptor = interceptor or Interceptor()
         self.metrics = Metrics()
         #: Every decision about what nodes send and are sent (the interceptor may keep a revoked
@@ -209,7 +216,6 @@ class Relay:
             admits_revoked=lambda name: self.interceptor.admits_revoked(name),
         )
         self._server: Server | None = None
-        self._purger: asyncio.Task[None] | None = None
         #: A CRL taken into the feed (and pushed) that the store refused: written again each heartbeat.
         self._unsaved_crl: tuple[int, bytes] | None = None
 
@@ -254,17 +260,35 @@ class Relay:
             process_request=self._http,
             server_header="kmsnet-relay",
         )
-        self._purger = asyncio.create_task(self._purge_loop(), name="relay-purge")
-        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="relay-heartbeat")
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stopping.clear()
+        self._life = asyncio.create_task(self._run(started), name="relay")
+        await started
         log.info("relay_started", extra={"fields": {"url": self.url}})
 
+    async def _run(self, started: asyncio.Future[None]) -> None:
+        """The relay's own tasks, from start() until close(): then they are cancelled together (a
+        failure of one also ends the others, and close() raises it)."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                group.create_task(self._purge_loop(), name="relay-purge")
+                group.create_task(self._heartbeat_loop(), name="relay-heartbeat")
+                started.set_result(None)
+                await self._stopping.wait()
+                raise _Stopping
+        except* _Stopping:
+            pass
+        finally:
+            self._group = None
+
     async def close(self) -> None:
-        """Stop accepting, close every connection, finish queued writes, close the store."""
-        for task in (self._purger, self._heartbeat, *self._tasks):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Stop the relay's own tasks, stop accepting, close every connection (each finishing its
+        queued writes), close the store."""
+        life, self._life = self._life, None
+        if life is not None:
+            self._stopping.set()
+            await life
         if self._server is not None:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
@@ -347,6 +371,17 @@ class Relay:
             await old.ws.close(1000, "replaced by a newer connection")
         self.router.attach(peer)
         log.info("node_connected", extra={"fields": {"node": peer.name}})
+        try:
+            # Its writer runs beside the reader, in a group of their own: neither outlives the other.
+            async with asyncio.TaskGroup() as tasks:
+                await self._serve(peer, tasks)
+        finally:
+            self.router.detach(peer)
+            log.info("node_disconnected", extra={"fields": {"node": peer.name}})
+
+    async def _serve(self, peer: _Peer, tasks: asyncio.TaskGroup) -> None:
+        """Welcome the node, start its writer in `tasks`, and read its frames until it goes; then
+        stop the writer (it sends what is queued first, within STOP_GRACE)."""
         joined = False
         try:
             try:
@@ -364,9 +399,9 @@ class Relay:
                 await self.store.onetime_left(peer.name),
                 await self._swap_epoch(peer),
             )
-            await ws.send(wire.encode_link(welcome))
-            peer.writer = asyncio.create_task(self._writer(peer), name=f"relay-writer-{peer.name}")
-            async for raw in ws:
+            await peer.ws.send(wire.encode_link(welcome))
+            peer.writer = tasks.create_task(self._writer(peer), name=f"relay-writer-{peer.name}")
+            async for raw in peer.ws:
                 if len(peer.outbox) + len(peer.commits) >= MAX_QUEUED:
                     await self._room(peer)
                 if peer.closing or peer.revoked:
@@ -375,24 +410,22 @@ class Relay:
         except LinkRefused as exc:
             self.metrics.refused.labels(exc.code.name.lower()).inc()
             log.info("frame_refused", extra={"fields": {"node": peer.name, "code": exc.code.name, "reason": str(exc)}})
-            await self._fatal(ws, exc.code, str(exc), exc.close)
+            await self._fatal(peer.ws, exc.code, str(exc), exc.close)
         except ConnectionClosed:
             pass
         except StoreUnavailable as exc:
             # Redis went away under us: the node comes back later (or at another relay).
             log.warning("store_unavailable", extra={"fields": {"node": peer.name, "reason": str(exc)}})
-            await self._fatal(ws, ErrorCode.UNAVAILABLE, "the relay's store is unreachable", CLOSE_TRY_AGAIN)
+            await self._fatal(peer.ws, ErrorCode.UNAVAILABLE, "the relay's store is unreachable", CLOSE_TRY_AGAIN)
         except Exception:
             # A bug of ours, not the node's: say so with the traceback; websockets closes with 1011.
             log.exception("relay_handler_failed", extra={"fields": {"node": peer.name}})
             raise
         finally:
             await self._stop_peer(peer)
-            self.router.detach(peer)
             if joined:
                 with contextlib.suppress(StoreUnavailable):
                     await self.bus.leave(peer.name)
-            log.info("node_disconnected", extra={"fields": {"node": peer.name}})
 
     async def _note_identity(self, peer: _Peer) -> None:
         """A node back with another identity key (re-keyed, or renewed offline) has one-time prekeys
@@ -468,7 +501,7 @@ class Relay:
     def _evict_all(self, revoked: list[_Peer]) -> None:
         """Close the connections a new CRL revokes (the router queued their REVOKED error)."""
         for peer in revoked:
-            self._spawn(self._evict(peer))
+            self._spawn(self._evict(peer), f"relay-evict-{peer.name}")
 
     async def _evict(self, peer: _Peer) -> None:
         await self._stop_peer(peer)  # its writer sends the CRL and the REVOKED error first
@@ -732,11 +765,10 @@ class Relay:
         peer.room.set()
         writer, peer.writer = peer.writer, None
         if writer is not None:
-            # The writer sends what is queued (an ACCEPTED spares a retransmission), within reason.
+            # The writer sends what is queued (an ACCEPTED spares a retransmission), within reason;
+            # past that it is cancelled, and the connection's TaskGroup reaps it.
             await asyncio.wait({writer}, timeout=STOP_GRACE)
             writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
 
     async def _fatal(self, ws: ServerConnection, code: ErrorCode, text: str, close: int) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -785,7 +817,7 @@ class Relay:
         if peer is not None and 0 < peer.generation < generation:
             self.metrics.replaced.inc()
             log.info("node_replaced", extra={"fields": {"node": name}})
-            self._spawn(self._replace(peer))
+            self._spawn(self._replace(peer), f"relay-replace-{name}")
 
     async def _replace(self, peer: _Peer) -> None:
         await self._stop_peer(peer)
@@ -793,7 +825,7 @@ class Relay:
 
     def on_crl(self) -> None:
         """Another relay stored a newer CRL: take it into the feed here too."""
-        self._spawn(self._reload_crl())
+        self._spawn(self._reload_crl(), "relay-reload-crl")
 
     async def _reload_crl(self) -> None:
         with contextlib.suppress(StoreUnavailable):
@@ -806,10 +838,20 @@ class Relay:
         self.router.resync()
         self.on_crl()
 
-    def _spawn(self, work: Any) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` in the relay's TaskGroup (dropped once the relay is closing). A failure is
+        logged and ends only that work: one connection's eviction must not stop the heartbeat."""
+        if self._group is None or self._stopping.is_set():
+            work.close()
+            return
+        self._group.create_task(self._logged(work, name), name=name)
+
+    @staticmethod
+    async def _logged(work: Coroutine[Any, Any, None], name: str) -> None:
+        try:
+            await work
+        except Exception:
+            log.exception("relay_task_failed", extra={"fields": {"task": name}})
 
     async def _purge_loop(self) -> None:
         while True:
