@@ -8,7 +8,6 @@ caller resumes once *its* write is settled: durability per write, the throughput
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from typing import Any, Generic, TypeVar
 
@@ -32,7 +31,8 @@ class BatchWriter(Generic[Op]):
     def __init__(self, commit: Commit[Op], name: str) -> None:
         self._commit = commit
         self._name = name
-        self._writes: asyncio.Queue[tuple[Op, asyncio.Future[Any], Settle | None]] = asyncio.Queue()
+        #: The writes in order; None after the last one (close): the writer task then ends.
+        self._writes: asyncio.Queue[tuple[Op, asyncio.Future[Any], Settle | None] | None] = asyncio.Queue()
         self._task: asyncio.Task[None] | None = None
         self._outstanding: set[asyncio.Future[Any]] = set()
 
@@ -44,9 +44,8 @@ class BatchWriter(Generic[Op]):
         """Commit what is queued, then stop."""
         if self._task is not None:
             await self._writes.join()
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            self._writes.put_nowait(None)  # nothing is queued: the writer ends at once
+            await self._task
             self._task = None
 
     def queue(self, op: Op, settle: Settle | None = None) -> asyncio.Future[Any]:
@@ -67,12 +66,17 @@ class BatchWriter(Generic[Op]):
 
     async def _loop(self) -> None:
         while True:
-            batch = [await self._writes.get()]
+            first = await self._writes.get()
+            if first is None:
+                return  # closed
+            batch = [first]
             # One turn of the event loop first: what this one made ready (deliveries) goes out before
             # the commit, and the writes queued meanwhile join the group.
             await asyncio.sleep(0)
             while not self._writes.empty() and len(batch) < MAX_BATCH:
-                batch.append(self._writes.get_nowait())
+                item = self._writes.get_nowait()
+                assert item is not None, "close() waits for every write before it queues the end"
+                batch.append(item)
             try:
                 results = await self._commit([op for op, _, _ in batch])
             except Exception as exc:  # noqa: BLE001 - any failure: the writer must live on and say why

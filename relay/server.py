@@ -19,31 +19,28 @@ import asyncio
 import collections
 import contextlib
 import functools
-import heapq
 import logging
 import os
 import ssl
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 
-import msgpack
 from cryptography import x509
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import generate_latest
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed
 from websockets.http11 import Request, Response
 
-from protocol import certs, revocation, wire
-from protocol.errors import CertificateRevoked, DecodeError, ProtocolError, UnknownFrameType
+from protocol import certs, wire
+from protocol.errors import DecodeError, ProtocolError
 from protocol.identity import verify_signature
 from protocol.link import (
     CHALLENGE_LEN,
     MAX_LINK_FRAME,
-    Accepted,
     Ack,
     Auth,
     BundleReply,
@@ -61,45 +58,32 @@ from protocol.link import (
     auth_signed_bytes,
     relay_name_of,
 )
-from protocol.messages import OneTimePrekey, PrekeyBundle
+from protocol.revocation import RevocationState
 from relay.backends import make_store
 from relay.cluster import Bus, make_bus
-from relay.errors import QuotaExceeded, StoreUnavailable, StoreWriteRefused
+from relay.errors import LinkRefused, QuotaExceeded, StoreUnavailable, StoreWriteRefused
 from relay.interceptor import Interceptor
+from relay.metrics import Metrics
 from relay.ratelimit import TokenBucket
+
+# MAX_QUEUED: frames queued for one node (with its writes awaiting a commit) beyond which the
+# relay holds back: its own requests wait to be read, and its mail waits in the store.
+from relay.router import CLOSE_POLICY, MAX_QUEUED, RESEND_AFTER, Link, Router
 from relay.store import Envelope, Limits, Store
 
 log = logging.getLogger("kmsnet.relay")
 
 #: Envelopes pushed to a node per store read.
 DELIVERY_BATCH = 256
-#: Rate-limit refusals in a row after which the connection is closed.
-MAX_STRIKES = 50
-#: Close codes (RFC 6455): policy violation, message too big.
-CLOSE_POLICY = 1008
-CLOSE_TOO_BIG = 1009
 #: Close code (RFC 6455): try again later (the store is unreachable).
 CLOSE_TRY_AGAIN = 1013
 #: Seconds between purges of expired envelopes.
 PURGE_INTERVAL = 60.0
-#: Frames queued for one node (with its writes awaiting a commit) beyond which the relay holds
-#: back: its own requests wait to be read, and its mail waits in the store.
-MAX_QUEUED = 1024
 #: Seconds a closing connection's writer is given to send what is queued.
 STOP_GRACE = 5.0
 #: Seconds between heartbeats: the store is asked whether it answers (/healthz), and the relay
 #: announces itself to the cluster.
 HEARTBEAT_INTERVAL = 5.0
-#: Seconds a DELIVER waits for its ACK before it is sent again on the live connection (by default).
-RESEND_AFTER = 3.0
-#: A DELIVER sent again waits twice as long each time, up to this many times `resend_after`.
-RESEND_BACKOFF_MAX = 8
-#: DELIVERs sent again in one go (the rest on the writer's next turn).
-RESEND_BATCH = 256
-#: A DELIVER is sent again at once when this many sent after it were acknowledged: the receiver's
-#: ratchet keeps the keys of a gap only a few chains long (protocol/ratchet.py MAX_OLD_CHAINS), so
-#: a loss is mended within a few messages, not seconds.
-RESEND_GAP = 8
 
 
 def _utcnow() -> datetime:
@@ -164,56 +148,19 @@ class _Revoked(Exception):
     """The node proved who it is, and the CRL revokes it."""
 
 
-class _Fatal(Exception):
-    """The node sent something that ends its connection."""
-
-    def __init__(self, code: ErrorCode, text: str, close: int = CLOSE_POLICY) -> None:
-        super().__init__(text)
-        self.code = code
-        self.close = close
+class _Stopping(Exception):
+    """close() was called: raised in the relay's TaskGroup, it cancels the tasks still running."""
 
 
-@dataclass(slots=True)
-class _InFlight:
-    """A DELIVER sent and not yet acknowledged."""
+@dataclass(eq=False, kw_only=True)
+class _Peer(Link):
+    """An authenticated connection: what the router knows of it, and its socket and tasks."""
 
-    seq: int
-    #: Its place among everything sent on this connection (a later one acknowledged first means
-    #: this one was probably lost).
-    push: int
-    #: How many times it was sent.
-    sends: int = 1
-
-
-@dataclass(eq=False)
-class _Peer:
-    name: str
-    certificate: bytes
-    #: Its certificate's serial: a CRL that lists it ends the connection.
-    serial: int
-    #: Its identity key (raw public bytes): another one than last time drops its one-time prekeys.
-    identity: bytes
-    #: The signed rollback epoch its AUTH carried (opaque), kept to be echoed at its next login.
-    epoch: bytes | None
     ws: ServerConnection
-    bucket: TokenBucket
-    #: The separate budget of its ACKs and feed frames.
-    acks: TokenBucket
     #: Set when there is something for the writer: a queued item, a CRL due, a failure.
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    woken: asyncio.Event = field(default_factory=asyncio.Event)
     #: Set when the writer sent a batch or a commit settled: the reader may go on.
     room: asyncio.Event = field(default_factory=asyncio.Event)
-    #: What to send, in order of arrival: encoded frames, and envelopes stored (or being stored)
-    #: for this node, pushed from memory.
-    outbox: collections.deque[bytes | Envelope] = field(default_factory=collections.deque)
-    #: The store may hold envelopes for this node that are neither sent nor in `outbox` (when it
-    #: connects, and when its outbox was full): the writer reads them from the store.
-    behind: bool = True
-    #: The newest CRL is to be pushed (when it connects, and when a new one is published).
-    crl_due: bool = True
-    #: Highest sequence number pushed; everything at or below it was sent.
-    cursor: int = 0
-    strikes: int = 0
     writer: asyncio.Task[None] | None = None
     #: Its connection number in the cluster (0 until claimed): a higher one anywhere replaces it.
     generation: int = 0
@@ -223,62 +170,17 @@ class _Peer:
     closing: bool = False
     #: An unexpected error in an answer's commit: the writer raises it, which ends the connection.
     failure: BaseException | None = None
-    #: A CRL just published revokes it: nothing more is read from it, and it is closed.
-    revoked: bool = False
-    #: DELIVERs sent and not acknowledged, by msg_id, in the order they were sent.
-    inflight: dict[bytes, _InFlight] = field(default_factory=dict)
-    #: Some DELIVER is RESEND_GAP behind the latest acknowledged: the writer sends it again.
-    gap: bool = False
-    #: When each is due to be sent again: (loop time, push, msg_id); stale entries are skipped.
-    resends: list[tuple[float, int, bytes]] = field(default_factory=list)
-    #: DELIVERs sent on this connection so far, and the place of the latest one acknowledged.
-    pushes: int = 0
-    acked_push: int = 0
-    #: When the node last acknowledged something (loop time; its connection time before that).
-    last_ack: float = 0.0
 
-
-class _Metrics:
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        r = self.registry
-        self.connected = Gauge("kmsnet_relay_connected_nodes", "Authenticated connections", registry=r)
-        self.frames = Counter("kmsnet_relay_frames_total", "Frames received, by type", ["type"], registry=r)
-        self.refused = Counter("kmsnet_relay_refused_total", "Frames or connections refused", ["reason"], registry=r)
-        self.stored = Counter("kmsnet_relay_envelopes_stored_total", "Envelopes stored durably", registry=r)
-        self.delivered = Counter("kmsnet_relay_envelopes_delivered_total", "Envelopes pushed to nodes", registry=r)
-        self.resent = Counter(
-            "kmsnet_relay_envelopes_resent_total",
-            "Envelopes pushed again on a live connection for want of an ACK",
-            registry=r,
-        )
-        self.acked = Counter("kmsnet_relay_envelopes_acked_total", "Envelopes acknowledged and deleted", registry=r)
-        self.store_up = Gauge("kmsnet_relay_store_up", "1 while the store answers (Redis reachable)", registry=r)
-        self.write_refused = Counter(
-            "kmsnet_relay_store_write_refused_total",
-            "Writes the store refused (full, read-only), by what was to be written",
-            ["what"],
-            registry=r,
-        )
-        self.writable = Gauge("kmsnet_relay_store_writable", "0 since the store last refused a write", registry=r)
-        self.writable.set(1)
-        self.replaced = Counter(
-            "kmsnet_relay_replaced_total", "Connections closed for a newer one of the same node", registry=r
-        )
-        # labels() costs a lookup under a lock: one child per frame type, looked up once.
-        self._received: dict[type[LinkFrame], Counter] = {}
-
-    def received(self, frame: LinkFrame) -> None:
-        """Count a frame received from a node."""
-        kind = type(frame)
-        child = self._received.get(kind)
-        if child is None:
-            child = self._received[kind] = self.frames.labels(kind.__name__)
-        child.inc()
+    def wake(self) -> None:
+        self.woken.set()
 
 
 class Relay:
-    """One relay process. Use `async with Relay(config) as relay:` or start()/close()."""
+    """One relay process. Use `async with Relay(config) as relay:` or start()/close().
+
+    The shell around `relay.router.Router`: it accepts connections, reads frames and hands them to
+    the router with the store's answers, runs the store operations the router asks for, and writes
+    what the router queued for each node (one writer task per node)."""
 
     def __init__(
         self,
@@ -296,19 +198,41 @@ class Relay:
         if config.name is not None:
             check_name(config.name)
         self._healthy = True
-        self._heartbeat: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[Any]] = set()
+        #: The relay's own tasks (heartbeat, purge, evictions, CRL reloads) run in one TaskGroup, in
+        #: a task of its own from start() until close() sets `_stopping`.
+        self._group: asyncio.TaskGroup | None = None
+        self._life: asyncio.Task[None] | None = None
+        self._stopping = asyncio.Event()
         self.interceptor = interceptor or Interceptor()
-        self.metrics = _Metrics()
-        self._peers: dict[str, _Peer] = {}
+        self.metrics = Metrics()
+        #: Every decision about what nodes send and are sent (the interceptor may keep a revoked
+        #: node in: scenarios replace it after the relay is made, so it is asked each time).
+        self.router: Router[_Peer] = Router(
+            config.ca_root,
+            self.metrics,
+            crl_publisher=config.crl_publisher,
+            resend_after=config.resend_after,
+            queue_limit=MAX_QUEUED,
+            admits_revoked=lambda name: self.interceptor.admits_revoked(name),
+        )
         self._server: Server | None = None
-        self._purger: asyncio.Task[None] | None = None
-        # The relay verifies the feed too, only to refuse revoked nodes at the door and never to
-        # regress its own feed; nodes verify every CRL themselves.
-        self._feed = revocation.RevocationState()
-        self._crl: bytes | None = None
         #: A CRL taken into the feed (and pushed) that the store refused: written again each heartbeat.
         self._unsaved_crl: tuple[int, bytes] | None = None
+
+    @property
+    def _peers(self) -> dict[str, _Peer]:
+        """The connections held, by node name."""
+        return self.router.links
+
+    @property
+    def _feed(self) -> RevocationState:
+        """The feed as the relay verified it (to refuse revoked nodes, never to regress)."""
+        return self.router.feed
+
+    @property
+    def _crl(self) -> bytes | None:
+        """The CRL held and pushed to every node (DER), if any."""
+        return self.router.crl
 
     # --- lifecycle ------------------------------------------------------------------------------------
 
@@ -336,17 +260,35 @@ class Relay:
             process_request=self._http,
             server_header="kmsnet-relay",
         )
-        self._purger = asyncio.create_task(self._purge_loop(), name="relay-purge")
-        self._heartbeat = asyncio.create_task(self._heartbeat_loop(), name="relay-heartbeat")
+        started: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._stopping.clear()
+        self._life = asyncio.create_task(self._run(started), name="relay")
+        await started
         log.info("relay_started", extra={"fields": {"url": self.url}})
 
+    async def _run(self, started: asyncio.Future[None]) -> None:
+        """The relay's own tasks, from start() until close(): then they are cancelled together (a
+        failure of one also ends the others, and close() raises it)."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                self._group = group
+                group.create_task(self._purge_loop(), name="relay-purge")
+                group.create_task(self._heartbeat_loop(), name="relay-heartbeat")
+                started.set_result(None)
+                await self._stopping.wait()
+                raise _Stopping
+        except* _Stopping:
+            pass
+        finally:
+            self._group = None
+
     async def close(self) -> None:
-        """Stop accepting, close every connection, finish queued writes, close the store."""
-        for task in (self._purger, self._heartbeat, *self._tasks):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        """Stop the relay's own tasks, stop accepting, close every connection (each finishing its
+        queued writes), close the store."""
+        life, self._life = self._life, None
+        if life is not None:
+            self._stopping.set()
+            await life
         if self._server is not None:
             self._server.close(close_connections=True)
             await self._server.wait_closed()
@@ -427,9 +369,19 @@ class Relay:
             # A node reconnecting before its old socket timed out: the newest connection wins.
             await self._stop_peer(old)
             await old.ws.close(1000, "replaced by a newer connection")
-        self._peers[peer.name] = peer
-        self.metrics.connected.set(len(self._peers))
+        self.router.attach(peer)
         log.info("node_connected", extra={"fields": {"node": peer.name}})
+        try:
+            # Its writer runs beside the reader, in a group of their own: neither outlives the other.
+            async with asyncio.TaskGroup() as tasks:
+                await self._serve(peer, tasks)
+        finally:
+            self.router.detach(peer)
+            log.info("node_disconnected", extra={"fields": {"node": peer.name}})
+
+    async def _serve(self, peer: _Peer, tasks: asyncio.TaskGroup) -> None:
+        """Welcome the node, start its writer in `tasks`, and read its frames until it goes; then
+        stop the writer (it sends what is queued first, within STOP_GRACE)."""
         joined = False
         try:
             try:
@@ -437,7 +389,7 @@ class Relay:
                 peer.generation = await self.bus.join(peer.name)
                 joined = True
             except StoreUnavailable as exc:
-                raise _Fatal(ErrorCode.UNAVAILABLE, f"relay cannot serve now: {exc}", CLOSE_TRY_AGAIN) from exc
+                raise LinkRefused(ErrorCode.UNAVAILABLE, f"relay cannot serve now: {exc}", CLOSE_TRY_AGAIN) from exc
             if self.bus.newest(peer.name) > peer.generation:
                 return  # a newer connection of this node came up elsewhere meanwhile
             await self._note_identity(peer)
@@ -447,37 +399,33 @@ class Relay:
                 await self.store.onetime_left(peer.name),
                 await self._swap_epoch(peer),
             )
-            await ws.send(wire.encode_link(welcome))
-            peer.writer = asyncio.create_task(self._writer(peer), name=f"relay-writer-{peer.name}")
-            async for raw in ws:
+            await peer.ws.send(wire.encode_link(welcome))
+            peer.writer = tasks.create_task(self._writer(peer), name=f"relay-writer-{peer.name}")
+            async for raw in peer.ws:
                 if len(peer.outbox) + len(peer.commits) >= MAX_QUEUED:
                     await self._room(peer)
                 if peer.closing or peer.revoked:
                     break  # replaced by a newer connection, revoked, or its writer is gone
                 await self._receive(peer, raw)
-        except _Fatal as exc:
+        except LinkRefused as exc:
             self.metrics.refused.labels(exc.code.name.lower()).inc()
             log.info("frame_refused", extra={"fields": {"node": peer.name, "code": exc.code.name, "reason": str(exc)}})
-            await self._fatal(ws, exc.code, str(exc), exc.close)
+            await self._fatal(peer.ws, exc.code, str(exc), exc.close)
         except ConnectionClosed:
             pass
         except StoreUnavailable as exc:
             # Redis went away under us: the node comes back later (or at another relay).
             log.warning("store_unavailable", extra={"fields": {"node": peer.name, "reason": str(exc)}})
-            await self._fatal(ws, ErrorCode.UNAVAILABLE, "the relay's store is unreachable", CLOSE_TRY_AGAIN)
+            await self._fatal(peer.ws, ErrorCode.UNAVAILABLE, "the relay's store is unreachable", CLOSE_TRY_AGAIN)
         except Exception:
             # A bug of ours, not the node's: say so with the traceback; websockets closes with 1011.
             log.exception("relay_handler_failed", extra={"fields": {"node": peer.name}})
             raise
         finally:
             await self._stop_peer(peer)
-            if self._peers.get(peer.name) is peer:
-                del self._peers[peer.name]
             if joined:
                 with contextlib.suppress(StoreUnavailable):
                     await self.bus.leave(peer.name)
-            self.metrics.connected.set(len(self._peers))
-            log.info("node_disconnected", extra={"fields": {"node": peer.name}})
 
     async def _note_identity(self, peer: _Peer) -> None:
         """A node back with another identity key (re-keyed, or renewed offline) has one-time prekeys
@@ -485,7 +433,7 @@ class Relay:
         try:
             dropped = await self.store.note_identity(peer.name, peer.identity)
         except StoreWriteRefused as exc:
-            self._write_refused("identity", exc)
+            self.router.write_refused("identity", exc)
             return
         if dropped:
             log.info("onetime_dropped", extra={"fields": {"node": peer.name, "reason": "identity key changed"}})
@@ -496,7 +444,7 @@ class Relay:
         try:
             return await self.store.swap_epoch(peer.name, peer.epoch)
         except StoreWriteRefused as exc:
-            self._write_refused("epoch", exc)
+            self.router.write_refused("epoch", exc)
             return None
 
     async def _room(self, peer: _Peer) -> None:
@@ -528,37 +476,20 @@ class Relay:
             verify_signature(cert.public_key, frame.signature, signed)
         except ProtocolError as exc:
             raise _AuthRefused(str(exc)) from exc
-        self._refuse_if_revoked(cert.name, cert.serial, now)
+        words = self.router.refusal(cert.name, cert.serial, now)
+        if words is not None:
+            raise _Revoked(words)
         return _Peer(
-            cert.name,
-            frame.certificate,
-            cert.serial,
-            cert.public_key.public_bytes_raw(),
-            frame.epoch,
-            ws,
-            TokenBucket(self.config.rate, self.config.burst),
-            TokenBucket(self.config.ack_rate, self.config.ack_burst),
+            name=cert.name,
+            certificate=frame.certificate,
+            serial=cert.serial,
+            identity=cert.public_key.public_bytes_raw(),
+            epoch=frame.epoch,
+            ws=ws,
+            bucket=TokenBucket(self.config.rate, self.config.burst),
+            acks=TokenBucket(self.config.ack_rate, self.config.ack_burst),
             last_ack=asyncio.get_running_loop().time(),
         )
-
-    def _refuse_if_revoked(self, name: str, serial: int, now: datetime) -> None:
-        try:
-            self._feed.check(serial, now)
-        except CertificateRevoked as exc:
-            words = self._revoked_words(serial)
-            if words is not None and not self.interceptor.admits_revoked(name):
-                raise _Revoked(words) from exc
-        except ProtocolError:
-            return  # no CRL, or a stale one: the nodes decide, not the relay
-
-    def _revoked_words(self, serial: int) -> str | None:
-        """ "revoked (CRL #n, reason, time)" if our CRL lists `serial` (what the REVOKED error says)."""
-        crl = self._feed.current
-        if crl is None or serial not in crl.revoked:
-            return None
-        entry = crl.entries.get(serial)
-        reason, at = (entry.reason, entry.revoked_at) if entry is not None else ("unspecified", crl.this_update)
-        return f"revoked (CRL #{crl.number}, {reason}, {at:%Y-%m-%d %H:%M} UTC)"
 
     async def _refuse_revoked(self, ws: ServerConnection, words: str) -> None:
         """At login: the CRL that revokes the node (so that it verifies why itself), then REVOKED."""
@@ -567,18 +498,10 @@ class Relay:
                 await ws.send(wire.encode_link(CrlFeed(self._crl)))
         await self._fatal(ws, ErrorCode.REVOKED, words, CLOSE_POLICY)
 
-    def _cut_revoked(self) -> None:
-        """A new CRL is held: end the connection of every node it revokes, with the CRL (pushed as to
-        everyone) and then a REVOKED error; nothing more it sends is read."""
-        for peer in list(self._peers.values()):
-            words = self._revoked_words(peer.serial)
-            if words is None or peer.revoked or self.interceptor.admits_revoked(peer.name):
-                continue
-            peer.revoked = True
-            self.metrics.refused.labels("revoked").inc()
-            log.info("node_revoked", extra={"fields": {"node": peer.name, "reason": words}})
-            self._queue(peer, Error(ErrorCode.REVOKED, words))
-            self._spawn(self._evict(peer))
+    def _evict_all(self, revoked: list[_Peer]) -> None:
+        """Close the connections a new CRL revokes (the router queued their REVOKED error)."""
+        for peer in revoked:
+            self._spawn(self._evict(peer), f"relay-evict-{peer.name}")
 
     async def _evict(self, peer: _Peer) -> None:
         await self._stop_peer(peer)  # its writer sends the CRL and the REVOKED error first
@@ -586,37 +509,13 @@ class Relay:
             await peer.ws.close(CLOSE_POLICY, "revoked")
 
     async def _receive(self, peer: _Peer, raw: Any) -> None:
-        if not isinstance(raw, bytes):
-            raise _Fatal(ErrorCode.MALFORMED, "text frames are not part of the protocol")
-        if len(raw) > MAX_LINK_FRAME:
-            raise _Fatal(ErrorCode.TOO_LARGE, f"frame of {len(raw)} bytes exceeds {MAX_LINK_FRAME}", CLOSE_TOO_BIG)
-        try:
-            frames = wire.decode_link_frames(raw)
-        except UnknownFrameType as exc:
-            raise _Fatal(ErrorCode.UNKNOWN_TYPE, str(exc)) from exc
-        except DecodeError as exc:
-            raise _Fatal(ErrorCode.MALFORMED, str(exc)) from exc
-        for frame in frames:
+        for frame in self.router.decode(raw):
             if peer.revoked:
                 return  # a CRL revoked it while this BATCH was being handled: the rest is not read
-            # Each frame of a BATCH counts against the limit as if it had come alone; ACKs and the
-            # feed against their own.
-            bucket = peer.acks if isinstance(frame, Ack | PublishCrl) else peer.bucket
-            if not bucket.take():
-                self._rate_limited(peer, frame.msg_id if isinstance(frame, Send) else None)
-                continue
-            peer.strikes = 0
-            await self._handle_frame(peer, frame)
-
-    def _rate_limited(self, peer: _Peer, msg_id: bytes | None) -> None:
-        peer.strikes += 1
-        self.metrics.refused.labels("rate_limited").inc()
-        if peer.strikes > MAX_STRIKES:
-            raise _Fatal(ErrorCode.RATE_LIMITED, "rate limit exceeded persistently")
-        self._queue(peer, Error(ErrorCode.RATE_LIMITED, "slow down", msg_id))
+            if self.router.admit(peer, frame):
+                await self._handle_frame(peer, frame)
 
     async def _handle_frame(self, peer: _Peer, frame: LinkFrame) -> None:
-        self.metrics.received(frame)
         if isinstance(frame, Send):
             await self._on_send(peer, frame)
         elif isinstance(frame, Ack):
@@ -628,11 +527,12 @@ class Relay:
         elif isinstance(frame, PublishCrl):
             await self._on_crl(peer, frame)
         else:
-            raise _Fatal(ErrorCode.UNKNOWN_TYPE, f"a {frame.TYPE.name} frame is not one a node sends")
+            raise LinkRefused(
+                ErrorCode.UNKNOWN_TYPE, f"a {frame.TYPE.name} frame is not one a node sends", CLOSE_POLICY
+            )
 
     async def _on_send(self, peer: _Peer, send: Send) -> None:
-        if not await self.store.known(send.to):
-            self._queue(peer, Error(ErrorCode.UNKNOWN_RECIPIENT, f"no node {send.to!r} here", send.msg_id))
+        if not self.router.recipient_known(peer, send, await self.store.known(send.to)):
             return
         now_ms = int(self.config.clock().timestamp() * 1000)
         writes = []
@@ -640,15 +540,15 @@ class Relay:
             try:
                 envelope, durable = self.store.put_nowait(item.msg_id, peer.name, item.to, item.payload, now_ms)
             except QuotaExceeded as exc:
-                self._queue(peer, Error(ErrorCode.QUOTA_EXCEEDED, str(exc), item.msg_id))
+                self.router.over_quota(peer, item.msg_id, exc)
                 return
             writes.append(durable)
             if envelope is not None:
-                self._route(envelope)
+                self.router.route(envelope)
         # The answer waits for the commit, but the connection does not: the next frames are read
         # meanwhile, and their envelopes join the same commit.
         if not writes:
-            self._queue(peer, Accepted(send.msg_id))
+            self.router.settled(peer, send.msg_id, 0, None)
             return
         waiting = len(writes)
 
@@ -657,51 +557,15 @@ class Relay:
             peer.commits.discard(write)
             waiting -= 1
             if waiting == 0:
-                self._accept(peer, send.msg_id, writes)
+                failed = next((f.exception() for f in writes if f.exception() is not None), None)
+                self._fail(peer, self.router.settled(peer, send.msg_id, len(writes), failed))
 
         for write in writes:
             peer.commits.add(write)
             write.add_done_callback(committed)
 
-    def _route(self, envelope: Envelope) -> None:
-        """Push a new envelope to its recipient from memory, if it is connected and keeping up."""
-        recipient = self._peers.get(envelope.recipient)
-        if recipient is None:
-            return
-        if recipient.behind or len(recipient.outbox) >= MAX_QUEUED:
-            # It is not keeping up: its writer reads this one from the store once it has caught up.
-            recipient.behind = True
-        else:
-            # Pushed while it is being written: the recipient acknowledges only after its own
-            # commit, and a retransmission after a relay crash is recognised by its msg_id.
-            recipient.outbox.append(envelope)
-        recipient.wake.set()
-
-    def _accept(self, peer: _Peer, msg_id: bytes, writes: list[asyncio.Future[None]]) -> None:
-        failed = next((f.exception() for f in writes if f.exception() is not None), None)
-        if isinstance(failed, QuotaExceeded):
-            self._queue(peer, Error(ErrorCode.QUOTA_EXCEEDED, str(failed), msg_id))
-        elif isinstance(failed, StoreUnavailable):
-            if isinstance(failed, StoreWriteRefused):
-                self._write_refused("envelope", failed)
-            self._queue(peer, Error(ErrorCode.UNAVAILABLE, str(failed), msg_id))
-        elif failed is not None:
-            self._fail(peer, failed)
-        else:
-            self.metrics.stored.inc(len(writes))
-            self.metrics.writable.set(1)
-            # Durable (or a retransmission of something durable): tell the sender it may forget it.
-            self._queue(peer, Accepted(msg_id))
-
     def _on_ack(self, peer: _Peer, ack: Ack) -> None:
-        sent = peer.inflight.pop(ack.msg_id, None)
-        if sent is not None:
-            peer.acked_push = max(peer.acked_push, sent.push)
-            oldest = next(iter(peer.inflight.values()), None)
-            if oldest is not None and oldest.push + RESEND_GAP <= peer.acked_push and not peer.gap:
-                peer.gap = True
-                peer.wake.set()
-        peer.last_ack = asyncio.get_running_loop().time()
+        self.router.acknowledged(peer, ack.msg_id, asyncio.get_running_loop().time())
         deleted = self.store.delete_nowait(peer.name, ack.msg_id)
         peer.commits.add(deleted)
         deleted.add_done_callback(functools.partial(self._deleted, peer))
@@ -709,131 +573,67 @@ class Relay:
     def _deleted(self, peer: _Peer, deleted: asyncio.Future[bool]) -> None:
         peer.commits.discard(deleted)
         peer.room.set()
-        failed = deleted.exception()
-        if failed is None:
-            if deleted.result():
-                self.metrics.acked.inc()
-        elif not isinstance(failed, StoreUnavailable):
-            self._fail(peer, failed)
-        # Not deleted for want of a store: the envelope is delivered again, and the node knows it.
+        self._fail(peer, self.router.deleted(deleted.exception() or deleted.result()))
 
-    def _write_refused(self, what: str, error: StoreWriteRefused) -> None:
-        """Count and log a write the store refused (full, read-only): the relay goes on without it."""
-        self.metrics.write_refused.labels(what).inc()
-        self.metrics.writable.set(0)
-        log.warning("store_write_refused", extra={"fields": {"what": what, "reason": str(error)}})
-
-    def _fail(self, peer: _Peer, failure: BaseException) -> None:
+    def _fail(self, peer: _Peer, failure: BaseException | None) -> None:
         """End the connection over a failed commit that is a bug of ours (the writer raises it)."""
-        peer.failure = failure
-        peer.wake.set()
+        if failure is not None:
+            peer.failure = failure
+            peer.wake()
 
     async def _on_fetch(self, peer: _Peer, fetch: FetchBundle) -> None:
         try:
             found = await self.store.take_bundle(fetch.name)
         except StoreWriteRefused as exc:
-            # Handing out a one-time prekey is a write: refused, said, and the connection goes on.
-            self._write_refused("onetime", exc)
-            self._queue(peer, Error(ErrorCode.UNAVAILABLE, f"cannot hand out {fetch.name}'s bundle now: {exc}"))
+            self.router.bundle_not_taken(peer, fetch, exc)
             return
-        bundle: bytes | None = None
-        left = 0
-        if found is not None:
-            signed, onetime, left = found
-            frame = wire.decode(signed)
-            assert isinstance(frame, PrekeyBundle)  # only decoded bundles are ever stored
-            if onetime is not None:
-                frame = frame.with_onetime(OneTimePrekey(*msgpack.unpackb(onetime)))
-            bundle = wire.encode(frame)
+        bundle, left = self.router.bundle_of(found)
         bundle = await self.interceptor.on_bundle(peer.name, fetch.name, bundle)
-        self._queue(peer, BundleReply(fetch.request, bundle, left))
+        self.router.queue(peer, BundleReply(fetch.request, bundle, left))
 
     async def _on_publish(self, peer: _Peer, publish: PublishBundle) -> None:
-        try:
-            frame = wire.decode(publish.bundle)
-        except DecodeError as exc:
-            raise _Fatal(ErrorCode.MALFORMED, f"bundle: {exc}") from exc
-        if not isinstance(frame, PrekeyBundle):
-            raise _Fatal(ErrorCode.MALFORMED, "PUBLISH_BUNDLE must carry a BUNDLE frame")
-        if frame.certificate != peer.certificate:
-            # Nobody publishes a bundle for another node: it must carry the certificate it authenticated with.
-            self.metrics.refused.labels("not_allowed").inc()
-            self._queue(peer, Error(ErrorCode.NOT_ALLOWED, "bundle certificate is not yours"))
+        to_store = self.router.bundle_to_store(peer, publish)
+        if to_store is None:
             return
-        signed = wire.encode(frame.with_onetime(None))
-        onetime = [msgpack.packb(item) for item in publish.onetime]
+        signed, onetime = to_store
         try:
             await self.store.put_bundle(peer.name, signed, onetime, bool(publish.replace))
         except StoreWriteRefused as exc:
-            self._write_refused("bundle", exc)
-            self._queue(peer, Error(ErrorCode.UNAVAILABLE, f"bundle not stored: {exc}"))
+            self.router.bundle_not_stored(peer, exc)
             return
-        self.metrics.writable.set(1)
-        log.info("bundle_published", extra={"fields": {"node": peer.name, "onetime": len(onetime)}})
+        self.router.bundle_stored(peer, len(onetime))
 
     async def _on_crl(self, peer: _Peer, publish: PublishCrl) -> None:
-        if peer.name != self.config.crl_publisher:
-            self.metrics.refused.labels("not_allowed").inc()
-            self._queue(peer, Error(ErrorCode.NOT_ALLOWED, "only the CA node publishes CRLs"))
-            return
-        try:
-            before = self._feed.highest_number
-            crl = self._feed.accept(publish.crl, self.config.ca_root, self.config.clock())
-        except ProtocolError as exc:
-            self._queue(peer, Error(ErrorCode.MALFORMED, f"CRL refused: {exc}"))
-            return
-        if crl.number == before:
+        crl = self.router.take_crl(peer, publish, self.config.clock())
+        if crl is None:
             return
         try:
             stored = await self.store.put_crl(crl.number, publish.crl)
         except StoreUnavailable as exc:
             # A revocation is never lost to the store: the feed takes it in memory and pushes it now,
             # and the heartbeat writes it once the store takes writes again. The CA hears of it.
-            if isinstance(exc, StoreWriteRefused):
-                self._write_refused("crl", exc)
+            self.router.crl_unsaved(peer, crl.number, exc)
             self._unsaved_crl = (crl.number, publish.crl)
-            self._queue(peer, Error(ErrorCode.UNAVAILABLE, f"CRL #{crl.number} is pushed but not stored yet: {exc}"))
             stored = True
         if not stored:
             # Another relay of the cluster holds a newer one: the feed never goes back, here either.
             held = await self.store.get_crl()
             if held is not None:
                 self._adopt_crl(held[1])
-            self._queue(peer, Error(ErrorCode.MALFORMED, "CRL refused: a CRL with a higher number is held"))
+            self.router.crl_outdated(peer)
             return
-        self._crl = publish.crl
-        log.info("crl_published", extra={"fields": {"number": crl.number, "revoked": len(crl.revoked)}})
-        self._push_crl()
-        self._cut_revoked()
+        self._evict_all(self.router.hold_crl(publish.crl, crl))
 
     def _adopt_crl(self, der: bytes) -> None:
-        """Take a CRL from the store (held at start, or stored by another relay) into the feed, and
-        push it if it is newer than ours."""
-        before = self._feed.highest_number
-        try:
-            crl = self._feed.accept(der, self.config.ca_root, self.config.clock())
-        except ProtocolError:
-            return  # older than ours, or not valid now: the feed stays as it is
-        self._crl = der
-        if crl.number != before:
-            self._push_crl()
-            self._cut_revoked()
-
-    def _push_crl(self) -> None:
-        for other in self._peers.values():
-            # A flag, not a queued frame: a node that does not read holds one CRL at most, the newest.
-            other.crl_due = True
-            other.wake.set()
-
-    def _queue(self, peer: _Peer, frame: LinkFrame) -> None:
-        peer.outbox.append(wire.encode_link(frame))
-        peer.wake.set()
+        """Take a CRL from the store (held at start, or stored by another relay) into the feed."""
+        self._evict_all(self.router.adopt_crl(der, self.config.clock()))
 
     # --- the writer: everything the relay sends to a node, once it is welcomed ----------------------
 
     async def _writer(self, peer: _Peer) -> None:
         """Send what is queued for the node, batch by batch, until its connection closes; an
         unexpected error in its answers ends the connection."""
+        loop = asyncio.get_running_loop()
         try:
             while True:
                 if peer.failure is not None:
@@ -844,13 +644,13 @@ class Relay:
                     await self._send_queued(peer)
                 elif peer.closing:
                     return
-                elif peer.gap or self._resend_wait(peer) == 0:
+                elif peer.gap or self.router.resend_wait(peer, loop.time()) == 0:
                     await self._resend(peer)
                 else:
-                    peer.wake.clear()
+                    peer.woken.clear()
                     with contextlib.suppress(TimeoutError):
-                        async with asyncio.timeout(self._resend_wait(peer)):
-                            await peer.wake.wait()
+                        async with asyncio.timeout(self.router.resend_wait(peer, loop.time())):
+                            await peer.woken.wait()
         except ConnectionClosed:
             pass
         except StoreUnavailable as exc:
@@ -908,78 +708,41 @@ class Relay:
 
     async def _crl_frames(self, peer: _Peer) -> list[bytes]:
         """The CRL feed frame now due to the node (the interceptor may withhold it)."""
-        peer.crl_due = False
-        if self._crl is None:
+        crl = self.router.crl_for(peer)
+        if crl is None:
             return []
-        pushed = await self.interceptor.on_crl(peer.name, self._crl)
+        pushed = await self.interceptor.on_crl(peer.name, crl)
         return [] if pushed is None else [wire.encode_link(CrlFeed(pushed))]
 
     async def _deliver(self, peer: _Peer, envelope: Envelope, frames: list[bytes]) -> int:
         """Add the DELIVER frames of `envelope` to `frames` unless it was pushed already; how many."""
-        if envelope.seq <= peer.cursor:
-            return 0  # read from the store already
-        peer.cursor = envelope.seq
-        return await self._push(peer, envelope, frames, _InFlight(envelope.seq, 0))
+        if not self.router.due(peer, envelope):
+            return 0
+        return await self._push(peer, envelope, frames, 1)
 
-    async def _push(self, peer: _Peer, envelope: Envelope, frames: list[bytes], sent: _InFlight) -> int:
-        """Add the DELIVER frames of `envelope` to `frames`, and expect its ACK within the bound."""
+    async def _push(self, peer: _Peer, envelope: Envelope, frames: list[bytes], sends: int) -> int:
+        """Add the DELIVER frames of `envelope` to `frames` (its `sends`-th push), and expect its ACK."""
         frame = Deliver(envelope.msg_id, envelope.sender, envelope.payload, envelope.stored_at)
         items = await self.interceptor.on_deliver(peer.name, frame)
         frames.extend(wire.encode_link(item) for item in items)
-        peer.pushes += 1
-        sent.push = peer.pushes
-        peer.inflight.pop(envelope.msg_id, None)  # sent again: it goes last
-        peer.inflight[envelope.msg_id] = sent
-        wait = self.config.resend_after * min(2 ** (sent.sends - 1), RESEND_BACKOFF_MAX)
-        heapq.heappush(peer.resends, (asyncio.get_running_loop().time() + wait, sent.push, envelope.msg_id))
+        self.router.pushed(peer, envelope, sends, asyncio.get_running_loop().time())
         return len(items)
 
-    def _resend_wait(self, peer: _Peer) -> float | None:
-        """Seconds until a DELIVER may be due again (0: now), None if none is awaited."""
-        while peer.resends:
-            due, push, msg_id = peer.resends[0]
-            sent = peer.inflight.get(msg_id)
-            if sent is None or sent.push != push:
-                heapq.heappop(peer.resends)  # acknowledged, or sent again since
-                continue
-            return max(0.0, due - asyncio.get_running_loop().time())
-        return None
-
     async def _resend(self, peer: _Peer) -> None:
-        """Send again the DELIVERs that look lost: RESEND_GAP sent after them were acknowledged, or
-        they are due and the node acknowledged something sent after them, or nothing at all for
-        `resend_after` (a node busy with older ones is left to catch up)."""
-        peer.gap = False
-        now = asyncio.get_running_loop().time()
-        silent = now - peer.last_ack >= self.config.resend_after
-        lost: dict[bytes, _InFlight] = {}
-        for msg_id, oldest in peer.inflight.items():  # oldest first: the gap is at the front
-            if oldest.push + RESEND_GAP > peer.acked_push or len(lost) == RESEND_BATCH:
-                peer.gap = len(lost) == RESEND_BATCH  # more of the gap on the next turn
-                break
-            lost[msg_id] = oldest
-        while peer.resends and peer.resends[0][0] <= now and len(lost) < RESEND_BATCH:
-            _, push, msg_id = heapq.heappop(peer.resends)
-            sent = peer.inflight.get(msg_id)
-            if sent is None or sent.push != push:
-                continue  # acknowledged, or sent again since
-            if not silent and peer.acked_push < push:
-                # Nothing sent after it was acknowledged yet: not a sign of loss. Looked at again later.
-                heapq.heappush(peer.resends, (now + self.config.resend_after, push, msg_id))
-                continue
-            lost[msg_id] = sent
+        """Send again the DELIVERs the router finds lost, each read again from the store."""
+        lost = self.router.lost(peer, asyncio.get_running_loop().time())
         frames: list[bytes] = []
         resent = 0
         if lost:
             # An envelope pushed from memory may still be on its way into the store: committed
             # first, so that one missing from the store below was really acknowledged (or expired).
             await self.store.flush()
-        for msg_id, sent in lost.items():
+        for msg_id, sent in lost:
             found = await self.store.pending(peer.name, sent.seq - 1, 1)
             if not found or found[0].seq != sent.seq:
-                del peer.inflight[msg_id]  # acknowledged meanwhile, or expired
+                self.router.gone(peer, msg_id)
                 continue
-            resent += await self._push(peer, found[0], frames, _InFlight(sent.seq, 0, sent.sends + 1))
+            resent += await self._push(peer, found[0], frames, sent.sends + 1)
         if frames:
             await self._flush(peer, frames)
             self.metrics.resent.inc(resent)
@@ -998,15 +761,14 @@ class Relay:
             # shared with other connections, and must not be cancelled with us.
             await asyncio.wait(set(peer.commits))
         peer.closing = True
-        peer.wake.set()
+        peer.wake()
         peer.room.set()
         writer, peer.writer = peer.writer, None
         if writer is not None:
-            # The writer sends what is queued (an ACCEPTED spares a retransmission), within reason.
+            # The writer sends what is queued (an ACCEPTED spares a retransmission), within reason;
+            # past that it is cancelled, and the connection's TaskGroup reaps it.
             await asyncio.wait({writer}, timeout=STOP_GRACE)
             writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
 
     async def _fatal(self, ws: ServerConnection, code: ErrorCode, text: str, close: int) -> None:
         with contextlib.suppress(ConnectionClosed):
@@ -1047,7 +809,7 @@ class Relay:
 
     def on_envelope(self, envelope: Envelope) -> None:
         """An envelope was stored (by any relay) for a node connected here: push it."""
-        self._route(envelope)
+        self.router.route(envelope)
 
     def on_replaced(self, name: str, generation: int) -> None:
         """`name` connected somewhere with a newer connection number: close its connection here."""
@@ -1055,7 +817,7 @@ class Relay:
         if peer is not None and 0 < peer.generation < generation:
             self.metrics.replaced.inc()
             log.info("node_replaced", extra={"fields": {"node": name}})
-            self._spawn(self._replace(peer))
+            self._spawn(self._replace(peer), f"relay-replace-{name}")
 
     async def _replace(self, peer: _Peer) -> None:
         await self._stop_peer(peer)
@@ -1063,7 +825,7 @@ class Relay:
 
     def on_crl(self) -> None:
         """Another relay stored a newer CRL: take it into the feed here too."""
-        self._spawn(self._reload_crl())
+        self._spawn(self._reload_crl(), "relay-reload-crl")
 
     async def _reload_crl(self) -> None:
         with contextlib.suppress(StoreUnavailable):
@@ -1073,15 +835,23 @@ class Relay:
 
     def on_resync(self) -> None:
         """Announcements may have been lost: every node's mail is read from the store again."""
-        for peer in self._peers.values():
-            peer.behind = True
-            peer.wake.set()
+        self.router.resync()
         self.on_crl()
 
-    def _spawn(self, work: Any) -> None:
-        task = asyncio.create_task(work)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+    def _spawn(self, work: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `work` in the relay's TaskGroup (dropped once the relay is closing). A failure is
+        logged and ends only that work: one connection's eviction must not stop the heartbeat."""
+        if self._group is None or self._stopping.is_set():
+            work.close()
+            return
+        self._group.create_task(self._logged(work, name), name=name)
+
+    @staticmethod
+    async def _logged(work: Coroutine[Any, Any, None], name: str) -> None:
+        try:
+            await work
+        except Exception:
+            log.exception("relay_task_failed", extra={"fields": {"task": name}})
 
     async def _purge_loop(self) -> None:
         while True:

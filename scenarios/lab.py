@@ -271,8 +271,22 @@ class Lab:
         self._key_file.write_bytes(os.urandom(32))
         self._key_file.chmod(0o600)
         self._quiet_texts: set[str] = set()
+        #: The nodes' pumps run in the lab's TaskGroup: one that breaks cancels the scenario at once,
+        #: and the lab fails with its error as it closes.
+        self._tasks: asyncio.TaskGroup | None = None
+        self._exits = contextlib.AsyncExitStack()
 
     async def __aenter__(self) -> Lab:
+        self._tasks = await self._exits.enter_async_context(asyncio.TaskGroup())
+        try:
+            await self._start_relay()
+        except BaseException:
+            await self._exits.aclose()
+            raise
+        log.info("lab_started", extra={"fields": {"relay": self.url, "workdir": str(self.workdir)}})
+        return self
+
+    async def _start_relay(self) -> None:
         if self.relay_process is not None:
             self.url = await self.relay_process.start()
         else:
@@ -285,18 +299,29 @@ class Lab:
             bind = getattr(self.interceptor, "bind", None)
             if bind is not None:
                 bind(self.relay)  # an attacker that wants the relay's store (to take bundles as it does)
-        log.info("lab_started", extra={"fields": {"relay": self.url, "workdir": str(self.workdir)}})
-        return self
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        for lab_node in list(self.nodes.values()):
-            await self.stop_node(lab_node)
-        if self.relay is not None:
-            await self.relay.close()
-        if self.relay_process is not None:
-            await self.relay_process.stop()
+        try:
+            for lab_node in list(self.nodes.values()):
+                await self.stop_node(lab_node)
+            if self.relay is not None:
+                await self.relay.close()
+            if self.relay_process is not None:
+                await self.relay_process.stop()
+        finally:
+            # The pumps are cancelled by now; the group reaps them. Only a cancellation is handed to
+            # it (the one it sent when a pump broke is then swallowed): a scenario's own failure
+            # passes through the lab as it is.
+            cancelled = exc if isinstance(exc, asyncio.CancelledError) else None
+            try:
+                await self._exits.__aexit__(type(cancelled) if cancelled else None, cancelled, None)
+            except ExceptionGroup as broken:
+                # A broken pump is a broken lab: say why, in its own words.
+                raise broken.exceptions[0] from broken
+            finally:
+                self._tasks = None
         log.info("lab_stopped", extra={"fields": {"workdir": str(self.workdir)}})
 
     # --- the CA -----------------------------------------------------------------------------------------
@@ -382,7 +407,8 @@ class Lab:
 
     async def _start(self, lab_node: LabNode) -> None:
         await lab_node.node.start()
-        lab_node.pump = asyncio.create_task(self._pump(lab_node), name=f"lab-pump-{lab_node.name}")
+        assert self._tasks is not None, "the lab is not running"
+        lab_node.pump = self._tasks.create_task(self._pump(lab_node), name=f"lab-pump-{lab_node.name}")
         # The bundle goes out as the node connects; wait until the relay has it, so that a session
         # can start at once (the relay process cannot be asked: give it a moment instead).
         if self.relay is None:
@@ -397,9 +423,7 @@ class Lab:
     async def stop_node(self, lab_node: LabNode) -> None:
         """Stop a node and close its keystore."""
         if lab_node.pump is not None:
-            lab_node.pump.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await lab_node.pump
+            lab_node.pump.cancel()  # the lab's TaskGroup reaps it
             lab_node.pump = None
         await lab_node.node.stop()
         lab_node.keystore.close()
@@ -473,9 +497,6 @@ class Lab:
         """Wait until `condition()` holds; the scenario fails with `what` if it does not in time."""
         deadline = asyncio.get_running_loop().time() + timeout
         while True:
-            for lab_node in self.nodes.values():
-                if lab_node.pump is not None and lab_node.pump.done() and not lab_node.pump.cancelled():
-                    lab_node.pump.result()  # a broken pump is a broken lab: say why
             if condition():
                 return
             if asyncio.get_running_loop().time() > deadline:

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Coroutine
 from types import TracebackType
+from typing import Any
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -48,14 +50,17 @@ class ForwardingRelay:
             await self._server.wait_closed()
 
     async def _handle(self, node: ServerConnection) -> None:
-        async with connect(self.upstream, compression=None, max_size=2 * MAX_LINK_FRAME) as honest:
-            tasks = [asyncio.create_task(self._down(honest, node)), asyncio.create_task(self._up(node, honest))]
-            with contextlib.suppress(ConnectionClosed):
-                await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-            for task in tasks:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, ConnectionClosed):
-                    await task
+        # Each direction closes the other's connection as it ends, so the other ends too.
+        upstream = connect(self.upstream, compression=None, max_size=2 * MAX_LINK_FRAME)
+        async with upstream as honest, asyncio.TaskGroup() as pipes:
+            pipes.create_task(self._pipe(self._down(honest, node), node))
+            pipes.create_task(self._pipe(self._up(node, honest), honest))
+
+    @staticmethod
+    async def _pipe(direction: Coroutine[Any, Any, None], then_close: ServerConnection | ClientConnection) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await direction
+        await then_close.close()
 
     async def _up(self, node: ServerConnection, honest: ClientConnection) -> None:
         async for raw in node:
