@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import shutil
 
-import msgpack
-
+from protocol.body import TextBody
+from protocol.body import encode as encode_body
 from scenarios.attacker import MaliciousRelay
 from scenarios.registry import Context, scenario
 
@@ -16,9 +16,10 @@ AFTER_COPY = 70
 #: What Alice says after the copy: public notes, which the attacker knows word for word.
 NOTES = [f"public note {i:02d}, nothing new" for i in range(AFTER_COPY)]
 LATER = "the safe code is 4711, keep it"
-#: Where a node's message text starts in the session plaintext: kind byte, msgpack array header,
-#: bin8 message id (2 + 16), float64 send time (9), str header (1, for texts under 32 characters).
-TEXT_AT = 1 + 1 + 18 + 9 + 1
+#: Where a node's message text starts in the session plaintext: the kind byte, then a TEXT body
+#: (protocol/body.py) up to its text: array header, kind, bin8 id, uint64 sent_at (milliseconds since
+#: the epoch need 64 bits), str header (1 byte for texts under 32 characters, as the empty one's).
+TEXT_AT = 1 + len(encode_body(TextBody(bytes(16), 2**40, "")))
 
 
 @scenario(
@@ -98,4 +99,4 @@ def _attack(evil: MaliciousRelay) -> tuple[list[tuple[bytes, int]], list[str]]:
 
 def _body(text: str) -> bytes:
     """A node's message body around `text`, as the attacker's leak record wants it."""
-    return msgpack.packb([b"", 0.0, text])
+    return encode_body(TextBody(bytes(16), 0, text))
