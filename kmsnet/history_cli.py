@@ -84,7 +84,7 @@ def _retention(ctx: click.Context, param: click.Parameter, value: str | None) ->
 
 
 @click.command(epilog=HISTORY_EXAMPLES + "\n" + EPILOG)
-@click.option("--with", "peer", help="The peer whose conversation to show (or to --clear).")
+@click.option("--with", "peer", metavar="NAME", help="The peer whose conversation to show (or to --clear).")
 @click.option("--limit", type=click.IntRange(min=0), help="Only the newest N messages.")
 @click.option("--clear", is_flag=True, help="Forget the conversation with --with (without --with: every one).")
 @click.option("--retention", callback=_retention, metavar="DAYS|forever", help="Keep messages this many days.")

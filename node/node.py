@@ -437,18 +437,17 @@ class Node:
                     payload, durable = self._encrypt(peer, engine, body)
         history: dict[Key, bytes] = {}
         self.history.add(Entry(msg_id.hex(), peer, "out", text, self.clock().timestamp(), State.SENDING), history)
-        recorded = self._journal.commit(history, sync=False)
+        # Not awaited: the fsynced commit the message waits for below (or the next one) makes it durable.
+        self._journal.commit(history, sync=False).add_done_callback(log_failure)
         try:
             if durable is not None:
                 # Outside the lock, so that other sends can join the same commit. The ciphertext leaves
                 # only once a state that covers it is on disk (fsynced): a reservation or a new session.
                 await durable
-            await recorded
         except NodeError as exc:
-            # Nothing left: the history says so (in this process; the record may not be on disk either).
+            # Nothing left: the history says so.
             failed: dict[Key, bytes] = {}
             self.history.mark(msg_id.hex(), State.FAILED, failed, reason=f"not sent: {exc}")
-            recorded.add_done_callback(log_failure)  # its failure is this one: retrieved, logged
             self._journal.commit(failed, sync=False).add_done_callback(log_failure)
             raise
         accepted = self._outbox.await_accepted(msg_id, self.options.send_timeout)

@@ -116,6 +116,7 @@ class Delivery:
         self._heard: dict[str, float] = {}
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self._owed_on_disk = False
         self._checking = asyncio.Lock()  # one look at a time: a retry request and the timer may meet
 
     # --- lifecycle ------------------------------------------------------------------------------------
@@ -125,6 +126,7 @@ class Delivery:
         receipts an earlier run still owed."""
         if self._task is None:
             owed = self.history.keystore.get(NS_NODE, OWED_RECORD)
+            self._owed_on_disk = owed is not None
             for peer, ids in (msgpack.unpackb(owed) if owed is not None else {}).items():
                 for msg_id in ids:
                     self._owe(peer, msg_id, receipt=True)
@@ -150,8 +152,9 @@ class Delivery:
         owed = {peer: list(o.receipts) for peer, o in self._owed.items() if o.receipts}
         if owed:
             self.history.write_now({(NS_NODE, OWED_RECORD): msgpack.packb(owed)}, [])
-        else:
+        elif self._owed_on_disk:  # sent since: the record goes (the keystore is not touched otherwise)
             self.history.write_now({}, [(NS_NODE, OWED_RECORD)])
+        self._owed_on_disk = bool(owed)
 
     def waiting(self) -> int:
         """Our messages sent and not yet receipted (nor failed)."""
