@@ -17,7 +17,8 @@ from protocol import certs
 from protocol.errors import ProtocolError
 from relay.backends import is_redis
 from relay.errors import RelayError
-from relay.server import RESEND_AFTER, Relay, RelayConfig, check_name
+from relay.router import RESEND_AFTER
+from relay.server import Relay, RelayConfig, check_name
 
 #: Listen addresses that name no host a node could dial.
 _WILDCARDS = frozenset({"0.0.0.0", "::", ""})  # noqa: S104 - recognised, not bound
