@@ -7,7 +7,7 @@ to do. Its two outputs: the frames to send to a connection, appended in order to
 connection's `Link.outbox` (and the connection woken, `Link.wake`), and the store operations to
 run, returned as values (a bundle to store, the DELIVERs to look up again, the connections to
 close). Every method is synchronous and takes `now` when time matters, so the relay's rules are
-tested without a socket or a clock (tests/test_router.py).
+tested without a socket or a clock (tests/relay/test_router.py).
 """
 
 from __future__ import annotations

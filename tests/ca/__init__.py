@@ -1,0 +1,1 @@
+"""Tests of the certificate authority (issuance, administrators, revocation, its service)."""

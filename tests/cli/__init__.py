@@ -1,0 +1,1 @@
+"""Tests of kmsnet/, the command line, the chat and the demo."""

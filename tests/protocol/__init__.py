@@ -1,0 +1,1 @@
+"""Tests of protocol/, the sans-I/O core."""

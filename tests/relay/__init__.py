@@ -1,0 +1,1 @@
+"""Tests of relay/, the untrusted router, its stores and clusters."""
