@@ -7,7 +7,7 @@ import os
 import stat
 import subprocess
 import sys
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -15,9 +15,9 @@ import pytest
 from kmsnet import unlock
 from node.errors import WrongPassphrase
 from node.keystore import ARGON2_TEST, Keystore, unlocked_passphrase
+from tests.support.pki import NOW
 
 PASS = "unlock test passphrase"
-NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 ROOT = Path(__file__).resolve().parent.parent.parent
 
 

@@ -28,10 +28,10 @@ from node.events import EVENTS
 from protocol import certs, revocation
 from protocol.errors import DecodeError, ProtocolError, RemoteError, library_detail
 from protocol.peer import event_name
-from tests.support.pki_helpers import NOW, make_pki
+from tests.support.pki import CA, NOW
 
 ROOT = Path(__file__).resolve().parent.parent.parent
-PACKAGES = ("protocol", "node", "relay", "kmsnet", "scenarios")
+PACKAGES = ("protocol", "node", "relay", "kmsnet", "scenarios", "ca")
 SOURCES = [path for package in PACKAGES for path in sorted((ROOT / package).rglob("*.py"))]
 MODULES = (protocol.errors, node.errors, ca.errors, relay.errors)
 CLASSES = sorted(
@@ -153,7 +153,7 @@ def test_a_bad_certificate_file_is_refused_in_words(data: bytes) -> None:
 @pytest.mark.parametrize("der", [b"", b"garbage", b"\x30\x03\x02\x01\x01"])
 def test_a_garbage_crl_is_refused_in_words(der: bytes) -> None:
     with pytest.raises(ProtocolError) as refused:
-        revocation.RevocationState().accept(der, make_pki().root, NOW)
+        revocation.RevocationState().accept(der, CA.root, NOW)
     assert readable(str(refused.value))
 
 

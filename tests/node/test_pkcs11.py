@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -25,10 +25,8 @@ from protocol.revocation import (
     verify_crl,
     verify_ocsp_response,
 )
-from tests.support.pki import seeded
+from tests.support.pki import NOW, seeded
 from tests.support.softhsm import SoftHsm
-
-NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 
 
 class SoftwareDelegated(DelegatedEd25519):

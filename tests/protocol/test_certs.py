@@ -30,18 +30,17 @@ from protocol.errors import (
     NameMismatch,
     UntrustedIssuer,
 )
-from tests.support.pki_helpers import (
+from tests.support.pki import (
     DAY,
     NOW,
     YEAR,
-    Pki,
+    Ca,
     cn,
     der,
     ec_key,
     ed_key,
     key_usage,
     leaf_extensions,
-    make_pki,
     resign,
     split,
     split_one,
@@ -54,21 +53,21 @@ GARBLED_NAME = tlv(0x30, tlv(0x31, tlv(0x30, bytes.fromhex("0603550403") + tlv(0
 
 
 @pytest.fixture(scope="module")
-def pki() -> Pki:
-    return make_pki()
+def pki() -> Ca:
+    return Ca()
 
 
 @pytest.fixture(scope="module")
-def alice(pki: Pki) -> x509.Certificate:
+def alice(pki: Ca) -> x509.Certificate:
     return pki.node("alice", serial=0x1234)[1]
 
 
 # --- make_root / issue ------------------------------------------------------------------------------
 
 
-def test_root_is_a_path_length_zero_ca(pki: Pki) -> None:
+def test_root_is_a_path_length_zero_ca(pki: Ca) -> None:
     root = pki.root
-    assert root.subject == root.issuer == cn("kmsnet-ca")
+    assert root.subject == root.issuer == cn(pki.name)
     bc = root.extensions.get_extension_for_class(x509.BasicConstraints)
     assert bc.critical and bc.value.ca and bc.value.path_length == 0
     ku = root.extensions.get_extension_for_class(x509.KeyUsage)
@@ -97,7 +96,7 @@ def test_make_root_refuses_bad_arguments(kwargs: dict[str, object]) -> None:
         certs.make_root(**args)  # type: ignore[arg-type]
 
 
-def test_node_certificate_profile(pki: Pki, alice: x509.Certificate) -> None:
+def test_node_certificate_profile(pki: Ca, alice: x509.Certificate) -> None:
     assert alice.subject == cn("alice")
     assert alice.issuer == pki.root.subject
     ext = alice.extensions
@@ -114,7 +113,7 @@ def test_node_certificate_profile(pki: Pki, alice: x509.Certificate) -> None:
     )
 
 
-def test_issue_without_root_ski_falls_back_to_the_key(pki: Pki) -> None:
+def test_issue_without_root_ski_falls_back_to_the_key(pki: Ca) -> None:
     bare_root = (
         x509.CertificateBuilder()
         .subject_name(cn("bare"))
@@ -153,7 +152,7 @@ def test_issue_without_root_ski_falls_back_to_the_key(pki: Pki) -> None:
         ({"not_before": NOW + DAY}, "not before"),
     ],
 )
-def test_issue_refuses_bad_arguments(pki: Pki, kwargs: dict[str, object], match: str) -> None:
+def test_issue_refuses_bad_arguments(pki: Ca, kwargs: dict[str, object], match: str) -> None:
     args: dict[str, object] = {
         "ca_key": pki.key,
         "ca_cert": pki.root,
@@ -197,7 +196,7 @@ def test_node_name_validation_matches_the_grammar(name: str) -> None:
 # --- verify: the happy path ------------------------------------------------------------------------
 
 
-def test_verify_returns_the_verified_facts(pki: Pki, alice: x509.Certificate) -> None:
+def test_verify_returns_the_verified_facts(pki: Ca, alice: x509.Certificate) -> None:
     v = verify(alice, pki.root, NOW, expected_name="alice")
     assert v.name == "alice"
     assert v.serial == 0x1234
@@ -211,14 +210,14 @@ def test_verify_returns_the_verified_facts(pki: Pki, alice: x509.Certificate) ->
     assert hash(verify(der(alice), pki.root, NOW)) == hash(v)
 
 
-def test_verified_repr_shows_name_serial_fingerprint_only(pki: Pki, alice: x509.Certificate) -> None:
+def test_verified_repr_shows_name_serial_fingerprint_only(pki: Ca, alice: x509.Certificate) -> None:
     v = verify(alice, pki.root, NOW)
     text = repr(v)
     assert text == f"VerifiedCertificate(name='alice', serial=0x1234, fingerprint={v.fingerprint.hex()})"
     assert v.der.hex() not in text
 
 
-def test_verified_certificate_cannot_be_forged(pki: Pki, alice: x509.Certificate) -> None:
+def test_verified_certificate_cannot_be_forged(pki: Ca, alice: x509.Certificate) -> None:
     v = verify(alice, pki.root, NOW)
     fields = {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}
     with pytest.raises(LocalError):
@@ -231,12 +230,12 @@ def test_verified_certificate_cannot_be_forged(pki: Pki, alice: x509.Certificate
         v.name = "mallory"  # type: ignore[misc]
 
 
-def test_verify_refuses_naive_now(pki: Pki, alice: x509.Certificate) -> None:
+def test_verify_refuses_naive_now(pki: Ca, alice: x509.Certificate) -> None:
     with pytest.raises(LocalError):
         verify(alice, pki.root, NOW.replace(tzinfo=None))
 
 
-def test_verify_accepts_any_aware_timezone(pki: Pki, alice: x509.Certificate) -> None:
+def test_verify_accepts_any_aware_timezone(pki: Ca, alice: x509.Certificate) -> None:
     from datetime import timezone
 
     assert verify(alice, pki.root, NOW.astimezone(timezone(timedelta(hours=-7)))).name == "alice"
@@ -246,12 +245,12 @@ def test_verify_accepts_any_aware_timezone(pki: Pki, alice: x509.Certificate) ->
 
 
 @pytest.mark.parametrize("data", [b"", b"garbage", b"\x30\x03\x02\x01\x01", b"-----BEGIN CERTIFICATE-----"])
-def test_garbage_bytes_are_decode_errors(pki: Pki, data: bytes) -> None:
+def test_garbage_bytes_are_decode_errors(pki: Ca, data: bytes) -> None:
     with pytest.raises(DecodeError):
         verify(data, pki.root, NOW)
 
 
-def test_invalid_version_is_a_decode_error(pki: Pki, alice: x509.Certificate) -> None:
+def test_invalid_version_is_a_decode_error(pki: Ca, alice: x509.Certificate) -> None:
     # InvalidVersion is not a ValueError in cryptography; it must still come out as DecodeError.
     data = der(alice).replace(bytes.fromhex("a003020102"), bytes.fromhex("a003020107"), 1)
     with pytest.raises(DecodeError, match="version"):
@@ -260,7 +259,7 @@ def test_invalid_version_is_a_decode_error(pki: Pki, alice: x509.Certificate) ->
         certs.load_certificate(data)
 
 
-def test_garbled_issuer_is_a_decode_error(pki: Pki, alice: x509.Certificate) -> None:
+def test_garbled_issuer_is_a_decode_error(pki: Ca, alice: x509.Certificate) -> None:
     tag, body = split_one(alice.tbs_certificate_bytes)
     parts = split(body)
     assert parts[3] == pki.root.subject.public_bytes()
@@ -269,28 +268,28 @@ def test_garbled_issuer_is_a_decode_error(pki: Pki, alice: x509.Certificate) -> 
         verify(resign(tlv(tag, b"".join(parts)), pki.key), pki.root, NOW)
 
 
-def test_trailing_bytes_are_refused(pki: Pki, alice: x509.Certificate) -> None:
+def test_trailing_bytes_are_refused(pki: Ca, alice: x509.Certificate) -> None:
     with pytest.raises(DecodeError):
         verify(der(alice) + b"\0", pki.root, NOW)
 
 
-def test_rogue_ca_with_the_same_name_is_untrusted(pki: Pki) -> None:
-    rogue = make_pki(seed=666)
+def test_rogue_ca_with_the_same_name_is_untrusted(pki: Ca) -> None:
+    rogue = Ca(seed="rogue-ca")
     assert rogue.root.subject == pki.root.subject
     _, forged = rogue.node("alice")
     with pytest.raises(UntrustedIssuer, match="signature"):
         verify(forged, pki.root, NOW)
 
 
-def test_other_issuer_name_is_untrusted(pki: Pki) -> None:
-    other = make_pki(name="other-ca", seed=1)  # same key, other name
+def test_other_issuer_name_is_untrusted(pki: Ca) -> None:
+    other = Ca(name="other-ca")  # same key, other name
     _, cert = other.node("alice")
     with pytest.raises(UntrustedIssuer, match="not the pinned root"):
         verify(cert, pki.root, NOW)
 
 
 @pytest.mark.filterwarnings("ignore:Parsed a serial number")
-def test_every_single_bit_flip_is_refused(pki: Pki, alice: x509.Certificate) -> None:
+def test_every_single_bit_flip_is_refused(pki: Ca, alice: x509.Certificate) -> None:
     data = der(alice)
     outcomes: dict[str, int] = {}
     for i in range(len(data) * 8):
@@ -304,7 +303,7 @@ def test_every_single_bit_flip_is_refused(pki: Pki, alice: x509.Certificate) -> 
     assert outcomes.get("UntrustedIssuer", 0) > len(data) * 4
 
 
-def test_leaf_as_root_is_refused(pki: Pki, alice: x509.Certificate) -> None:
+def test_leaf_as_root_is_refused(pki: Ca, alice: x509.Certificate) -> None:
     alice_key = ed_key(0x1234 + 1000)
     # Alice uses her own key to certify "bob": only a verifier that trusted a leaf as root would accept.
     bob = (
@@ -326,7 +325,7 @@ def test_leaf_as_root_is_refused(pki: Pki, alice: x509.Certificate) -> None:
         verify(bob, pki.root, NOW)
 
 
-def _root_with(pki: Pki, extensions: list[tuple[x509.ExtensionType, bool]]) -> x509.Certificate:
+def _root_with(pki: Ca, extensions: list[tuple[x509.ExtensionType, bool]]) -> x509.Certificate:
     builder = (
         x509.CertificateBuilder()
         .subject_name(pki.root.subject)
@@ -353,7 +352,7 @@ def _root_with(pki: Pki, extensions: list[tuple[x509.ExtensionType, bool]]) -> x
     ids=["no-extensions", "no-key-usage", "no-cert-sign", "not-ca", "garbled-basic-constraints"],
 )
 def test_root_that_is_not_a_ca_is_refused(
-    pki: Pki, alice: x509.Certificate, extensions: list[tuple[x509.ExtensionType, bool]]
+    pki: Ca, alice: x509.Certificate, extensions: list[tuple[x509.ExtensionType, bool]]
 ) -> None:
     with pytest.raises(UntrustedIssuer, match="not a CA"):
         verify(alice, _root_with(pki, extensions), NOW)
@@ -362,14 +361,14 @@ def test_root_that_is_not_a_ca_is_refused(
 # --- verify: validity window and skew ------------------------------------------------------------------------
 
 
-def test_expired_and_not_yet_valid(pki: Pki, alice: x509.Certificate) -> None:
+def test_expired_and_not_yet_valid(pki: Ca, alice: x509.Certificate) -> None:
     with pytest.raises(CertificateExpired):
         verify(alice, pki.root, NOW + 2 * YEAR)
     with pytest.raises(CertificateNotYetValid):
         verify(alice, pki.root, NOW - 2 * DAY)
 
 
-def test_skew_boundaries_are_inclusive(pki: Pki, alice: x509.Certificate) -> None:
+def test_skew_boundaries_are_inclusive(pki: Ca, alice: x509.Certificate) -> None:
     nb, na = alice.not_valid_before_utc, alice.not_valid_after_utc
     assert timedelta(minutes=5) == CLOCK_SKEW
     verify(alice, pki.root, nb - CLOCK_SKEW)
@@ -380,8 +379,8 @@ def test_skew_boundaries_are_inclusive(pki: Pki, alice: x509.Certificate) -> Non
         verify(alice, pki.root, na + CLOCK_SKEW + SECOND)
 
 
-def test_signature_is_checked_before_dates(pki: Pki) -> None:
-    rogue = make_pki(seed=666)
+def test_signature_is_checked_before_dates(pki: Ca) -> None:
+    rogue = Ca(seed="rogue-ca")
     _, forged = rogue.node("alice", not_after=NOW - DAY, not_before=NOW - 2 * DAY)
     with pytest.raises(UntrustedIssuer):
         verify(forged, pki.root, NOW)
@@ -390,7 +389,7 @@ def test_signature_is_checked_before_dates(pki: Pki) -> None:
 # --- verify: role constraints ------------------------------------------------------------------------------
 
 
-def test_ca_certificate_presented_as_node_is_refused(pki: Pki) -> None:
+def test_ca_certificate_presented_as_node_is_refused(pki: Ca) -> None:
     with pytest.raises(CertificateConstraintError, match="end-entity"):
         verify(pki.root, pki.root, NOW)
 
@@ -426,25 +425,25 @@ def test_ca_certificate_presented_as_node_is_refused(pki: Pki) -> None:
         "garbled-extension",
     ],
 )
-def test_wrong_role_is_refused(pki: Pki, extensions: list[tuple[x509.ExtensionType, bool]], match: str) -> None:
+def test_wrong_role_is_refused(pki: Ca, extensions: list[tuple[x509.ExtensionType, bool]], match: str) -> None:
     cert = pki.custom(subject=cn("carol"), public_key=ed_key(3).public_key(), extensions=extensions)
     with pytest.raises(CertificateConstraintError, match=match):
         verify(cert, pki.root, NOW)
 
 
-def test_unknown_noncritical_extension_is_fine(pki: Pki) -> None:
+def test_unknown_noncritical_extension_is_fine(pki: Ca) -> None:
     extra = (x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00"), False)
     cert = pki.custom(subject=cn("carol"), public_key=ed_key(3).public_key(), extensions=[*leaf_extensions(), extra])
     assert verify(cert, pki.root, NOW).name == "carol"
 
 
-def test_non_ed25519_leaf_is_refused(pki: Pki) -> None:
+def test_non_ed25519_leaf_is_refused(pki: Ca) -> None:
     cert = pki.custom(subject=cn("carol"), public_key=ec_key().public_key(), extensions=leaf_extensions())
     with pytest.raises(CertificateConstraintError, match="Ed25519"):
         verify(cert, pki.root, NOW)
 
 
-def test_unparseable_leaf_key_is_refused(pki: Pki) -> None:
+def test_unparseable_leaf_key_is_refused(pki: Ca) -> None:
     cert = pki.custom(subject=cn("carol"), public_key=ed_key(3).public_key(), extensions=leaf_extensions())
     tbs = cert.tbs_certificate_bytes
     # The SPKI algorithm OID 1.3.101.112 (Ed25519) -> 1.3.101.127: same length, unknown algorithm.
@@ -454,7 +453,7 @@ def test_unparseable_leaf_key_is_refused(pki: Pki) -> None:
         verify(resign(edited, pki.key), pki.root, NOW)
 
 
-def test_server_certificate_is_not_a_node_identity(pki: Pki) -> None:
+def test_server_certificate_is_not_a_node_identity(pki: Ca) -> None:
     server = certs.issue_server(
         ca_key=pki.key,
         ca_cert=pki.root,
@@ -471,7 +470,7 @@ def test_server_certificate_is_not_a_node_identity(pki: Pki) -> None:
 # --- verify: names -----------------------------------------------------------------------------------------
 
 
-def test_expected_name_mismatch(pki: Pki, alice: x509.Certificate) -> None:
+def test_expected_name_mismatch(pki: Ca, alice: x509.Certificate) -> None:
     with pytest.raises(NameMismatch, match="expected 'bob'"):
         verify(alice, pki.root, NOW, expected_name="bob")
 
@@ -487,13 +486,13 @@ def test_expected_name_mismatch(pki: Pki, alice: x509.Certificate) -> None:
     ],
     ids=["empty", "no-cn", "two-cns", "uppercase", "leading-dash"],
 )
-def test_subject_that_names_no_node(pki: Pki, subject: x509.Name) -> None:
+def test_subject_that_names_no_node(pki: Ca, subject: x509.Name) -> None:
     cert = pki.custom(subject=subject, public_key=ed_key(3).public_key(), extensions=leaf_extensions())
     with pytest.raises(NameMismatch, match="does not name a node"):
         verify(cert, pki.root, NOW)
 
 
-def test_garbled_subject_signed_by_the_ca_names_no_node(pki: Pki, alice: x509.Certificate) -> None:
+def test_garbled_subject_signed_by_the_ca_names_no_node(pki: Ca, alice: x509.Certificate) -> None:
     tag, body = split_one(alice.tbs_certificate_bytes)
     parts = split(body)
     assert parts[5] == alice.subject.public_bytes()
@@ -524,7 +523,7 @@ def test_load_certificate_garbage(data: bytes) -> None:
 # --- the relay's TLS certificate ------------------------------------------------------------------------
 
 
-def _server(pki: Pki, hostnames: object, public_key: object = None) -> x509.Certificate:
+def _server(pki: Ca, hostnames: object, public_key: object = None) -> x509.Certificate:
     return certs.issue_server(
         ca_key=pki.key,
         ca_cert=pki.root,
@@ -536,7 +535,7 @@ def _server(pki: Pki, hostnames: object, public_key: object = None) -> x509.Cert
     )
 
 
-def test_server_certificate_profile(pki: Pki) -> None:
+def test_server_certificate_profile(pki: Ca) -> None:
     cert = _server(pki, ["Relay.Example.org", "127.0.0.1", "::1", "relay.example.org", "localhost"])
     assert cert.subject == cn("relay.example.org")
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
@@ -554,7 +553,7 @@ def test_server_certificate_profile(pki: Pki) -> None:
     cert.verify_directly_issued_by(pki.root)
 
 
-def test_server_certificate_with_a_long_name_has_empty_subject_and_critical_san(pki: Pki) -> None:
+def test_server_certificate_with_a_long_name_has_empty_subject_and_critical_san(pki: Ca) -> None:
     long_name = ".".join(["a" * 60] * 2)
     cert = _server(pki, [long_name], ed_key(8).public_key())
     assert cert.subject == x509.Name([])
@@ -575,7 +574,7 @@ def test_server_certificate_with_a_long_name_has_empty_subject_and_critical_san(
         (["relay.local"], X25519PrivateKey.from_private_bytes(b"\1" * 32).public_key()),
     ],
 )
-def test_issue_server_refuses_bad_arguments(pki: Pki, hostnames: object, public_key: object) -> None:
+def test_issue_server_refuses_bad_arguments(pki: Ca, hostnames: object, public_key: object) -> None:
     with pytest.raises(LocalError):
         _server(pki, hostnames, public_key)
 
@@ -588,7 +587,7 @@ def _openssl() -> str:
 
 
 def test_openssl_verifies_server_and_node_certificates_strictly(
-    pki: Pki, alice: x509.Certificate, tmp_path: Path
+    pki: Ca, alice: x509.Certificate, tmp_path: Path
 ) -> None:
     openssl = _openssl()
     (tmp_path / "root.pem").write_bytes(certs.certificate_pem(pki.root))
@@ -616,7 +615,7 @@ def test_openssl_verifies_server_and_node_certificates_strictly(
 # --- cost ---------------------------------------------------------------------------------------------------
 
 
-def test_verify_is_cheap(pki: Pki, alice: x509.Certificate) -> None:
+def test_verify_is_cheap(pki: Ca, alice: x509.Certificate) -> None:
     data = der(alice)
     verify(data, pki.root, NOW)
     start = time.perf_counter()
@@ -628,23 +627,21 @@ def test_verify_is_cheap(pki: Pki, alice: x509.Certificate) -> None:
 
 
 def test_an_expired_root_vouches_for_nothing() -> None:
-    key = ed_key(77)
-    root = certs.make_root(key=key, name="old-ca", serial=1, not_before=NOW - 3 * YEAR, not_after=NOW - YEAR)
-    pki = Pki(key, root)
+    pki = Ca("old-ca", "old-ca", not_before=NOW - 3 * YEAR, not_after=NOW - YEAR)
     _, cert = pki.node("alice", not_before=NOW - DAY, not_after=NOW + DAY)
     with pytest.raises(UntrustedIssuer, match="root expired"):
-        certs.verify(cert, root, NOW)
+        certs.verify(cert, pki.root, NOW)
 
 
 def test_remembered_certificates_are_still_checked_against_root_time_and_name(
-    pki: Pki, monkeypatch: pytest.MonkeyPatch
+    pki: Ca, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(certs, "CACHE_SIZE", 2)
     monkeypatch.setattr(certs, "_VERIFIED", certs.OrderedDict())
     _, alice = pki.node("alice", serial=301, not_before=NOW - DAY, not_after=NOW + DAY)
     first = certs.verify(der(alice), pki.root, NOW)
     assert certs.verify(der(alice), pki.root, NOW) is first  # remembered
-    rogue = make_pki(seed=999)
+    rogue = Ca(seed="rogue-ca-2")
     with pytest.raises(UntrustedIssuer):
         certs.verify(der(alice), rogue.root, NOW)  # the signature is checked on every call
     with pytest.raises(CertificateExpired):

@@ -36,16 +36,15 @@ from protocol.errors import (
     StaleFeed,
 )
 from protocol.ocsp import OcspAnswer, build_ocsp_request, build_ocsp_response, crl_answer, verify_ocsp_response
-from tests.support.pki_helpers import (
+from tests.support.pki import (
     DAY,
     NOW,
     YEAR,
-    Pki,
+    Ca,
     cn,
     ec_key,
     ed_key,
     key_usage,
-    make_pki,
     resign,
     split,
     split_one,
@@ -55,25 +54,25 @@ from tests.support.pki_helpers import (
 SECOND = timedelta(seconds=1)
 HOUR = timedelta(hours=1)
 NONCE = bytes(range(16))
-_PKI = make_pki()  # for hypothesis tests, which cannot take function-scoped fixtures
+_PKI = Ca()  # for hypothesis tests, which cannot take function-scoped fixtures
 
 
 @pytest.fixture(scope="module")
-def pki() -> Pki:
-    return make_pki()
+def pki() -> Ca:
+    return Ca()
 
 
 @pytest.fixture(scope="module")
-def rogue() -> Pki:
+def rogue() -> Ca:
     """Another CA with the same name as `pki` but its own key."""
-    return make_pki(seed=666)
+    return Ca(seed="rogue-ca")
 
 
 def entry(serial: int, reason: str = "key-compromise", at: datetime = NOW - HOUR) -> RevokedEntry:
     return RevokedEntry(serial, at, reason)
 
 
-def fresh_state(pki: Pki, *ders: bytes) -> RevocationState:
+def fresh_state(pki: Ca, *ders: bytes) -> RevocationState:
     state = RevocationState()
     for data in ders:
         state.accept(data, pki.root, NOW)
@@ -147,9 +146,9 @@ def test_ocsp_answer_require_good() -> None:
 # --- issuing and verifying CRLs ------------------------------------------------------------------------
 
 
-def test_crl_round_trip(pki: Pki) -> None:
+def test_crl_round_trip(pki: Ca) -> None:
     entries = [entry(5, "key-compromise"), entry(6, "unspecified"), entry(2**100, "superseded", NOW - DAY)]
-    data = pki.crl(7, entries)
+    data = pki.signed_crl(7, entries)
     crl = verify_crl(data, pki.root, NOW)
     assert crl.number == 7
     assert (crl.this_update, crl.next_update) == (NOW, NOW + DAY)
@@ -168,8 +167,8 @@ def test_crl_round_trip(pki: Pki) -> None:
         crl.entries[9] = entry(9)  # type: ignore[index]
 
 
-def test_crl_format(pki: Pki) -> None:
-    crl = x509.load_der_x509_crl(pki.crl(7, [entry(5, "key-compromise"), entry(6, "unspecified")]))
+def test_crl_format(pki: Ca) -> None:
+    crl = x509.load_der_x509_crl(pki.signed_crl(7, [entry(5, "key-compromise"), entry(6, "unspecified")]))
     assert crl.issuer == pki.root.subject
     assert crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number == 7
     aki = crl.extensions.get_extension_for_class(x509.AuthorityKeyIdentifier).value
@@ -183,8 +182,8 @@ def test_crl_format(pki: Pki) -> None:
     assert len(six.extensions) == 0
 
 
-def test_verified_crl_cannot_be_forged(pki: Pki) -> None:
-    crl = verify_crl(pki.crl(1), pki.root, NOW)
+def test_verified_crl_cannot_be_forged(pki: Ca) -> None:
+    crl = verify_crl(pki.signed_crl(1), pki.root, NOW)
     fields = {f.name: getattr(crl, f.name) for f in dataclasses.fields(crl)}
     with pytest.raises(LocalError):
         VerifiedCrl(**fields)
@@ -205,7 +204,7 @@ def test_verified_crl_cannot_be_forged(pki: Pki) -> None:
         ({"revoked": [(5, NOW, "superseded")]}, "RevokedEntry"),
     ],
 )
-def test_issue_crl_refuses_bad_arguments(pki: Pki, kwargs: dict[str, object], match: str) -> None:
+def test_issue_crl_refuses_bad_arguments(pki: Ca, kwargs: dict[str, object], match: str) -> None:
     args: dict[str, object] = {
         "ca_key": pki.key,
         "ca_cert": pki.root,
@@ -220,15 +219,15 @@ def test_issue_crl_refuses_bad_arguments(pki: Pki, kwargs: dict[str, object], ma
 
 
 @pytest.mark.parametrize("data", [b"", b"garbage", b"\x30\x00", b"\x30\x03\x02\x01\x01"])
-def test_garbage_crl_is_invalid_with_cause(pki: Pki, data: bytes) -> None:
+def test_garbage_crl_is_invalid_with_cause(pki: Ca, data: bytes) -> None:
     with pytest.raises(CrlInvalid) as info:
         verify_crl(data, pki.root, NOW)
     assert isinstance(info.value.__cause__, ValueError)
 
 
 @pytest.mark.filterwarnings("ignore:Parsed a serial number")
-def test_every_single_bit_flip_in_a_crl_is_refused(pki: Pki) -> None:
-    data = pki.crl(3, [entry(5), entry(6, "unspecified")])
+def test_every_single_bit_flip_in_a_crl_is_refused(pki: Ca) -> None:
+    data = pki.signed_crl(3, [entry(5), entry(6, "unspecified")])
     for i in range(len(data) * 8):
         flipped = bytearray(data)
         flipped[i // 8] ^= 1 << (i % 8)
@@ -236,18 +235,18 @@ def test_every_single_bit_flip_in_a_crl_is_refused(pki: Pki) -> None:
             verify_crl(bytes(flipped), pki.root, NOW)
 
 
-def test_forged_crl_from_a_rogue_ca_with_the_same_name(pki: Pki, rogue: Pki) -> None:
+def test_forged_crl_from_a_rogue_ca_with_the_same_name(pki: Ca, rogue: Ca) -> None:
     with pytest.raises(CrlInvalid, match="signature does not verify"):
-        verify_crl(rogue.crl(99), pki.root, NOW)
+        verify_crl(rogue.signed_crl(99), pki.root, NOW)
 
 
-def test_crl_from_another_issuer_name(pki: Pki) -> None:
-    other = make_pki(name="other-ca", seed=1)
+def test_crl_from_another_issuer_name(pki: Ca) -> None:
+    other = Ca(name="other-ca")
     with pytest.raises(CrlInvalid, match="not the pinned root"):
-        verify_crl(other.crl(1), pki.root, NOW)
+        verify_crl(other.signed_crl(1), pki.root, NOW)
 
 
-def test_crl_checked_against_an_unsupported_root_key(pki: Pki) -> None:
+def test_crl_checked_against_an_unsupported_root_key(pki: Ca) -> None:
     odd_root = (
         x509.CertificateBuilder()
         .subject_name(pki.root.subject)
@@ -261,11 +260,11 @@ def test_crl_checked_against_an_unsupported_root_key(pki: Pki) -> None:
         .sign(pki.key, None)
     )
     with pytest.raises(CrlInvalid, match="cannot be checked"):
-        verify_crl(pki.crl(1), odd_root, NOW)
+        verify_crl(pki.signed_crl(1), odd_root, NOW)
 
 
 def _raw_crl(
-    pki: Pki,
+    pki: Ca,
     *,
     extensions: list[tuple[x509.ExtensionType, bool]],
     revoked: list[x509.RevokedCertificate] | None = None,
@@ -309,7 +308,7 @@ NUMBER_1 = (x509.CRLNumber(1), False)
     ids=["no-number", "delta", "garbled-number", "duplicate", "remove-from-crl", "indirect", "garbled-reason"],
 )
 def test_crl_content_refusals(
-    pki: Pki,
+    pki: Ca,
     extensions: list[tuple[x509.ExtensionType, bool]],
     revoked: list[x509.RevokedCertificate] | None,
     match: str,
@@ -318,12 +317,12 @@ def test_crl_content_refusals(
         verify_crl(_raw_crl(pki, extensions=extensions, revoked=revoked), pki.root, NOW)
 
 
-def test_noncritical_entry_extensions_are_tolerated(pki: Pki) -> None:
+def test_noncritical_entry_extensions_are_tolerated(pki: Ca) -> None:
     data = _raw_crl(pki, extensions=[NUMBER_1], revoked=[_revoked(5, (x509.InvalidityDate(NOW - DAY), False))])
     assert verify_crl(data, pki.root, NOW).entries[5].reason == "unspecified"
 
 
-def test_crl_with_zero_serial_entry(pki: Pki) -> None:
+def test_crl_with_zero_serial_entry(pki: Ca) -> None:
     # cryptography's builder refuses serial 0, so edit a signed CRL's TBS: INTEGER 5 -> INTEGER 0.
     data = _raw_crl(pki, extensions=[NUMBER_1], revoked=[_revoked(5)])
     tbs = x509.load_der_x509_crl(data).tbs_certlist_bytes
@@ -339,21 +338,21 @@ def test_crl_with_zero_serial_entry(pki: Pki) -> None:
         verify_crl(resign(edited, pki.key), pki.root, NOW)
 
 
-def test_crl_dates(pki: Pki) -> None:
-    verify_crl(pki.crl(1, this_update=NOW + CLOCK_SKEW), pki.root, NOW)
+def test_crl_dates(pki: Ca) -> None:
+    verify_crl(pki.signed_crl(1, this_update=NOW + CLOCK_SKEW), pki.root, NOW)
     with pytest.raises(CrlInvalid, match="in the future"):
-        verify_crl(pki.crl(1, this_update=NOW + CLOCK_SKEW + SECOND), pki.root, NOW)
+        verify_crl(pki.signed_crl(1, this_update=NOW + CLOCK_SKEW + SECOND), pki.root, NOW)
     with pytest.raises(CrlInvalid, match="nextUpdate"):
         verify_crl(_raw_crl(pki, extensions=[NUMBER_1], next_update=NOW), pki.root, NOW)
     # Long past nextUpdate still verifies: staleness is RevocationState.check's business.
-    verify_crl(pki.crl(1), pki.root, NOW + 10 * YEAR)
+    verify_crl(pki.signed_crl(1), pki.root, NOW + 10 * YEAR)
     with pytest.raises(LocalError):
-        verify_crl(pki.crl(1), pki.root, NOW.replace(tzinfo=None))
+        verify_crl(pki.signed_crl(1), pki.root, NOW.replace(tzinfo=None))
 
 
-def test_crl_without_next_update(pki: Pki) -> None:
+def test_crl_without_next_update(pki: Ca) -> None:
     # cryptography's builder refuses to omit nextUpdate, so cut it out of a signed TBS.
-    crl = x509.load_der_x509_crl(pki.crl(1))
+    crl = x509.load_der_x509_crl(pki.signed_crl(1))
     tag, body = split_one(crl.tbs_certlist_bytes)
     parts = split(body)  # version, signature, issuer, thisUpdate, nextUpdate, [0] extensions
     assert len(parts) == 6 and parts[4][0] in (0x17, 0x18)
@@ -370,9 +369,9 @@ def test_signature_bit_string_encoding(size: int) -> None:
     assert _signature_bit_string(signature) == tlv(0x03, b"\x00" + signature)
 
 
-def test_non_canonical_signature_encoding_is_refused(pki: Pki) -> None:
+def test_non_canonical_signature_encoding_is_refused(pki: Ca) -> None:
     # A signature whose last bit is 0 can be re-labelled "1 unused bit" and stay valid DER.
-    data = next(d for d in (pki.crl(n) for n in range(1, 64)) if d[-1] & 1 == 0)
+    data = next(d for d in (pki.signed_crl(n) for n in range(1, 64)) if d[-1] & 1 == 0)
     assert data[-67:-64] == b"\x03\x41\x00"
     relabelled = data[:-65] + b"\x01" + data[-64:]
     assert x509.load_der_x509_crl(relabelled).is_signature_valid(pki.key.public_key())  # the quirk
@@ -383,7 +382,7 @@ def test_non_canonical_signature_encoding_is_refused(pki: Pki) -> None:
 # --- RevocationState ------------------------------------------------------------------------------------------
 
 
-def test_no_crl_means_no_revocation_data(pki: Pki) -> None:
+def test_no_crl_means_no_revocation_data(pki: Ca) -> None:
     state = RevocationState()
     assert state.current is None and state.highest_number is None
     with pytest.raises(NoRevocationData):
@@ -393,8 +392,8 @@ def test_no_crl_means_no_revocation_data(pki: Pki) -> None:
     assert repr(state) == "RevocationState(current=None)"
 
 
-def test_check_good_and_revoked_with_reason(pki: Pki) -> None:
-    state = fresh_state(pki, pki.crl(1, [entry(5, "key-compromise"), entry(6, "unspecified")]))
+def test_check_good_and_revoked_with_reason(pki: Ca) -> None:
+    state = fresh_state(pki, pki.signed_crl(1, [entry(5, "key-compromise"), entry(6, "unspecified")]))
     state.check(7, NOW)
     with pytest.raises(CertificateRevoked) as info:
         state.check(5, NOW)
@@ -405,21 +404,21 @@ def test_check_good_and_revoked_with_reason(pki: Pki) -> None:
         state.check(7, NOW.replace(tzinfo=None))
 
 
-def test_stale_feed_fails_closed_after_next_update_plus_skew(pki: Pki) -> None:
-    state = fresh_state(pki, pki.crl(1))
+def test_stale_feed_fails_closed_after_next_update_plus_skew(pki: Ca) -> None:
+    state = fresh_state(pki, pki.signed_crl(1))
     state.check(5, NOW + DAY + CLOCK_SKEW)
-    with pytest.raises(StaleFeed, match=r"stale since .*2025-06-02T12:00:00\+00:00"):
+    with pytest.raises(StaleFeed, match=r"stale since .*2026-03-02T12:00:00\+00:00"):
         state.check(5, NOW + DAY + CLOCK_SKEW + SECOND)
 
 
-def test_stale_is_reported_before_revocation(pki: Pki) -> None:
-    state = fresh_state(pki, pki.crl(1, [entry(5)]))
+def test_stale_is_reported_before_revocation(pki: Ca) -> None:
+    state = fresh_state(pki, pki.signed_crl(1, [entry(5)]))
     with pytest.raises(StaleFeed):
         state.check(5, NOW + 2 * DAY)
 
 
-def test_freshness(pki: Pki) -> None:
-    state = fresh_state(pki, pki.crl(4))
+def test_freshness(pki: Ca) -> None:
+    state = fresh_state(pki, pki.signed_crl(4))
     f = state.freshness(NOW)
     assert f == Freshness(4, NOW, NOW + DAY, stale=False, seconds_left=86400 + 300)
     assert state.freshness(NOW + DAY + CLOCK_SKEW) == Freshness(4, NOW, NOW + DAY, stale=False, seconds_left=0)
@@ -429,20 +428,20 @@ def test_freshness(pki: Pki) -> None:
         state.freshness(NOW.replace(tzinfo=None))
 
 
-def test_accept_newer_replaces(pki: Pki) -> None:
+def test_accept_newer_replaces(pki: Ca) -> None:
     state = RevocationState()
-    first = state.accept(pki.crl(1), pki.root, NOW)
+    first = state.accept(pki.signed_crl(1), pki.root, NOW)
     assert state.current is first and state.highest_number == 1
-    second = state.accept(pki.crl(2, [entry(5)]), pki.root, NOW)
+    second = state.accept(pki.signed_crl(2, [entry(5)]), pki.root, NOW)
     assert state.current is second and state.highest_number == 2
     assert "number=2" in repr(state)
     # Numbers need not be consecutive.
-    state.accept(pki.crl(10), pki.root, NOW)
+    state.accept(pki.signed_crl(10), pki.root, NOW)
     assert state.highest_number == 10
 
 
-def test_same_crl_again_is_a_no_op(pki: Pki) -> None:
-    data = pki.crl(3, [entry(5)])
+def test_same_crl_again_is_a_no_op(pki: Ca) -> None:
+    data = pki.signed_crl(3, [entry(5)])
     state = fresh_state(pki, data)
     held = state.current
     assert state.accept(data, pki.root, NOW + HOUR) is held
@@ -459,39 +458,39 @@ def _assert_refused_unchanged(
     assert state.to_bytes() == snapshot
 
 
-def test_refusals_leave_the_state_unchanged(pki: Pki, rogue: Pki) -> None:
-    state = fresh_state(pki, pki.crl(5, [entry(9)]))
-    _assert_refused_unchanged(state, pki.crl(4), pki.root, CrlRollback, "lower than the accepted 5")
-    _assert_refused_unchanged(state, pki.crl(0), pki.root, CrlRollback, "lower")
-    _assert_refused_unchanged(state, pki.crl(5), pki.root, CrlInvalid, "equivocates")
-    _assert_refused_unchanged(state, rogue.crl(6), pki.root, CrlInvalid, "signature")
+def test_refusals_leave_the_state_unchanged(pki: Ca, rogue: Ca) -> None:
+    state = fresh_state(pki, pki.signed_crl(5, [entry(9)]))
+    _assert_refused_unchanged(state, pki.signed_crl(4), pki.root, CrlRollback, "lower than the accepted 5")
+    _assert_refused_unchanged(state, pki.signed_crl(0), pki.root, CrlRollback, "lower")
+    _assert_refused_unchanged(state, pki.signed_crl(5), pki.root, CrlInvalid, "equivocates")
+    _assert_refused_unchanged(state, rogue.signed_crl(6), pki.root, CrlInvalid, "signature")
     _assert_refused_unchanged(state, b"junk", pki.root, CrlInvalid, "parse")
     with pytest.raises(CertificateRevoked):
         state.check(9, NOW)
 
 
-def test_rollback_still_refused_after_restart(pki: Pki) -> None:
-    state = fresh_state(pki, pki.crl(1), pki.crl(8, [entry(5)]))
+def test_rollback_still_refused_after_restart(pki: Ca) -> None:
+    state = fresh_state(pki, pki.signed_crl(1), pki.signed_crl(8, [entry(5)]))
     restored = RevocationState.from_bytes(state.to_bytes(), pki.root, NOW + HOUR)
     assert restored.highest_number == 8
     assert restored.current == state.current
-    assert restored.current is not None and restored.current.der == pki.crl(8, [entry(5)])
+    assert restored.current is not None and restored.current.der == pki.signed_crl(8, [entry(5)])
     with pytest.raises(CrlRollback):
-        restored.accept(pki.crl(7), pki.root, NOW)
+        restored.accept(pki.signed_crl(7), pki.root, NOW)
     with pytest.raises(CrlInvalid, match="equivocates"):
-        restored.accept(pki.crl(8), pki.root, NOW)
+        restored.accept(pki.signed_crl(8), pki.root, NOW)
     with pytest.raises(CertificateRevoked):
         restored.check(5, NOW)
 
 
-def test_empty_state_round_trips(pki: Pki) -> None:
+def test_empty_state_round_trips(pki: Ca) -> None:
     data = RevocationState().to_bytes()
     assert msgpack.unpackb(data) == {"v": 1, "highest": None, "crl": None}
     assert RevocationState.from_bytes(data, pki.root, NOW).current is None
 
 
-def test_state_encoding_handles_big_crl_numbers(pki: Pki) -> None:
-    state = fresh_state(pki, pki.crl(2**158))
+def test_state_encoding_handles_big_crl_numbers(pki: Ca) -> None:
+    state = fresh_state(pki, pki.signed_crl(2**158))
     obj = msgpack.unpackb(state.to_bytes())
     assert obj["highest"] == (2**158).to_bytes(20, "big")
     assert RevocationState.from_bytes(state.to_bytes(), pki.root, NOW).highest_number == 2**158
@@ -501,8 +500,8 @@ def _state_bytes(**fields: object) -> bytes:
     return msgpack.packb(fields, use_bin_type=True)
 
 
-def _bad_states(pki: Pki, rogue: Pki) -> list[bytes]:
-    good = pki.crl(3)
+def _bad_states(pki: Ca, rogue: Ca) -> list[bytes]:
+    good = pki.signed_crl(3)
     n3 = (3).to_bytes(20, "big")
     return [
         b"",
@@ -521,19 +520,19 @@ def _bad_states(pki: Pki, rogue: Pki) -> list[bytes]:
         _state_bytes(v=1, highest=n3, crl="text"),
         _state_bytes(v=1, highest=n3, crl=b"junk"),
         _state_bytes(v=1, highest=(4).to_bytes(20, "big"), crl=good),
-        _state_bytes(v=1, highest=n3, crl=rogue.crl(3)),
+        _state_bytes(v=1, highest=n3, crl=rogue.signed_crl(3)),
         msgpack.packb({1: 2}),
     ]
 
 
-def test_malformed_state_is_a_decode_error(pki: Pki, rogue: Pki) -> None:
+def test_malformed_state_is_a_decode_error(pki: Ca, rogue: Ca) -> None:
     for data in _bad_states(pki, rogue):
         with pytest.raises(DecodeError):
             RevocationState.from_bytes(data, pki.root, NOW)
 
 
-def test_restore_refuses_when_the_clock_went_back(pki: Pki) -> None:
-    data = fresh_state(pki, pki.crl(3)).to_bytes()
+def test_restore_refuses_when_the_clock_went_back(pki: Ca) -> None:
+    data = fresh_state(pki, pki.signed_crl(3)).to_bytes()
     with pytest.raises(DecodeError, match="no longer verifies") as info:
         RevocationState.from_bytes(data, pki.root, NOW - DAY)
     assert isinstance(info.value.__cause__, CrlInvalid)
@@ -551,11 +550,11 @@ def test_random_state_bytes_only_raise_decode_error(data: bytes) -> None:
     assert state.current is None
 
 
-def test_ten_thousand_entry_crl(pki: Pki) -> None:
+def test_ten_thousand_entry_crl(pki: Ca) -> None:
     start = time.perf_counter()
     reasons = sorted(REASONS)
     entries = [entry(1000 + i, reasons[i % len(reasons)], NOW - timedelta(seconds=i)) for i in range(10_000)]
-    data = pki.crl(42, entries)
+    data = pki.signed_crl(42, entries)
     state = RevocationState()
     crl = state.accept(data, pki.root, NOW)
     assert len(crl.revoked) == 10_000
@@ -576,12 +575,12 @@ def test_ten_thousand_entry_crl(pki: Pki) -> None:
     assert time.perf_counter() - start < 10
 
 
-def test_openssl_parses_the_crl(pki: Pki, tmp_path: Path) -> None:
+def test_openssl_parses_the_crl(pki: Ca, tmp_path: Path) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("no openssl binary")
     path = tmp_path / "crl.der"
-    path.write_bytes(pki.crl(0x1234, [entry(5, "key-compromise"), entry(6, "unspecified")]))
+    path.write_bytes(pki.signed_crl(0x1234, [entry(5, "key-compromise"), entry(6, "unspecified")]))
     out = subprocess.run(
         [openssl, "crl", "-inform", "DER", "-text", "-noout", "-in", str(path)], capture_output=True, text=True
     )
@@ -608,7 +607,7 @@ class Registry:
 
 
 def _respond(
-    pki: Pki,
+    pki: Ca,
     request: bytes,
     lookup: Callable[[int], OcspAnswer] = lambda _serial: OcspAnswer("good"),
     *,
@@ -622,10 +621,10 @@ def _status(response: bytes) -> ocsp.OCSPResponseStatus:
     return ocsp.load_der_ocsp_response(response).response_status
 
 
-def test_ocsp_and_crl_agree(pki: Pki) -> None:
+def test_ocsp_and_crl_agree(pki: Ca) -> None:
     revoked = [entry(11, "key-compromise"), entry(12, "unspecified"), entry(13, "superseded", NOW - DAY)]
     registry = Registry({10, 11, 12, 13}, revoked)
-    state = fresh_state(pki, pki.crl(1, revoked))
+    state = fresh_state(pki, pki.signed_crl(1, revoked))
     for serial in (10, 11, 12, 13, 14):
         _, cert = pki.node(f"n{serial}", serial=serial)
         request = build_ocsp_request(cert, pki.root, NONCE)
@@ -647,7 +646,7 @@ def test_ocsp_and_crl_agree(pki: Pki) -> None:
             assert answer.status == ("good" if serial in registry.issued else "unknown")
 
 
-def test_ocsp_request_format(pki: Pki) -> None:
+def test_ocsp_request_format(pki: Ca) -> None:
     _, cert = pki.node("alice", serial=77)
     request = ocsp.load_der_ocsp_request(build_ocsp_request(cert, pki.root, NONCE))
     assert isinstance(request.hash_algorithm, hashes.SHA256)
@@ -656,19 +655,19 @@ def test_ocsp_request_format(pki: Pki) -> None:
 
 
 @pytest.mark.parametrize("nonce", [b"", b"x" * 15, b"x" * 33, "x" * 16])
-def test_ocsp_request_refuses_weak_nonces(pki: Pki, nonce: object) -> None:
+def test_ocsp_request_refuses_weak_nonces(pki: Ca, nonce: object) -> None:
     _, cert = pki.node("alice")
     with pytest.raises(LocalError, match="nonce"):
         build_ocsp_request(cert, pki.root, nonce)  # type: ignore[arg-type]
 
 
-def test_ocsp_request_refuses_the_wrong_issuer(pki: Pki) -> None:
-    _, cert = make_pki(name="other-ca").node("alice")
+def test_ocsp_request_refuses_the_wrong_issuer(pki: Ca) -> None:
+    _, cert = Ca(name="other-ca").node("alice")
     with pytest.raises(LocalError, match="issuer"):
         build_ocsp_request(cert, pki.root, NONCE)
 
 
-def test_ocsp_response_format(pki: Pki) -> None:
+def test_ocsp_response_format(pki: Ca) -> None:
     _, cert = pki.node("alice", serial=77)
     response = ocsp.load_der_ocsp_response(
         _respond(
@@ -684,7 +683,7 @@ def test_ocsp_response_format(pki: Pki) -> None:
     assert response.extensions.get_extension_for_class(x509.OCSPNonce).value.nonce == NONCE
 
 
-def test_sha1_cert_ids_are_answered_in_kind(pki: Pki) -> None:
+def test_sha1_cert_ids_are_answered_in_kind(pki: Ca) -> None:
     _, cert = pki.node("alice", serial=77)
     request = ocsp.OCSPRequestBuilder().add_certificate(cert, pki.root, hashes.SHA1())
     request = request.add_extension(x509.OCSPNonce(NONCE), critical=False)
@@ -730,7 +729,7 @@ def _md5_request() -> bytes:
     ],
     ids=["empty", "garbage", "empty-seq", "md5", "unknown-critical", "long-nonce", "empty-nonce"],
 )
-def test_malformed_request_gets_malformed_response(pki: Pki, request_der: bytes) -> None:
+def test_malformed_request_gets_malformed_response(pki: Ca, request_der: bytes) -> None:
     response = _respond(pki, request_der, lambda _s: pytest.fail("lookup must not be consulted"))
     assert _status(response) is ocsp.OCSPResponseStatus.MALFORMED_REQUEST
     _, cert = pki.node("alice")
@@ -738,13 +737,13 @@ def test_malformed_request_gets_malformed_response(pki: Pki, request_der: bytes)
         verify_ocsp_response(response, cert=cert, root=pki.root, nonce=NONCE, now=NOW)
 
 
-def test_request_for_another_issuer_is_unauthorized(pki: Pki, rogue: Pki) -> None:
+def test_request_for_another_issuer_is_unauthorized(pki: Ca, rogue: Ca) -> None:
     _, cert = rogue.node("alice")
     response = _respond(pki, build_ocsp_request(cert, rogue.root, NONCE), lambda _s: pytest.fail("not consulted"))
     assert _status(response) is ocsp.OCSPResponseStatus.UNAUTHORIZED
 
 
-def test_unknown_noncritical_request_extension_is_ignored(pki: Pki) -> None:
+def test_unknown_noncritical_request_extension_is_ignored(pki: Ca) -> None:
     root = pki.root
     name_hash, key_hash = _hashes(root, hashes.SHA1())
     request = _by_hash_request(
@@ -761,7 +760,7 @@ def _hashes(root: x509.Certificate, algorithm: hashes.HashAlgorithm) -> tuple[by
     return probe.issuer_name_hash, probe.issuer_key_hash
 
 
-def test_build_ocsp_response_refuses_bad_arguments(pki: Pki) -> None:
+def test_build_ocsp_response_refuses_bad_arguments(pki: Ca) -> None:
     _, cert = pki.node("alice")
     request = build_ocsp_request(cert, pki.root, NONCE)
     with pytest.raises(LocalError, match="validity"):
@@ -776,7 +775,7 @@ def test_build_ocsp_response_refuses_bad_arguments(pki: Pki) -> None:
         )
 
 
-def test_responder_needs_an_ed25519_ca(pki: Pki) -> None:
+def test_responder_needs_an_ed25519_ca(pki: Ca) -> None:
     ec_root = (
         x509.CertificateBuilder()
         .subject_name(cn("ec-ca"))
@@ -797,19 +796,19 @@ def test_responder_needs_an_ed25519_ca(pki: Pki) -> None:
 
 
 @pytest.fixture(scope="module")
-def asked(pki: Pki) -> tuple[x509.Certificate, bytes]:
+def asked(pki: Ca) -> tuple[x509.Certificate, bytes]:
     _, cert = pki.node("alice", serial=77)
     return cert, build_ocsp_request(cert, pki.root, NONCE)
 
 
-def test_nonce_mismatch(pki: Pki, asked: tuple[x509.Certificate, bytes]) -> None:
+def test_nonce_mismatch(pki: Ca, asked: tuple[x509.Certificate, bytes]) -> None:
     cert, request = asked
     response = _respond(pki, request)
     with pytest.raises(OcspError, match="nonce differs"):
         verify_ocsp_response(response, cert=cert, root=pki.root, nonce=bytes(16), now=NOW)
 
 
-def test_nonce_missing(pki: Pki, asked: tuple[x509.Certificate, bytes]) -> None:
+def test_nonce_missing(pki: Ca, asked: tuple[x509.Certificate, bytes]) -> None:
     cert, _ = asked
     without = ocsp.OCSPRequestBuilder().add_certificate(cert, pki.root, hashes.SHA256()).build()
     response = _respond(pki, without.public_bytes(serialization.Encoding.DER))
@@ -818,7 +817,7 @@ def test_nonce_missing(pki: Pki, asked: tuple[x509.Certificate, bytes]) -> None:
         verify_ocsp_response(response, cert=cert, root=pki.root, nonce=NONCE, now=NOW)
 
 
-def test_wrong_signer(pki: Pki, rogue: Pki, asked: tuple[x509.Certificate, bytes]) -> None:
+def test_wrong_signer(pki: Ca, rogue: Ca, asked: tuple[x509.Certificate, bytes]) -> None:
     cert, _ = asked
     # The rogue CA shares the name; it answers a request naming its own key, and signs.
     forged = _respond(rogue, build_ocsp_request(cert, rogue.root, NONCE))
@@ -826,19 +825,19 @@ def test_wrong_signer(pki: Pki, rogue: Pki, asked: tuple[x509.Certificate, bytes
         verify_ocsp_response(forged, cert=cert, root=pki.root, nonce=NONCE, now=NOW)
 
 
-def test_response_about_another_certificate(pki: Pki, asked: tuple[x509.Certificate, bytes]) -> None:
+def test_response_about_another_certificate(pki: Ca, asked: tuple[x509.Certificate, bytes]) -> None:
     cert, _ = asked
     _, bob = pki.node("bob", serial=78)
     response = _respond(pki, build_ocsp_request(bob, pki.root, NONCE))
     with pytest.raises(OcspError, match="another certificate"):
         verify_ocsp_response(response, cert=cert, root=pki.root, nonce=NONCE, now=NOW)
-    _, stranger = make_pki(name="other-ca", seed=3).node("alice", serial=77)
+    _, stranger = Ca(name="other-ca", seed="other-ca").node("alice", serial=77)
     with pytest.raises(OcspError, match="another certificate"):
         verify_ocsp_response(_respond(pki, asked[1]), cert=stranger, root=pki.root, nonce=NONCE, now=NOW)
 
 
 def _signed(
-    pki: Pki,
+    pki: Ca,
     *,
     serial: int = 77,
     name_hash: bytes | None = None,
@@ -867,7 +866,7 @@ def _signed(
     return builder.sign(pki.key, None).public_bytes(serialization.Encoding.DER)
 
 
-def test_hand_built_response_is_accepted(pki: Pki, asked: tuple[x509.Certificate, bytes]) -> None:
+def test_hand_built_response_is_accepted(pki: Ca, asked: tuple[x509.Certificate, bytes]) -> None:
     # The control for the refusals below: _signed's defaults make a response verify_ocsp_response accepts.
     cert, _ = asked
     assert verify_ocsp_response(_signed(pki), cert=cert, root=pki.root, nonce=NONCE, now=NOW) == OcspAnswer("good")
@@ -895,7 +894,7 @@ def test_hand_built_response_is_accepted(pki: Pki, asked: tuple[x509.Certificate
     ids=["issuer-hash", "no-next-update", "remove-from-crl", "unknown-critical"],
 )
 def test_odd_responses_are_refused(
-    pki: Pki, asked: tuple[x509.Certificate, bytes], kwargs: dict[str, object], match: str
+    pki: Ca, asked: tuple[x509.Certificate, bytes], kwargs: dict[str, object], match: str
 ) -> None:
     cert, _ = asked
     with pytest.raises(OcspError, match=match):
@@ -907,7 +906,7 @@ CRITICAL_UNKNOWN_EXT = bytes.fromhex("300c06032a03040101ff04020500")
 NONCRITICAL_UNKNOWN_EXT = bytes.fromhex("300906032a030404020500")
 
 
-def _reissue(pki: Pki, response_der: bytes, edit: Callable[[list[bytes]], None]) -> bytes:
+def _reissue(pki: Ca, response_der: bytes, edit: Callable[[list[bytes]], None]) -> bytes:
     """Edit the ResponseData of a response (as a list of its TLVs), sign it again with the real CA."""
     tag, body = split_one(ocsp.load_der_ocsp_response(response_der).tbs_response_bytes)
     parts = split(body)  # responderID, producedAt, responses, [1] responseExtensions
@@ -973,7 +972,7 @@ def _unknown_hash(parts: list[bytes]) -> None:
     ],
 )
 def test_reshaped_responses(
-    pki: Pki, asked: tuple[x509.Certificate, bytes], edit: Callable[[list[bytes]], None], match: str | None
+    pki: Ca, asked: tuple[x509.Certificate, bytes], edit: Callable[[list[bytes]], None], match: str | None
 ) -> None:
     cert, request = asked
     data = _reissue(pki, _respond(pki, request), edit)
@@ -984,7 +983,7 @@ def test_reshaped_responses(
         verify_ocsp_response(data, cert=cert, root=pki.root, nonce=NONCE, now=NOW)
 
 
-def test_response_freshness(pki: Pki, asked: tuple[x509.Certificate, bytes]) -> None:
+def test_response_freshness(pki: Ca, asked: tuple[x509.Certificate, bytes]) -> None:
     cert, request = asked
     response = _respond(pki, request, validity=HOUR)
 
@@ -1002,13 +1001,13 @@ def test_response_freshness(pki: Pki, asked: tuple[x509.Certificate, bytes]) -> 
 
 
 @pytest.mark.parametrize("data", [b"", b"garbage", b"\x30\x00"])
-def test_garbage_response(pki: Pki, asked: tuple[x509.Certificate, bytes], data: bytes) -> None:
+def test_garbage_response(pki: Ca, asked: tuple[x509.Certificate, bytes], data: bytes) -> None:
     with pytest.raises(OcspError, match="does not parse"):
         verify_ocsp_response(data, cert=asked[0], root=pki.root, nonce=NONCE, now=NOW)
 
 
 @pytest.mark.filterwarnings("ignore:Parsed a serial number")
-def test_every_single_bit_flip_in_a_response_is_refused(pki: Pki, asked: tuple[x509.Certificate, bytes]) -> None:
+def test_every_single_bit_flip_in_a_response_is_refused(pki: Ca, asked: tuple[x509.Certificate, bytes]) -> None:
     cert, request = asked
     data = _respond(pki, request, lambda _s: OcspAnswer("revoked", NOW - DAY, "key-compromise"))
     original = verify_ocsp_response(data, cert=cert, root=pki.root, nonce=NONCE, now=NOW)
@@ -1029,7 +1028,7 @@ def test_every_single_bit_flip_in_a_response_is_refused(pki: Pki, asked: tuple[x
             verify_ocsp_response(bytes(flipped), cert=cert, root=pki.root, nonce=NONCE, now=NOW)
 
 
-def test_openssl_request_is_answered_and_openssl_accepts_the_answer(pki: Pki, tmp_path: Path) -> None:
+def test_openssl_request_is_answered_and_openssl_accepts_the_answer(pki: Ca, tmp_path: Path) -> None:
     openssl = shutil.which("openssl")
     if openssl is None:
         pytest.skip("no openssl binary")
@@ -1084,16 +1083,16 @@ def _sha256(data: bytes) -> bytes:
     return h.finalize()
 
 
-def test_crl_against_a_leaf_posing_as_root_is_refused(pki: Pki) -> None:
+def test_crl_against_a_leaf_posing_as_root_is_refused(pki: Ca) -> None:
     _, leaf = pki.node("alice")
     with pytest.raises(CrlInvalid, match="not a CA"):
-        verify_crl(pki.crl(1), leaf, NOW)
+        verify_crl(pki.signed_crl(1), leaf, NOW)
 
 
-def test_crl_numbers_fit_twenty_octets(pki: Pki) -> None:
-    assert verify_crl(pki.crl(2**159 - 1), pki.root, NOW).number == 2**159 - 1
+def test_crl_numbers_fit_twenty_octets(pki: Ca) -> None:
+    assert verify_crl(pki.signed_crl(2**159 - 1), pki.root, NOW).number == 2**159 - 1
     with pytest.raises(LocalError):
-        pki.crl(2**159)
+        pki.signed_crl(2**159)
 
 
 def test_crl_under_an_expired_root_is_refused() -> None:

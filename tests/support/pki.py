@@ -1,9 +1,10 @@
-"""Shared test fixtures: a CA, enrolled identities (alice, bob, mallory), a fresh CRL state, prekeys.
+"""The one test PKI and its one "now": a CA, enrolled identities (alice, bob, mallory), CRLs, prekeys,
+certificate-profile builders and a little DER surgery.
 
 Everything is deterministic (keys from fixed seeds, a fixed `NOW`) so that failures reproduce.
 The builders (`Ca`, `Node`, `Prekeys`, `make_prekeys`, `establish`) are plain classes and functions,
-usable from fixtures, from hypothesis state machines and from helpers alike; the fixtures below are
-thin wrappers around them."""
+usable from fixtures (tests/conftest.py wraps them), from hypothesis state machines and from helpers
+alike."""
 
 from __future__ import annotations
 
@@ -13,15 +14,18 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from protocol import certs, handshake, wire
 from protocol.identity import IdentityKey, KemKeyPair, X25519KeyPair
 from protocol.messages import OneTimePrekey, PrekeyBundle, Suite
 from protocol.revocation import RevocationState, RevokedEntry, issue_crl
 
-#: The fixed "current time" of every protocol test.
+#: The fixed "current time" of every test that does not run on the real clock.
 NOW = datetime(2026, 3, 1, 12, 0, 0, tzinfo=UTC)
 MINUTE = timedelta(minutes=1)
 HOUR = timedelta(hours=1)
@@ -45,6 +49,24 @@ def kem_pair(label: str) -> KemKeyPair:
     return KemKeyPair.from_seed(seeded(label, 64))
 
 
+def ed_key(seed: int) -> Ed25519PrivateKey:
+    """A deterministic Ed25519 key numbered `seed` (`Ca.node` gives serial n the key `ed_key(n + 1000)`)."""
+    return Ed25519PrivateKey.from_private_bytes(seeded(f"ed25519/{seed}"))
+
+
+def ec_key() -> ec.EllipticCurvePrivateKey:
+    """A fresh P-256 key (for refusals of a key type the profile does not allow)."""
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def cn(name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+
+
+def der(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
 @dataclass(frozen=True)
 class Node:
     """An enrolled identity: its name, Ed25519 identity key and DER certificate."""
@@ -63,11 +85,18 @@ class Node:
 class Ca:
     """A test CA: an Ed25519 root, node enrolment and CRLs (through `protocol.certs` / `protocol.revocation`)."""
 
-    def __init__(self, name: str = "kmsnet-test-ca", seed: str = "ca") -> None:
+    def __init__(
+        self,
+        name: str = "kmsnet-test-ca",
+        seed: str = "ca",
+        *,
+        not_before: datetime = NOW - YEAR,
+        not_after: datetime = NOW + 20 * YEAR,
+    ) -> None:
         self.name = name
         self.key = Ed25519PrivateKey.from_private_bytes(seeded(seed))
         self.root: x509.Certificate = certs.make_root(
-            key=self.key, name=name, serial=1, not_before=NOW - YEAR, not_after=NOW + 10 * YEAR
+            key=self.key, name=name, serial=1, not_before=not_before, not_after=not_after
         )
 
     def enroll(
@@ -124,6 +153,70 @@ class Ca:
         state = RevocationState()
         state.accept(self.crl(revoked, this_update=this_update, next_update=next_update), self.root, now)
         return state
+
+    def node(
+        self,
+        name: str,
+        *,
+        serial: int = 100,
+        key: Ed25519PrivateKey | None = None,
+        not_before: datetime = NOW - DAY,
+        not_after: datetime = NOW + YEAR,
+    ) -> tuple[Ed25519PrivateKey, x509.Certificate]:
+        """A node certificate as `cryptography` objects, with its key (`ed_key(serial + 1000)` unless given)."""
+        key = key or ed_key(serial + 1000)
+        cert = certs.issue(
+            ca_key=self.key,
+            ca_cert=self.root,
+            subject_name=name,
+            public_key=key.public_key(),
+            serial=serial,
+            not_before=not_before,
+            not_after=not_after,
+        )
+        return key, cert
+
+    def signed_crl(
+        self,
+        number: int,
+        revoked: Iterable[RevokedEntry] = (),
+        *,
+        this_update: datetime = NOW,
+        next_update: datetime = NOW + DAY,
+    ) -> bytes:
+        """CRL number `number` (DER) with exactly these entries."""
+        return issue_crl(
+            ca_key=self.key,
+            ca_cert=self.root,
+            number=number,
+            this_update=this_update,
+            next_update=next_update,
+            revoked=revoked,
+        )
+
+    def custom(
+        self,
+        *,
+        subject: x509.Name,
+        public_key: Ed25519PublicKey | ec.EllipticCurvePublicKey,
+        extensions: Sequence[tuple[x509.ExtensionType, bool]],
+        serial: int = 500,
+        not_before: datetime = NOW - DAY,
+        not_after: datetime = NOW + YEAR,
+    ) -> x509.Certificate:
+        """A certificate signed by this CA with exactly the given extensions (for refusal tests)."""
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(self.root.subject)
+            .public_key(public_key)
+            .serial_number(serial)
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+        )
+        for value, critical in extensions:
+            builder = builder.add_extension(value, critical=critical)
+        return builder.sign(self.key, None)
 
 
 @dataclass
@@ -235,6 +328,82 @@ def establish(
         allowed_suites=allowed,
     )
     return initiated, responded
+
+
+# --- certificate profiles and DER surgery ----------------------------------------------------------
+
+
+def key_usage(**flags: bool) -> x509.KeyUsage:
+    names = (
+        "digital_signature",
+        "content_commitment",
+        "key_encipherment",
+        "data_encipherment",
+        "key_agreement",
+        "key_cert_sign",
+        "crl_sign",
+        "encipher_only",
+        "decipher_only",
+    )
+    return x509.KeyUsage(**{n: flags.get(n, False) for n in names})
+
+
+def leaf_extensions(
+    *,
+    bc: x509.BasicConstraints | None = None,
+    ku: x509.KeyUsage | None = None,
+    eku: x509.ExtendedKeyUsage | None = None,
+    drop: Sequence[type] = (),
+) -> list[tuple[x509.ExtensionType, bool]]:
+    """The extensions `certs.issue` would add, with replacements or omissions."""
+    exts: list[tuple[x509.ExtensionType, bool]] = [
+        (bc or x509.BasicConstraints(ca=False, path_length=None), True),
+        (ku or key_usage(digital_signature=True), True),
+        (eku or x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False),
+    ]
+    return [(v, c) for v, c in exts if type(v) not in drop]
+
+
+ED25519_ALG = bytes.fromhex("300506032b6570")
+
+
+def tlv(tag: int, content: bytes) -> bytes:
+    n = len(content)
+    if n < 0x80:
+        length = bytes([n])
+    else:
+        raw = n.to_bytes((n.bit_length() + 7) // 8, "big")
+        length = bytes([0x80 | len(raw)]) + raw
+    return bytes([tag]) + length + content
+
+
+def split(data: bytes) -> list[bytes]:
+    """Split concatenated DER TLVs into whole TLVs."""
+    out = []
+    i = 0
+    while i < len(data):
+        first = data[i + 1]
+        if first < 0x80:
+            header, length = 2, first
+        else:
+            k = first & 0x7F
+            header, length = 2 + k, int.from_bytes(data[i + 2 : i + 2 + k], "big")
+        out.append(data[i : i + header + length])
+        i += header + length
+    return out
+
+
+def split_one(item: bytes) -> tuple[int, bytes]:
+    """A single TLV's tag and content octets."""
+    first = item[1]
+    header = 2 if first < 0x80 else 2 + (first & 0x7F)
+    return item[0], item[header:]
+
+
+def resign(tbs: bytes, key: Ed25519PrivateKey) -> bytes:
+    """Wrap a (possibly edited) TBS certificate or TBS CRL with an Ed25519 signature by `key`."""
+    signature = key.sign(tbs)
+    return tlv(0x30, tbs + ED25519_ALG + tlv(0x03, b"\x00" + signature))
 
 
 # --- module-level singletons (cheap to share: immutable) ------------------------------------------
