@@ -323,6 +323,9 @@ class ChatApp(App[None]):
         if self.node.connected:
             self._ever_connected = True
             return "connected", "green"
+        if self.node.revoked is not None:
+            # The relay closed us for good: "retrying" would promise a reconnect that never comes.
+            return "offline: the relay refuses a revoked node", "bold red"
         if self._ever_connected or time.monotonic() - self._started_at > CONNECT_GRACE:
             return "offline (relay unreachable, retrying)", "bold red"
         return "connecting…", "yellow"

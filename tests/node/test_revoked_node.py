@@ -157,6 +157,8 @@ async def test_the_revoked_nodes_chat_says_so_within_2_s_and_sends_nothing(tmp_p
             await publish_crl(relay, CA, CA.crl([0x1002], number=2))
             await ui_until(pilot, lambda: "YOUR certificate is revoked" in shown(app, "#banner"), "the banner", 2.0)
             await ui_until(pilot, lambda: "revoked (CRL #2" in shown(app, "#statusbar"), "the status bar", 2.0)
+            await ui_until(pilot, lambda: "relay refuses a revoked node" in shown(app, "#statusbar"), "no retry", 5.0)
+            assert "retrying" not in shown(app, "#statusbar")
             await type_line(pilot, "still me")
             await pilot.pause(0.3)
             assert "still me" not in shown(app, "#messages")
