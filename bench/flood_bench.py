@@ -27,7 +27,7 @@ from pathlib import Path
 from e2e_bench import World, process
 
 from node.eventbudget import EventBudget, RefusalBudget
-from node.layout import NS_INBOX, NS_SEEN
+from node.home import NS_INBOX, NS_SEEN
 from node.node import Node
 from protocol import wire
 from protocol.link import Accepted, Batch, PublishCrl, Send

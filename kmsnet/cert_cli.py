@@ -13,9 +13,8 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from kmsnet.exits import BAD_INPUT, EPILOG, CliFailure
 from kmsnet.options import ENVIRONMENT_HELP, Output, StoreOptions, json_option, node_failures, store_options
 from node.enrol import renewal_time
+from node.home import KEYSTORE_FILE, NS_NODE
 from node.keystore import Keystore
-from node.kms import KEYSTORE_FILE
-from node.layout import NS_NODE
 from protocol import certs
 
 EXAMPLES = """

@@ -27,8 +27,9 @@ from kmsnet.options import (
 )
 from kmsnet.pkcs11_options import PKCS11_ENVIRONMENT_HELP, PinSource, token_options
 from kmsnet.writer import exclusive
+from node.home import KEYSTORE_FILE
 from node.keystore import Keystore
-from node.kms import DEFAULT_WAITING_DAYS, KEYSTORE_FILE, KeyInfo, KeyManagementSystem, KeyType
+from node.kms import DEFAULT_WAITING_DAYS, KeyInfo, KeyManagementSystem, KeyType
 from node.pkcs11 import TokenSlot
 
 ACTOR = "cli"

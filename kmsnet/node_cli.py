@@ -16,8 +16,8 @@ from kmsnet.pkcs11_options import PinSource, token_options
 from kmsnet.writer import exclusive, require_node
 from node.enrol import Renewal, enrol_node, rekey_node, relays_of, renew_certificate, set_relays
 from node.errors import NodeError
+from node.home import KEYSTORE_FILE
 from node.keystore import Keystore
-from node.kms import KEYSTORE_FILE
 from node.node import Node, NodeOptions
 from node.pkcs11 import TokenSlot
 
@@ -42,8 +42,7 @@ def node() -> None:
     "  kmsnet node init carol --home carol --ca http://127.0.0.1:8766 --relay ws://127.0.0.1:8765 \\\n"
     "      --token TOKEN --pkcs11 /usr/lib/softhsm/libsofthsm2.so --pkcs11-token kmsnet --pin-file carol.pin\n"
     "  kmsnet node init dave --home dave --ca http://127.0.0.1:8766 --token TOKEN \\\n"
-    "      --relay ws://10.0.0.1:8765 --relay ws://10.0.0.2:8765     # a cluster: fails over in this order\n\n"
-    + EPILOG
+    "      --relay ws://10.0.0.1:8765 --relay ws://10.0.0.2:8765     # a cluster: fails over in this order\n\n" + EPILOG
 )
 @click.argument("name")
 @click.option("--ca", "ca_url", required=True, metavar="URL", help="The CA's HTTP API (http://HOST:PORT).")

@@ -27,8 +27,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 from ca.authority import CA_DB
+from node.home import KEYSTORE_FILE
 from node.keystore import Keystore, aes_gcm_open, aes_gcm_seal, unlocked_passphrase
-from node.kms import KEYSTORE_FILE
 
 UNLOCK_FILE = ".unlocked"
 DEFAULT_LIFETIME = timedelta(minutes=15)

@@ -32,9 +32,9 @@ from kmsnet.options import Output, StoreOptions, node_failures
 from kmsnet.pkcs11_options import PinSource
 from node.control import CONTROL_PURPOSE, ControlServer, Handler, NotStarted, Outcome, request
 from node.errors import ControlError
+from node.home import KEYSTORE_FILE
 from node.homelock import HomeLock, in_use, read_holder
 from node.keystore import Keystore
-from node.kms import KEYSTORE_FILE
 from node.node import Node, NodeOptions
 
 #: Seconds a command waits for a holder that is starting up (not listening yet) or leaving.

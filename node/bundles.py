@@ -15,9 +15,9 @@ from datetime import datetime
 from typing import Any
 
 from node.errors import NodeError, RelayUnreachable
+from node.home import NS_BUNDLE, NS_NODE
 from node.journal import Journal, Key, log_failure
 from node.keystore import Keystore
-from node.layout import NS_BUNDLE, NS_NODE
 from node.options import NodeOptions
 from protocol import handshake, wire
 from protocol.errors import ProtocolError, UnknownPrekey

@@ -78,10 +78,8 @@ from node.errors import (
     WrongPassphrase,
     network_words,
 )
-from node.home import remove_database
+from node.home import KEYSTORE_FILE, NS_NODE, NS_SESSION, identity_records, node_records, relay_record, remove_database
 from node.keystore import ARGON2_INTERACTIVE, Argon2Params, Keystore
-from node.kms import KEYSTORE_FILE
-from node.layout import NS_NODE, NS_SESSION
 from node.link import check_url, parse_urls
 from node.pkcs11 import Pin, TokenIdentityKey, TokenKeyRef, TokenSession, TokenSlot, environment_pin
 from protocol import certs
@@ -92,7 +90,6 @@ __all__ = [
     "Enrolment",
     "Renewal",
     "enrol_node",
-    "identity_records",
     "load_identity",
     "parse_fingerprint",
     "rekey_node",
@@ -198,13 +195,6 @@ def _new_identity(name: str, session: TokenSession | None) -> IdentityKey:
     return TokenIdentityKey(session.generate_ed25519(f"kmsnet-node-{name}"))
 
 
-def identity_records(identity: IdentityKey) -> dict[str, bytes]:
-    """The keystore record that holds `identity` (or says where it is)."""
-    if isinstance(identity, TokenIdentityKey):
-        return {"identity_token": identity.delegated.ref.to_record()}
-    return {"identity": identity.private_bytes()}
-
-
 def enrol_node(
     home: Path | str,
     name: str,
@@ -257,7 +247,7 @@ def enrol_node(
         raise FingerprintMismatch(
             f"the CA at {base} presents root {fingerprint.hex()}, not the expected {expected.hex()}: not enrolling"
         )
-    records = {"root": certs.certificate_pem(root), "relay": "\n".join(relays).encode(), "ca_url": base.encode()}
+    records = node_records(root=root, relays=relays, ca_url=base)
     with _Stage.prepare(home, name, records, passphrase, argon2, (key_token, pin)) as stage:
         payload = {"token": token, "csr": _csr(stage.identity, name)}
         stage.keep = True  # from here on the CA may certify the key: keep it for a retry, unless it says no
@@ -733,7 +723,7 @@ def set_relays(keystore: Keystore, urls: Sequence[str]) -> list[str]:
     """Replace the relays the node of `keystore` uses (each a ws:// or wss:// URL; LinkError if
     not); the node fails over from one to the next in this order. Returns them."""
     relays = parse_urls(" ".join(urls))
-    keystore.put(NS_NODE, "relay", "\n".join(relays).encode("utf-8"))
+    keystore.put(NS_NODE, "relay", relay_record(relays))
     return relays
 
 

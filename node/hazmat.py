@@ -9,8 +9,8 @@ node's insides move, this module (and its test) moves with them, not a scenario 
 
 from __future__ import annotations
 
+from node.home import NS_NODE, NS_SESSION
 from node.keystore import Keystore
-from node.layout import NS_NODE, NS_SESSION
 from node.node import Node
 from protocol.identity import IdentityKey
 from protocol.messages import PrekeyBundle

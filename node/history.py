@@ -36,9 +36,9 @@ import msgpack
 
 from node.errors import NodeError
 from node.events import iso
+from node.home import NS_NODE
 from node.journal import Key
 from node.keystore import Keystore
-from node.layout import NS_NODE
 
 log = logging.getLogger("kmsnet.node")
 

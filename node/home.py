@@ -1,4 +1,13 @@
-"""The files of a home (a node's or the CA's): made all at once or not at all, never overwritten."""
+"""A home's files and what a node keeps in them: the one owner of those names and of provisioning.
+
+- the node's keystore is `HOME/KEYSTORE_FILE`;
+- its records are grouped in namespaces (`NS_*`; the peer engine's own come from protocol/peer.py;
+  node/node.py's docstring says what each holds), records named by sequence numbers use `seq_name`;
+- `provision_node` writes the records of an enrolled node (`node/identity` or `node/identity_token`,
+  `node/certificate`, `node/root`, `node/relay`, `node/ca_url`): enrolment, the attack lab and the
+  tests all provision through it, so the three agree on what a node reads at start;
+- files are made all at once or not at all, never overwritten (`create_keystore`, `write_new_files`).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +16,98 @@ import secrets
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from node.keystore import Argon2Params, Keystore
+from cryptography import x509
 
-__all__ = ["create_keystore", "remove_database", "write_new_files"]
+from node.keystore import Argon2Params, Keystore
+from node.pkcs11 import TokenIdentityKey
+from protocol import certs
+from protocol.identity import IdentityKey
+
+# A peer engine's own records (protocol/peer.py names them).
+from protocol.peer import NS_ARCHIVE as NS_ARCHIVE
+from protocol.peer import NS_PEER as NS_PEER
+from protocol.peer import NS_SEEN as NS_SEEN
+from protocol.peer import NS_SESSION as NS_SESSION
+
+__all__ = [
+    "KEYSTORE_FILE",
+    "NS_ARCHIVE",
+    "NS_BUNDLE",
+    "NS_INBOX",
+    "NS_KMS",
+    "NS_NODE",
+    "NS_OUTBOX",
+    "NS_PEER",
+    "NS_SEEN",
+    "NS_SESSION",
+    "create_keystore",
+    "identity_records",
+    "last_seq",
+    "node_records",
+    "provision_node",
+    "relay_record",
+    "remove_database",
+    "write_new_files",
+]
+
+#: The keystore of a home (a node's, and the keys `kmsnet kms` manages): HOME/keystore.db.
+KEYSTORE_FILE = "keystore.db"
+
+NS_NODE = "node"
+NS_BUNDLE = "bundle"
+NS_OUTBOX = "outbox"
+NS_INBOX = "inbox"
+#: The KMS's keys, versions and audit key (node/kms.py).
+NS_KMS = "kms"
+
+
+def last_seq(names: list[str]) -> int:
+    """The highest sequence number among records named by 20-digit sequence numbers (0 if none)."""
+    return int(names[-1]) if names else 0
+
+
+def identity_records(identity: IdentityKey) -> dict[str, bytes]:
+    """The NS_NODE record that holds `identity`, or, for a key in a PKCS#11 token, says where it is."""
+    if isinstance(identity, TokenIdentityKey):
+        return {"identity_token": identity.delegated.ref.to_record()}
+    return {"identity": identity.private_bytes()}
+
+
+def relay_record(relays: Sequence[str]) -> bytes:
+    """The NS_NODE `relay` record: the relay URLs in fail-over order, one per line (UTF-8)."""
+    return "\n".join(relays).encode("utf-8")
+
+
+def node_records(
+    *, root: x509.Certificate, relays: Sequence[str], certificate: bytes | None = None, ca_url: str | None = None
+) -> dict[str, bytes]:
+    """The NS_NODE records, besides the identity's, of a node under CA `root`: its relays, and its
+    certificate (DER) and the CA's URL for renewals when known (enrolment adds the certificate last)."""
+    records = {"root": certs.certificate_pem(root), "relay": relay_record(relays)}
+    if certificate is not None:
+        records["certificate"] = certificate
+    if ca_url is not None:
+        records["ca_url"] = ca_url.encode("utf-8")
+    return records
+
+
+def provision_node(
+    keystore: Keystore,
+    identity: IdentityKey,
+    *,
+    certificate: bytes,
+    root: x509.Certificate,
+    relays: Sequence[str],
+    ca_url: str | None = None,
+) -> None:
+    """Write what `kmsnet node init` leaves in a keystore for an enrolled node, in one transaction."""
+    records = {
+        **identity_records(identity),
+        **node_records(root=root, relays=relays, certificate=certificate, ca_url=ca_url),
+    }
+    with keystore.transaction():
+        for record, value in records.items():
+            keystore.put(NS_NODE, record, value)
 
 
 def create_keystore(path: Path, *, passphrase: str, argon2: Argon2Params, fill: Callable[[Keystore], None]) -> None:

@@ -113,11 +113,10 @@ from node.errors import (
     WeakPeerKey,
     code_of,
 )
+from node.home import KEYSTORE_FILE, NS_KMS
 from node.keystore import ARGON2_INTERACTIVE, NONCE_SIZE, Argon2Params, Keystore, aes_gcm_open, aes_gcm_seal
 from node.pkcs11 import Pin, TokenKeyRef, TokenSession, TokenSlot, environment_pin
 
-KEYSTORE_FILE = "keystore.db"
-NAMESPACE = "kms"
 FORMAT_PREFIX = "kmsnet:v1:"
 RSA_KEY_SIZE = 3072
 DH_INFO = b"kmsnet/kms/1 x25519-hkdf-sha256 shared secret"
@@ -514,10 +513,10 @@ class KeyManagementSystem:
             raise
 
     def _audit_signer(self) -> Ed25519PrivateKey:
-        raw = self._store.get(NAMESPACE, _AUDIT_KEY)
+        raw = self._store.get(NS_KMS, _AUDIT_KEY)
         if raw is None:
             signer = Ed25519PrivateKey.generate()
-            self._store.put(NAMESPACE, _AUDIT_KEY, signer.private_bytes_raw())
+            self._store.put(NS_KMS, _AUDIT_KEY, signer.private_bytes_raw())
             return signer
         return Ed25519PrivateKey.from_private_bytes(raw)
 
@@ -583,7 +582,7 @@ class KeyManagementSystem:
 
     def list_keys(self) -> list[KeyInfo]:
         """Every key's metadata, destroyed ones included, sorted by id."""
-        ids = [name.removeprefix("key/") for name in self._store.names(NAMESPACE, "key/")]
+        ids = [name.removeprefix("key/") for name in self._store.names(NS_KMS, "key/")]
         for key_id in ids:
             self._destroy_if_due(key_id)
         return [self._load(key_id) for key_id in ids]
@@ -790,7 +789,7 @@ class KeyManagementSystem:
             self._store.scrub()
 
     def _find(self, key_id: str) -> KeyInfo | None:
-        raw = self._store.get(NAMESPACE, f"key/{key_id}")
+        raw = self._store.get(NS_KMS, f"key/{key_id}")
         return None if raw is None else _load_info(raw)
 
     def _load(self, key_id: str) -> KeyInfo:
@@ -800,10 +799,10 @@ class KeyManagementSystem:
         return info
 
     def _save(self, info: KeyInfo) -> None:
-        self._store.put(NAMESPACE, f"key/{info.key_id}", _dump_info(info))
+        self._store.put(NS_KMS, f"key/{info.key_id}", _dump_info(info))
 
     def _material(self, key_id: str, version: int) -> bytes:
-        material = self._store.get(NAMESPACE, f"material/{key_id}/{version}")
+        material = self._store.get(NS_KMS, f"material/{key_id}/{version}")
         if material is None:
             raise KeystoreCorrupt(f"material of version {version} of key {key_id!r} is missing")
         return material
@@ -811,16 +810,16 @@ class KeyManagementSystem:
     def _new_version(self, key_id: str, version: int, kind: KeyType, token: TokenSlot | None) -> None:
         """Make a version's key: in `token` if given (recording where), else as material in the keystore."""
         if token is None:
-            self._store.put(NAMESPACE, f"material/{key_id}/{version}", _new_material(kind))
+            self._store.put(NS_KMS, f"material/{key_id}/{version}", _new_material(kind))
             return
         session = self._token(token)
         label = f"kmsnet-kms-{key_id}-v{version}"
         made = session.generate_aes256(label) if kind is KeyType.AES256_GCM else session.generate_ed25519(label)
-        self._store.put(NAMESPACE, f"token/{key_id}/{version}", made.ref.to_record())
+        self._store.put(NS_KMS, f"token/{key_id}/{version}", made.ref.to_record())
 
     def _token_ref(self, key_id: str, version: int) -> TokenKeyRef | None:
         """Where a version's key is in a token, or None when the keystore holds its material."""
-        raw = self._store.get(NAMESPACE, f"token/{key_id}/{version}")
+        raw = self._store.get(NS_KMS, f"token/{key_id}/{version}")
         return None if raw is None else TokenKeyRef.from_record(raw)
 
     def _token(self, slot: TokenSlot) -> TokenSession:
@@ -861,8 +860,8 @@ class KeyManagementSystem:
                     ref = self._token_ref(key_id, version.version)
                     if ref is not None:
                         self._token(ref.slot).destroy(ref)
-                        self._store.delete(NAMESPACE, f"token/{key_id}/{version.version}")
-                    self._store.delete(NAMESPACE, f"material/{key_id}/{version.version}")
+                        self._store.delete(NS_KMS, f"token/{key_id}/{version.version}")
+                    self._store.delete(NS_KMS, f"material/{key_id}/{version.version}")
             info = replace(info, state=target, deletion_date=deletion_date if target is _P else None)
             if info.deletion_date is not None:
                 audit["deletion_date"] = info.deletion_date.isoformat()

@@ -1,19 +1,13 @@
-"""Where a node keeps what in its keystore: the namespaces (see node/node.py's docstring for the names)."""
+"""Old home of the keystore namespaces, kept only for modules not yet pointed at `node.home`, which owns them."""
 
 from __future__ import annotations
 
-# A peer engine's own records (protocol/peer.py names them).
-from protocol.peer import NS_ARCHIVE as NS_ARCHIVE
-from protocol.peer import NS_PEER as NS_PEER
-from protocol.peer import NS_SEEN as NS_SEEN
-from protocol.peer import NS_SESSION as NS_SESSION
-
-NS_NODE = "node"
-NS_BUNDLE = "bundle"
-NS_OUTBOX = "outbox"
-NS_INBOX = "inbox"
-
-
-def last_seq(names: list[str]) -> int:
-    """The highest sequence number among records named by 20-digit sequence numbers (0 if none)."""
-    return int(names[-1]) if names else 0
+from node.home import NS_ARCHIVE as NS_ARCHIVE
+from node.home import NS_BUNDLE as NS_BUNDLE
+from node.home import NS_INBOX as NS_INBOX
+from node.home import NS_NODE as NS_NODE
+from node.home import NS_OUTBOX as NS_OUTBOX
+from node.home import NS_PEER as NS_PEER
+from node.home import NS_SEEN as NS_SEEN
+from node.home import NS_SESSION as NS_SESSION
+from node.home import last_seq as last_seq

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import msgpack
 
+from node.home import NS_OUTBOX, last_seq
 from node.journal import Journal, Key, log_failure
 from node.keystore import Keystore
-from node.layout import NS_OUTBOX, last_seq
 
 
 @dataclass(slots=True)

@@ -34,8 +34,8 @@ from datetime import datetime, timedelta
 import msgpack
 
 from node.history import Entry, History, State
+from node.home import NS_NODE
 from node.journal import Key, log_failure
-from node.layout import NS_NODE
 from protocol.body import MAX_IDS, Body, Receipt, RetryRequest, TextBody, encode
 
 log = logging.getLogger("kmsnet.node")

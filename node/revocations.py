@@ -19,9 +19,9 @@ from cryptography import x509
 from node import crlfetch
 from node.errors import code_of
 from node.events import SecurityEvent
+from node.home import NS_NODE
 from node.journal import Journal, log_failure
 from node.keystore import Keystore
-from node.layout import NS_NODE
 from node.ocsp import OcspChecker
 from node.options import NodeOptions
 from node.selfrevoked import Revoked, own_revocation

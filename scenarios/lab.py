@@ -34,9 +34,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding
 from websockets.asyncio.client import connect
 
-from node.enrol import identity_records
 from node.errors import NodeError
 from node.events import Message, SecurityEvent
+from node.home import provision_node
 from node.keystore import Keystore
 from node.node import Node, NodeOptions
 from node.receipts import DeliveryPolicy
@@ -371,12 +371,7 @@ class Lab:
         lane = lane or name
         path = self.workdir / f"{lane}.keystore"
         keystore = Keystore.open(path, key_file=self._key_file, create=True)
-        with keystore.transaction():
-            for record, value in identity_records(who.identity).items():  # a key, or where it is in a token
-                keystore.put("node", record, value)
-            keystore.put("node", "certificate", who.certificate)
-            keystore.put("node", "root", certs.certificate_pem(self.ca.root))
-            keystore.put("node", "relay", self.url.encode())
+        provision_node(keystore, who.identity, certificate=who.certificate, root=self.ca.root, relays=[self.url])
         settings = NodeOptions(**{"send_timeout": SEND_TIMEOUT, **options})
         lab_node = LabNode(who, Node(keystore, options=settings, clock=self.clock.now), keystore, path, settings, lane)
         lab_node.node.delivery.policy = LAB_DELIVERY

@@ -12,7 +12,7 @@ from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
 
 from node.crlfetch import DEFAULT_MAX_AGE
-from node.layout import NS_NODE
+from node.home import NS_NODE
 from scenarios.attacker import FeedControl, MaliciousRelay
 from scenarios.lab import LabCA
 from scenarios.registry import Context, scenario

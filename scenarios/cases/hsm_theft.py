@@ -15,8 +15,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed
 
+from node.home import NS_NODE
 from node.keystore import Keystore
-from node.layout import NS_NODE
 from node.pkcs11 import TokenIdentityKey, TokenKeyRef, TokenSession, TokenSlot
 from protocol import wire
 from protocol.identity import IdentityKey

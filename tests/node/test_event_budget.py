@@ -11,7 +11,7 @@ from datetime import timedelta
 
 from node.eventbudget import BURST, QUARANTINE, REFUSALS, WINDOW, EventBudget, RefusalBudget
 from node.events import SecurityEvent
-from node.layout import NS_INBOX, NS_SEEN
+from node.home import NS_INBOX, NS_SEEN
 from protocol import wire
 from protocol.link import Accepted, Batch, Send
 from protocol.ratchet import MAX_SKIP

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from node.errors import InvalidCiphertext, InvalidRequest, InvalidSignature, KeystoreError
+from node.home import NS_KMS
 from node.keystore import ARGON2_TEST, Keystore
-from node.kms import NAMESPACE, KeyManagementSystem, KeyState
+from node.kms import KeyManagementSystem, KeyState
 from node.pkcs11 import PinRequired, TokenKeyRef, TokenSession, WrongPin
 from tests.support.kms_cli import fails, ok, run
 from tests.support.softhsm import SoftHsm
@@ -25,9 +26,9 @@ def open_kms(home: Path, pin: str | None) -> KeyManagementSystem:
 
 def refs(home: Path, key_id: str) -> list[TokenKeyRef]:
     with Keystore.open(home / "keystore.db", passphrase=PASS) as keystore:
-        assert keystore.names(NAMESPACE, f"material/{key_id}/") == []  # never any key bytes
-        names = keystore.names(NAMESPACE, f"token/{key_id}/")
-        return [TokenKeyRef.from_record(keystore.get(NAMESPACE, name) or b"") for name in names]
+        assert keystore.names(NS_KMS, f"material/{key_id}/") == []  # never any key bytes
+        names = keystore.names(NS_KMS, f"token/{key_id}/")
+        return [TokenKeyRef.from_record(keystore.get(NS_KMS, name) or b"") for name in names]
 
 
 def test_token_keys_encrypt_sign_rotate_rewrap_and_destroy(tmp_path: Path, softhsm_token: SoftHsm) -> None:

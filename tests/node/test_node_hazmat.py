@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from node import hazmat
+from node.home import NS_NODE, NS_SESSION
 from node.keystore import Keystore
-from node.layout import NS_NODE, NS_SESSION
 from protocol.identity import IdentityKey
 
 

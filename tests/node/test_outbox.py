@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-from node.layout import NS_OUTBOX
+from node.home import NS_OUTBOX
 from node.node import Node, NodeOptions
 from protocol.link import Send
 from relay.interceptor import Interceptor

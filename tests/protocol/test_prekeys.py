@@ -11,9 +11,9 @@ import msgpack
 import pytest
 
 from node.bundles import Bundles
+from node.home import NS_NODE
 from node.journal import Journal
 from node.keystore import Keystore
-from node.layout import NS_NODE
 from node.options import NodeOptions
 from protocol import prekeys, wire
 from protocol.errors import DecodeError, ReplayCacheQuota, ReplayedInitialMessage

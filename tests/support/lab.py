@@ -16,6 +16,7 @@ from pathlib import Path
 from websockets.asyncio.client import ClientConnection, connect
 
 from node.events import Delivered, Message, SecurityEvent
+from node.home import provision_node
 from node.keystore import Keystore
 from node.link import tls_context
 from node.node import Node, NodeOptions
@@ -46,11 +47,7 @@ def provision(ca: Ca, who: Identity, relay_url: str, path: Path | None = None) -
         from node.keystore import ARGON2_PROFILES
 
         store = Keystore.open(path, passphrase="test", create=True, argon2=ARGON2_PROFILES["test"])
-    with store.transaction():
-        store.put("node", "identity", who.identity.private_bytes())
-        store.put("node", "certificate", who.cert)
-        store.put("node", "root", certs.certificate_pem(ca.root))
-        store.put("node", "relay", relay_url.encode())
+    provision_node(store, who.identity, certificate=who.cert, root=ca.root, relays=[relay_url])
     return store
 
 
