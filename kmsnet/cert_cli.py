@@ -12,6 +12,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from kmsnet.exits import BAD_INPUT, EPILOG, CliFailure
 from kmsnet.options import ENVIRONMENT_HELP, Output, StoreOptions, json_option, node_failures, store_options
+from node.clock import utcnow
 from node.enrol import renewal_time
 from node.home import KEYSTORE_FILE, NS_NODE
 from node.keystore import Keystore
@@ -53,7 +54,7 @@ def show(pem: bool, store: StoreOptions, out: Output) -> None:
     if pem:
         click.echo(certs.certificate_pem(certificate).decode("ascii"), nl=False)
         return
-    record = describe(certificate, certs.load_certificate(root_der), datetime.now(UTC))
+    record = describe(certificate, certs.load_certificate(root_der), utcnow())
     out.emit(record, _text(record))
 
 

@@ -3,7 +3,7 @@ passphrase once for a while (kmsnet/unlock.py says what is kept, and where)."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 
 import click
 
@@ -19,6 +19,7 @@ from kmsnet.options import (
     profile_home,
     store_options,
 )
+from node.clock import utcnow
 
 
 @click.command(
@@ -45,7 +46,7 @@ def unlock(lifetime: timedelta, store: StoreOptions, out: Output) -> None:
     """
     with node_failures():
         try:
-            expires = store.open_with(lambda p: unlocking.unlock(store.home, p, lifetime, datetime.now(UTC)))
+            expires = store.open_with(lambda p: unlocking.unlock(store.home, p, lifetime, utcnow()))
         except unlocking.UnlockError as exc:
             raise CliFailure(str(exc), BAD_INPUT) from exc
     when = expires.isoformat(timespec="seconds").replace("+00:00", "Z")
@@ -71,4 +72,3 @@ def profiles(out: Output) -> None:
         click.echo(f"no profiles yet in {root} (`kmsnet node init NAME --profile NAME` makes one)")
     for home in found:
         out.emit({"profile": home.name, "home": str(home)}, f"{home.name:<16} {home}")
-

@@ -16,7 +16,7 @@ import re
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,6 +25,7 @@ import platformdirs
 
 from kmsnet import passphrases, unlock
 from kmsnet.exits import BAD_INPUT, TRUST, UNREACHABLE, USAGE, CliFailure, json_errors
+from node.clock import utcnow
 from node.errors import NodeError, TrustError, Unavailable, WrongPassphrase, code_of, network_words
 from node.keystore import ARGON2_PROFILES, Argon2Params
 
@@ -70,7 +71,7 @@ class StoreOptions:
             passphrase = text.removesuffix("\n").removesuffix("\r")
         elif PASSPHRASE_ENV in os.environ:
             passphrase = os.environ[PASSPHRASE_ENV]
-        elif not confirm and (held := unlock.unlocked(self.home, datetime.now(UTC))) is not None:
+        elif not confirm and (held := unlock.unlocked(self.home, utcnow())) is not None:
             return held  # `kmsnet unlock` holds this home's keys: no prompt
         elif _have_terminal():
             if not confirm:

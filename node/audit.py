@@ -6,7 +6,7 @@ the table `audit_log`, keyed by (log, seq). Each entry is
     (seq, time, actor, action, fields, prev_hash, hash[, signature])
 
 - `seq` counts from 1 without gaps; `time` is UTC, ISO 8601 with microseconds, from the clock
-  the log was given (default `datetime.now(UTC)`) or passed to `append`;
+  the log was given (default `node.clock.utcnow`) or passed to `append`;
 - `fields` is a flat dict of str, int, bool or None values: metadata such as a key id and a
   version, never key material or plaintext (the log is not encrypted);
 - `hash = SHA-256(b"kmsnet-audit/1\\n" || canonical JSON of {seq, time, actor, action, fields,
@@ -36,6 +36,7 @@ from datetime import UTC, datetime
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from node.clock import utcnow
 from node.errors import AuditChainBroken, AuditError
 from node.keystore import Keystore
 from protocol.certs import CaKey
@@ -48,11 +49,6 @@ _HASH_DOMAIN = b"kmsnet-audit/1\n"
 _SIG_DOMAIN = b"kmsnet-audit/1 sig"
 _HEAD_NAMESPACE = "audit"
 _LOG_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
-
-
-def utc_now() -> datetime:
-    """The default clock."""
-    return datetime.now(UTC)
 
 
 @dataclass(frozen=True)
@@ -99,7 +95,7 @@ class AuditLog:
         name: str,
         signer: CaKey | None = None,
         verify_key: Ed25519PublicKey | None = None,
-        clock: Clock = utc_now,
+        clock: Clock = utcnow,
     ) -> None:
         if not _LOG_NAME.fullmatch(name):
             raise ValueError(f"bad audit log name {name!r}")

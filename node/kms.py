@@ -94,7 +94,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from node.audit import AuditLog, AuditValue, Clock, utc_now
+from node.audit import AuditLog, AuditValue, Clock
+from node.clock import utcnow
 from node.errors import (
     CompromisedVersion,
     InvalidCiphertext,
@@ -477,7 +478,7 @@ class KeyManagementSystem:
         *,
         key_file: Path | None = None,
         create: bool = True,
-        clock: Clock = utc_now,
+        clock: Clock = utcnow,
         actor: str = "local",
         argon2: Argon2Params = ARGON2_INTERACTIVE,
         pin: Pin | None = None,

@@ -29,13 +29,14 @@ import hashlib
 import logging
 import os
 from collections.abc import Callable, Coroutine, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import NameOID
 
 from node.bundles import ONETIME_LOW, Bundles
+from node.clock import utcnow
 from node.enrol import load_identity, renew_certificate, renewal_time
 from node.epochecho import rollback_seen, sign_epoch
 from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachable, SelfSend, code_of
@@ -85,10 +86,6 @@ RESERVE_AHEAD = 64
 MAINTENANCE_INTERVAL = 60.0
 
 
-def _utcnow() -> datetime:
-    return datetime.now(UTC)
-
-
 class Node:
     """An enrolled node. `await node.start()`, then `send`, and read `events`; `await node.stop()`."""
 
@@ -98,7 +95,7 @@ class Node:
         *,
         relay_url: str | None = None,
         options: NodeOptions | None = None,
-        clock: Callable[[], datetime] = _utcnow,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.keystore = keystore
         self.options = options or NodeOptions()

@@ -25,7 +25,7 @@ import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -34,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.serialization import Encoding
 from websockets.asyncio.client import connect
 
+from node.clock import utcnow
 from node.errors import NodeError
 from node.events import Message, SecurityEvent
 from node.home import provision_node
@@ -74,7 +75,7 @@ class LabClock:
 
     def now(self) -> datetime:
         """What every node, the relay and the CA take to be the current time."""
-        return datetime.now(UTC) + self._offset
+        return utcnow() + self._offset
 
     def advance(self, delta: timedelta) -> None:
         """Move time forward (certificates age, CRLs go stale, prekeys come due for rotation)."""

@@ -10,9 +10,9 @@ import re
 import textwrap
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from html import escape
 
+from node.clock import utcnow
 from scenarios.runner import Result
 from scenarios.timeline import ATTACKER, LAB, RELAY, Event, Kind, ReadRow, count, in_words
 
@@ -100,7 +100,7 @@ CSS += (
 def render(results: Sequence[Result]) -> str:
     """The whole report for these results, as one HTML document."""
     passed = sum(r.passed for r in results)
-    when = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    when = utcnow().strftime("%Y-%m-%d %H:%M UTC")
     index_rows = "".join(
         f"<tr><td><a href='#{escape(r.scenario.name)}'>{escape(r.scenario.name)}</a></td>"
         f"<td class='{'ok' if r.passed else 'no'}'>{'PASS' if r.passed else 'FAIL'}</td>"

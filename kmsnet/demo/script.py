@@ -18,7 +18,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +28,7 @@ from kmsnet.demo.options import MAX_NODES, MIN_NODES, DemoFailure, DemoOptions, 
 from kmsnet.demo.processes import Child, Line, Processes
 from kmsnet.demo.transcript import Transcript
 from kmsnet.exits import TRUST, UNREACHABLE
+from node.clock import utcnow
 
 #: Seconds a step may wait for what it expects to see.
 STEP_TIMEOUT = 30.0
@@ -152,7 +152,7 @@ class Demo:
             "--ca-cert", str(self.ws / "ca" / "ca.pem"),
         )  # fmt: skip
         # The administrator's authenticator app, computed from the otpauth:// URI `ca init` printed.
-        code = code_at(secret_from_uri(self.otpauth), datetime.now(UTC))
+        code = code_at(secret_from_uri(self.otpauth), utcnow())
         session = _json(self._run(step, "ca", "login", "--home", self.home("ca"), "--otp", code, "--json"))
         who = f"admin {session['admin']!r} (role {session['role']})"
         self.out.line("ca", "secure", f"{who} logged in with TOTP code {code}, a 15-minute session")

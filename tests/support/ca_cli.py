@@ -6,10 +6,11 @@ import os
 import subprocess
 import sys
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
 from ca.admin import code_at
+from node.clock import utcnow
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PASS = "cli ca passphrase"
@@ -62,7 +63,7 @@ class Authenticator:
 
     def code(self, ahead: int = 0) -> str:
         """The code shown now, or `ahead` 30-second steps later (the CA accepts one step ahead)."""
-        return code_at(self.secret, datetime.now(UTC) + timedelta(seconds=30 * ahead))
+        return code_at(self.secret, utcnow() + timedelta(seconds=30 * ahead))
 
     def wrong_code(self) -> str:
         """A code no step near now has."""

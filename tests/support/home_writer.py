@@ -12,9 +12,10 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 
+from node.clock import utcnow as now
 from node.homelock import read_holder
 from relay.server import Relay
 from tests.support.durability import NonceWatch
@@ -23,10 +24,6 @@ from tests.support.pki import CA
 
 ROOT = Path(__file__).resolve().parent.parent.parent
 PASSPHRASE = "test"  # what lab.provision seals the keystores under
-
-
-def now() -> datetime:
-    return datetime.now(UTC)
 
 
 UNLOCKED: list[Path] = []  # a directory holding WITHOUT_LOCK as sitecustomize.py, when a test sets it
