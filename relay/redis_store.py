@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,9 +33,19 @@ import msgpack
 from redis import exceptions as redis_errors
 from redis.asyncio import Redis, RedisCluster
 
+from protocol.messages import OneTimePrekey
 from relay.batching import BatchWriter
 from relay.errors import QuotaExceeded, StoreUnavailable, StoreWriteRefused
-from relay.store import MAX_ONETIME_STORED, Envelope, Limits, Store, share_full
+from relay.store import (
+    MAX_ONETIME_STORED,
+    Envelope,
+    Limits,
+    Store,
+    TakenBundle,
+    pack_onetime,
+    share_full,
+    unpack_onetime,
+)
 
 log = logging.getLogger("kmsnet.relay.redis")
 
@@ -323,9 +333,16 @@ class RedisStore(Store):
         blob = pack_envelope(msg_id, sender, payload, stored_at)
         keys = _mailbox_keys(recipient)
         args = [
-            msg_id, blob, len(payload), stored_at,
-            self.limits.max_pending, self.limits.max_pending_bytes, key(recipient, "live"), sender,
-            self.limits.max_pending_per_sender, self.limits.max_pending_bytes_per_sender,
+            msg_id,
+            blob,
+            len(payload),
+            stored_at,
+            self.limits.max_pending,
+            self.limits.max_pending_bytes,
+            key(recipient, "live"),
+            sender,
+            self.limits.max_pending_per_sender,
+            self.limits.max_pending_bytes_per_sender,
         ]
 
         def settle(answer: list[Any] | None, error: BaseException | None) -> None:
@@ -375,18 +392,19 @@ class RedisStore(Store):
             held = await self._write(_SWAP, [key(name, "epoch")], [epoch])
         return bytes(held) if held is not None else None
 
-    async def put_bundle(self, name: str, bundle: bytes, onetime: list[bytes], replace: bool) -> None:
+    async def put_bundle(self, name: str, bundle: bytes, onetime: Sequence[OneTimePrekey], replace: bool) -> None:
         keys = [key(name, "bundle"), key(name, "otpk")]
-        await self._write(_PUT_BUNDLE, keys, [bundle, int(replace), MAX_ONETIME_STORED, *onetime])
+        prekeys = [pack_onetime(prekey) for prekey in onetime]
+        await self._write(_PUT_BUNDLE, keys, [bundle, int(replace), MAX_ONETIME_STORED, *prekeys])
         self._known.add(name)
 
-    async def take_bundle(self, name: str) -> tuple[bytes, bytes | None, int] | None:
+    async def take_bundle(self, name: str) -> TakenBundle | None:
         # A write, atomic on the node's shard: two relays asking at once get two different prekeys.
         answer = await self._write(_TAKE_BUNDLE, [key(name, "bundle"), key(name, "otpk")], [])
         if answer is None:
             return None
         bundle, prekey, left = answer
-        return bundle, prekey, int(left)
+        return bundle, unpack_onetime(prekey) if prekey is not None else None, int(left)
 
     async def onetime_left(self, name: str) -> int:
         return int(await self.call(lambda: self.client.llen(key(name, "otpk"))))

@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-import msgpack
 from cryptography import x509
 
 from protocol import wire
@@ -42,7 +41,7 @@ from protocol.revocation import RevocationState, VerifiedCrl
 from relay.errors import LinkRefused, QuotaExceeded, StoreUnavailable, StoreWriteRefused
 from relay.metrics import Metrics
 from relay.ratelimit import TokenBucket
-from relay.store import Envelope
+from relay.store import Envelope, TakenBundle
 
 log = logging.getLogger("kmsnet.relay")
 
@@ -361,8 +360,8 @@ class Router(Generic[L]):
 
     # --- prekey bundles: who may publish ------------------------------------------------------------
 
-    def bundle_to_store(self, link: L, publish: PublishBundle) -> tuple[bytes, list[bytes]] | None:
-        """The signed bundle (without a one-time prekey) and the encoded one-time prekeys to store for
+    def bundle_to_store(self, link: L, publish: PublishBundle) -> tuple[bytes, list[OneTimePrekey]] | None:
+        """The signed bundle (without a one-time prekey) and the one-time prekeys to store for
         `link`; None if it may not publish this one (NOT_ALLOWED queued). LinkRefused if it is not a
         bundle at all."""
         try:
@@ -376,7 +375,7 @@ class Router(Generic[L]):
             self.metrics.refused.labels("not_allowed").inc()
             self.queue(link, Error(ErrorCode.NOT_ALLOWED, "bundle certificate is not yours"))
             return None
-        return wire.encode(frame.with_onetime(None)), [msgpack.packb(item) for item in publish.onetime]
+        return wire.encode(frame.with_onetime(None)), [_onetime(item) for item in publish.onetime]
 
     def bundle_stored(self, link: L, onetime: int) -> None:
         """A published bundle is stored, with `onetime` one-time prekeys."""
@@ -389,7 +388,7 @@ class Router(Generic[L]):
         self.queue(link, Error(ErrorCode.UNAVAILABLE, f"bundle not stored: {exc}"))
 
     @staticmethod
-    def bundle_of(found: tuple[bytes, bytes | None, int] | None) -> tuple[bytes | None, int]:
+    def bundle_of(found: TakenBundle | None) -> tuple[bytes | None, int]:
         """The bundle to hand out (with its one-time prekey, if one was left) from what the store
         took (`Store.take_bundle`), and how many one-time prekeys are left."""
         if found is None:
@@ -397,9 +396,7 @@ class Router(Generic[L]):
         signed, onetime, left = found
         frame = wire.decode(signed)
         assert isinstance(frame, PrekeyBundle)  # only decoded bundles are ever stored
-        if onetime is not None:
-            frame = frame.with_onetime(OneTimePrekey(*msgpack.unpackb(onetime)))
-        return wire.encode(frame), left
+        return wire.encode(frame.with_onetime(onetime)), left
 
     def bundle_not_taken(self, link: L, fetch: FetchBundle, exc: StoreWriteRefused) -> None:
         """Handing out a one-time prekey is a write: refused, said, and the connection goes on."""
@@ -488,3 +485,10 @@ class Router(Generic[L]):
         for link in self.links.values():
             link.behind = True
             link.wake()
+
+
+def _onetime(item: list[object]) -> OneTimePrekey:
+    """A PUBLISH_BUNDLE item as the value the store keeps (the link schema checked its fields)."""
+    key_id, public, signature = item
+    assert isinstance(key_id, int) and isinstance(public, bytes) and isinstance(signature, bytes)
+    return OneTimePrekey(key_id, public, signature)

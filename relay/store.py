@@ -14,12 +14,15 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import msgpack
+
+from protocol.messages import OneTimePrekey
 from relay.batching import BatchWriter, Settle
 from relay.errors import QuotaExceeded, StoreUnavailable, StoreWriteRefused
 
@@ -37,6 +40,24 @@ DEFAULT_MAX_AGE = 7 * 24 * 3600
 MAX_ONETIME_STORED = 1000
 
 T = TypeVar("T")
+
+#: What `Store.take_bundle` hands back: the signed bundle (an encoded BUNDLE frame without a one-time
+#: prekey), the one-time prekey taken for this fetch if any was left, and how many are left.
+TakenBundle = tuple[bytes, OneTimePrekey | None, int]
+
+
+def pack_onetime(prekey: OneTimePrekey) -> bytes:
+    """A one-time prekey as every store keeps it: msgpack [key_id, public, signature].
+
+    The one format of a stored one-time prekey, shared by `SqliteStore` and `RedisStore`; callers
+    of a store see `OneTimePrekey` values only."""
+    return bytes(msgpack.packb([prekey.key_id, prekey.public, prekey.signature]))
+
+
+def unpack_onetime(stored: bytes) -> OneTimePrekey:
+    """The one-time prekey `pack_onetime` stored."""
+    key_id, public, signature = msgpack.unpackb(stored)
+    return OneTimePrekey(int(key_id), bytes(public), bytes(signature))
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,8 +135,8 @@ class Store(ABC):
         """Drop envelopes past the age limit; the number dropped."""
 
     @abstractmethod
-    async def put_bundle(self, name: str, bundle: bytes, onetime: list[bytes], replace: bool) -> None:
-        """Store a node's signed bundle and (add or replace) its one-time prekeys (each encoded)."""
+    async def put_bundle(self, name: str, bundle: bytes, onetime: Sequence[OneTimePrekey], replace: bool) -> None:
+        """Store a node's signed bundle and (add or replace) its one-time prekeys."""
 
     @abstractmethod
     async def note_identity(self, name: str, identity: bytes) -> bool:
@@ -129,7 +150,7 @@ class Store(ABC):
         (kept as it is when None)."""
 
     @abstractmethod
-    async def take_bundle(self, name: str) -> tuple[bytes, bytes | None, int] | None:
+    async def take_bundle(self, name: str) -> TakenBundle | None:
         """The bundle of `name`, one one-time prekey (removed as it is handed out), and how many are left."""
 
     @abstractmethod
@@ -370,12 +391,14 @@ class SqliteStore(Store):
         self._forget(rows)
         return len(rows)
 
-    async def put_bundle(self, name: str, bundle: bytes, onetime: list[bytes], replace: bool) -> None:
+    async def put_bundle(self, name: str, bundle: bytes, onetime: Sequence[OneTimePrekey], replace: bool) -> None:
+        rows = [(name, pack_onetime(prekey)) for prekey in onetime]
+
         def op(db: sqlite3.Connection) -> None:
             db.execute("INSERT OR REPLACE INTO bundles (name, bundle) VALUES (?, ?)", (name, bundle))
             if replace:
                 db.execute("DELETE FROM onetime WHERE name = ?", (name,))
-            db.executemany("INSERT INTO onetime (name, prekey) VALUES (?, ?)", [(name, p) for p in onetime])
+            db.executemany("INSERT INTO onetime (name, prekey) VALUES (?, ?)", rows)
             # Keep the newest MAX_ONETIME_STORED: uploads never grow the table without bound.
             db.execute(
                 "DELETE FROM onetime WHERE name = ? AND seq NOT IN "
@@ -409,8 +432,8 @@ class SqliteStore(Store):
         held: bytes | None = await self._write(op)
         return held
 
-    async def take_bundle(self, name: str) -> tuple[bytes, bytes | None, int] | None:
-        def op(db: sqlite3.Connection) -> tuple[bytes, bytes | None, int] | None:
+    async def take_bundle(self, name: str) -> TakenBundle | None:
+        def op(db: sqlite3.Connection) -> TakenBundle | None:
             row = db.execute("SELECT bundle FROM bundles WHERE name = ?", (name,)).fetchone()
             if row is None:
                 return None
@@ -419,10 +442,10 @@ class SqliteStore(Store):
                 (name,),
             ).fetchone()
             (left,) = db.execute("SELECT COUNT(*) FROM onetime WHERE name = ?", (name,)).fetchone()
-            return row[0], taken[0] if taken else None, left
+            return row[0], unpack_onetime(taken[0]) if taken else None, left
 
         # A write: the one-time prekey must be gone for good before anyone else can be handed it.
-        result: tuple[bytes, bytes | None, int] | None = await self._write(op)
+        result: TakenBundle | None = await self._write(op)
         return result
 
     async def known(self, name: str) -> bool:

@@ -14,14 +14,12 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-import msgpack
-
 from protocol import wire
 from protocol.body import TextBody
 from protocol.body import decode as decode_body
 from protocol.errors import DecodeError
 from protocol.link import Deliver, Send
-from protocol.messages import InitMessage, OneTimePrekey, PrekeyBundle, RatchetMessage, Suite
+from protocol.messages import InitMessage, PrekeyBundle, RatchetMessage, Suite
 from relay.interceptor import Interceptor
 from relay.server import Relay
 from scenarios.timeline import ATTACKER, RELAY, Kind, Timeline
@@ -157,9 +155,7 @@ class MaliciousRelay(Interceptor):
         signed, onetime, _ = found
         frame = wire.decode(signed)
         assert isinstance(frame, PrekeyBundle)
-        if onetime is not None:
-            frame = frame.with_onetime(OneTimePrekey(*msgpack.unpackb(onetime)))
-        return frame
+        return frame.with_onetime(onetime)
 
     # --- the Interceptor hooks ---
 

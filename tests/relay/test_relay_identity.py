@@ -11,7 +11,7 @@ from tests.support.lab import raw_client, relay_config
 from tests.support.pki import BOB, CA
 from tests.support.redis_fixtures import redis_cluster_url, redis_shards, redis_single, redis_url  # noqa: F401 - fixtures
 from tests.support.relay_helpers import publish_bundle
-from tests.support.store import Opener, opener  # noqa: F401 - the backends fixture
+from tests.support.store import Opener, opener, prekey  # noqa: F401 - the backends fixture
 
 
 async def test_another_identity_key_drops_the_stored_one_time_prekeys(opener: Opener) -> None:
@@ -19,7 +19,7 @@ async def test_another_identity_key_drops_the_stored_one_time_prekeys(opener: Op
     await store.open()
     try:
         assert not await store.note_identity("bob", b"A" * 32)  # the first one is only recorded
-        await store.put_bundle("bob", b"bundle", [b"p1", b"p2"], False)
+        await store.put_bundle("bob", b"bundle", [prekey(1), prekey(2)], False)
         assert not await store.note_identity("bob", b"A" * 32)
         assert await store.onetime_left("bob") == 2
         assert await store.note_identity("bob", b"B" * 32)

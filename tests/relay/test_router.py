@@ -319,12 +319,12 @@ def test_a_node_publishes_its_own_bundle_without_its_one_time_prekeys(world: Wor
     publish = PublishBundle(wire.encode(bob_prekeys.bundle), onetime, 0)
     stored = world.router.bundle_to_store(bob, publish)
     assert stored is not None
-    signed, encoded = stored
+    signed, prekeys = stored
     frame = wire.decode(signed)
     assert isinstance(frame, PrekeyBundle) and frame.onetime is None
-    assert [msgpack.unpackb(item) for item in encoded] == onetime
+    assert prekeys == list(bob_prekeys.onetime.values())
     # Handed out with one of them: what the store takes back is a bundle again.
-    bundle, left = Router.bundle_of((signed, encoded[0], 2))
+    bundle, left = Router.bundle_of((signed, prekeys[0], 2))
     assert bundle is not None and left == 2
     handed = wire.decode(bundle)
     assert isinstance(handed, PrekeyBundle) and handed.onetime == min(

@@ -11,7 +11,7 @@ from relay.errors import QuotaExceeded, StoreUnavailable
 from relay.redis_store import RedisStore, seq_of, stream_id
 from relay.store import MAX_ONETIME_STORED, Envelope, Limits, Store
 from tests.support.redis_fixtures import redis_cluster_url, redis_shards, redis_single, redis_url  # noqa: F401 - fixtures
-from tests.support.store import Opener, msg_id, opener, put, store  # noqa: F401 - fixtures, passed by name
+from tests.support.store import Opener, msg_id, opener, prekey, put, store  # noqa: F401 - fixtures, passed by name
 
 
 async def test_envelopes_wait_in_order_until_acknowledged_and_survive_a_reopen(opener: Opener) -> None:
@@ -96,7 +96,7 @@ async def test_envelopes_past_the_age_limit_are_purged(opener: Opener) -> None:
 
 async def test_each_onetime_prekey_is_handed_out_once_even_when_asked_at_once(store: Store, opener: Opener) -> None:
     assert await store.take_bundle("bob") is None and not await store.known("bob")
-    await store.put_bundle("bob", b"bundle-1", [b"p%d" % i for i in range(40)], replace=True)
+    await store.put_bundle("bob", b"bundle-1", [prekey(i) for i in range(40)], replace=True)
     assert await store.known("bob") and await store.onetime_left("bob") == 40
     # Two stores (two relays) on the same data, 50 fetches at once: 40 prekeys, each once.
     other = opener()
@@ -106,15 +106,15 @@ async def test_each_onetime_prekey_is_handed_out_once_even_when_asked_at_once(st
     finally:
         await other.close()
     prekeys = [t[1] for t in taken if t is not None and t[1] is not None]
-    assert sorted(prekeys) == sorted(b"p%d" % i for i in range(40))
+    assert sorted(prekeys, key=lambda p: p.key_id) == [prekey(i) for i in range(40)]
     assert all(t is not None and t[0] == b"bundle-1" for t in taken)
     assert await store.onetime_left("bob") == 0
     # Adding keeps what is there; replacing drops it; never more than MAX_ONETIME_STORED, the newest.
-    await store.put_bundle("bob", b"bundle-2", [b"a", b"b"], replace=False)
-    await store.put_bundle("bob", b"bundle-2", [b"c"], replace=False)
-    assert await store.take_bundle("bob") == (b"bundle-2", b"a", 2)
-    await store.put_bundle("bob", b"bundle-3", [b"k%d" % i for i in range(MAX_ONETIME_STORED + 5)], replace=True)
-    assert await store.take_bundle("bob") == (b"bundle-3", b"k5", MAX_ONETIME_STORED - 1)
+    await store.put_bundle("bob", b"bundle-2", [prekey(100), prekey(101)], replace=False)
+    await store.put_bundle("bob", b"bundle-2", [prekey(102)], replace=False)
+    assert await store.take_bundle("bob") == (b"bundle-2", prekey(100), 2)
+    await store.put_bundle("bob", b"bundle-3", [prekey(i) for i in range(MAX_ONETIME_STORED + 5)], replace=True)
+    assert await store.take_bundle("bob") == (b"bundle-3", prekey(5), MAX_ONETIME_STORED - 1)
 
 
 async def test_the_crl_feed_never_goes_back(store: Store, opener: Opener) -> None:

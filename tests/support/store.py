@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from redis.asyncio import RedisCluster
 
+from protocol.messages import OneTimePrekey
 from relay.redis_store import RedisStore
 from relay.store import SqliteStore, Store
 
@@ -38,6 +39,11 @@ async def store(opener: Opener, request: pytest.FixtureRequest) -> AsyncIterator
 
 def msg_id() -> bytes:
     return os.urandom(16)
+
+
+def prekey(key_id: int) -> OneTimePrekey:
+    """A one-time prekey value for the store tests (the store keeps it as it is, never checks it)."""
+    return OneTimePrekey(key_id, key_id.to_bytes(32, "big"), bytes(64))
 
 
 async def put(store: Store, m: bytes, sender: str, recipient: str, payload: bytes, at: int = 1000) -> None:
