@@ -4,8 +4,9 @@ Routes (a table: the admin routes of `ca.admin_api` plug in with `add_route`):
 
     GET  /ca.pem          the root certificate (PEM) - check its fingerprint out of band
     GET  /crl             the current CRL (DER, application/pkix-crl)
-    POST /enroll          {"token": ..., "csr": PEM} -> 200 {"certificate": PEM}
+    POST /enrol           {"token": ..., "csr": PEM} -> 200 {"certificate": PEM}
                           400 malformed request or CSR, 403 refused token or CSR, 429 throttled
+    POST /enroll          the same: an alias kept for clients of earlier versions
     POST /renew           {"certificate": PEM, "csr": PEM} -> 200 {"certificate": PEM}: a new
                           certificate for the same name and key; the CSR, signed by that key,
                           authenticates the request (`CertificateAuthority.renew`); 400, 403, 429
@@ -230,7 +231,9 @@ class CaHttpServer:
         self.prefix_routes: dict[str, dict[str, Handler]] = {}
         self.add_route("GET", "/ca.pem", self._ca_pem)
         self.add_route("GET", "/crl", self._crl)
-        self.add_route("POST", "/enroll", self._throttled(self._enrol_response))
+        enrol = self._throttled(self._enrol_response)
+        self.add_route("POST", "/enrol", enrol)
+        self.add_route("POST", "/enroll", enrol)  # the spelling of earlier versions, still accepted
         self.add_route("POST", "/renew", self._throttled(self._renew_response))
         # `openssl ocsp -url http://HOST:PORT/` posts to "/", RFC 6960 clients to wherever the AIA says.
         self.add_route("POST", "/", self._ocsp_post)

@@ -290,7 +290,7 @@ def init(
 def serve(listen: tuple[str, int], relay_url: str | None, store: StoreOptions) -> None:
     """Run the CA until SIGINT or SIGTERM.
 
-    Serves GET /ca.pem, GET /crl, POST /enroll, POST /renew, OCSP (POST / and /ocsp, GET
+    Serves GET /ca.pem, GET /crl, POST /enrol (alias /enroll), POST /renew, OCSP (POST / and /ocsp, GET
     /ocsp/<request>), the admin API (/admin/...) and GET /healthz over HTTP, and with --relay
     publishes the CRL to the relay's feed on connect and whenever it changes: re-issued after
     2/3 of its lifetime, or by a revocation (from `kmsnet ca revoke` in another process too,

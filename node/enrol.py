@@ -251,9 +251,9 @@ def enrol_node(
     with _Stage.prepare(home, name, records, passphrase, argon2, (key_token, pin)) as stage:
         payload = {"token": token, "csr": _csr(stage.identity, name)}
         stage.keep = True  # from here on the CA may certify the key: keep it for a retry, unless it says no
-        status, body = _exchange(f"{base}/enroll", json.dumps(payload).encode(), timeout)
+        status, body = _exchange(f"{base}/enrol", json.dumps(payload).encode(), timeout)
         stage.keep = False  # an answer: a certificate we check now, or a refusal, which certified nothing
-        issued = _certificate_answer("/enroll", status, body)
+        issued = _certificate_answer("/enrol", status, body)
         verified = _verify_issued(issued, root, name, stage.identity, clock())
         stage.keep = True
         stage.finish(verified.der)
@@ -703,7 +703,7 @@ def rekey_node(
         try:
             identity = _new_identity(name, session)
             try:
-                issued = _post_certificate(base, "/enroll", {"token": token, "csr": _csr(identity, name)}, timeout)
+                issued = _post_certificate(base, "/enrol", {"token": token, "csr": _csr(identity, name)}, timeout)
                 verified = _verify_issued(issued, state.root, name, identity, clock())
                 renewal = _store_certificate(keystore, state, verified, base, new_identity=identity)
             except BaseException:

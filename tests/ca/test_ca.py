@@ -428,13 +428,21 @@ async def test_http_serves_the_root_the_crl_and_health(server: CaHttpServer, aut
 
 async def test_http_enrols_with_a_token(server: CaHttpServer, authority: CertificateAuthority, admin: Admin) -> None:
     token = admin.token("alice")
-    status, headers, body = await http(server.port, post("/enroll", enrolment(token.secret, "alice")))
+    status, headers, body = await http(server.port, post("/enrol", enrolment(token.secret, "alice")))
     assert (status, headers["content-type"]) == (200, "application/json")
     pem = json.loads(body)["certificate"].encode()
     assert certs.verify(certs.load_certificate(pem), authority.root, NOW, expected_name="alice")
-    status, _, body = await http(server.port, post("/enroll", enrolment(token.secret, "alice")))
+    status, _, body = await http(server.port, post("/enrol", enrolment(token.secret, "alice")))
     assert status == 403
     assert "used" in json.loads(body)["error"]
+
+
+async def test_http_still_enrols_at_the_old_spelling_enroll(server: CaHttpServer, admin: Admin) -> None:
+    token = admin.token("bob")
+    status, _, body = await http(server.port, post("/enroll", enrolment(token.secret, "bob")))
+    assert status == 200 and "BEGIN CERTIFICATE" in json.loads(body)["certificate"]
+    status, _, _ = await http(server.port, post("/enroll", enrolment(token.secret, "bob")))
+    assert status == 403  # one handler behind both paths: the token is spent for /enrol too
 
 
 async def test_http_refusals_are_precise_json_errors(
@@ -442,17 +450,17 @@ async def test_http_refusals_are_precise_json_errors(
 ) -> None:
     token = admin.token("bob")
     cases = [
-        (post("/enroll", enrolment(token.secret, "alice")), 403),  # a CSR for another name
-        (post("/enroll", enrolment("A" * 22, "bob")), 403),  # unknown token
-        (post("/enroll", b"{not json"), 400),
-        (post("/enroll", b"\xff\xfe"), 400),
-        (post("/enroll", b'["token", "csr"]'), 400),
-        (post("/enroll", json.dumps({"token": token.secret, "csr": 5}).encode()), 400),
-        (post("/enroll", json.dumps({"token": token.secret, "csr": "x", "extra": 1}).encode()), 400),
-        (post("/enroll", json.dumps({"token": token.secret, "csr": "junk"}).encode()), 400),
-        (post("/enroll", enrolment(token.secret, "bob"), "text/plain"), 415),
+        (post("/enrol", enrolment(token.secret, "alice")), 403),  # a CSR for another name
+        (post("/enrol", enrolment("A" * 22, "bob")), 403),  # unknown token
+        (post("/enrol", b"{not json"), 400),
+        (post("/enrol", b"\xff\xfe"), 400),
+        (post("/enrol", b'["token", "csr"]'), 400),
+        (post("/enrol", json.dumps({"token": token.secret, "csr": 5}).encode()), 400),
+        (post("/enrol", json.dumps({"token": token.secret, "csr": "x", "extra": 1}).encode()), 400),
+        (post("/enrol", json.dumps({"token": token.secret, "csr": "junk"}).encode()), 400),
+        (post("/enrol", enrolment(token.secret, "bob"), "text/plain"), 415),
         (get("/nowhere"), 404),
-        (get("/enroll"), 405),
+        (get("/enrol"), 405),
         (post("/ca.pem", b""), 405),
         (b"GARBAGE\r\n\r\n", 400),
         (b"GET nowhere HTTP/1.1\r\n\r\n", 400),
@@ -461,11 +469,11 @@ async def test_http_refusals_are_precise_json_errors(
         (b"GET / HTTP/2.0\r\n\r\n", 505),
         (b"GET /healthz HTTP/1.1\r\n folded: header\r\n\r\n", 400),
         (b"GET /healthz HTTP/1.1\r\nbad header\r\n\r\n", 400),
-        (b"POST /enroll HTTP/1.1\r\nContent-Type: application/json\r\n\r\n", 411),
-        (b"POST /enroll HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}", 400),
-        (b"POST /enroll HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
-        (b"POST /enroll HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
-        (b"POST /enroll HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort", 400),
+        (b"POST /enrol HTTP/1.1\r\nContent-Type: application/json\r\n\r\n", 411),
+        (b"POST /enrol HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n{}", 400),
+        (b"POST /enrol HTTP/1.1\r\nContent-Length: -1\r\n\r\n", 400),
+        (b"POST /enrol HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 501),
+        (b"POST /enrol HTTP/1.1\r\nContent-Length: 10\r\n\r\nshort", 400),
         (b"GET /healthz HTTP/1.1\r\nX-Big: " + b"a" * (9 * 1024) + b"\r\n\r\n", 431),
     ]
     for request, expected in cases:
@@ -474,18 +482,18 @@ async def test_http_refusals_are_precise_json_errors(
         assert headers["content-type"] == "application/json"
         assert isinstance(json.loads(body)["error"], str)
         assert b"Traceback" not in body
-    assert (await http(server.port, get("/enroll")))[1]["allow"] == "POST"
+    assert (await http(server.port, get("/enrol")))[1]["allow"] == "POST"
     # Refused CSRs left bob's token as it was.
-    status, _, _ = await http(server.port, post("/enroll", enrolment(token.secret, "bob")))
+    status, _, _ = await http(server.port, post("/enrol", enrolment(token.secret, "bob")))
     assert status == 200
 
 
 async def test_http_oversized_body_is_413_even_while_it_is_being_sent(server: CaHttpServer) -> None:
     body = b"x" * (64 * 1024 + 1)
-    status, _, answer = await http(server.port, post("/enroll", body))
+    status, _, answer = await http(server.port, post("/enrol", body))
     assert status == 413
     assert "body over" in json.loads(answer)["error"]
-    headers_only = b"POST /enroll HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\n\r\n"
+    headers_only = b"POST /enrol HTTP/1.1\r\nContent-Type: application/json\r\nContent-Length: 999999999\r\n\r\n"
     assert (await http(server.port, headers_only))[0] == 413
 
 
@@ -494,13 +502,13 @@ async def test_http_throttles_failed_enrolments_per_client(
 ) -> None:
     token = admin.token("alice")
     for _ in range(10):
-        assert (await http(server.port, post("/enroll", enrolment("A" * 22, "alice"))))[0] == 403
-    status, headers, _ = await http(server.port, post("/enroll", enrolment(token.secret, "alice")))
+        assert (await http(server.port, post("/enrol", enrolment("A" * 22, "alice"))))[0] == 403
+    status, headers, _ = await http(server.port, post("/enrol", enrolment(token.secret, "alice")))
     assert status == 429
     assert int(headers["retry-after"]) == 60
     assert (await http(server.port, get("/ca.pem")))[0] == 200  # only enrolment is throttled
     ticks.value += 60
-    status, _, _ = await http(server.port, post("/enroll", enrolment(token.secret, "alice")))
+    status, _, _ = await http(server.port, post("/enrol", enrolment(token.secret, "alice")))
     assert status == 200  # the window slid; the throttled attempt did not consume the token
 
 

@@ -204,15 +204,15 @@ async def test_a_lost_answer_is_finished_by_a_retry_and_another_key_is_still_ref
         await asyncio.sleep(1.0)  # past the client's timeout: the node never sees the certificate
         return Response.json(HTTPStatus.OK, {"certificate": pem.decode()})
 
-    original = ca.server.routes["/enroll"]["POST"]
-    ca.server.add_route("POST", "/enroll", answer_too_late)
+    original = ca.server.routes["/enrol"]["POST"]
+    ca.server.add_route("POST", "/enrol", answer_too_late)
     home = tmp_path / "alice"
     call = functools.partial(
         enrol_node, home, "alice", ca.url, token.secret, RELAY, PASS, argon2=ARGON2_TEST, timeout=0.3
     )
     with pytest.raises(EnrolmentUnfinished):
         await asyncio.to_thread(call)
-    ca.server.add_route("POST", "/enroll", original)
+    ca.server.add_route("POST", "/enrol", original)
     certified = alice_serials(ca)
     result = await enrol(home, "alice", ca.url, token.secret)
     assert alice_serials(ca) == certified == [result.serial]
@@ -282,7 +282,7 @@ async def test_a_certificate_for_another_name_is_refused(ca: RunningCa, tmp_path
         pem = ca.authority.enrol(ca.admin.token("mallory").secret, _csr("mallory"))
         return Response.json(HTTPStatus.OK, {"certificate": pem.decode()})
 
-    ca.server.add_route("POST", "/enroll", wrong_name)
+    ca.server.add_route("POST", "/enrol", wrong_name)
     with pytest.raises(CertificateRefused, match="expected 'alice'"):
         await enrol(tmp_path / "alice", "alice", ca.url, "A" * 22)
     assert_nothing_written(tmp_path / "alice")
@@ -293,7 +293,7 @@ async def test_a_certificate_for_another_key_is_refused(ca: RunningCa, tmp_path:
         pem = ca.authority.enrol(ca.admin.token("alice").secret, _csr("alice"))
         return Response.json(HTTPStatus.OK, {"certificate": pem.decode()})
 
-    ca.server.add_route("POST", "/enroll", other_key)
+    ca.server.add_route("POST", "/enrol", other_key)
     with pytest.raises(CertificateRefused, match="another key"):
         await enrol(tmp_path / "alice", "alice", ca.url, "A" * 22)
     assert_nothing_written(tmp_path / "alice")
@@ -310,9 +310,9 @@ async def test_a_certificate_for_another_key_is_refused(ca: RunningCa, tmp_path:
             CaProtocolError,
         ),
         ("/ca.pem", Response(HTTPStatus.OK, b"x" * (64 * 1024 + 1), "text/plain"), CaProtocolError),
-        ("/enroll", Response.json(HTTPStatus.OK, {"certificate": 5}), CaProtocolError),
-        ("/enroll", Response.error(HTTPStatus.TOO_MANY_REQUESTS, "slow down"), CaUnreachable),
-        ("/enroll", Response.error(HTTPStatus.IM_A_TEAPOT, "\x1b[31mred"), CaProtocolError),
+        ("/enrol", Response.json(HTTPStatus.OK, {"certificate": 5}), CaProtocolError),
+        ("/enrol", Response.error(HTTPStatus.TOO_MANY_REQUESTS, "slow down"), CaUnreachable),
+        ("/enrol", Response.error(HTTPStatus.IM_A_TEAPOT, "\x1b[31mred"), CaProtocolError),
     ],
 )
 async def test_answers_outside_the_protocol_are_refused(
@@ -321,7 +321,7 @@ async def test_answers_outside_the_protocol_are_refused(
     async def answer(request: Request) -> Response:
         return response
 
-    ca.server.add_route("POST" if path == "/enroll" else "GET", path, answer)
+    ca.server.add_route("POST" if path == "/enrol" else "GET", path, answer)
     with pytest.raises(error) as failed:
         await enrol(tmp_path / "alice", "alice", ca.url, ca.admin.token("alice").secret)
     assert "\x1b" not in str(failed.value)

@@ -25,7 +25,7 @@ from relay.server import Relay
 from tests.support.lab import clock, next_event, next_message, provision, publish_crl, raw_client, relay_config, running
 from tests.support.pki import ALICE, BOB, CA, MALLORY, NOW, ROGUE_CA, establish, make_prekeys
 
-CAROL = CA.enroll("carol", 0x1004)
+CAROL = CA.enrol("carol", 0x1004)
 #: The longest a held lookup waits for the test to let it go (below the checker's own timeout).
 HOLD = 4.0
 
@@ -119,7 +119,7 @@ async def test_a_forged_init_costs_no_request_and_is_not_held(tmp_path: Path) ->
             alice = Node(provision(CA, ALICE, relay.url), options=NodeOptions(ocsp_url=url), clock=clock)
             async with running(alice):
                 initiated, _ = establish(CA, MALLORY, make_prekeys(ALICE))
-                forged_cert = ROGUE_CA.enroll("bob", BOB.serial).cert
+                forged_cert = ROGUE_CA.enrol("bob", BOB.serial).cert
                 init = dataclasses.replace(handshake.decode_init(initiated.frame), certificate=forged_cert)
                 forged = wire.encode(init)
                 ws, _ = await raw_client(relay, MALLORY, ca=CA)
@@ -150,10 +150,10 @@ async def test_held_frames_are_bounded_and_lookups_rate_limited_per_peer() -> No
         assert gate.dropped == 5
         release.set()
         await asyncio.gather(*tasks)
-        assert handled == [frame.msg_id for frame in frames[: MAX_HELD]]
+        assert handled == [frame.msg_id for frame in frames[:MAX_HELD]]
         assert checker.requests == 1
 
-        renewed = CA.enroll("bob", 0x2002)  # another serial, same peer name
+        renewed = CA.enrol("bob", 0x2002)  # another serial, same peer name
         renewed_init = dataclasses.replace(handshake.decode_init(initiated.frame), certificate=renewed.cert)
         later = Deliver(b"\xff" * 16, "bob", wire.encode(renewed_init), 0)
         assert not gate.holds(later)  # asked about bob less than PEER_INTERVAL ago: no request now

@@ -90,7 +90,7 @@ async def test_an_unreachable_responder_fails_closed(tmp_path: Path) -> None:
 async def test_a_forged_certificate_costs_no_ocsp_request_and_answers_are_kept_until_next_update() -> None:
     """Issue #13 part 4: the certificate is verified before the responder is asked, the answer is
     kept until its nextUpdate, and a failing responder is not asked again at once."""
-    forged = ROGUE_CA.enroll("bob", BOB.serial)  # the right issuer name, another key
+    forged = ROGUE_CA.enrol("bob", BOB.serial)  # the right issuer name, another key
     with responder(set()) as url:
         checker = OcspChecker(url, CA.root)
         for _ in range(100):

@@ -18,10 +18,10 @@ from tests.support.lab import next_event, next_message, provision, publish_crl, 
 from tests.support.pki import BOB, CA, DAY, HOUR, NOW, YEAR
 from tests.support.pki import Node as Identity
 
-ALICE_KEY = CA.enroll("alice", 0x3000).identity
+ALICE_KEY = CA.enrol("alice", 0x3000).identity
 #: Alice's first certificate (short-lived), and its renewal for the same identity key.
-OLD = CA.enroll("alice", 0x3001, identity=ALICE_KEY, not_after=NOW + DAY)
-RENEWED = CA.enroll("alice", 0x3002, identity=ALICE_KEY, not_after=NOW + YEAR)
+OLD = CA.enrol("alice", 0x3001, identity=ALICE_KEY, not_after=NOW + DAY)
+RENEWED = CA.enrol("alice", 0x3002, identity=ALICE_KEY, not_after=NOW + YEAR)
 
 
 class Clock:

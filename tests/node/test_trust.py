@@ -76,7 +76,7 @@ async def test_trust_history_and_refusals_from_the_command_line(tmp_path: Path) 
 
         # Bob comes back with another identity key (a new device, or someone posing as him).
         t = now()
-        new_bob = CA.enroll("bob", 0x5F2, not_before=t - timedelta(days=1), not_after=t + timedelta(days=30))
+        new_bob = CA.enrol("bob", 0x5F2, not_before=t - timedelta(days=1), not_after=t + timedelta(days=30))
         provision(CA, new_bob, w.relay.url, tmp_path / "bob2" / "keystore.db").close()
         assert (await send(tmp_path / "bob2", "alice", "it's me, new key")).code == 0
         got = await kmsnet("receive", "--home", alice, "--json", "--timeout", "3")

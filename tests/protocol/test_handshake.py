@@ -180,7 +180,7 @@ def test_revocation_state_checks_pass_for_unrevoked_peers(crl_state: RevocationS
 
 
 def test_bundle_certificate_from_a_rogue_ca() -> None:
-    rogue_bob = ROGUE_CA.enroll("bob", 0x1002)
+    rogue_bob = ROGUE_CA.enrol("bob", 0x1002)
     with pytest.raises(UntrustedIssuer):
         initiate(make_prekeys(rogue_bob).fetch())
 
@@ -195,13 +195,13 @@ def test_bundle_certificate_from_a_rogue_ca() -> None:
     ids=["expired", "not yet valid", "expired beyond skew"],
 )
 def test_bundle_certificate_dates(not_before: datetime, not_after: datetime, exc: type[Exception]) -> None:
-    bob = CA.enroll("bob", 0x2002, identity=BOB.identity, not_before=not_before, not_after=not_after)
+    bob = CA.enrol("bob", 0x2002, identity=BOB.identity, not_before=not_before, not_after=not_after)
     with pytest.raises(exc):
         initiate(make_prekeys(bob).fetch())
 
 
 def test_bundle_certificate_within_clock_skew_is_accepted() -> None:
-    bob = CA.enroll("bob", 0x2003, identity=BOB.identity, not_before=NOW - DAY, not_after=NOW - CLOCK_SKEW)
+    bob = CA.enrol("bob", 0x2003, identity=BOB.identity, not_before=NOW - DAY, not_after=NOW - CLOCK_SKEW)
     initiate(make_prekeys(bob).fetch())
 
 
@@ -383,19 +383,19 @@ def test_init_addressed_to_another_certificate(bob_prekeys: Prekeys) -> None:
 
 
 def test_initiator_certificate_from_a_rogue_ca(bob_prekeys: Prekeys) -> None:
-    rogue_alice = ROGUE_CA.enroll("alice", 0x1001)
+    rogue_alice = ROGUE_CA.enrol("alice", 0x1001)
     initiated = initiate(bob_prekeys.fetch(), initiator=rogue_alice)  # alice's side checks only bob's bundle
     refused_by_responder(initiated.frame, bob_prekeys, UntrustedIssuer)
 
 
 def test_initiator_certificate_expired(bob_prekeys: Prekeys) -> None:
-    old_alice = CA.enroll("alice", 0x3001, identity=ALICE.identity, not_before=NOW - 9 * DAY, not_after=NOW - DAY)
+    old_alice = CA.enrol("alice", 0x3001, identity=ALICE.identity, not_before=NOW - 9 * DAY, not_after=NOW - DAY)
     initiated = initiate(bob_prekeys.fetch(), initiator=old_alice)
     refused_by_responder(initiated.frame, bob_prekeys, CertificateExpired)
 
 
 def test_initiator_certificate_not_yet_valid(bob_prekeys: Prekeys) -> None:
-    future_alice = CA.enroll("alice", 0x3002, identity=ALICE.identity, not_before=NOW + DAY, not_after=NOW + 9 * DAY)
+    future_alice = CA.enrol("alice", 0x3002, identity=ALICE.identity, not_before=NOW + DAY, not_after=NOW + 9 * DAY)
     initiated = initiate(bob_prekeys.fetch(), initiator=future_alice)
     refused_by_responder(initiated.frame, bob_prekeys, CertificateNotYetValid)
 

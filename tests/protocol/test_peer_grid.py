@@ -231,7 +231,7 @@ def test_a_redelivery_is_taken_once() -> None:
 @pytest.mark.parametrize("state", [PeerState.ESTABLISHED, PeerState.CLOSED], ids=lambda s: s.name)
 def test_a_new_identity_key_is_told_and_after_closed_starts_from_idle(state: PeerState) -> None:
     pair = in_state(state)
-    rekeyed = CA.enroll("alice", 0x2001)
+    rekeyed = CA.enrol("alice", 0x2001)
     pair.alice, pair.alice_prekeys = Peer("bob"), make_prekeys(rekeyed)
     started = pair.alice.start(pair.bob_prekeys.fetch(), pair.tick(), local(rekeyed, pair.alice_prekeys))
     assert started.frame is not None

@@ -183,7 +183,7 @@ async def test_an_older_crl_through_the_second_relay_is_refused_and_the_newer_on
             # Published through A, pushed by B to its node.
             feed = await recv_frame(alice)
             assert isinstance(feed, CrlFeed) and feed.crl == CA.crl(number=5)
-            ca, _ = await raw_client(b, CA.enroll("ca", 0xCA), ca=CA)
+            ca, _ = await raw_client(b, CA.enrol("ca", 0xCA), ca=CA)
             async with ca:
                 assert await recv_frame(ca) == CrlFeed(CA.crl(number=5))
                 await ca.send(wire.encode_link(PublishCrl(CA.crl(number=4))))
@@ -199,7 +199,7 @@ async def test_a_relay_whose_feed_lags_still_refuses_an_older_crl(shared: str) -
         b.on_crl = lambda: None  # type: ignore[method-assign] - deaf to the bus
         await publish_crl(a, CA, CA.crl(number=5))
         assert b._feed.highest_number == 3
-        ca, _ = await raw_client(b, CA.enroll("ca", 0xCA), ca=CA)
+        ca, _ = await raw_client(b, CA.enrol("ca", 0xCA), ca=CA)
         async with ca:
             await recv_frame(ca)  # the feed it holds
             await ca.send(wire.encode_link(PublishCrl(CA.crl(number=4))))
@@ -287,7 +287,7 @@ def test_the_command_line_takes_a_redis_url_and_says_in_one_line_when_redis_is_n
 async def test_a_burst_of_nodes_connecting_at_once_is_served_not_refused(redis_url: str) -> None:
     """More nodes at once than the Redis client has connections: they queue for Redis, none is refused."""
     async with Relay(relay_config(CA, store_path=redis_url)) as relay:
-        people = [CA.enroll(f"n{i}", 1000 + i) for i in range(150)]
+        people = [CA.enrol(f"n{i}", 1000 + i) for i in range(150)]
         connections = await asyncio.gather(*(raw_client(relay, who) for who in people))
         assert len(relay.connected()) == 150
         for ws, welcome in connections:

@@ -69,7 +69,7 @@ async def test_nobody_connects_as_another_node(attack: str) -> None:
             if attack == "wrong-key":  # mallory presents bob's certificate, signs with her key
                 frame = wire.encode_link(Auth(BOB.cert, MALLORY.identity.sign(signed)))
             elif attack == "rogue-ca":  # a lookalike CA's certificate for bob
-                rogue = ROGUE_CA.enroll("bob", 0x1002)
+                rogue = ROGUE_CA.enrol("bob", 0x1002)
                 frame = wire.encode_link(Auth(rogue.cert, rogue.identity.sign(signed)))
             elif attack == "other-nonce":  # a signature over another challenge (a replayed AUTH)
                 replayed = auth_signed_bytes(bytes(32), "x", relay.url)
@@ -234,7 +234,7 @@ async def test_crl_feed_comes_only_from_the_ca_and_never_goes_back() -> None:
             await publish_crl(relay, CA, CA.crl(number=5))
             feed = await recv_frame(alice_ws)
             assert isinstance(feed, CrlFeed) and feed.crl == CA.crl(number=5)
-        ca_ws, _ = await raw_client(relay, CA.enroll("ca", 0xCA))
+        ca_ws, _ = await raw_client(relay, CA.enrol("ca", 0xCA))
         async with ca_ws:
             assert isinstance(await recv_frame(ca_ws), CrlFeed)  # pushed on connect
             await ca_ws.send(wire.encode_link(PublishCrl(CA.crl(number=4))))

@@ -37,7 +37,7 @@ async def test_a_node_back_with_a_new_key_is_welcomed_with_no_one_time_prekeys()
         ws, welcome = await raw_client(relay, BOB)
         async with ws:
             assert welcome.onetime == 5  # the same key: kept
-        rekeyed = CA.enroll("bob", 0x2002, identity=IdentityKey.generate())
+        rekeyed = CA.enrol("bob", 0x2002, identity=IdentityKey.generate())
         ws, welcome = await raw_client(relay, rekeyed)
         async with ws:
             assert welcome.onetime == 0

@@ -22,7 +22,7 @@ from tests.support.lab import make_node, publish_crl, raw_client, recv_frame, re
 from tests.support.pki import ALICE, BOB, CA, MALLORY
 from tests.support.relay_helpers import publish_bundle
 
-CAROL = CA.enroll("carol", 0x1004)
+CAROL = CA.enrol("carol", 0x1004)
 
 
 async def set_pragma(relay: Relay, pragma: str) -> None:

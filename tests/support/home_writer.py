@@ -154,7 +154,7 @@ async def provision_homes(relay: Relay, tmp_path: Path) -> list[Path]:
     await publish_crl(relay, CA, CA.crl(this_update=t - timedelta(minutes=5), next_update=t + timedelta(days=1)))
     homes = []
     for serial, name in ((0x501, "alice"), (0x502, "bob")):
-        who = CA.enroll(name, serial, not_before=t - timedelta(days=1), not_after=t + timedelta(days=30))
+        who = CA.enrol(name, serial, not_before=t - timedelta(days=1), not_after=t + timedelta(days=30))
         home = tmp_path / name
         provision(CA, who, relay.url, home / "keystore.db").close()
         homes.append(home)

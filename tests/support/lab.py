@@ -84,7 +84,7 @@ async def recv_frame(ws: ClientConnection, timeout: float = 5.0) -> LinkFrame:
 
 async def publish_crl(relay: Relay, ca: Ca, crl: bytes) -> None:
     """Publish `crl` the way the CA node does: authenticated as the node named "ca"."""
-    ca_node = ca.enroll("ca", 0xCA)
+    ca_node = ca.enrol("ca", 0xCA)
     ws, _ = await raw_client(relay, ca_node, ca=ca)
     async with ws:
         await ws.send(wire.encode_link(PublishCrl(crl)))

@@ -99,7 +99,7 @@ class Ca:
             key=self.key, name=name, serial=1, not_before=not_before, not_after=not_after
         )
 
-    def enroll(
+    def enrol(
         self,
         name: str,
         serial: int,
@@ -410,6 +410,6 @@ def resign(tbs: bytes, key: Ed25519PrivateKey) -> bytes:
 
 CA = Ca()
 ROGUE_CA = Ca(name="kmsnet-test-ca", seed="rogue-ca")  # same name, other key: a lookalike CA
-ALICE = CA.enroll("alice", 0x1001)
-BOB = CA.enroll("bob", 0x1002)
-MALLORY = CA.enroll("mallory", 0x1003)
+ALICE = CA.enrol("alice", 0x1001)
+BOB = CA.enrol("bob", 0x1002)
+MALLORY = CA.enrol("mallory", 0x1003)
