@@ -38,6 +38,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from node.clock import utcnow
 from node.errors import AuditChainBroken, AuditError
+from node.home import NS_AUDIT
 from node.keystore import Keystore
 from protocol.certs import CaKey
 
@@ -47,7 +48,6 @@ Clock = Callable[[], datetime]
 GENESIS = bytes(32)
 _HASH_DOMAIN = b"kmsnet-audit/1\n"
 _SIG_DOMAIN = b"kmsnet-audit/1 sig"
-_HEAD_NAMESPACE = "audit"
 _LOG_NAME = re.compile(r"[a-z][a-z0-9_-]{0,31}")
 
 
@@ -139,7 +139,7 @@ class AuditLog:
                 "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (self._name, seq, time, actor, action, _canonical(fields), prev, digest, signature),
             )
-            self._store.put(_HEAD_NAMESPACE, self._name, _canonical({"seq": seq, "hash": digest.hex()}).encode())
+            self._store.put(NS_AUDIT, self._name, _canonical({"seq": seq, "hash": digest.hex()}).encode())
         return entry
 
     def entries(self, *, after: int = 0, limit: int | None = None) -> Iterator[AuditEntry]:
@@ -184,7 +184,7 @@ class AuditLog:
             raise AuditChainBroken(entry.seq, "signature does not verify") from None
 
     def _check_head(self, last_seq: int, last_hash: bytes) -> None:
-        raw = self._store.get(_HEAD_NAMESPACE, self._name)
+        raw = self._store.get(NS_AUDIT, self._name)
         if raw is None:
             if last_seq:
                 raise AuditChainBroken(1, "entries exist but the sealed head is missing")

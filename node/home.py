@@ -32,6 +32,7 @@ from protocol.peer import NS_SESSION as NS_SESSION
 __all__ = [
     "KEYSTORE_FILE",
     "NS_ARCHIVE",
+    "NS_AUDIT",
     "NS_BUNDLE",
     "NS_INBOX",
     "NS_KMS",
@@ -59,6 +60,8 @@ NS_OUTBOX = "outbox"
 NS_INBOX = "inbox"
 #: The KMS's keys, versions and audit key (node/kms.py).
 NS_KMS = "kms"
+#: The head (last sequence number and hash) of each audit log kept in a keystore (node/audit.py).
+NS_AUDIT = "audit"
 
 
 def last_seq(names: list[str]) -> int:
