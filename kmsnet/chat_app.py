@@ -1,8 +1,8 @@
 """The chat UI (`kmsnet chat`): a Textual app around one already-constructed `node.node.Node`.
 
 The app never waits on the network in a handler. The node is started without waiting for the
-relay, every send runs in its own worker, and deliveries are read from `node.events` by a worker
-too; everything the screen shows comes from the node's local state (`status()`, `take_inbox()`,
+relay, every send runs in its own worker, and deliveries are read from `node.deliveries()` by a
+worker too; everything the screen shows comes from the node's local state (`status()`, the inbox,
 `outbox_size()`), which only touches the local keystore. A dead or slow relay therefore shows up
 as "offline" and as queued messages, never as a frozen screen.
 
@@ -182,13 +182,13 @@ class ChatApp(App[None]):
         except NodeError as exc:  # a malformed relay URL: nothing to retry
             self._start_error = str(exc)
         else:
-            self._follow_events()
             if self._serve is not None:
                 await self._services.enter_async_context(self._serve(self.node))
-        # The conversations so far, then whatever arrived while no application was looking.
+        # The conversations so far, then whatever arrived while no application was looking, then
+        # each delivery as it lands.
         self._load_history()
         self.node.history.listeners.append(self._on_history)
-        self._take_inbox()
+        self._follow_deliveries()
         self._refresh()
         self.set_interval(REFRESH_INTERVAL, self._refresh)
         self._render_conversation()
@@ -204,21 +204,14 @@ class ChatApp(App[None]):
     # --- the node's deliveries ------------------------------------------------------------------------
 
     @work(group="events", exclusive=True)
-    async def _follow_events(self) -> None:
-        # Each queued item is also in the on-disk inbox, which is what we show (and empty), so
-        # that a later `kmsnet receive` does not print them again.
-        while True:
-            await self.node.events.get()
-            self._take_inbox()
-
-    def _take_inbox(self) -> None:
-        items = self.node.take_inbox()
-        for item in items:
+    async def _follow_deliveries(self) -> None:
+        # Each item is taken from the on-disk inbox as it is handed out, so that a later
+        # `kmsnet receive` does not print it again.
+        async for item in self.node.deliveries():
             if item.get("type") == "message":
                 self._add_message(item)
             else:
                 self._add_event(item)
-        if items:
             # Status bar, badges and banners from one look at the node's state, at once: a banner
             # never shows a revocation that the status bar and contact list do not yet.
             self._refresh()

@@ -156,40 +156,47 @@ async def _receive_work(node: Node, args: dict[str, Any], sink: Sink, *, take: b
     """
     follow, timeout = bool(args.get("follow")), args.get("timeout")
     taken: asyncio.Queue[list[dict[str, Any]]] = asyncio.Queue()
-    node.inbox_listeners.append(taken.put_nowait)
+    # Either we take the node's deliveries (one channel, in commit order), or another reader does and
+    # tells its listeners what it took.
+    reader = asyncio.create_task(_read_deliveries(node, taken)) if take else None
+    if reader is None:
+        node.inbox_listeners.append(taken.put_nowait)
     notes = asyncio.create_task(_connection_notes(node, sink)) if follow else None
     try:
         # --timeout ends the wait; what arrived until then was printed.
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(timeout):
-                if take:
-                    node.take_inbox()
                 while not sink.closing.is_set():
                     _print_all(_drain(taken), sink)
                     getter = asyncio.create_task(taken.get())
                     closer = asyncio.create_task(sink.closing.wait())
-                    waker = asyncio.create_task(node.events.get()) if take else None
-                    tasks: set[asyncio.Task[Any]] = {getter, closer} | ({waker} if waker is not None else set())
                     done, pending = await asyncio.wait(
-                        tasks, timeout=None if follow else QUIET, return_when=asyncio.FIRST_COMPLETED
+                        {getter, closer}, timeout=None if follow else QUIET, return_when=asyncio.FIRST_COMPLETED
                     )
                     for task in pending:
                         task.cancel()
                     if getter in done:
                         _print_all(getter.result() + _drain(taken), sink)
-                    if waker in done:
-                        node.take_inbox()  # to our listener, and to any other reader's
                     if not done and not follow and node.idle():
                         break
-        if take:
-            node.take_inbox()
-        _print_all(_drain(taken), sink)
     finally:
-        node.inbox_listeners.remove(taken.put_nowait)
+        if reader is not None:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+        else:
+            node.inbox_listeners.remove(taken.put_nowait)
         if notes is not None:
             notes.cancel()
+    # What was committed and not yet handed out is printed too.
+    _print_all(_drain(taken) + (node.take_inbox() if take else []), sink)
     if sink.closing.is_set() and not isinstance(sink, LocalSink):
         raise Handover
+
+
+async def _read_deliveries(node: Node, taken: asyncio.Queue[list[dict[str, Any]]]) -> None:
+    async for item in node.deliveries():
+        taken.put_nowait([item])
 
 
 async def _connection_notes(node: Node, sink: Sink) -> None:

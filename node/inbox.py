@@ -1,5 +1,7 @@
-"""What a node hands its application: the stored inbox (messages and security events, until
-`take_inbox`) and the `events` queue, each shown only once its record is on disk.
+"""What a node hands its application: the stored inbox (messages and security events, until taken),
+read through `deliveries()`, one channel in commit order; each item is shown only once its record is
+on disk. (`events` is the same stream as objects, for an application that keeps no stored inbox: the
+attack lab.)
 
 Records: `inbox/<seq 20 digits>` = the `receive --json` item (node/events.py).
 """
@@ -8,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from typing import Any
 
@@ -16,9 +18,9 @@ import msgpack
 
 from node.eventbudget import MAX_STORED_EVENTS, EventBudget
 from node.events import Delivered, SecurityEvent
+from node.home import NS_INBOX, last_seq
 from node.journal import Journal, Key, log_failure
 from node.keystore import Keystore
-from node.layout import NS_INBOX, last_seq
 
 log = logging.getLogger("kmsnet.node")
 
@@ -32,6 +34,8 @@ class Inbox:
         #: Keep items in the keystore until taken (NodeOptions.inbox).
         self.stored = stored
         self.events: asyncio.Queue[Delivered] = asyncio.Queue()
+        # Set whenever a commit made something new visible (see `deliveries`).
+        self._arrived = asyncio.Event()
         #: Called with what each `take` took: other readers of this node (the control socket's
         #: `receive` requests) see what the application took.
         self.listeners: list[Callable[[list[dict[str, Any]]], None]] = []
@@ -68,12 +72,27 @@ class Inbox:
 
         def show(fut: asyncio.Future[None]) -> None:  # a callback, in commit order (see Node._on_deliver)
             if not fut.cancelled() and fut.exception() is None:
-                self.events.put_nowait(event)
+                self.show(event)
             else:
                 log_failure(fut)
 
         durable.add_done_callback(show)
         return durable
+
+    def show(self, item: Delivered) -> None:
+        """`item` is on disk now: hand it to the application (called in commit order)."""
+        self.events.put_nowait(item)
+        self._arrived.set()
+
+    async def deliveries(self) -> AsyncIterator[dict[str, Any]]:
+        """Every stored message and event not yet taken, oldest first, then each new one as its commit
+        completes (commit order), as `receive --json` items; each is taken (removed from the stored
+        inbox, and told to the `listeners`) as it is handed out. Runs until cancelled."""
+        while True:
+            self._arrived.clear()
+            for item in self.take():
+                yield item
+            await self._arrived.wait()
 
     def _full(self) -> bool:
         """Whether the stored inbox holds MAX_STORED_EVENTS security events (counted once, then kept)."""

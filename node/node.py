@@ -28,7 +28,7 @@ import contextlib
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -43,10 +43,10 @@ from node.errors import NodeError, NodeRevoked, PeerUnavailable, RelayUnreachabl
 from node.eventbudget import QUARANTINE, RefusalBudget
 from node.events import Delivered, Message, SecurityEvent
 from node.history import Entry, History, State
+from node.home import NS_NODE
 from node.inbox import Inbox
 from node.journal import Journal, Key, log_failure, succeeded
 from node.keystore import Keystore
-from node.layout import NS_NODE
 from node.link import RelayLink, split_urls
 from node.ocsp import OcspGate
 from node.options import NodeOptions
@@ -615,7 +615,7 @@ class Node:
             log.error("commit_failed", extra={"fields": {"node": self.name, "error": str(error)}})
             return
         for item in shown:
-            self.events.put_nowait(item)
+            self._inbox.show(item)
         if self.connected and self._bundles.early_rotation_wanted():
             # The replay cache is filling or no one-time prekey is left: new initiators get a fresh prekey now.
             self._spawn(self._bundles.rotate_early(lambda: self._publish_prekeys(0, rotate=True)), "rotate")
@@ -770,6 +770,12 @@ class Node:
     def _emit(self, event: SecurityEvent) -> asyncio.Future[None]:
         """Record a security event in the inbox; the application sees it once it is on disk."""
         return self._inbox.emit(event, self.clock())
+
+    def deliveries(self) -> AsyncIterator[dict[str, Any]]:
+        """The application's one delivery channel: `async for item in node.deliveries()` yields every
+        stored message and security event, then each new one once it is on disk, in commit order
+        (node/inbox.py); each is taken as it is yielded."""
+        return self._inbox.deliveries()
 
     def take_inbox(self) -> list[dict[str, Any]]:
         """Every message and event received and not yet taken, oldest first; they are removed."""

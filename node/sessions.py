@@ -12,9 +12,9 @@ import logging
 from collections.abc import Sequence
 
 from node.epoch import EpochFile, epoch_path
+from node.home import NS_ARCHIVE, NS_NODE, NS_PEER, NS_SEEN, NS_SESSION
 from node.journal import Journal, Key, succeeded
 from node.keystore import Keystore
-from node.layout import NS_ARCHIVE, NS_NODE, NS_PEER, NS_SEEN, NS_SESSION
 from protocol.peer import Peer
 from protocol.session import Session
 
