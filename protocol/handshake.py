@@ -26,7 +26,6 @@ import hashlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from enum import Enum
 from typing import Protocol
 
 from cryptography import x509
@@ -38,9 +37,7 @@ from protocol.errors import (
     HandshakeError,
     ReplayCacheQuota,
     ReplayedInitialMessage,
-    SessionClosed,
     SuiteError,
-    UnexpectedFrame,
     UnknownPrekey,
 )
 from protocol.identity import (
@@ -52,7 +49,7 @@ from protocol.identity import (
 )
 from protocol.keyschedule import root_key, transcript_hash
 from protocol.labels import LABEL_BUNDLE, LABEL_INIT_SIGNATURE, LABEL_ONETIME
-from protocol.messages import VERSION, FrameType, InitMessage, OneTimePrekey, PrekeyBundle, RatchetMessage, Suite
+from protocol.messages import VERSION, InitMessage, OneTimePrekey, PrekeyBundle, RatchetMessage, Suite
 
 # The account `respond` consumes from lives in protocol/prekeys.py; it is named here too, as part of
 # the handshake's API (callers build one to answer INITs).
@@ -437,43 +434,3 @@ def decode_init(data: bytes) -> InitMessage:
     if not isinstance(frame, InitMessage):
         raise DecodeError("expected an initial message")
     return frame
-
-
-# --- the per-peer state machine -------------------------------------------------------------------
-
-
-class PeerState(Enum):
-    """Where a node stands with one peer (PROTOCOL.md §8)."""
-
-    #: No session.
-    IDLE = "idle"
-    #: We sent an INIT; no reply yet.
-    INITIATED = "initiated"
-    #: A session both sides hold.
-    ESTABLISHED = "established"
-    #: Torn down (peer revoked): terminal, every frame refused.
-    CLOSED = "closed"
-
-
-#: (state, frame type) → next state. Absent pairs are refused with UnexpectedFrame.
-#: A BUNDLE "arrives" when the node fetched one to initiate.
-TRANSITIONS: dict[tuple[PeerState, FrameType], PeerState] = {
-    (PeerState.IDLE, FrameType.BUNDLE): PeerState.INITIATED,
-    (PeerState.IDLE, FrameType.INIT): PeerState.ESTABLISHED,
-    (PeerState.INITIATED, FrameType.MESSAGE): PeerState.ESTABLISHED,
-    # Simultaneous initiation: both INITs are valid; see `initiation_wins`.
-    (PeerState.INITIATED, FrameType.INIT): PeerState.ESTABLISHED,
-    (PeerState.ESTABLISHED, FrameType.MESSAGE): PeerState.ESTABLISHED,
-    # The peer lost its state (or re-keyed) and started afresh: a verified INIT replaces the session.
-    (PeerState.ESTABLISHED, FrameType.INIT): PeerState.ESTABLISHED,
-}
-
-
-def next_state(state: PeerState, frame: FrameType) -> PeerState:
-    """The state after handling `frame` in `state`, or UnexpectedFrame if it is not accepted there."""
-    if state is PeerState.CLOSED:
-        raise SessionClosed(f"{frame.name} frame refused: the session with this peer was torn down")
-    nxt = TRANSITIONS.get((state, frame))
-    if nxt is None:
-        raise UnexpectedFrame(f"{frame.name} frame not accepted in state {state.name}")
-    return nxt
