@@ -270,7 +270,7 @@ class TwoEngines(RuleBasedStateMachine):
             return
         me = self.sides[side]
         self.serial += 1
-        me.node = CA.enroll(me.node.name, self.serial, identity=me.node.identity)
+        me.node = CA.enrol(me.node.name, self.serial, identity=me.node.identity)
         me.serials.append(self.serial)
         old = me.prekeys.bundle
         me.prekeys.owner = me.node
