@@ -25,7 +25,6 @@ class NodeError(Exception):
     """Base of every error raised on purpose by `node`."""
 
 
-
 def network_words(error: BaseException | str) -> str:
     """Why a connection failed, in words for people: never an errno or a class name."""
     if isinstance(error, str):

@@ -114,9 +114,7 @@ def resolve_pin(pin: Pin | None, slot: TokenSlot) -> str:
     """The PIN `pin` gives; `PinRequired` without one."""
     text = pin() if callable(pin) else pin
     if not text:
-        raise PinRequired(
-            f"the key is in the PKCS#11 token {slot.token!r}: give its PIN ({PIN_FILE_ENV} or {PIN_ENV})"
-        )
+        raise PinRequired(f"the key is in the PKCS#11 token {slot.token!r}: give its PIN ({PIN_FILE_ENV} or {PIN_ENV})")
     return text
 
 

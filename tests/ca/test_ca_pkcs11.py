@@ -52,9 +52,7 @@ def private_keys_in(home: Path, passphrase: str, keys: dict[str, Ed25519PublicKe
     return found
 
 
-def test_the_home_of_a_token_ca_holds_no_private_key_and_a_file_ca_does(
-    tmp_path: Path, softhsm_token: SoftHsm
-) -> None:
+def test_the_home_of_a_token_ca_holds_no_private_key_and_a_file_ca_does(tmp_path: Path, softhsm_token: SoftHsm) -> None:
     init_ca(tmp_path / "file")
     init_ca(tmp_path / "hsm", token=softhsm_token)
     with CertificateAuthority.open(tmp_path / "file", PASS) as file_ca:
@@ -130,9 +128,7 @@ def test_token_ca_from_the_command_line(tmp_path: Path, softhsm_token: SoftHsm) 
     hsm = ["--pkcs11", softhsm_token.module]
     label = ["--token", softhsm_token.token]
     fails(run("ca", "init", "--home", home, *hsm), 2, "go together")
-    record = json.loads(
-        ok(run("ca", "init", "--home", home, *hsm, *label, "--pin-file", str(pin_file), "--json"))
-    )
+    record = json.loads(ok(run("ca", "init", "--home", home, *hsm, *label, "--pin-file", str(pin_file), "--json")))
     assert record["pkcs11_token"] == softhsm_token.token
     admin = Authenticator(secret_from_uri(record["admin"]["otpauth"]))
     # Every later command needs the PIN: none (no terminal) is a usage error, a wrong one is refused.

@@ -1,8 +1,6 @@
 """A running node renews its certificate at 2/3 of its validity, reconnects with it, and publishes
 prekeys signed over it: old sessions go on, and new peers accept its new bundle."""
 
-
-
 from __future__ import annotations
 
 import asyncio
@@ -35,6 +33,7 @@ class Clock:
 async def test_a_running_node_renews_and_keeps_talking(running_ca: RunningCa, tmp_path: Path) -> None:
     ca = running_ca
     async with Relay(RelayConfig(ca_root=ca.authority.root, port=0, store_path=str(tmp_path / "relay.db"))) as relay:
+
         class CaNode:  # the CA's own node credentials, as raw_client expects them
             identity, cert = ca.authority.node_credentials()
 

@@ -97,7 +97,11 @@ def test_read_or_unread_carries_a_symbol_and_values_read_as_words(results: list[
 @pytest.mark.parametrize(
     ("value", "words"),
     [
-        (True, "yes"), (False, "no"), (None, "none"), ([], "none"), ((1, 2), "1, 2"),
+        (True, "yes"),
+        (False, "no"),
+        (None, "none"),
+        ([], "none"),
+        ((1, 2), "1, 2"),
         (list(range(10)), "0, 1, 2, … 9 (10 items)"),
     ],
 )

@@ -84,8 +84,17 @@ class RedisServer:
     def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-             *DURABLE, *self.extra],
+            [
+                "redis-server",
+                "--port",
+                str(self.port),
+                "--bind",
+                "127.0.0.1",
+                "--dir",
+                str(self.directory),
+                *DURABLE,
+                *self.extra,
+            ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
@@ -130,16 +139,23 @@ def redis_cluster(directory: Path, shards: int = 3) -> Iterator[list[RedisServer
     """A running Redis Cluster of `shards` primaries and no replicas, stopped afterwards."""
     require_redis()
     servers = [
-        RedisServer(directory / f"shard{i}", "--cluster-enabled", "yes", "--cluster-node-timeout", "5000",
-                    port=free_port(cluster=True))
+        RedisServer(
+            directory / f"shard{i}",
+            "--cluster-enabled",
+            "yes",
+            "--cluster-node-timeout",
+            "5000",
+            port=free_port(cluster=True),
+        )
         for i in range(shards)
     ]
     try:
         for server in servers:
             server.start()
         addresses = [f"127.0.0.1:{s.port}" for s in servers]
-        created = redis_cli(servers[0].port, "--cluster", "create", *addresses, "--cluster-replicas", "0",
-                            "--cluster-yes", timeout=60)
+        created = redis_cli(
+            servers[0].port, "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes", timeout=60
+        )
         if "[OK] All 16384 slots covered" not in created:
             raise RuntimeError(f"redis-cli --cluster create failed: {created[-500:]}")
         deadline = time.monotonic() + 30
